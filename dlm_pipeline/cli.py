@@ -1,0 +1,196 @@
+"""`dlm-pipeline`: materialize seeds into the Dagster instance at $DAGSTER_HOME, manage seeds, validate configs.
+
+Runs go through the same job and instance the UI uses, so everything done here shows up there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dlm_pipeline import settings
+from dlm_pipeline.core.anchors import STATUS_ERROR, load_configs
+from dlm_pipeline.core.tree import SourceTreeError, scan_tree
+from dlm_pipeline.core.weights import SCOPES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def _ensure_dagster_home() -> Path:
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        bundled = settings.PROJECT_DIR / "dagster_home"
+        if not bundled.is_dir():
+            raise CliError("DAGSTER_HOME is not set; point it at a folder holding dagster.yaml")
+        print(f"DAGSTER_HOME not set: using {bundled}", file=sys.stderr)
+        os.environ["DAGSTER_HOME"] = str(bundled)
+        home = str(bundled)
+    path = Path(home).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path
+
+
+def _seeds(values: list[str]) -> list[str]:
+    from dlm_pipeline.defs.partitions import parse_seed
+
+    seeds = []
+    for value in values:
+        try:
+            parse_seed(value)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if value not in seeds:
+            seeds.append(value)
+    return seeds
+
+
+def _apply_source_flags(args: argparse.Namespace) -> None:
+    if getattr(args, "source", None):
+        os.environ[settings.ENV_SOURCE_ROOT] = str(Path(args.source).expanduser().resolve())
+    if getattr(args, "weights_scope", None):
+        os.environ[settings.ENV_WEIGHTS_SCOPE] = args.weights_scope
+
+
+def _instance():
+    import dagster as dg
+
+    _ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def _registered(instance) -> list[str]:
+    from dlm_pipeline.defs.partitions import SEEDS_PARTITION
+
+    return sorted(instance.get_dynamic_partitions(SEEDS_PARTITION), key=lambda k: (len(k), k))
+
+
+def _register(instance, seeds: list[str]) -> None:
+    from dlm_pipeline.defs.partitions import SEEDS_PARTITION
+
+    known = set(instance.get_dynamic_partitions(SEEDS_PARTITION))
+    missing = [s for s in seeds if s not in known]
+    if missing:
+        instance.add_dynamic_partitions(SEEDS_PARTITION, missing)
+
+
+def _failure_reasons(result) -> list[str]:
+    reasons = []
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            data = event.step_failure_data
+            text = (data.user_failure_data.description if data.user_failure_data else None) or (
+                data.error.message.strip() if data.error else "failed"
+            )
+            reasons.append(f"{event.step_key}: {text}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data.asset_check_evaluation
+            if not evaluation.passed:
+                errors = evaluation.metadata.get("errors")
+                detail = f"\n{errors.value.strip('`').strip()}" if errors is not None else ""
+                reasons.append(f"check {evaluation.check_name} failed{detail}")
+    return reasons
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    _apply_source_flags(args)
+    seeds = _seeds(args.seed or [])
+    instance = _instance()
+    from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+
+    try:
+        defs = build_defs()
+    except settings.SettingsError as exc:
+        raise CliError(str(exc)) from None
+    seeds = seeds or _registered(instance) or ["0"]
+    _register(instance, seeds)
+    job = defs.resolve_job_def(CORPUS_JOB)
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    failed = 0
+    for seed in seeds:
+        result = job.execute_in_process(instance=instance, partition_key=seed, raise_on_error=False, run_config=quiet)
+        if result.success:
+            print(f"seed {seed}: ok (run {result.run_id})")
+            for event in result.get_asset_materialization_events():
+                materialization = event.event_specific_data.materialization
+                path = materialization.metadata.get("path")
+                rows = materialization.metadata.get("dagster/row_count")
+                print(f"  {materialization.asset_key.to_user_string():<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}")
+        else:
+            failed += 1
+            print(f"seed {seed}: FAILED (run {result.run_id})", file=sys.stderr)
+            for reason in _failure_reasons(result) or ["see the run in the UI"]:
+                print(f"  {reason}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_seeds(args: argparse.Namespace) -> int:
+    instance = _instance()
+    if args.action == "add":
+        seeds = _seeds(args.seeds)
+        _register(instance, seeds)
+        print(f"registered: {' '.join(seeds)}")
+    else:
+        for seed in _registered(instance):
+            print(seed)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _apply_source_flags(args)
+    try:
+        scan = scan_tree(settings.source_root())
+        records = load_configs(scan, max_weight=settings.max_weight())
+    except (SourceTreeError, settings.SettingsError) as exc:
+        raise CliError(str(exc)) from None
+    errors = [r for r in records if r.status == STATUS_ERROR]
+    for record in errors:
+        print(record.error, file=sys.stderr)
+    print(f"{len(records) - len(errors)} config file(s) valid, {len(errors)} invalid under {scan.root}")
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlm-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    materialize = sub.add_parser("materialize", help="materialize the whole graph for each seed")
+    materialize.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
+    materialize.add_argument("--seed", action="append", help="seed to materialize (repeatable; default: every registered seed, or 0)")
+    materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
+    materialize.set_defaults(func=cmd_materialize)
+
+    seeds = sub.add_parser("seeds", help="register or list seed partitions")
+    seeds_sub = seeds.add_subparsers(dest="action", required=True)
+    add = seeds_sub.add_parser("add", help="register seeds")
+    add.add_argument("seeds", nargs="+")
+    seeds_sub.add_parser("list", help="list registered seeds")
+    seeds.set_defaults(func=cmd_seeds)
+
+    validate = sub.add_parser("validate", help="check every config under the source root; exit 1 on any error")
+    validate.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"dlm-pipeline: {exc}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

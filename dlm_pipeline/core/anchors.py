@@ -1,0 +1,125 @@
+"""Read every config file the walk found into a record (ok or error), and back into anchors.
+
+The records are what the `training_configs` asset stores: later steps rebuild anchors from
+them instead of re-reading the tree, so one run sees one consistent set of configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dlm_pipeline.core.config import (
+    DEFAULT_MAX_WEIGHT,
+    ConfigInvalid,
+    ConfigIssue,
+    TrainingConfig,
+    decode_config_bytes,
+    parse_ignore_file,
+    parse_training_config,
+)
+from dlm_pipeline.core.rules import Anchor
+from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, _inside
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+MAX_CONFIG_BYTES = 1 << 20
+
+CONFIGS_SCHEMA = pa.schema(
+    [
+        ("anchor", pa.string()),
+        ("path", pa.string()),
+        ("kind", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("sha256", pa.string()),
+        ("config", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    anchor: str  # "." for the root, else the directory relative to the root
+    path: str
+    kind: str
+    status: str
+    error: str | None
+    sha256: str | None
+    config: str | None  # canonical JSON of what was parsed
+
+
+def anchor_label(directory: str) -> str:
+    return directory or "."
+
+
+def anchor_dir(label: str) -> str:
+    return "" if label == "." else label
+
+
+def _read(root: str, file: ConfigFile) -> bytes:
+    abspath = os.path.join(root, file.path)
+    if os.path.islink(abspath) and not _inside(root, os.path.realpath(abspath)):
+        raise ConfigInvalid([_issue(file, "is a symlink that leaves the source root; copy the file instead")])
+    with open(abspath, "rb") as fh:
+        data = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigInvalid([_issue(file, f"is larger than {MAX_CONFIG_BYTES} bytes; is this really a config?")])
+    return data
+
+
+def _issue(file: ConfigFile, message: str) -> ConfigIssue:
+    return ConfigIssue(file.path, None, None, message)
+
+
+def load_config(root: str, file: ConfigFile, *, max_weight: float = DEFAULT_MAX_WEIGHT) -> ConfigRecord:
+    """Read and validate one config file; every failure becomes an error record, never an exception."""
+    digest = None
+    try:
+        if file.problem:
+            raise ConfigInvalid([_issue(file, file.problem)])
+        data = _read(root, file)
+        digest = hashlib.sha256(data).hexdigest()
+        text = decode_config_bytes(data, file.path)
+        if file.kind == TRAINING_KIND:
+            parsed = parse_training_config(text, file.path, max_weight=max_weight)
+            canonical = parsed.model_dump(mode="json")
+        else:
+            canonical = {"patterns": list(parse_ignore_file(text, file.path))}
+    except ConfigInvalid as exc:
+        return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_ERROR, str(exc), digest, None)
+    except OSError as exc:
+        error = f"{file.path}: cannot read: {exc.strerror or exc}"
+        return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_ERROR, error, digest, None)
+    config = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_OK, None, digest, config)
+
+
+def load_configs(scan: TreeScan, *, max_weight: float = DEFAULT_MAX_WEIGHT) -> list[ConfigRecord]:
+    return [load_config(str(scan.root), f, max_weight=max_weight) for f in scan.config_files]
+
+
+def records_table(records: list[ConfigRecord]) -> pa.Table:
+    columns = {name: [getattr(r, name) for r in records] for name in CONFIGS_SCHEMA.names}
+    return pa.Table.from_pydict(columns, schema=CONFIGS_SCHEMA)
+
+
+def anchors_from_table(table: pa.Table) -> list[Anchor]:
+    """Valid anchors from a `training_configs` table; refuses a table that still holds errors."""
+    errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s != STATUS_OK]
+    if errors:
+        raise ValueError("invalid configs must be fixed first:\n" + "\n".join(errors))
+    by_dir: dict[str, dict] = {}
+    for label, kind, config in zip(
+        table["anchor"].to_pylist(), table["kind"].to_pylist(), table["config"].to_pylist()
+    ):
+        parts = by_dir.setdefault(anchor_dir(label), {})
+        if kind == TRAINING_KIND:
+            parts["config"] = TrainingConfig.model_validate_json(config, context={"max_weight": float("inf")})
+        elif kind == IGNORE_KIND:
+            parts["ignore"] = tuple(json.loads(config)["patterns"])
+    return [Anchor(d, **parts) for d, parts in sorted(by_dir.items())]

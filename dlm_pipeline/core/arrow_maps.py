@@ -1,0 +1,25 @@
+"""Arrow map columns seen as list<struct<key, value>>, which the compute kernels handle.
+
+pyarrow's list kernels refuse (or abort on) map arrays; a map is physically a list of
+key/value structs, so a zero-copy view gives the same data in a type they accept.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def map_as_list(array: pa.Array) -> pa.Array:
+    kind = array.type
+    if not pa.types.is_map(kind):
+        return array
+    entries = pa.struct([kind.key_field, kind.item_field])
+    return array.view(pa.list_(pa.field("entries", entries, nullable=False)))
+
+
+def map_entries(array: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """(parent row index, keys, values) of a map array, honouring slices."""
+    listed = map_as_list(array)
+    keys, values = listed.flatten().flatten()
+    return pc.list_parent_indices(listed), keys, values

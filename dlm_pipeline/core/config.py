@@ -1,0 +1,283 @@
+"""`.dlm/training.yaml` and `.dlm/ignore`: strict parsing with errors that name file, line and field.
+
+YAML is read with the safe loader only. Tag keys and values are canonicalised to strings
+(`true` -> "true", `1` -> "1") before validation, so `generated: true` and
+`generated: "true"` are the same tag everywhere downstream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import pathspec
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+ANCHOR_DIR = ".dlm"
+TRAINING_FILE = "training.yaml"
+IGNORE_FILE = "ignore"
+SUPPORTED_VERSION = 1
+DEFAULT_MAX_WEIGHT = 100.0
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in one config file, printable as `path:line: field: message`."""
+
+    path: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ConfigInvalid(Exception):
+    """A config file could not be accepted; `issues` lists every problem found in it."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def canonical_tag(value: Any) -> str:
+    """YAML scalar -> tag string: bools as true/false, integers in decimal, strings as-is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise ValueError("null is not a tag; write a string (quote it: \"null\") or remove the entry")
+    if isinstance(value, float):
+        raise ValueError(f"{value!r} is a float; quote it to keep it exact (e.g. \"{value}\")")
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"tags are strings, got a {type(value).__name__}")
+    raise ValueError(f"tags are strings, got {type(value).__name__} {value!r}; quote it")
+
+
+def _check_weight(value: Any, info: ValidationInfo) -> float:
+    max_weight = (info.context or {}).get("max_weight", DEFAULT_MAX_WEIGHT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"weight must be a number, got {type(value).__name__} {value!r}")
+    weight = float(value)
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be finite, got {value!r}")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0 (0 drops the rows), got {value!r}")
+    if weight > max_weight:
+        raise ValueError(
+            f"weight {value!r} is above max_weight {max_weight:g}; lower it or raise DLM_MAX_WEIGHT"
+        )
+    return weight
+
+
+def _canonical_mapping(value: Any) -> Any:
+    """Canonicalise the keys of a tag mapping, refusing two keys that become the same tag."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = canonical_tag(key)
+        if name in out:
+            raise ValueError(f"keys {name!r} appear twice once canonicalised (e.g. true and \"true\")")
+        out[name] = item
+    return out
+
+
+TagKey = Annotated[str, BeforeValidator(canonical_tag)]
+TagValue = Annotated[str, BeforeValidator(canonical_tag)]
+Weight = Annotated[float, BeforeValidator(_check_weight)]
+Globs = tuple[StrictStr, ...]
+
+
+class TrainingConfig(BaseModel):
+    """Schema of `.dlm/training.yaml` (version 1). Unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dlm_training_version: int
+    include: Globs | None = None
+    exclude: Globs = ()
+    exclude_defaults: StrictBool | None = Field(default=None, description="None: inherit")
+    metadata: dict[TagKey, TagValue] = Field(default_factory=dict)
+    weights: dict[TagKey, dict[TagKey, Weight]] = Field(default_factory=dict)
+
+    @field_validator("dlm_training_version", mode="before")
+    @classmethod
+    def _known_version(cls, value: Any) -> int:
+        if isinstance(value, bool) or value != SUPPORTED_VERSION:
+            raise ValueError(f"only version {SUPPORTED_VERSION} is known, got {value!r}")
+        return value
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _globs_are_valid(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, glob in enumerate(value):
+                if isinstance(glob, str):
+                    try:
+                        pathspec.GitIgnoreSpec.from_lines([glob])
+                    except Exception as exc:  # pathspec raises several types for bad patterns
+                        raise ValueError(f"glob #{i} {glob!r} is not a valid pattern: {exc}") from None
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata_keys(cls, value: Any) -> Any:
+        return _canonical_mapping(value)
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_keys(cls, value: Any) -> Any:
+        value = _canonical_mapping(value)
+        if isinstance(value, dict):
+            value = {k: _canonical_mapping(v) for k, v in value.items()}
+        return value
+
+
+def _line_of(root: yaml.Node | None, loc: tuple, loader: yaml.SafeLoader) -> int | None:
+    """1-based line of the deepest YAML node that `loc` (a pydantic error location) reaches."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if part == "[key]" or node is None:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                try:
+                    key = canonical_tag(loader.construct_object(key_node, deep=True))
+                except (ValueError, yaml.YAMLError):
+                    continue
+                if key == (canonical_tag(part) if isinstance(part, (bool, int)) else str(part)):
+                    node, line = value_node, key_node.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _duplicate_keys(node: yaml.Node | None, loader: yaml.SafeLoader, path: str) -> list[ConfigIssue]:
+    """YAML silently keeps the last of two equal keys; a config that says a thing twice is an error."""
+    issues: list[ConfigIssue] = []
+    stack: list[tuple[yaml.Node, str]] = [(node, "")] if node is not None else []
+    while stack:
+        current, where = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in current.value:
+                try:
+                    key = canonical_tag(loader.construct_object(key_node, deep=True))
+                except (ValueError, yaml.YAMLError):
+                    key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                field = f"{where}.{key}" if where else key
+                if key in seen:
+                    issues.append(
+                        ConfigIssue(path, key_node.start_mark.line + 1, field, "key appears twice; keep one")
+                    )
+                seen.add(key)
+                stack.append((value_node, field))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(current.value))
+    return sorted(issues, key=lambda i: i.line or 0)
+
+
+def _message(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = ", ".join(TrainingConfig.model_fields)
+        return f"unknown field; known fields are: {known}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    got = error.get("input")
+    if kind in ("tuple_type", "list_type"):
+        return f"expected a list of glob strings, got {type(got).__name__} {got!r}"
+    if kind == "dict_type":
+        return f"expected a mapping, got {type(got).__name__} {got!r}"
+    return f"{error['msg'].lower()}, got {type(got).__name__} {got!r}"
+
+
+def _field(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p != "[key]")
+
+
+def decode_config_bytes(data: bytes, path: str) -> str:
+    """UTF-8 text of a config file (BOM tolerated), or ConfigInvalid saying it is not text."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigInvalid(
+            [ConfigIssue(path, None, None, f"not UTF-8 text (byte {exc.start}); save it as UTF-8")]
+        ) from None
+
+
+def parse_training_config(
+    text: str, path: str, *, max_weight: float = DEFAULT_MAX_WEIGHT
+) -> TrainingConfig:
+    """Validate one `.dlm/training.yaml`; raise ConfigInvalid listing every problem with its line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigInvalid([ConfigIssue(path, line, None, f"malformed YAML: {problem}")]) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ConfigInvalid(
+            [ConfigIssue(path, 1, "dlm_training_version", "file is empty; it needs at least `dlm_training_version: 1`")]
+        )
+    if not isinstance(data, dict):
+        raise ConfigInvalid(
+            [ConfigIssue(path, 1, None, f"top level must be a mapping of fields, got {type(data).__name__}")]
+        )
+    issues = _duplicate_keys(root, loader, path)
+    try:
+        config = TrainingConfig.model_validate(data, context={"max_weight": max_weight})
+    except ValidationError as exc:
+        issues += [
+            ConfigIssue(path, _line_of(root, tuple(e["loc"]), loader), _field(tuple(e["loc"])), _message(e))
+            for e in exc.errors()
+        ]
+        config = None
+    if issues:
+        raise ConfigInvalid(issues)
+    return config
+
+
+def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
+    """Patterns of a `.dlm/ignore` (gitignore syntax); ConfigInvalid names each line pathspec refuses."""
+    lines = tuple(text.splitlines())
+    issues = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line])
+        except Exception as exc:  # pathspec raises several types for bad patterns
+            issues.append(ConfigIssue(path, number, None, f"invalid pattern {line!r}: {exc}"))
+    if issues:
+        raise ConfigInvalid(issues)
+    return lines

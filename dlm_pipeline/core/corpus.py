@@ -1,0 +1,142 @@
+"""Raw corpus: one row per included text file, ordered by path, with tags and a content-derived id.
+
+Files that cannot be training text are skipped and counted by reason, never silently lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
+from dlm_pipeline.core.tree import FileEntry, TreeScan
+
+DEFAULT_MAX_FILE_BYTES = 1 << 20
+BINARY_SNIFF_BYTES = 8192
+TAGS_TYPE = pa.map_(pa.string(), pa.string())
+ROW_SCHEMA = pa.schema(
+    [("section_id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("tags", TAGS_TYPE)]
+)
+SKIP_REASONS = (
+    "binary",
+    "encoding",
+    "too_large",
+    "symlink_escape",
+    "broken_symlink",
+    "symlink_dir",
+    "not_regular",
+    "unreadable",
+    "unreadable_dir",
+    "bad_filename",
+    "vanished",
+)
+
+Progress = Callable[[int, int], None]
+
+
+def section_id(path: str, text: str) -> str:
+    """First 16 hex chars of sha256("prose\\n# source: <path>\\n\\n<text>")."""
+    return hashlib.sha256(f"prose\n# source: {path}\n\n{text}".encode()).hexdigest()[:16]
+
+
+def normalise_text(data: bytes) -> str:
+    """UTF-8 (strict) without a leading BOM, with \\r\\n and \\r turned into \\n."""
+    text = data.decode("utf-8")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
+    """The file's normalised text, or (skip reason, detail).
+
+    Opened non-blocking and checked with fstat, so a file swapped for a FIFO after the walk
+    cannot hang the run.
+    """
+    try:
+        fd = os.open(abspath, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return "vanished", "file disappeared after the walk"
+    except OSError as exc:
+        return "unreadable", exc.strerror or str(exc)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return "not_regular", "not a regular file"
+        if info.st_size > max_bytes:
+            return "too_large", f"{info.st_size} bytes > max_file_bytes {max_bytes}"
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        return "unreadable", exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        return "too_large", f"grew past max_file_bytes {max_bytes} while read"
+    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
+        return "binary", "NUL byte in the first 8 KiB"
+    try:
+        return normalise_text(data)
+    except UnicodeDecodeError as exc:
+        return "encoding", f"invalid UTF-8 at byte {exc.start}"
+
+
+@dataclass
+class RawCorpus:
+    table: pa.Table
+    skips: Counter = field(default_factory=Counter)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    files_seen: int = 0
+    files_excluded: int = 0
+    bytes_read: int = 0
+
+
+def rows_table(section_ids: list[str], paths: list[str], texts: list[str], tags: list[dict[str, str]]) -> pa.Table:
+    return pa.Table.from_arrays(
+        [
+            pa.array(section_ids, pa.string()),
+            pa.array(paths, pa.string()),
+            pa.array(texts, pa.string()),
+            pa.array([list(t.items()) for t in tags], TAGS_TYPE),
+        ],
+        schema=ROW_SCHEMA,
+    )
+
+
+def build_raw_corpus(
+    scan: TreeScan,
+    anchors: list[Anchor],
+    *,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    progress: Progress | None = None,
+) -> RawCorpus:
+    """Apply the path rules and content rules to a tree scan; rows come out ordered by path."""
+    rules = PathRules(anchors)
+    result = RawCorpus(table=rows_table([], [], [], []), skips=Counter(scan.skips), skipped=list(scan.skipped))
+    included: list[FileEntry] = [f for f in scan.files if rules.is_included(f.path)]
+    result.files_seen = len(scan.files)
+    result.files_excluded = len(scan.files) - len(included)
+    ids, paths, texts, tags = [], [], [], []
+    for done, entry in enumerate(included, start=1):
+        outcome = read_text(entry.abspath, max_file_bytes)
+        if isinstance(outcome, tuple):
+            result.skips[outcome[0]] += 1
+            result.skipped.append((entry.path, outcome[0]))
+        else:
+            ids.append(section_id(entry.path, outcome))
+            paths.append(entry.path)
+            texts.append(outcome)
+            tags.append(rules.tags(parent_dir(entry.path)))
+            result.bytes_read += len(outcome)
+        if progress is not None:
+            progress(done, len(included))
+    order = sorted(range(len(paths)), key=lambda i: paths[i].encode())
+    result.table = rows_table(*([column[i] for i in order] for column in (ids, paths, texts, tags)))
+    result.skipped.sort()
+    return result

@@ -1,0 +1,69 @@
+"""Seeded per-section rolls in [0, 1) that decide fractional copies.
+
+roll(seed, section_id) = BLAKE2b-64(f"{seed}:{section_id}") read big-endian / 2**64, the
+reference's definition. The compiled kernel hashes a whole batch with the GIL released
+(split over the cores); without it (no C compiler at install time) hashlib gives the same
+numbers one call at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+try:
+    from dlm_pipeline.core import _blake2b
+except ImportError:  # pragma: no cover - exercised only on machines without a compiler
+    _blake2b = None
+
+HAS_COMPILED_KERNEL = _blake2b is not None
+_TWO_POW_MINUS_64 = 2.0**-64
+_MIN_ROWS_PER_THREAD = 50_000
+
+
+def _digests_hashlib(prefix: bytes, items: list[str]) -> np.ndarray:
+    out = np.empty(len(items), dtype=np.uint64)
+    for i, item in enumerate(items):
+        digest = hashlib.blake2b(prefix + item.encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big")
+    return out
+
+
+def _digests_compiled(prefix: bytes, items: pa.Array) -> np.ndarray:
+    items = items.cast(pa.large_string())
+    n = len(items)
+    _, offsets_buf, data_buf = items.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=items.offset * 8)
+    offsets = np.ascontiguousarray(offsets)
+    data = data_buf if data_buf is not None else b""
+    out = np.empty(n, dtype=np.uint64)
+    workers = max(1, min(os.cpu_count() or 1, n // _MIN_ROWS_PER_THREAD))
+    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
+    spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    if workers == 1:
+        _blake2b.hash_items(prefix, data, offsets, out, 0, n)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda s: _blake2b.hash_items(prefix, data, offsets, out, *s), spans))
+    return out
+
+
+def section_digests(seed: int, section_ids: pa.Array | list[str]) -> np.ndarray:
+    """BLAKE2b-64 of f"{seed}:{section_id}" per item, as big-endian uint64."""
+    prefix = f"{seed}:".encode()
+    if isinstance(section_ids, list):
+        section_ids = pa.array(section_ids, type=pa.string())
+    if section_ids.null_count:
+        raise ValueError("section_id must not be null")
+    if _blake2b is None:
+        return _digests_hashlib(prefix, section_ids.to_pylist())
+    return _digests_compiled(prefix, section_ids)
+
+
+def section_rolls(seed: int, section_ids: pa.Array | list[str]) -> np.ndarray:
+    """Rolls in [0, 1]: the uint64 digest rounded to float64 (as Python's int/float does), / 2**64."""
+    return section_digests(seed, section_ids).astype(np.float64) * _TWO_POW_MINUS_64

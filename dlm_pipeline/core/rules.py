@@ -1,0 +1,131 @@
+"""Which files of the tree are in the corpus, and with which tags (SPEC §1).
+
+Anchors are applied from the root down to the file's directory: default excludes first (final
+unless the nearest anchor that sets `exclude_defaults` says false), then each anchor's include,
+exclude and `.dlm/ignore` as a running verdict, so deeper rules can re-admit what shallower
+ones excluded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import pathspec
+
+from dlm_pipeline.core.config import TrainingConfig
+
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    # version control
+    ".git/", ".hg/", ".svn/",
+    # pipeline configs
+    ".dlm/",
+    # caches, environments, build output
+    "__pycache__/", "node_modules/", ".venv/", "venv/", "build/", "dist/",
+    # lockfiles
+    "*.lock", "package-lock.json", "npm-shrinkwrap.json", "pnpm-lock.yaml", "go.sum",
+    # secrets
+    ".env*", "*.pem", "*.key", "id_rsa*", "*.p12", "*.pfx",
+    # binary media and archives
+    "*.png", "*.jpg", "*.jpeg", "*.gif", "*.bmp", "*.ico", "*.webp", "*.tif", "*.tiff", "*.psd",
+    "*.mp3", "*.wav", "*.flac", "*.ogg", "*.m4a", "*.mp4", "*.mov", "*.avi", "*.mkv", "*.webm",
+    "*.pdf", "*.zip", "*.tar", "*.gz", "*.tgz", "*.bz2", "*.xz", "*.zst", "*.7z", "*.rar",
+    "*.jar", "*.whl", "*.so", "*.dylib", "*.dll", "*.exe", "*.bin", "*.o", "*.a", "*.pyc", "*.class",
+    "*.woff", "*.woff2", "*.ttf", "*.otf", "*.eot", "*.parquet", "*.sqlite", "*.db",
+)
+_DEFAULT_SPEC = pathspec.GitIgnoreSpec.from_lines(DEFAULT_EXCLUDES)
+
+
+def is_default_excluded(path: str) -> bool:
+    return _DEFAULT_SPEC.match_file(path)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A directory with a `.dlm/` folder ("" is the root) and what it configures."""
+
+    dir: str
+    config: TrainingConfig | None = None
+    ignore: tuple[str, ...] | None = None
+
+    @property
+    def depth(self) -> int:
+        return 0 if not self.dir else self.dir.count("/") + 1
+
+    def relative(self, path: str) -> str:
+        return path[len(self.dir) + 1 :] if self.dir else path
+
+    @cached_property
+    def include_spec(self) -> pathspec.GitIgnoreSpec | None:
+        if self.config is None or self.config.include is None:
+            return None
+        return pathspec.GitIgnoreSpec.from_lines(self.config.include)
+
+    @cached_property
+    def exclude_spec(self) -> pathspec.GitIgnoreSpec | None:
+        if self.config is None or not self.config.exclude:
+            return None
+        return pathspec.GitIgnoreSpec.from_lines(self.config.exclude)
+
+    @cached_property
+    def ignore_spec(self) -> pathspec.GitIgnoreSpec | None:
+        return pathspec.GitIgnoreSpec.from_lines(self.ignore) if self.ignore else None
+
+    def verdict(self, path: str, included: bool) -> bool:
+        """Apply this anchor's rules to the running verdict for `path` (relative to the root)."""
+        rel = self.relative(path)
+        if self.include_spec is not None:
+            included = self.include_spec.match_file(rel)
+        if self.exclude_spec is not None and self.exclude_spec.match_file(rel):
+            included = False
+        if self.ignore_spec is not None:
+            result = self.ignore_spec.check_file(rel).include
+            if result is not None:
+                included = not result
+        return included
+
+
+def parent_dir(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def ancestor_dirs(directory: str) -> list[str]:
+    """"" then each prefix of `directory`, shallowest first."""
+    if not directory:
+        return [""]
+    parts = directory.split("/")
+    return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+class PathRules:
+    """Inclusion and tags for paths, given every valid anchor of the tree."""
+
+    def __init__(self, anchors: list[Anchor]):
+        self._anchors = {a.dir: a for a in anchors}
+        self.chain = lru_cache(maxsize=None)(self._chain)
+        self.tags = lru_cache(maxsize=None)(self._tags)
+
+    def _chain(self, directory: str) -> tuple[Anchor, ...]:
+        return tuple(self._anchors[d] for d in ancestor_dirs(directory) if d in self._anchors)
+
+    def _tags(self, directory: str) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for anchor in self.chain(directory):
+            if anchor.config is not None:
+                merged.update(anchor.config.metadata)
+        return dict(sorted(merged.items()))
+
+    def _defaults_apply(self, chain: tuple[Anchor, ...]) -> bool:
+        for anchor in reversed(chain):
+            if anchor.config is not None and anchor.config.exclude_defaults is not None:
+                return anchor.config.exclude_defaults
+        return True
+
+    def is_included(self, path: str) -> bool:
+        chain = self.chain(parent_dir(path))
+        if self._defaults_apply(chain) and is_default_excluded(path):
+            return False
+        included = True
+        for anchor in chain:
+            included = anchor.verdict(path, included)
+        return included

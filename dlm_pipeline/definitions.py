@@ -1,0 +1,47 @@
+"""Everything Dagster loads: assets, checks, the job, resources and the executor.
+
+`DLM_DEPLOYMENT` picks the executor: `local` (default) runs each seed's graph in one process
+(~1 s per run); `shared` uses the multiprocess executor for very large trees.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from dlm_pipeline import settings
+from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
+from dlm_pipeline.defs.partitions import seeds_partitions
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
+
+CORPUS_JOB = "corpus_job"
+
+ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus]
+
+corpus_job = dg.define_asset_job(
+    CORPUS_JOB,
+    selection=dg.AssetSelection.assets(*ASSETS),
+    partitions_def=seeds_partitions,
+    description="The whole corpus graph for one seed.",
+)
+
+_EXECUTORS = {"local": dg.in_process_executor, "shared": dg.multiprocess_executor}
+
+
+def build_defs() -> dg.Definitions:
+    deployment = os.environ.get(settings.ENV_DEPLOYMENT, "local")
+    if deployment not in _EXECUTORS:
+        raise settings.SettingsError(f"{settings.ENV_DEPLOYMENT} must be one of {', '.join(_EXECUTORS)}, got {deployment!r}")
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=[corpus_job],
+        resources={
+            "source": SourceTree.from_env(),
+            "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
+        },
+        executor=_EXECUTORS[deployment],
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,1 @@
+"""Dagster wiring around `dlm_pipeline.core`: assets, checks, resources and IO."""

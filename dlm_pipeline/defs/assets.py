@@ -1,0 +1,184 @@
+"""The corpus asset graph, one partition per seed.
+
+training_configs -> weights_map ─┐
+        └────────> raw_corpus ───┴─> expanded_corpus
+"""
+
+
+import time
+import warnings
+
+import dagster as dg
+import pyarrow as pa
+
+from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
+from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_rows, tag_stats
+from dlm_pipeline.core.fingerprint import table_fingerprint
+from dlm_pipeline.core.tree import SourceTreeError
+from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope, weights_table
+from dlm_pipeline.defs.checks import CONFIGS_VALID
+from dlm_pipeline.defs.metadata import base_metadata, table_metadata, text_block
+from dlm_pipeline.defs.partitions import parse_seed, seeds_partitions
+from dlm_pipeline.defs.resources import SourceTree
+
+GROUP = "corpus"
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+def _seed(context: dg.AssetExecutionContext) -> int:
+    try:
+        return parse_seed(context.partition_key)
+    except ValueError as exc:
+        raise dg.Failure(description=f"{exc}; delete this partition and add a valid one") from None
+
+
+def _output(table: pa.Table, seed: int, inputs: dict[str, str], extra: dict) -> dg.Output:
+    fingerprint = table_fingerprint(table)
+    metadata = base_metadata(seed, table, fingerprint, inputs) | extra
+    with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
+
+
+def _scan(source: SourceTree):
+    try:
+        return source.scan()
+    except SourceTreeError as exc:
+        raise dg.Failure(description=str(exc)) from None
+
+
+class _ProgressLog:
+    """Logs `done/total` at most every few seconds, with a rate."""
+
+    def __init__(self, context: dg.AssetExecutionContext, what: str):
+        self.context, self.what = context, what
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_SECONDS or done == total:
+            self.last = now
+            rate = done / max(now - self.start, 1e-9)
+            self.context.log.info(f"{self.what}: {done:,}/{total:,} ({rate:,.0f}/s)")
+
+
+@dg.asset(
+    partitions_def=seeds_partitions,
+    group_name=GROUP,
+    kinds={"python", "yaml", "parquet"},
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(
+            CONFIGS_VALID,
+            asset="training_configs",
+            blocking=True,
+            description="Every .dlm/training.yaml and .dlm/ignore parses and validates; blocks everything downstream otherwise.",
+        )
+    ],
+)
+def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
+    """Every `.dlm/training.yaml` and `.dlm/ignore` under the source root: parsed config, status, error, sha256."""
+    seed = _seed(context)
+    scan = _scan(source)
+    table = records_table(load_configs(scan, max_weight=source.max_weight))
+    errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s == STATUS_ERROR]
+    n_invalid = len(errors)
+    yield _output(
+        table,
+        seed,
+        {},
+        {
+            "source_root": dg.MetadataValue.path(str(scan.root)),
+            "configs_valid": dg.MetadataValue.int(table.num_rows - n_invalid),
+            "configs_invalid": dg.MetadataValue.int(n_invalid),
+            "errors": text_block(errors),
+            "configs": table_metadata(table.select(["path", "kind", "status", "sha256"])),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name=CONFIGS_VALID,
+        passed=n_invalid == 0,
+        description=None if not errors else f"{n_invalid} invalid config file(s); fix them and re-materialize",
+        metadata={"configs_invalid": n_invalid, "errors": text_block(errors)},
+    )
+
+
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
+    """The merged weights map (global view) and each anchor's scoped map; the scope in use is recorded."""
+    seed = _seed(context)
+    scope = source.scope()
+    table = weights_table(anchors_from_table(training_configs), scope)
+    active = table.filter(pa.compute.equal(table["scope"], scope))
+    return _output(
+        table,
+        seed,
+        {"training_configs": table_fingerprint(training_configs)},
+        {
+            "weights_scope": dg.MetadataValue.text(scope),
+            "anchors_with_weights": dg.MetadataValue.int(len(set(active["anchor"].to_pylist()))),
+            "weights": table_metadata(active.select(["anchor", "tag_key", "tag_value", "weight"])),
+        },
+    )
+
+
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
+    """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
+    seed = _seed(context)
+    scan = _scan(source)
+    corpus = build_raw_corpus(
+        scan,
+        anchors_from_table(training_configs),
+        max_file_bytes=source.max_file_bytes,
+        progress=_ProgressLog(context, "raw_corpus files read"),
+    )
+    skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
+    skipped = pa.table(
+        {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
+        schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
+    )
+    return _output(
+        corpus.table,
+        seed,
+        {"training_configs": table_fingerprint(training_configs)},
+        {
+            "files_seen": dg.MetadataValue.int(corpus.files_seen),
+            "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
+            "text_bytes": dg.MetadataValue.int(corpus.bytes_read),
+            "skipped_total": dg.MetadataValue.int(sum(corpus.skips.values())),
+            "skip_counts": dg.MetadataValue.json(skips),
+            **{f"skipped/{reason}": dg.MetadataValue.int(count) for reason, count in skips.items()},
+            "skipped_files": table_metadata(skipped),
+        },
+    )
+
+
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+def expanded_corpus(
+    context: dg.AssetExecutionContext, raw_corpus: pa.Table, weights_map: pa.Table
+) -> dg.Output:
+    """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
+    seed = _seed(context)
+    scope = table_scope(weights_map)
+    row_map, maps = row_maps(raw_corpus["path"], maps_from_table(weights_map, scope), scope)
+    try:
+        expanded, weights, copies = expand_rows(raw_corpus, row_map, maps, seed)
+    except ExpansionTooLarge as exc:
+        raise dg.Failure(description=str(exc)) from None
+    stats = tag_stats(raw_corpus["tags"], weights, copies)
+    context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, seed {seed})")
+    return _output(
+        expanded,
+        seed,
+        {"raw_corpus": table_fingerprint(raw_corpus), "weights_map": table_fingerprint(weights_map)},
+        {
+            "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
+            "rows_out": dg.MetadataValue.int(expanded.num_rows),
+            "rows_dropped": dg.MetadataValue.int(int((copies == 0).sum())),
+            "weights_scope": dg.MetadataValue.text(scope),
+            "weight_distribution": table_metadata(stats.select(["tag_key", "tag_value", "rows"])),
+            "expected_vs_realized": table_metadata(stats.select(["tag_key", "tag_value", "rows", "expected", "realized"])),
+        },
+    )

@@ -1,0 +1,22 @@
+"""Seeds are dynamic partitions: adding one (UI or CLI) needs no code change."""
+
+from __future__ import annotations
+
+import re
+
+import dagster as dg
+
+SEEDS_PARTITION = "seeds"
+seeds_partitions = dg.DynamicPartitionsDefinition(name=SEEDS_PARTITION)
+
+_CANONICAL_SEED = re.compile(r"0|[1-9][0-9]*")
+
+
+def parse_seed(key: str) -> int:
+    """A canonical non-negative decimal seed ("0", "42"); anything else is refused."""
+    if not isinstance(key, str) or not _CANONICAL_SEED.fullmatch(key):
+        raise ValueError(
+            f"seed {key!r} is not a canonical non-negative decimal integer "
+            "(use e.g. 0 or 42: no sign, no leading zeros, digits only)"
+        )
+    return int(key)

@@ -1,0 +1,69 @@
+"""Resources: the source tree (with its limits) and the Parquet IO manager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from dlm_pipeline import settings
+from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
+from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.parquet_io import read_parquet, write_parquet_atomic
+from dlm_pipeline.core.tree import TreeScan, scan_tree
+from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
+
+
+class SourceTree(dg.ConfigurableResource):
+    """The annotated source tree and the limits that apply to it."""
+
+    root: str
+    weights_scope: str = SCOPE_NEAREST
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_weight: float = DEFAULT_MAX_WEIGHT
+
+    @classmethod
+    def from_env(cls) -> "SourceTree":
+        return cls(
+            root=settings.source_root(),
+            weights_scope=settings.weights_scope(),
+            max_file_bytes=settings.max_file_bytes(),
+            max_weight=settings.max_weight(),
+        )
+
+    def scope(self) -> str:
+        return check_scope(self.weights_scope)
+
+    def scan(self) -> TreeScan:
+        return scan_tree(self.root)
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Tables at `<output_dir>/<asset_key>/<seed>.parquet`, written atomically.
+
+    An empty `output_dir` means the instance's storage directory ($DAGSTER_HOME/storage).
+    """
+
+    output_dir: str = ""
+
+    def _base(self, context: dg.OutputContext | dg.InputContext) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(context.step_context.instance.storage_directory())
+
+    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
+        return self._base(context) / context.asset_key.path[-1] / f"{partition}.parquet"
+
+    def handle_output(self, context: dg.OutputContext, obj: pa.Table) -> None:
+        path = write_parquet_atomic(obj, self._path(context, context.asset_partition_key))
+        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext) -> pa.Table:
+        path = self._path(context, context.asset_partition_key)
+        if not path.exists():
+            raise dg.Failure(
+                description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "
+                f"for seed {context.asset_partition_key} first"
+            )
+        return read_parquet(path)

@@ -1,0 +1,71 @@
+"""Environment variables the pipeline reads, parsed once with messages that say how to fix them.
+
+No Dagster import here: the CLI sets these from its flags before loading the definitions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
+from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+EXAMPLE_ROOT = PROJECT_DIR / "examples" / "corpus"
+
+ENV_SOURCE_ROOT = "DLM_SOURCE_ROOT"
+ENV_WEIGHTS_SCOPE = "DLM_WEIGHTS_SCOPE"
+ENV_MAX_FILE_BYTES = "DLM_MAX_FILE_BYTES"
+ENV_MAX_WEIGHT = "DLM_MAX_WEIGHT"
+ENV_OUTPUT_DIR = "DLM_OUTPUT_DIR"
+ENV_DEPLOYMENT = "DLM_DEPLOYMENT"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the pipeline cannot use."""
+
+
+def source_root() -> str:
+    return os.environ.get(ENV_SOURCE_ROOT) or str(EXAMPLE_ROOT)
+
+
+def weights_scope() -> str:
+    value = os.environ.get(ENV_WEIGHTS_SCOPE) or SCOPE_NEAREST
+    try:
+        return check_scope(value)
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_WEIGHTS_SCOPE}: {exc}") from None
+
+
+def max_file_bytes() -> int:
+    raw = os.environ.get(ENV_MAX_FILE_BYTES)
+    if not raw:
+        return DEFAULT_MAX_FILE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_MAX_FILE_BYTES} must be a whole number of bytes, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{ENV_MAX_FILE_BYTES} must be > 0, got {raw!r}")
+    return value
+
+
+def max_weight() -> float:
+    raw = os.environ.get(ENV_MAX_WEIGHT)
+    if not raw:
+        return DEFAULT_MAX_WEIGHT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_MAX_WEIGHT} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"{ENV_MAX_WEIGHT} must be a finite number > 0, got {raw!r}")
+    return value
+
+
+def output_dir() -> str:
+    """"" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
+    return os.environ.get(ENV_OUTPUT_DIR, "")
