@@ -94,7 +94,7 @@ def _failure_reasons(result) -> list[str]:
             )
             reasons.append(f"{event.step_key}: {text}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
-            evaluation = event.event_specific_data.asset_check_evaluation
+            evaluation = event.event_specific_data
             if not evaluation.passed:
                 errors = evaluation.metadata.get("errors")
                 detail = f"\n{errors.value.strip('`').strip()}" if errors is not None else ""

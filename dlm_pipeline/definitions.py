@@ -12,7 +12,6 @@ import dagster as dg
 
 from dlm_pipeline import settings
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
-from dlm_pipeline.defs.partitions import seeds_partitions
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
 
 CORPUS_JOB = "corpus_job"
@@ -22,24 +21,28 @@ ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus]
 corpus_job = dg.define_asset_job(
     CORPUS_JOB,
     selection=dg.AssetSelection.assets(*ASSETS),
-    partitions_def=seeds_partitions,
     description="The whole corpus graph for one seed.",
 )
 
 _EXECUTORS = {"local": dg.in_process_executor, "shared": dg.multiprocess_executor}
 
 
-def build_defs() -> dg.Definitions:
+def default_resources() -> dict:
+    return {
+        "source": SourceTree.from_env(),
+        "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
+    }
+
+
+def build_defs(resources: dict | None = None) -> dg.Definitions:
+    """The definitions, with resources from the environment unless given (tests pass their own)."""
     deployment = os.environ.get(settings.ENV_DEPLOYMENT, "local")
     if deployment not in _EXECUTORS:
         raise settings.SettingsError(f"{settings.ENV_DEPLOYMENT} must be one of {', '.join(_EXECUTORS)}, got {deployment!r}")
     return dg.Definitions(
         assets=ASSETS,
         jobs=[corpus_job],
-        resources={
-            "source": SourceTree.from_env(),
-            "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
-        },
+        resources=resources if resources is not None else default_resources(),
         executor=_EXECUTORS[deployment],
     )
 

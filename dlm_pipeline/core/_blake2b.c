@@ -30,9 +30,15 @@ static const uint8_t SIGMA[12][16] = {
 static inline uint64_t rotr64(uint64_t x, unsigned n) { return (x >> n) | (x << (64 - n)); }
 
 static inline uint64_t load_le64(const uint8_t *p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
     return v;
+#endif
 }
 
 #define MIX(a, b, c, d, x, y)            \
@@ -53,17 +59,22 @@ static void compress(uint64_t h[8], const uint8_t block[128], uint64_t counter, 
     for (int i = 0; i < 8; i++) { v[i] = h[i]; v[i + 8] = IV[i]; }
     v[12] ^= counter; /* messages here are far below 2**64 bytes: high word stays 0 */
     if (last) v[14] = ~v[14];
-    for (int r = 0; r < 12; r++) {
-        const uint8_t *s = SIGMA[r];
-        MIX(0, 4, 8, 12, m[s[0]], m[s[1]]);
-        MIX(1, 5, 9, 13, m[s[2]], m[s[3]]);
-        MIX(2, 6, 10, 14, m[s[4]], m[s[5]]);
-        MIX(3, 7, 11, 15, m[s[6]], m[s[7]]);
-        MIX(0, 5, 10, 15, m[s[8]], m[s[9]]);
-        MIX(1, 6, 11, 12, m[s[10]], m[s[11]]);
-        MIX(2, 7, 8, 13, m[s[12]], m[s[13]]);
-        MIX(3, 4, 9, 14, m[s[14]], m[s[15]]);
-    }
+#define ROUND(r)                                   \
+    do {                                           \
+        const uint8_t *s = SIGMA[r];               \
+        MIX(0, 4, 8, 12, m[s[0]], m[s[1]]);        \
+        MIX(1, 5, 9, 13, m[s[2]], m[s[3]]);        \
+        MIX(2, 6, 10, 14, m[s[4]], m[s[5]]);       \
+        MIX(3, 7, 11, 15, m[s[6]], m[s[7]]);       \
+        MIX(0, 5, 10, 15, m[s[8]], m[s[9]]);       \
+        MIX(1, 6, 11, 12, m[s[10]], m[s[11]]);     \
+        MIX(2, 7, 8, 13, m[s[12]], m[s[13]]);      \
+        MIX(3, 4, 9, 14, m[s[14]], m[s[15]]);      \
+    } while (0)
+    /* Fully unrolled so every message-word index is a compile-time constant. */
+    ROUND(0); ROUND(1); ROUND(2); ROUND(3); ROUND(4); ROUND(5);
+    ROUND(6); ROUND(7); ROUND(8); ROUND(9); ROUND(10); ROUND(11);
+#undef ROUND
     for (int i = 0; i < 8; i++) h[i] ^= v[i] ^ v[i + 8];
 }
 
@@ -100,22 +111,38 @@ static uint64_t blake2b64(const uint8_t *prefix, size_t plen, const uint8_t *ite
     return out;
 }
 
-/* hash_items(prefix, data, offsets_int64, out_uint64, start, stop) */
+/* hash_items(prefix, data, offsets, offset_width, rows, out, start, stop):
+ * out[j] = digest(prefix || data[offsets[rows[j]] : offsets[rows[j] + 1]]) for start <= j < stop.
+ * `offsets` are Arrow string offsets (int32 or int64 as `offset_width` says), so a string
+ * column's own buffers are hashed in place, for just the rows that need it. */
 static PyObject *hash_items(PyObject *self, PyObject *args) {
-    Py_buffer prefix, data, offsets, out;
+    Py_buffer prefix, data, offsets, rows, out;
+    int width;
     Py_ssize_t start, stop;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nn", &prefix, &data, &offsets, &out, &start, &stop)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*iy*w*nn", &prefix, &data, &offsets, &width, &rows, &out, &start, &stop))
+        return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n_off = offsets.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t n_off = (width == 4 || width == 8) ? offsets.len / width : 0;
+    Py_ssize_t n_rows = rows.len / (Py_ssize_t)sizeof(int64_t);
     Py_ssize_t n_out = out.len / (Py_ssize_t)sizeof(uint64_t);
-    if (start < 0 || stop < start || stop >= n_off || stop > n_out) {
-        PyErr_SetString(PyExc_ValueError, "hash_items: start/stop outside the offsets or output buffer");
+    if (n_off == 0) {
+        PyErr_SetString(PyExc_ValueError, "hash_items: offsets must be int32 or int64 and non-empty");
         goto done;
     }
-    const int64_t *off = (const int64_t *)offsets.buf;
-    for (Py_ssize_t i = start; i <= stop; i++) {
-        if (off[i] < 0 || off[i] > data.len || (i > start && off[i] < off[i - 1])) {
-            PyErr_SetString(PyExc_ValueError, "hash_items: offsets are not monotonic within the data buffer");
+    if (start < 0 || stop < start || stop > n_rows || stop > n_out) {
+        PyErr_SetString(PyExc_ValueError, "hash_items: start/stop outside the rows or output buffer");
+        goto done;
+    }
+    const int64_t *row = (const int64_t *)rows.buf;
+    for (Py_ssize_t j = start; j < stop; j++) {
+        if (row[j] < 0 || row[j] + 1 >= n_off) {
+            PyErr_SetString(PyExc_IndexError, "hash_items: row index outside the offsets");
+            goto done;
+        }
+        int64_t lo = width == 4 ? ((const int32_t *)offsets.buf)[row[j]] : ((const int64_t *)offsets.buf)[row[j]];
+        int64_t hi = width == 4 ? ((const int32_t *)offsets.buf)[row[j] + 1] : ((const int64_t *)offsets.buf)[row[j] + 1];
+        if (lo < 0 || hi < lo || hi > data.len) {
+            PyErr_SetString(PyExc_ValueError, "hash_items: offsets point outside the data buffer");
             goto done;
         }
     }
@@ -124,8 +151,15 @@ static PyObject *hash_items(PyObject *self, PyObject *args) {
     const uint8_t *pre = (const uint8_t *)prefix.buf;
     size_t plen = (size_t)prefix.len;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = start; i < stop; i++)
-        dst[i] = blake2b64(pre, plen, base + off[i], (size_t)(off[i + 1] - off[i]));
+    if (width == 4) {
+        const int32_t *off = (const int32_t *)offsets.buf;
+        for (Py_ssize_t j = start; j < stop; j++)
+            dst[j] = blake2b64(pre, plen, base + off[row[j]], (size_t)(off[row[j] + 1] - off[row[j]]));
+    } else {
+        const int64_t *off = (const int64_t *)offsets.buf;
+        for (Py_ssize_t j = start; j < stop; j++)
+            dst[j] = blake2b64(pre, plen, base + off[row[j]], (size_t)(off[row[j] + 1] - off[row[j]]));
+    }
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -133,13 +167,14 @@ done:
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&data);
     PyBuffer_Release(&offsets);
+    PyBuffer_Release(&rows);
     PyBuffer_Release(&out);
     return result;
 }
 
 static PyMethodDef METHODS[] = {
     {"hash_items", hash_items, METH_VARARGS,
-     "hash_items(prefix, data, offsets, out, start, stop): out[i] = BLAKE2b-64(prefix + data[offsets[i]:offsets[i+1]]) as a big-endian integer, for start <= i < stop; releases the GIL."},
+     "hash_items(prefix, data, offsets, offset_width, rows, out, start, stop): out[j] = BLAKE2b-64(prefix + item rows[j]) as a big-endian integer, for start <= j < stop; releases the GIL."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_blake2b", "Batched BLAKE2b-64 kernel.", -1, METHODS};

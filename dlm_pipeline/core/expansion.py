@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_entries
+from dlm_pipeline.core.arrow_maps import map_as_list, map_entries
 from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import WeightsMap
 
@@ -43,72 +43,98 @@ class TagEntries:
         return cls(row.to_numpy(zero_copy_only=False).astype(np.int64), keys, values)
 
 
-def _codes(array: pa.Array) -> tuple[np.ndarray, list[str]]:
-    encoded = pc.dictionary_encode(array)
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
+def _dense_codes(values: pa.Array | np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes 0..k-1 in first-occurrence order (hash-based, no sort) and k."""
+    encoded = pc.dictionary_encode(values)
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), len(encoded.dictionary)
 
 
-def _entry_factors(entries: TagEntries, row_map: np.ndarray, maps: list[WeightsMap]) -> np.ndarray:
-    """Factor per tag entry (NaN where its row's map has no weight for that key/value).
+def _blob(data_buf: pa.Buffer | None, bounds: np.ndarray) -> pa.Array:
+    """Zero-copy binary array whose item i is data[bounds[i]:bounds[i+1]]."""
+    kind = pa.large_binary() if bounds[-1] > np.iinfo(np.int32).max else pa.binary()
+    width = np.int64 if kind == pa.large_binary() else np.int32
+    data = data_buf if data_buf is not None else pa.py_buffer(b"")
+    return pa.Array.from_buffers(kind, len(bounds) - 1, [None, pa.py_buffer(bounds.astype(width)), data])
 
-    Each (map, key, value) is encoded as one int64; the few codes the maps define are sorted
-    once and every entry is looked up with a binary search, so no per-row Python runs.
+
+def _string_offsets(array: pa.Array) -> np.ndarray:
+    large = pa.types.is_large_string(array.type)
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64 if large else np.int32)
+    return offsets[array.offset : array.offset + len(array) + 1].astype(np.int64)
+
+
+def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
+    """(group per row, number of groups): rows in one group hold exactly the same tags.
+
+    Each row's tags are seen as three byte strings laid over the map's own buffers (key bytes,
+    value bytes, and the key/value lengths that delimit them), so grouping is three hash
+    encodes of zero-copy views, whatever the number of rows.
     """
-    key_codes, key_names = _codes(entries.keys)
-    value_codes, value_names = _codes(entries.values)
-    n_keys, n_values = max(len(key_names), 1), max(len(value_names), 1)
-    key_index = {name: i for i, name in enumerate(key_names)}
-    value_index = {name: i for i, name in enumerate(value_names)}
-    defined_codes, defined_factors = [], []
-    for m, weights in enumerate(maps):
-        for key, inner in weights.items():
-            if key in key_index:
-                for value, factor in inner.items():
-                    if value in value_index:
-                        defined_codes.append((m * n_keys + key_index[key]) * n_values + value_index[value])
-                        defined_factors.append(factor)
-    factors = np.full(len(key_codes), np.nan)
-    if not defined_codes:
-        return factors
-    order = np.argsort(defined_codes)
-    codes_sorted = np.asarray(defined_codes, dtype=np.int64)[order]
-    factors_sorted = np.asarray(defined_factors, dtype=np.float64)[order]
-    entry_map = row_map[entries.row].astype(np.int64)
-    entry_codes = (entry_map * n_keys + key_codes) * n_values + value_codes
-    slot = np.minimum(np.searchsorted(codes_sorted, entry_codes), len(codes_sorted) - 1)
-    hit = (entry_map >= 0) & (codes_sorted[slot] == entry_codes)
-    factors[hit] = factors_sorted[slot[hit]]
-    return factors
+    if isinstance(tags, pa.ChunkedArray):
+        tags = tags.combine_chunks() if tags.num_chunks else pa.array([], tags.type)
+    listed = map_as_list(tags)
+    n = len(listed)
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    entry_bounds = listed.offsets.to_numpy().astype(np.int64)  # absolute into the child struct
+    struct = listed.values
+    keys, values = struct.flatten()
+    if values.null_count:
+        raise ValueError("tag values must not be null")
+    key_offsets, value_offsets = _string_offsets(keys), _string_offsets(values)
+    lengths = np.stack([np.diff(key_offsets), np.diff(value_offsets)], axis=1).astype("<i4")
+    views = [
+        _blob(pa.py_buffer(lengths.tobytes()), entry_bounds * 8),
+        _blob(keys.buffers()[2], key_offsets[entry_bounds]),
+        _blob(values.buffers()[2], value_offsets[entry_bounds]),
+    ]
+    group, size = _dense_codes(views[0])
+    for view in views[1:]:
+        codes, view_size = _dense_codes(view)
+        group, size = _dense_codes(group * view_size + codes)
+    return group, size
 
 
-def composed_weights(entries: TagEntries, n_rows: int, row_map: np.ndarray, maps: list[WeightsMap]) -> np.ndarray:
-    """float64 weight per row; rows with row_map == -1 (or no matching tag) get 1.0."""
-    weights = np.ones(n_rows, dtype=np.float64)
-    if not maps or len(entries.row) == 0:
-        return weights
-    entry_factor = _entry_factors(entries, row_map, maps)
-    matched = np.flatnonzero(~np.isnan(entry_factor))
-    if len(matched) == 0:
-        return weights
-    rows, factor = entries.row[matched], entry_factor[matched]
-    # The reference multiplies in tag-key order; rows from the corpus already hold sorted keys,
-    # anything else is put in that order first (stable, so the row order is kept).
-    key_order = pc.sort_indices(entries.keys.take(pa.array(matched))).to_numpy()
-    rank = np.empty(len(matched), dtype=np.int64)
-    rank[key_order] = np.arange(len(matched))
-    same_row = rows[1:] == rows[:-1]
-    if np.any(same_row & (rank[1:] < rank[:-1])):
-        order = np.lexsort((rank, rows))
-        rows, factor = rows[order], factor[order]
-    # Multiply one "column" of factors at a time so each row's product is formed exactly as
-    # ((1.0 * f1) * f2) * ..., the reference's float operations in the reference's order.
-    first = np.r_[True, rows[1:] != rows[:-1]]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
-    position = np.arange(len(rows)) - group_start
-    for p in range(int(position.max()) + 1):
-        at = position == p
-        weights[rows[at]] *= factor[at]
-    return weights
+def _first_rows(group: np.ndarray, size: int) -> np.ndarray:
+    """Index of the first row of each group."""
+    first = np.empty(size, dtype=np.int64)
+    first[group[::-1]] = np.arange(len(group) - 1, -1, -1, dtype=np.int64)  # last write wins
+    return first
+
+
+def weight_of_tags(tags: dict[str, str], weights: WeightsMap) -> float:
+    """The reference's composition: factors of matching (key, value) multiplied in sorted key order from 1.0."""
+    weight = 1.0
+    for key in sorted(tags):
+        factor = weights.get(key, {}).get(tags[key])
+        if factor is not None:
+            weight *= factor
+    return weight
+
+
+def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps: list[WeightsMap]) -> np.ndarray:
+    """float64 weight per row; rows with row_map == -1 (or no matching tag) get 1.0.
+
+    Rows are grouped by (their map, their exact tag set); each group's weight is composed
+    once, in Python, exactly as the reference composes it, then spread back to the rows.
+    """
+    n = len(row_map)
+    if not maps or n == 0:
+        return np.ones(n, dtype=np.float64)
+    tag_group, _ = tag_set_groups(tags)
+    group, size = _dense_codes(tag_group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
+    first = _first_rows(group, size)
+    if isinstance(tags, pa.ChunkedArray):
+        tags = tags.combine_chunks()
+    representatives = tags.take(pa.array(first)).to_pylist()
+    group_weight = np.array(
+        [
+            weight_of_tags(dict(rep), maps[row_map[row]]) if row_map[row] >= 0 else 1.0
+            for rep, row in zip(representatives, first.tolist())
+        ],
+        dtype=np.float64,
+    )
+    return group_weight[group]
 
 
 def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int) -> np.ndarray:
@@ -119,14 +145,22 @@ def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int) -> np.
     copies = whole.astype(np.int64)
     fractional_rows = np.flatnonzero(fraction > 0.0)
     if len(fractional_rows):
-        rolls = section_rolls(seed, section_ids.take(pa.array(fractional_rows)))
+        rolls = section_rolls(seed, section_ids, fractional_rows)
         copies[fractional_rows] += rolls < fraction[fractional_rows]
     return copies
 
 
-def expand_table(table: pa.Table, weights: np.ndarray, seed: int) -> tuple[pa.Table, np.ndarray]:
-    """Rows repeated per their copies, plus `weight` (float64) and `copy` (int32, 0-based)."""
-    section_ids = table["section_id"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+@dataclass(frozen=True)
+class ExpansionPlan:
+    """Which rows to emit, in order: the reference's output as indices into the input rows."""
+
+    weights: np.ndarray  # float64 composed weight per input row
+    copies: np.ndarray  # int64 copies per input row (0 = dropped)
+    source_rows: np.ndarray  # int64 input row per output row
+    copy_index: np.ndarray  # int32 0-based copy number per output row
+
+
+def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int) -> ExpansionPlan:
     copies = copies_per_row(weights, section_ids, seed)
     total = int(copies.sum())
     if total > MAX_EXPANDED_ROWS:
@@ -137,18 +171,26 @@ def expand_table(table: pa.Table, weights: np.ndarray, seed: int) -> tuple[pa.Ta
     source = np.repeat(np.arange(len(copies), dtype=np.int64), copies)
     starts = np.cumsum(copies) - copies
     copy_index = (np.arange(total, dtype=np.int64) - np.repeat(starts, copies)).astype(np.int32)
-    expanded = table.take(pa.array(source)) if total else table.slice(0, 0)
-    expanded = expanded.append_column("weight", pa.array(weights[source], pa.float64()))
-    expanded = expanded.append_column("copy", pa.array(copy_index, pa.int32()))
-    return expanded, copies
+    return ExpansionPlan(weights, copies, source, copy_index)
 
 
-def expand_rows(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """Weights, expansion, copies: (expanded table, weight per row, copies per row)."""
-    entries = TagEntries.of(table["tags"])
-    weights = composed_weights(entries, table.num_rows, row_map, maps)
-    expanded, copies = expand_table(table, weights, seed)
-    return expanded, weights, copies
+def plan_expansion(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> ExpansionPlan:
+    """Weights and copy decisions for every row of a corpus table (section_id, path, text, tags)."""
+    weights = composed_weights(table["tags"], row_map, maps)
+    section_ids = table["section_id"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+    return plan_from_weights(weights, section_ids, seed)
+
+
+def apply_plan(table: pa.Table, plan: ExpansionPlan) -> pa.Table:
+    """The expanded table: input columns gathered per the plan, plus `weight` and `copy`."""
+    expanded = table.take(pa.array(plan.source_rows)) if len(plan.source_rows) else table.slice(0, 0)
+    expanded = expanded.append_column("weight", pa.array(plan.weights[plan.source_rows], pa.float64()))
+    return expanded.append_column("copy", pa.array(plan.copy_index, pa.int32()))
+
+
+def expand_rows(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> tuple[pa.Table, ExpansionPlan]:
+    plan = plan_expansion(table, row_map, maps, seed)
+    return apply_plan(table, plan), plan
 
 
 def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray) -> pa.Table:

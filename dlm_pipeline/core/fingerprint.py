@@ -48,10 +48,21 @@ def _feed(h: "hashlib._Hash", array: pa.Array) -> None:
         raise TypeError(f"no canonical encoding for column type {kind}")
 
 
+def _type_name(kind: pa.DataType) -> str:
+    """The type without child field names, which Parquet round trips do not preserve."""
+    if pa.types.is_map(kind):
+        return f"map<{_type_name(kind.key_type)},{_type_name(kind.item_type)}>"
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return f"list<{_type_name(kind.value_type)}>"
+    if pa.types.is_struct(kind):
+        return "struct<" + ",".join(f"{f.name}:{_type_name(f.type)}" for f in kind) + ">"
+    return str(kind)
+
+
 def table_fingerprint(table: pa.Table) -> str:
     h = hashlib.sha256(FINGERPRINT_VERSION)
     for field_, column in zip(table.schema, table.columns):
-        h.update(f"{field_.name}:{field_.type}\n".encode())
+        h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
         _feed(h, column.combine_chunks() if column.num_chunks != 1 else column.chunk(0))
     return h.hexdigest()
 

@@ -33,37 +33,47 @@ def _digests_hashlib(prefix: bytes, items: list[str]) -> np.ndarray:
     return out
 
 
-def _digests_compiled(prefix: bytes, items: pa.Array) -> np.ndarray:
-    items = items.cast(pa.large_string())
-    n = len(items)
+def _digests_compiled(prefix: bytes, items: pa.Array, rows: np.ndarray) -> np.ndarray:
+    """Hash items[rows] straight from the Arrow buffers, split over the cores (the GIL is released)."""
+    width = 8 if pa.types.is_large_string(items.type) else 4
     _, offsets_buf, data_buf = items.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=items.offset * 8)
-    offsets = np.ascontiguousarray(offsets)
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32 if width == 4 else np.int64)
+    offsets = offsets[items.offset : items.offset + len(items) + 1]
     data = data_buf if data_buf is not None else b""
-    out = np.empty(n, dtype=np.uint64)
-    workers = max(1, min(os.cpu_count() or 1, n // _MIN_ROWS_PER_THREAD))
-    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
-    spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.empty(len(rows), dtype=np.uint64)
+    workers = max(1, min(os.cpu_count() or 1, len(rows) // _MIN_ROWS_PER_THREAD))
+    bounds = np.linspace(0, len(rows), workers + 1).astype(np.int64).tolist()
+
+    def run(span: tuple[int, int]) -> None:
+        _blake2b.hash_items(prefix, data, np.ascontiguousarray(offsets), width, rows, out, *span)
+
     if workers == 1:
-        _blake2b.hash_items(prefix, data, offsets, out, 0, n)
+        run((0, len(rows)))
     else:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda s: _blake2b.hash_items(prefix, data, offsets, out, *s), spans))
+            list(pool.map(run, zip(bounds[:-1], bounds[1:])))
     return out
 
 
-def section_digests(seed: int, section_ids: pa.Array | list[str]) -> np.ndarray:
-    """BLAKE2b-64 of f"{seed}:{section_id}" per item, as big-endian uint64."""
+def section_digests(seed: int, section_ids: pa.Array | list[str], rows: np.ndarray | None = None) -> np.ndarray:
+    """BLAKE2b-64 of f"{seed}:{section_id}" as big-endian uint64, for `rows` (default: all)."""
     prefix = f"{seed}:".encode()
     if isinstance(section_ids, list):
         section_ids = pa.array(section_ids, type=pa.string())
+    if isinstance(section_ids, pa.ChunkedArray):
+        section_ids = section_ids.combine_chunks()
+    if not (pa.types.is_string(section_ids.type) or pa.types.is_large_string(section_ids.type)):
+        section_ids = section_ids.cast(pa.string())
     if section_ids.null_count:
         raise ValueError("section_id must not be null")
+    if rows is None:
+        rows = np.arange(len(section_ids), dtype=np.int64)
     if _blake2b is None:
-        return _digests_hashlib(prefix, section_ids.to_pylist())
-    return _digests_compiled(prefix, section_ids)
+        return _digests_hashlib(prefix, section_ids.take(pa.array(rows, pa.int64())).to_pylist())
+    return _digests_compiled(prefix, section_ids, rows)
 
 
-def section_rolls(seed: int, section_ids: pa.Array | list[str]) -> np.ndarray:
+def section_rolls(seed: int, section_ids: pa.Array | list[str], rows: np.ndarray | None = None) -> np.ndarray:
     """Rolls in [0, 1]: the uint64 digest rounded to float64 (as Python's int/float does), / 2**64."""
-    return section_digests(seed, section_ids).astype(np.float64) * _TWO_POW_MINUS_64
+    return section_digests(seed, section_ids, rows).astype(np.float64) * _TWO_POW_MINUS_64

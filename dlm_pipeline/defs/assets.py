@@ -164,10 +164,10 @@ def expanded_corpus(
     scope = table_scope(weights_map)
     row_map, maps = row_maps(raw_corpus["path"], maps_from_table(weights_map, scope), scope)
     try:
-        expanded, weights, copies = expand_rows(raw_corpus, row_map, maps, seed)
+        expanded, plan = expand_rows(raw_corpus, row_map, maps, seed)
     except ExpansionTooLarge as exc:
         raise dg.Failure(description=str(exc)) from None
-    stats = tag_stats(raw_corpus["tags"], weights, copies)
+    stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
     context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, seed {seed})")
     return _output(
         expanded,
@@ -176,7 +176,7 @@ def expanded_corpus(
         {
             "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
             "rows_out": dg.MetadataValue.int(expanded.num_rows),
-            "rows_dropped": dg.MetadataValue.int(int((copies == 0).sum())),
+            "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),
             "weights_scope": dg.MetadataValue.text(scope),
             "weight_distribution": table_metadata(stats.select(["tag_key", "tag_value", "rows"])),
             "expected_vs_realized": table_metadata(stats.select(["tag_key", "tag_value", "rows", "expected", "realized"])),

@@ -1,0 +1,100 @@
+"""Shared fixtures: real trees on disk, the reference algorithm, a temporary Dagster instance."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+from dlm_pipeline.defs.partitions import SEEDS_PARTITION
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "corpus"
+REFERENCE = Path(os.environ.get("DLM_REFERENCE_PATH", REPO.parent / "shared" / "seed" / "weighted_rows.py"))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The reference algorithm (`../shared/seed/weighted_rows.py`), imported from where it lies."""
+    if not REFERENCE.exists():
+        pytest.skip(f"reference algorithm not found at {REFERENCE} (set DLM_REFERENCE_PATH)")
+    spec = importlib.util.spec_from_file_location("weighted_rows_reference", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
+    """Create files under root; str is written as UTF-8, bytes as-is."""
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A factory: tree({relpath: content}) -> root directory."""
+    root = tmp_path / "tree"
+
+    def make(files: dict[str, str | bytes]) -> Path:
+        return write_tree(root, files)
+
+    return make
+
+
+class Pipeline:
+    """The real definitions bound to one source root and output folder, run on one instance."""
+
+    def __init__(self, instance: dg.DagsterInstance, root: Path, out: Path, scope: str = "nearest", **limits):
+        self.instance, self.root, self.out = instance, root, out
+        self.defs = build_defs(
+            {
+                "source": SourceTree(root=str(root), weights_scope=scope, **limits),
+                "io_manager": ParquetIOManager(output_dir=str(out)),
+            }
+        )
+
+    def run(self, seed: str, raise_on_error: bool = True):
+        if seed not in self.instance.get_dynamic_partitions(SEEDS_PARTITION):
+            self.instance.add_dynamic_partitions(SEEDS_PARTITION, [seed])
+        job = self.defs.resolve_job_def(CORPUS_JOB)
+        return job.execute_in_process(instance=self.instance, partition_key=seed, raise_on_error=raise_on_error)
+
+    def output(self, asset: str, seed: str) -> Path:
+        return self.out / asset / f"{seed}.parquet"
+
+    def metadata(self, asset: str, seed: str) -> dict:
+        event = self.instance.get_latest_materialization_event(dg.AssetKey(asset))
+        records = self.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[seed]), limit=1
+        ).records
+        assert records, f"no materialization of {asset} for seed {seed}"
+        assert event is not None
+        return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+@pytest.fixture
+def instance():
+    with dg.DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+@pytest.fixture
+def pipeline(instance, tmp_path):
+    """A factory: pipeline(root, scope=...) -> Pipeline writing under tmp_path/out."""
+
+    def make(root: Path, scope: str = "nearest", **limits) -> Pipeline:
+        return Pipeline(instance, root, tmp_path / "out", scope, **limits)
+
+    return make

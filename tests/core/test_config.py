@@ -1,0 +1,191 @@
+"""Every config rule of SPEC §1: canonical tags, strict fields, weights bounds, precise locations."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlm_pipeline.core.config import ConfigInvalid, parse_ignore_file, parse_training_config
+
+PATH = "sub/.dlm/training.yaml"
+
+
+def issues(text: str, **kwargs) -> list[str]:
+    with pytest.raises(ConfigInvalid) as caught:
+        parse_training_config(text, PATH, **kwargs)
+    return [str(i) for i in caught.value.issues]
+
+
+def test_minimal_config_has_defaults():
+    config = parse_training_config("dlm_training_version: 1\n", PATH)
+    assert config.include is None
+    assert config.exclude == ()
+    assert config.exclude_defaults is None
+    assert config.metadata == {} and config.weights == {}
+
+
+def test_full_config_round_trip():
+    text = """\
+dlm_training_version: 1
+include: ["**/*.py", "docs/**"]
+exclude: ["**/test_*.py"]
+exclude_defaults: false
+metadata: {lang: python, generated: "false"}
+weights: {lang: {python: 1.5, md: 0.5}, generated: {"true": 0.1}}
+"""
+    config = parse_training_config(text, PATH)
+    assert config.include == ("**/*.py", "docs/**")
+    assert config.exclude_defaults is False
+    assert config.metadata == {"lang": "python", "generated": "false"}
+    assert config.weights == {"lang": {"python": 1.5, "md": 0.5}, "generated": {"true": 0.1}}
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected_metadata, expected_weights",
+    [
+        ("metadata: {generated: true}\nweights: {generated: {true: 0.1}}", {"generated": "true"}, {"generated": {"true": 0.1}}),
+        ("metadata: {generated: false}\nweights: {generated: {false: 2}}", {"generated": "false"}, {"generated": {"false": 2.0}}),
+        ("metadata: {tier: 1}\nweights: {tier: {1: 3}}", {"tier": "1"}, {"tier": {"1": 3.0}}),
+        ("metadata: {1: x}\nweights: {1: {x: 0}}", {"1": "x"}, {"1": {"x": 0.0}}),
+        ("metadata: {True: yes_str}", {"true": "yes_str"}, {}),
+    ],
+)
+def test_yaml_scalars_become_canonical_tag_strings(yaml_text, expected_metadata, expected_weights):
+    config = parse_training_config("dlm_training_version: 1\n" + yaml_text + "\n", PATH)
+    assert config.metadata == expected_metadata
+    assert config.weights == expected_weights
+
+
+def test_bool_and_string_spellings_are_the_same_tag():
+    a = parse_training_config('dlm_training_version: 1\nmetadata: {generated: true}\n', PATH)
+    b = parse_training_config('dlm_training_version: 1\nmetadata: {generated: "true"}\n', PATH)
+    assert a.metadata == b.metadata == {"generated": "true"}
+
+
+@pytest.mark.parametrize(
+    "weight, fragment",
+    [
+        (".nan", "must be finite"),
+        (".inf", "must be finite"),
+        ("-.inf", "must be finite"),
+        ("-0.5", "must be >= 0"),
+        ("true", "must be a number, got bool"),
+        ("false", "must be a number, got bool"),
+        ("'2'", "must be a number, got str"),
+        ("null", "must be a number, got NoneType"),
+        ("[1]", "must be a number, got list"),
+        ("100.5", "above max_weight 100"),
+    ],
+)
+def test_bad_weights_name_file_line_and_field(weight, fragment):
+    text = f"dlm_training_version: 1\nweights:\n  lang:\n    python: {weight}\n"
+    (issue,) = issues(text)
+    assert issue.startswith(f"{PATH}:4: weights.lang.python: ")
+    assert fragment in issue
+
+
+def test_max_weight_is_configurable():
+    text = "dlm_training_version: 1\nweights: {a: {b: 150}}\n"
+    assert parse_training_config(text, PATH, max_weight=200).weights == {"a": {"b": 150.0}}
+    assert "above max_weight 100" in issues(text)[0]
+
+
+def test_zero_and_integer_weights_are_valid():
+    config = parse_training_config("dlm_training_version: 1\nweights: {a: {b: 0, c: 3}}\n", PATH)
+    assert config.weights == {"a": {"b": 0.0, "c": 3.0}}
+
+
+@pytest.mark.parametrize(
+    "metadata, fragment",
+    [
+        ("{a: null}", "null is not a tag"),
+        ("{a: ~}", "null is not a tag"),
+        ("{a: [1, 2]}", "got a list"),
+        ("{a: {b: c}}", "got a dict"),
+        ("{a: 1.5}", "is a float; quote it"),
+    ],
+)
+def test_bad_tag_values(metadata, fragment):
+    (issue,) = issues(f"dlm_training_version: 1\nmetadata: {metadata}\n")
+    assert issue.startswith(f"{PATH}:2: metadata.a: ")
+    assert fragment in issue
+
+
+def test_null_tag_key_is_an_error():
+    assert any("null is not a tag" in i for i in issues("dlm_training_version: 1\nmetadata: {~: x}\n"))
+
+
+def test_unknown_field_is_an_error_with_its_line():
+    (issue,) = issues("dlm_training_version: 1\n\nweight: {a: {b: 1}}\n")
+    assert issue.startswith(f"{PATH}:3: weight: unknown field")
+    assert "weights" in issue  # lists the known fields
+
+
+def test_weights_scope_is_not_a_config_field():
+    assert "unknown field" in issues("dlm_training_version: 1\nweights_scope: global\n")[0]
+
+
+@pytest.mark.parametrize("version", ["2", "0", "'1'", "true", "1.5"])
+def test_version_mismatch(version):
+    (issue,) = issues(f"dlm_training_version: {version}\n")
+    assert issue.startswith(f"{PATH}:1: dlm_training_version: only version 1 is known")
+
+
+def test_missing_version():
+    (issue,) = issues("metadata: {a: b}\n")
+    assert "dlm_training_version: required field is missing" in issue
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "# only a comment\n"])
+def test_empty_file(text):
+    (issue,) = issues(text)
+    assert "file is empty" in issue
+
+
+def test_malformed_yaml_reports_the_line():
+    (issue,) = issues("dlm_training_version: 1\nmetadata: {a: b\nweights: {}\n")
+    assert issue.startswith(f"{PATH}:")
+    assert "malformed YAML" in issue
+
+
+def test_tabs_and_bad_indentation_are_malformed():
+    assert "malformed YAML" in issues("dlm_training_version: 1\nmetadata:\n\t a: b\n")[0]
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(text):
+    assert "top level must be a mapping" in issues(text)[0]
+
+
+def test_globs_must_be_a_list_of_strings():
+    found = issues("dlm_training_version: 1\ninclude: '*.py'\nexclude: [1]\n")
+    assert any(i.startswith(f"{PATH}:2: include: expected a list of glob strings") for i in found)
+    assert any(i.startswith(f"{PATH}:3: exclude.0: ") for i in found)
+
+
+def test_exclude_defaults_must_be_a_bool():
+    assert issues("dlm_training_version: 1\nexclude_defaults: 'no'\n")[0].startswith(f"{PATH}:2: exclude_defaults:")
+
+
+def test_duplicate_keys_are_errors():
+    found = issues("dlm_training_version: 1\nmetadata:\n  a: x\n  a: y\n")
+    assert found == [f"{PATH}:4: metadata.a: key appears twice; keep one"]
+
+
+def test_keys_colliding_after_canonicalisation_are_errors():
+    found = issues("dlm_training_version: 1\nweights: {g: {true: 1, 'true': 2}}\n")
+    assert any("weights.g.true: key appears twice" in i for i in found)
+
+
+def test_every_problem_is_reported_not_just_the_first():
+    found = issues("dlm_training_version: 3\nfoo: 1\nweights: {a: {b: -1, c: .nan}}\n")
+    assert len(found) == 4
+
+
+def test_unsafe_yaml_tags_are_refused():
+    assert "malformed YAML" in issues("dlm_training_version: !!python/object/apply:os.system ['true']\n")[0]
+
+
+def test_ignore_file_keeps_patterns_and_negations():
+    assert parse_ignore_file("# comment\n*.log\n!keep.log\n\nbuild/\n", "x/.dlm/ignore") == (
+        "# comment", "*.log", "!keep.log", "", "build/",
+    )
