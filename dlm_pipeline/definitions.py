@@ -12,11 +12,13 @@ import dagster as dg
 
 from dlm_pipeline import settings
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
-from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.tokens import tokenized_cache, tokens_match_tokenizer
 
 CORPUS_JOB = "corpus_job"
 
-ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus]
+ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache]
+CHECKS = [tokens_match_tokenizer]
 
 corpus_job = dg.define_asset_job(
     CORPUS_JOB,
@@ -31,6 +33,8 @@ def default_resources() -> dict:
     return {
         "source": SourceTree.from_env(),
         "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
+        "tokenizer": TokenizerResource.from_env(),
+        "token_cache": TokenCacheResource.from_env(),
     }
 
 
@@ -41,6 +45,7 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         raise settings.SettingsError(f"{settings.ENV_DEPLOYMENT} must be one of {', '.join(_EXECUTORS)}, got {deployment!r}")
     return dg.Definitions(
         assets=ASSETS,
+        asset_checks=CHECKS,
         jobs=[corpus_job],
         resources=resources if resources is not None else default_resources(),
         executor=_EXECUTORS[deployment],

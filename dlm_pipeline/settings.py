@@ -11,6 +11,8 @@ from pathlib import Path
 
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
+from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -22,6 +24,10 @@ ENV_MAX_FILE_BYTES = "DLM_MAX_FILE_BYTES"
 ENV_MAX_WEIGHT = "DLM_MAX_WEIGHT"
 ENV_OUTPUT_DIR = "DLM_OUTPUT_DIR"
 ENV_DEPLOYMENT = "DLM_DEPLOYMENT"
+ENV_TOKENIZER = "DLM_TOKENIZER"
+ENV_MAX_SEQ_LEN = "DLM_MAX_SEQ_LEN"
+ENV_CACHE_DIR = "DLM_CACHE_DIR"
+ENV_CACHE_MAX_BYTES = "DLM_CACHE_MAX_BYTES"
 
 
 class SettingsError(ValueError):
@@ -40,17 +46,21 @@ def weights_scope() -> str:
         raise SettingsError(f"{ENV_WEIGHTS_SCOPE}: {exc}") from None
 
 
-def max_file_bytes() -> int:
-    raw = os.environ.get(ENV_MAX_FILE_BYTES)
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_MAX_FILE_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise SettingsError(f"{ENV_MAX_FILE_BYTES} must be a whole number of bytes, got {raw!r}") from None
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
     if value <= 0:
-        raise SettingsError(f"{ENV_MAX_FILE_BYTES} must be > 0, got {raw!r}")
+        raise SettingsError(f"{name} must be > 0, got {raw!r}")
     return value
+
+
+def max_file_bytes() -> int:
+    return _positive_int(ENV_MAX_FILE_BYTES, DEFAULT_MAX_FILE_BYTES)
 
 
 def max_weight() -> float:
@@ -69,3 +79,22 @@ def max_weight() -> float:
 def output_dir() -> str:
     """"" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
     return os.environ.get(ENV_OUTPUT_DIR, "")
+
+
+
+def tokenizer() -> str:
+    """"" means the bundled default tokenizer."""
+    return os.environ.get(ENV_TOKENIZER, "")
+
+
+def max_seq_len() -> int:
+    return _positive_int(ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+
+
+def cache_dir() -> str:
+    """"" means $DAGSTER_HOME/token_cache."""
+    return os.environ.get(ENV_CACHE_DIR, "")
+
+
+def cache_max_bytes() -> int:
+    return _positive_int(ENV_CACHE_MAX_BYTES, DEFAULT_CACHE_MAX_BYTES)

@@ -11,7 +11,7 @@ import pytest
 
 from dlm_pipeline.definitions import CORPUS_JOB, build_defs
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
-from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "corpus"
@@ -56,12 +56,15 @@ def tree(tmp_path):
 class Pipeline:
     """The real definitions bound to one source root and output folder, run on one instance."""
 
-    def __init__(self, instance: dg.DagsterInstance, root: Path, out: Path, scope: str = "nearest", **limits):
+    def __init__(self, instance: dg.DagsterInstance, root: Path, out: Path, scope: str = "nearest", tokenizer: str = "", max_seq_len: int = 2048, **limits):
         self.instance, self.root, self.out = instance, root, out
+        self.cache = out.parent / "token_cache"
         self.defs = build_defs(
             {
                 "source": SourceTree(root=str(root), weights_scope=scope, **limits),
                 "io_manager": ParquetIOManager(output_dir=str(out)),
+                "tokenizer": TokenizerResource(tokenizer=tokenizer, max_seq_len=max_seq_len),
+                "token_cache": TokenCacheResource(cache_dir=str(self.cache)),
             }
         )
 
@@ -94,7 +97,20 @@ def instance():
 def pipeline(instance, tmp_path):
     """A factory: pipeline(root, scope=...) -> Pipeline writing under tmp_path/out."""
 
-    def make(root: Path, scope: str = "nearest", **limits) -> Pipeline:
-        return Pipeline(instance, root, tmp_path / "out", scope, **limits)
+    def make(root: Path, scope: str = "nearest", **options) -> Pipeline:
+        return Pipeline(instance, root, tmp_path / "out", scope, **options)
 
     return make
+
+
+def small_tokenizer(path: Path, corpus: list[str], vocab_size: int) -> Path:
+    """Train a tiny real BPE tokenizer on `corpus` and save it as tokenizer.json at `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path

@@ -12,7 +12,7 @@ import pytest
 from conftest import EXAMPLE, REPO
 from dlm_pipeline.cli import main
 
-ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus"]
+ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def home(tmp_path, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    for var in ("DLM_SOURCE_ROOT", "DLM_OUTPUT_DIR", "DLM_WEIGHTS_SCOPE", "DLM_MAX_WEIGHT", "DLM_MAX_FILE_BYTES"):
+    for var in [v for v in os.environ if v.startswith("DLM_")]:
         monkeypatch.delenv(var, raising=False)
     return home
 

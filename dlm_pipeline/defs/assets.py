@@ -26,14 +26,14 @@ GROUP = "corpus"
 PROGRESS_EVERY_SECONDS = 5.0
 
 
-def _seed(context: dg.AssetExecutionContext) -> int:
+def parse_seed_or_fail(context: dg.AssetExecutionContext) -> int:
     try:
         return parse_seed(context.partition_key)
     except ValueError as exc:
         raise dg.Failure(description=f"{exc}; delete this partition and add a valid one") from None
 
 
-def _output(table: pa.Table, seed: int, inputs: dict[str, str], extra: dict) -> dg.Output:
+def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: dict) -> dg.Output:
     fingerprint = table_fingerprint(table)
     metadata = base_metadata(seed, table, fingerprint, inputs) | extra
     with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly
@@ -48,7 +48,7 @@ def _scan(source: SourceTree):
         raise dg.Failure(description=str(exc)) from None
 
 
-class _ProgressLog:
+class ProgressLog:
     """Logs `done/total` at most every few seconds, with a rate."""
 
     def __init__(self, context: dg.AssetExecutionContext, what: str):
@@ -79,12 +79,12 @@ class _ProgressLog:
 )
 def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     """Every `.dlm/training.yaml` and `.dlm/ignore` under the source root: parsed config, status, error, sha256."""
-    seed = _seed(context)
+    seed = parse_seed_or_fail(context)
     scan = _scan(source)
     table = records_table(load_configs(scan, max_weight=source.max_weight))
     errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s == STATUS_ERROR]
     n_invalid = len(errors)
-    yield _output(
+    yield versioned_output(
         table,
         seed,
         {},
@@ -107,11 +107,11 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
 @dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
 def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
     """The merged weights map (global view) and each anchor's scoped map; the scope in use is recorded."""
-    seed = _seed(context)
+    seed = parse_seed_or_fail(context)
     scope = source.scope()
     table = weights_table(anchors_from_table(training_configs), scope)
     active = table.filter(pa.compute.equal(table["scope"], scope))
-    return _output(
+    return versioned_output(
         table,
         seed,
         {"training_configs": table_fingerprint(training_configs)},
@@ -126,20 +126,20 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
 @dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
 def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
-    seed = _seed(context)
+    seed = parse_seed_or_fail(context)
     scan = _scan(source)
     corpus = build_raw_corpus(
         scan,
         anchors_from_table(training_configs),
         max_file_bytes=source.max_file_bytes,
-        progress=_ProgressLog(context, "raw_corpus files read"),
+        progress=ProgressLog(context, "raw_corpus files read"),
     )
     skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
     skipped = pa.table(
         {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
         schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
     )
-    return _output(
+    return versioned_output(
         corpus.table,
         seed,
         {"training_configs": table_fingerprint(training_configs)},
@@ -160,7 +160,7 @@ def expanded_corpus(
     context: dg.AssetExecutionContext, raw_corpus: pa.Table, weights_map: pa.Table
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
-    seed = _seed(context)
+    seed = parse_seed_or_fail(context)
     scope = table_scope(weights_map)
     row_map, maps = row_maps(raw_corpus["path"], maps_from_table(weights_map, scope), scope)
     try:
@@ -169,7 +169,7 @@ def expanded_corpus(
         raise dg.Failure(description=str(exc)) from None
     stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
     context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, seed {seed})")
-    return _output(
+    return versioned_output(
         expanded,
         seed,
         {"raw_corpus": table_fingerprint(raw_corpus), "weights_map": table_fingerprint(weights_map)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import dagster as dg
 
@@ -20,3 +21,18 @@ def parse_seed(key: str) -> int:
             "(use e.g. 0 or 42: no sign, no leading zeros, digits only)"
         )
     return int(key)
+
+
+def seed_check(**kwargs):
+    """`dg.asset_check` evaluated per seed partition.
+
+    Dagster 1.13 flags partitioned checks as "preview"; we rely on them knowingly, so the
+    warning is silenced here rather than shown on every import.
+    """
+
+    def decorate(fn):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.PreviewWarning)
+            return dg.asset_check(partitions_def=seeds_partitions, **kwargs)(fn)
+
+    return decorate

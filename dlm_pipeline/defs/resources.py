@@ -1,7 +1,8 @@
-"""Resources: the source tree (with its limits) and the Parquet IO manager."""
+"""Resources: the source tree (with its limits), the Parquet IO manager, the tokenizer and its cache."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +12,9 @@ from dlm_pipeline import settings
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.parquet_io import read_parquet, write_parquet_atomic
+from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
+from dlm_pipeline.core.token_store import TokenStore
+from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
 from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
 
@@ -67,3 +71,36 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 f"for seed {context.asset_partition_key} first"
             )
         return read_parquet(path)
+
+
+class TokenizerResource(dg.ConfigurableResource):
+    """Which tokenizer and how: a tokenizer.json path, a directory holding one, a hub id, or "" (bundled)."""
+
+    tokenizer: str = ""
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    add_special_tokens: bool = False
+
+    @classmethod
+    def from_env(cls) -> "TokenizerResource":
+        return cls(tokenizer=settings.tokenizer(), max_seq_len=settings.max_seq_len())
+
+    def load(self) -> LoadedTokenizer:
+        try:
+            return load_tokenizer(self.tokenizer, max_seq_len=self.max_seq_len, add_special_tokens=self.add_special_tokens)
+        except TokenizerError as exc:
+            raise dg.Failure(description=f"{exc} (set DLM_TOKENIZER or --tokenizer)") from None
+
+
+class TokenCacheResource(dg.ConfigurableResource):
+    """The content-addressed token store; "" puts it at $DAGSTER_HOME/token_cache."""
+
+    cache_dir: str = ""
+    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+
+    @classmethod
+    def from_env(cls) -> "TokenCacheResource":
+        return cls(cache_dir=settings.cache_dir(), max_bytes=settings.cache_max_bytes())
+
+    def store(self, instance: dg.DagsterInstance) -> TokenStore:
+        root = self.cache_dir or os.path.join(instance.root_directory, "token_cache")
+        return TokenStore(root, max_bytes=self.max_bytes)

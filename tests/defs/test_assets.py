@@ -14,7 +14,7 @@ from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.rules import ancestor_dirs
 from dlm_pipeline.defs.checks import CONFIGS_VALID
 
-ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus"]
+ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 
 
 def check_evaluations(result) -> dict[str, object]:

@@ -1,0 +1,184 @@
+"""The token store on real files: hits, misses, namespaces, eviction, repair after killed writers, concurrency."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from dlm_pipeline.core.token_store import MANIFEST, TokenStore
+from dlm_pipeline.core.tokenize import TokenizerError, fingerprint_of, load_tokenizer
+
+TEXTS = [f"def f{i}(x):\n    return x * {i}  # café {i}\n" * (1 + i % 5) for i in range(300)]
+IDS = [f"{i:016x}" for i in range(300)]
+
+
+def test_default_tokenizer_loads_offline_and_fingerprint_is_content_based(tmp_path):
+    loaded = load_tokenizer()
+    assert loaded.tokenizer.get_vocab_size() == 8192
+    copy = tmp_path / "elsewhere" / "tokenizer.json"
+    copy.parent.mkdir()
+    copy.write_text(loaded.tokenizer.to_str())
+    assert load_tokenizer(str(copy)).fingerprint == loaded.fingerprint  # path does not matter
+    assert load_tokenizer(str(copy.parent)).fingerprint == loaded.fingerprint  # directory form
+    assert fingerprint_of(loaded.tokenizer) == loaded.fingerprint
+
+
+def test_tokenizer_errors_are_clear(tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nope.json"))
+    with pytest.raises(TokenizerError, match="directory without a tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot load tokenizer"):
+        load_tokenizer(str(tmp_path / "bad.json"))
+    with pytest.raises(TokenizerError, match="max_seq_len must be > 0"):
+        load_tokenizer(max_seq_len=0)
+
+
+def test_truncation_is_counted():
+    loaded = load_tokenizer(max_seq_len=8)
+    table = loaded.encode(["a b c d e f g h i j k l", "short"])
+    assert table["n_tokens"].to_pylist()[0] == 8 and table["truncated"].to_pylist() == [True, False]
+    full = load_tokenizer().tokenizer.encode("a b c d e f g h i j k l").ids
+    assert table["input_ids"].to_pylist()[0] == full[:8]
+
+
+def test_hits_after_misses_and_same_ids(tmp_path):
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache")
+    cold = store.get_or_compute(loaded.cache_namespace, IDS, TEXTS, loaded.encode)
+    assert (cold.hits, cold.misses) == (0, 300)
+    warm = store.get_or_compute(loaded.cache_namespace, IDS[::-1], TEXTS[::-1], loaded.encode)
+    assert (warm.hits, warm.misses) == (300, 0)
+    assert warm.table["input_ids"].to_pylist() == cold.table["input_ids"].to_pylist()[::-1]
+    assert cold.table["input_ids"].to_pylist() == [e.ids for e in loaded.tokenizer.encode_batch(TEXTS, add_special_tokens=False)]
+    assert store.stats()["rows"] == 300 and store.stats()["shards"] == 1
+
+
+def test_namespaces_separate_tokenizers_and_lengths(tmp_path):
+    store = TokenStore(tmp_path / "cache")
+    a, b = load_tokenizer(max_seq_len=2048), load_tokenizer(max_seq_len=4)
+    store.get_or_compute(a.cache_namespace, IDS, TEXTS, a.encode)
+    short = store.get_or_compute(b.cache_namespace, IDS, TEXTS, b.encode)
+    assert short.misses == 300 and max(short.table["n_tokens"].to_pylist()) == 4
+    assert len(store.stats()["namespaces"]) == 2
+
+
+def test_lru_eviction_never_removes_what_the_run_uses(tmp_path):
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache")
+    for start in range(0, 300, 100):
+        store.get_or_compute(loaded.cache_namespace, IDS[start : start + 100], TEXTS[start : start + 100], loaded.encode)
+        time.sleep(0.01)
+    shards = store.stats()["shards"]
+    assert shards == 3
+    store.max_bytes = 1  # everything is over the cap now
+    result = store.get_or_compute(loaded.cache_namespace, IDS[100:200], TEXTS[100:200], loaded.encode)
+    assert result.hits == 100
+    manifest = json.loads((store.root / MANIFEST).read_text())["shards"]
+    assert set(manifest) == result.shards_used  # only what this run used survives
+    assert all((store.root / name).exists() for name in manifest)
+
+
+def test_repair_after_killed_writes(tmp_path):
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache")
+    store.get_or_compute(loaded.cache_namespace, IDS[:100], TEXTS[:100], loaded.encode)
+    ns_dir = store.root / loaded.cache_namespace
+    (good,) = list(ns_dir.glob("shard-*.parquet"))
+    # What killed writers leave: a torn temp file, a finished shard the manifest never heard of,
+    # a manifest entry whose file is gone, and a truncated file with a shard name.
+    torn = ns_dir / ".shard-dead.parquet.abc.tmp"
+    torn.write_bytes(good.read_bytes()[:100])
+    os.utime(torn, (0, 0))
+    orphan = ns_dir / "shard-orphan.parquet"
+    orphan.write_bytes(good.read_bytes())
+    truncated = ns_dir / "shard-truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[:50])
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    manifest["shards"][f"{loaded.cache_namespace}/shard-gone.parquet"] = {"rows": 5, "bytes": 5, "last_used": 0}
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+
+    report = store.repair()
+    assert report == {"dropped": 1, "adopted": 1, "deleted": 2}
+    assert not torn.exists() and not truncated.exists() and orphan.exists()
+    result = store.get_or_compute(loaded.cache_namespace, IDS[:150], TEXTS[:150], loaded.encode)
+    assert (result.hits, result.misses) == (100, 50)
+
+
+def test_unreadable_manifest_is_rebuilt_from_shards(tmp_path):
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache")
+    store.get_or_compute(loaded.cache_namespace, IDS[:10], TEXTS[:10], loaded.encode)
+    (store.root / MANIFEST).write_text("{torn")
+    assert store.get_or_compute(loaded.cache_namespace, IDS[:10], TEXTS[:10], loaded.encode).hits == 10
+
+
+WRITER = """
+import sys
+from dlm_pipeline.core.token_store import TokenStore
+from dlm_pipeline.core.tokenize import load_tokenizer
+loaded = load_tokenizer()
+store = TokenStore(sys.argv[1])
+texts = ["x = %d\\n" % i * 400 for i in range(4000)]
+i = 0
+print("ready", flush=True)
+while True:
+    ids = ["%d-%d" % (i, j) for j in range(len(texts))]
+    store.get_or_compute(loaded.cache_namespace, ids, texts, loaded.encode)
+    i += 1
+"""
+
+
+def test_sigkilled_writer_leaves_a_readable_store(tmp_path):
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(cache)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = TokenStore(cache)
+    manifest = json.loads((cache / MANIFEST).read_text())["shards"] if (cache / MANIFEST).exists() else {}
+    for name, info in manifest.items():
+        assert pq.read_table(cache / name).num_rows == info["rows"]
+    store.repair(stale_after=0)
+    assert not list(cache.glob("*/.*.tmp"))
+    loaded = load_tokenizer()
+    again = store.get_or_compute(loaded.cache_namespace, ["fresh"], ["y = 1\n"], loaded.encode)
+    assert again.misses == 1
+
+
+def _worker(cache: str, ids: list[str], texts: list[str], queue) -> None:
+    loaded = load_tokenizer()
+    result = TokenStore(cache).get_or_compute(loaded.cache_namespace, ids, texts, loaded.encode)
+    queue.put(result.table["input_ids"].to_pylist())
+
+
+def test_concurrent_processes_share_the_store(tmp_path):
+    cache = str(tmp_path / "cache")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [
+        ctx.Process(target=_worker, args=(cache, IDS[:200], TEXTS[:200], queue)),
+        ctx.Process(target=_worker, args=(cache, IDS[100:], TEXTS[100:], queue)),
+    ]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    expected = [e.ids for e in load_tokenizer().tokenizer.encode_batch(TEXTS, add_special_tokens=False)]
+    assert sorted(map(tuple, results[0] + results[1])) == sorted(map(tuple, expected[:200] + expected[100:]))
+    loaded = load_tokenizer()
+    after = TokenStore(cache).get_or_compute(loaded.cache_namespace, IDS, TEXTS, loaded.encode)
+    assert (after.hits, after.misses) == (300, 0)
+    assert after.table["input_ids"].to_pylist() == expected

@@ -1,0 +1,109 @@
+"""tokenized_cache through Dagster: cold/warm, weights-only edits, tokenizer swaps, the check."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+
+from conftest import EXAMPLE, small_tokenizer
+from dlm_pipeline.core.tokenize import load_tokenizer
+from dlm_pipeline.defs.checks import TOKENS_MATCH_TOKENIZER
+
+
+def evaluations(result) -> dict:
+    return {
+        e.event_specific_data.check_name: e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def copy_example(tmp_path):
+    return shutil.copytree(EXAMPLE, tmp_path / "corpus", symlinks=True)
+
+
+def test_cold_then_warm_is_all_hits_and_byte_identical(pipeline, tmp_path):
+    pipe = pipeline(copy_example(tmp_path))
+    assert pipe.run("0").success
+    cold = pipe.metadata("tokenized_cache", "0")
+    first = pipe.output("tokenized_cache", "0").read_bytes()
+    assert cold["cache_misses"] == cold["unique_sections"] > 0 and cold["cache_hits"] == 0
+    result = pipe.run("0")
+    assert evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
+    warm = pipe.metadata("tokenized_cache", "0")
+    assert warm["cache_misses"] == 0 and warm["hit_rate"] == 1.0
+    assert pipe.output("tokenized_cache", "0").read_bytes() == first
+
+
+def test_output_equals_uncached_tokenization(pipeline, tmp_path):
+    pipe = pipeline(copy_example(tmp_path), max_seq_len=32)
+    assert pipe.run("3").success
+    tokens = pq.read_table(pipe.output("tokenized_cache", "3"))
+    expanded = pq.read_table(pipe.output("expanded_corpus", "3"))
+    assert tokens.schema.names == ["section_id", "copy", "input_ids", "n_tokens", "truncated"]
+    assert str(tokens.schema.field("input_ids").type) == "list<element: int32>"
+    assert tokens["section_id"].to_pylist() == expanded["section_id"].to_pylist()
+    assert tokens["copy"].to_pylist() == expanded["copy"].to_pylist()
+    tokenizer = load_tokenizer().tokenizer
+    direct = [e.ids for e in tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)]
+    assert tokens["input_ids"].to_pylist() == [ids[:32] for ids in direct]
+    assert tokens["truncated"].to_pylist() == [len(ids) > 32 for ids in direct]
+    assert tokens["n_tokens"].to_pylist() == [min(len(ids), 32) for ids in direct]
+    meta = pipe.metadata("tokenized_cache", "3")
+    assert meta["tokens_total"] == sum(tokens["n_tokens"].to_pylist())
+    assert meta["truncated_rows"] == sum(tokens["truncated"].to_pylist()) > 0
+    assert meta["cache_bytes"] > 0
+
+
+def test_weights_only_edit_and_new_seed_tokenize_nothing(pipeline, tmp_path):
+    root = copy_example(tmp_path)
+    pipe = pipeline(root)
+    assert pipe.run("0").success
+    before = pq.read_table(pipe.output("expanded_corpus", "0")).num_rows
+    config = root / "docs" / ".dlm" / "training.yaml"
+    config.write_text(config.read_text().replace("docs: 2.5", "docs: 4.0"))
+    assert pipe.run("0").success
+    assert pq.read_table(pipe.output("expanded_corpus", "0")).num_rows != before
+    meta = pipe.metadata("tokenized_cache", "0")
+    assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_sections"]
+    assert pipe.run("11").success
+    assert pipe.metadata("tokenized_cache", "11")["cache_misses"] == 0
+
+
+def test_tokenizer_swap_at_the_same_path_misses_and_keeps_old_entries(pipeline, tmp_path):
+    root = copy_example(tmp_path)
+    texts = [p.read_text(errors="ignore") for p in root.rglob("*.py")] * 3
+    path = small_tokenizer(tmp_path / "tok" / "tokenizer.json", texts, vocab_size=120)
+    pipe = pipeline(root, tokenizer=str(path))
+    assert pipe.run("0").success
+    old = pq.read_table(pipe.output("tokenized_cache", "0"))["input_ids"].to_pylist()
+    old_namespace = pipe.metadata("tokenized_cache", "0")["cache_namespace"]
+    small_tokenizer(path, texts, vocab_size=300)  # same path, different content
+    assert pipe.run("0").success
+    meta = pipe.metadata("tokenized_cache", "0")
+    assert meta["cache_hits"] == 0 and meta["cache_misses"] == meta["unique_sections"]
+    assert meta["cache_namespace"] != old_namespace
+    assert pq.read_table(pipe.output("tokenized_cache", "0"))["input_ids"].to_pylist() != old
+    assert list((pipe.cache / old_namespace).glob("shard-*.parquet"))  # old entries untouched
+
+
+def test_tampered_cache_rows_are_found_by_the_check_logic(pipeline, tmp_path):
+    import pyarrow as pa
+
+    from dlm_pipeline.core.tokenize import mismatched_sections
+
+    pipe = pipeline(copy_example(tmp_path))
+    result = pipe.run("0")
+    evaluation = evaluations(result)[TOKENS_MATCH_TOKENIZER]
+    assert evaluation.passed and evaluation.metadata["sampled"].value > 0
+    table = pq.read_table(pipe.output("tokenized_cache", "0"))
+    expanded = pq.read_table(pipe.output("expanded_corpus", "0"))
+    texts = dict(zip(expanded["section_id"].to_pylist(), expanded["text"].to_pylist()))
+    loaded = load_tokenizer()
+    assert mismatched_sections(loaded, table, texts, 64)[1] == []
+    ids = table["input_ids"].to_pylist()
+    victim = min(range(len(ids)), key=lambda i: table["section_id"][i].as_py())  # always sampled
+    ids[victim] = [1, 2, 3]
+    tampered = table.set_column(2, "input_ids", pa.array(ids, pa.list_(pa.int32())))
+    assert mismatched_sections(loaded, tampered, texts, 64)[1] == [table["section_id"][victim].as_py()]
