@@ -56,10 +56,16 @@ def _seeds(values: list[str]) -> list[str]:
 
 
 def _apply_source_flags(args: argparse.Namespace) -> None:
+    """Flags win over the environment: they are handed to the definitions as DLM_* variables."""
     if getattr(args, "source", None):
         os.environ[settings.ENV_SOURCE_ROOT] = str(Path(args.source).expanduser().resolve())
     if getattr(args, "weights_scope", None):
         os.environ[settings.ENV_WEIGHTS_SCOPE] = args.weights_scope
+    if getattr(args, "tokenizer", None):
+        local = Path(args.tokenizer).expanduser()
+        os.environ[settings.ENV_TOKENIZER] = str(local.resolve()) if local.exists() else args.tokenizer
+    if getattr(args, "max_seq_len", None) is not None:
+        os.environ[settings.ENV_MAX_SEQ_LEN] = str(args.max_seq_len)
 
 
 def _instance():
@@ -146,6 +152,34 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _token_store():
+    from dlm_pipeline.core.token_store import TokenStore
+
+    try:
+        root = settings.cache_dir() or str(_ensure_dagster_home() / "token_cache")
+        return TokenStore(root, max_bytes=settings.cache_max_bytes())
+    except settings.SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    store = _token_store()
+    if args.action == "stats":
+        stats = store.stats()
+        print(f"{stats['root']}: {stats['rows']:,} entries in {stats['shards']} shard(s), "
+              f"{stats['bytes']:,} bytes (cap {stats['max_bytes']:,})")
+        for namespace, ns in sorted(stats["namespaces"].items()):
+            print(f"  {namespace}: {ns['rows']:,} entries, {ns['shards']} shard(s), {ns['bytes']:,} bytes")
+    elif args.action == "prune":
+        report = store.repair()
+        removed = store.evict(max_bytes=args.max_bytes)
+        print(f"repaired {report}; evicted {len(removed)} shard(s); now {store.stats()['bytes']:,} bytes")
+    else:
+        store.clear()
+        print(f"cleared {store.root}")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     try:
@@ -168,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
     materialize.add_argument("--seed", action="append", help="seed to materialize (repeatable; default: every registered seed, or 0)")
     materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
+    materialize.add_argument("--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)")
+    materialize.add_argument("--max-seq-len", type=int, help="truncate token sequences to this length (default 2048)")
     materialize.set_defaults(func=cmd_materialize)
 
     seeds = sub.add_parser("seeds", help="register or list seed partitions")
@@ -176,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("seeds", nargs="+")
     seeds_sub.add_parser("list", help="list registered seeds")
     seeds.set_defaults(func=cmd_seeds)
+
+    cache = sub.add_parser("cache", help="inspect or shrink the token cache ($DLM_CACHE_DIR or $DAGSTER_HOME/token_cache)")
+    cache_sub = cache.add_subparsers(dest="action", required=True)
+    cache_sub.add_parser("stats", help="entries, shards and bytes per tokenizer namespace")
+    prune = cache_sub.add_parser("prune", help="repair, then evict least-recently-used shards down to the cap")
+    prune.add_argument("--max-bytes", type=int, help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)")
+    cache_sub.add_parser("clear", help="delete every cached entry")
+    cache.set_defaults(func=cmd_cache)
 
     validate = sub.add_parser("validate", help="check every config under the source root; exit 1 on any error")
     validate.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")

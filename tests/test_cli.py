@@ -107,3 +107,18 @@ def test_outputs_are_byte_identical_across_processes_and_hash_seeds(tmp_path):
         assert done.returncode == 0, done.stderr
         outputs.append({(a, s): (out / a / f"{s}.parquet").read_bytes() for a in ASSETS for s in ("1", "8")})
     assert outputs[0] == outputs[1]
+
+
+def test_cache_stats_prune_clear_and_tokenizer_flags(capsys, home, tmp_path):
+    assert main(["materialize", "--max-seq-len", "16"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert str(home / "token_cache") in out and "-L16" in out and "12 entries" in out
+    assert main(["cache", "prune", "--max-bytes", "0"]) == 0
+    assert "evicted 1 shard(s); now 0 bytes" in capsys.readouterr().out
+    assert main(["materialize", "--tokenizer", str(tmp_path / "missing.json")]) == 1
+    assert "tokenizer file" in capsys.readouterr().err
+    assert main(["cache", "clear"]) == 0
+    assert main(["cache", "stats"]) == 0
+    assert ": 0 entries in 0 shard(s)" in capsys.readouterr().out

@@ -53,6 +53,7 @@ class Lookup:
     misses: int = 0
     shards_used: set[str] = field(default_factory=set)
     encode_seconds: float = 0.0
+    encoded_tokens: int = 0  # tokens produced for the misses (before any were stored)
 
 
 class TokenStore:
@@ -216,12 +217,13 @@ class TokenStore:
             parts.append(shard.take(pa.array([r for _, r in pairs], pa.int64())).cast(TOKENS_SCHEMA))
             positions.extend(p for p, _ in pairs)
         hits = len(positions)
-        encode_seconds = 0.0
+        encode_seconds, encoded_tokens = 0.0, 0
         if missing:
             missing.sort()
             start = time.perf_counter()
             encoded = encode([texts[p] for p in missing])
             encode_seconds = time.perf_counter() - start
+            encoded_tokens = int(pc.sum(encoded["n_tokens"]).as_py() or 0)
             fresh = encoded.add_column(0, "section_id", pa.array([section_ids[p] for p in missing], pa.string()))
             used.add(self._write_shard(namespace, fresh))
             parts.append(fresh.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA))
@@ -231,7 +233,7 @@ class TokenStore:
         table = combined.take(pa.array(order, pa.int64())) if len(order) else combined
         self._touch(used)
         self.evict(protect=used)
-        return Lookup(table, hits, len(missing), used, encode_seconds)
+        return Lookup(table, hits, len(missing), used, encode_seconds, encoded_tokens)
 
 
 def gather_rows(unique: pa.Table, section_ids: pa.ChunkedArray | pa.Array, copies: pa.ChunkedArray | pa.Array) -> pa.Table:

@@ -41,6 +41,22 @@ def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: 
         return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
 
 
+def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table) -> dict[str, str]:
+    """Fingerprints of the loaded inputs, as their own materializations recorded them.
+
+    Reading the recorded value (one instance query) instead of re-hashing keeps large inputs
+    cheap; an input with no recorded fingerprint is hashed.
+    """
+    fingerprints = {}
+    for name, table in inputs.items():
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[context.partition_key]), limit=1
+        ).records
+        recorded = records[0].asset_materialization.metadata.get("fingerprint") if records else None
+        fingerprints[name] = recorded.value if recorded is not None else table_fingerprint(table)
+    return fingerprints
+
+
 def _scan(source: SourceTree):
     try:
         return source.scan()
@@ -114,7 +130,7 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
     return versioned_output(
         table,
         seed,
-        {"training_configs": table_fingerprint(training_configs)},
+        input_fingerprints(context, training_configs=training_configs),
         {
             "weights_scope": dg.MetadataValue.text(scope),
             "anchors_with_weights": dg.MetadataValue.int(len(set(active["anchor"].to_pylist()))),
@@ -142,7 +158,7 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     return versioned_output(
         corpus.table,
         seed,
-        {"training_configs": table_fingerprint(training_configs)},
+        input_fingerprints(context, training_configs=training_configs),
         {
             "files_seen": dg.MetadataValue.int(corpus.files_seen),
             "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
@@ -172,7 +188,7 @@ def expanded_corpus(
     return versioned_output(
         expanded,
         seed,
-        {"raw_corpus": table_fingerprint(raw_corpus), "weights_map": table_fingerprint(weights_map)},
+        input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map),
         {
             "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
             "rows_out": dg.MetadataValue.int(expanded.num_rows),

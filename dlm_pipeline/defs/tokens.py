@@ -9,10 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.token_store import gather_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
-from dlm_pipeline.defs.assets import ProgressLog, parse_seed_or_fail, versioned_output
+from dlm_pipeline.defs.assets import ProgressLog, input_fingerprints, parse_seed_or_fail, versioned_output
 from dlm_pipeline.defs.checks import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.metadata import table_metadata
 from dlm_pipeline.defs.partitions import seed_check, seeds_partitions
@@ -64,14 +63,12 @@ def tokenized_cache(
     table = gather_rows(lookup.table, expanded_corpus["section_id"], expanded_corpus["copy"])
     n_tokens = table["n_tokens"].to_numpy(zero_copy_only=False)
     tokens_total = int(n_tokens.sum())
-    unique_tokens = int(pc.sum(lookup.table["n_tokens"]).as_py() or 0)
-    encoded_tokens = unique_tokens if lookup.misses == len(ids) else None
     stats = store.stats()
     context.log.info(f"{len(ids):,} unique sections: {lookup.hits:,} from the store, {lookup.misses:,} tokenized")
     return versioned_output(
         table,
         seed,
-        {"raw_corpus": table_fingerprint(raw_corpus), "expanded_corpus": table_fingerprint(expanded_corpus)},
+        input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus),
         {
             "tokens_total": dg.MetadataValue.int(tokens_total),
             "unique_sections": dg.MetadataValue.int(len(ids)),
@@ -81,7 +78,7 @@ def tokenized_cache(
             "truncated_rows": dg.MetadataValue.int(int(pc.sum(table["truncated"]).as_py() or 0)),
             "cache_bytes": dg.MetadataValue.int(stats["bytes"]),
             "tokens_per_second": dg.MetadataValue.float(
-                (encoded_tokens or 0) / lookup.encode_seconds if lookup.encode_seconds and encoded_tokens else 0.0
+                lookup.encoded_tokens / lookup.encode_seconds if lookup.encode_seconds else 0.0
             ),
             "tokenize_seconds": dg.MetadataValue.float(lookup.encode_seconds),
             "tokenizer_fingerprint": dg.MetadataValue.text(loaded.fingerprint),
