@@ -11,14 +11,16 @@ import os
 import dagster as dg
 
 from dlm_pipeline import settings
+from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
+from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
+from dlm_pipeline.defs.constants import CORPUS_JOB
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
 from dlm_pipeline.defs.tokens import tokenized_cache, tokens_match_tokenizer
 
-CORPUS_JOB = "corpus_job"
 
 ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache]
-CHECKS = [tokens_match_tokenizer]
+CHECKS = [expansion_deterministic, expansion_matches_weights, tokens_match_tokenizer]
 
 corpus_job = dg.define_asset_job(
     CORPUS_JOB,
@@ -47,6 +49,8 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         assets=ASSETS,
         asset_checks=CHECKS,
         jobs=[corpus_job],
+        sensors=[config_change_sensor],
+        schedules=[nightly_all_seeds],
         resources=resources if resources is not None else default_resources(),
         executor=_EXECUTORS[deployment],
     )

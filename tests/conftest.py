@@ -74,6 +74,13 @@ class Pipeline:
         job = self.defs.resolve_job_def(CORPUS_JOB)
         return job.execute_in_process(instance=self.instance, partition_key=seed, raise_on_error=raise_on_error)
 
+    def run_checks(self, seed: str, *names: str):
+        """Only the named asset checks, against what is stored for `seed` (nothing re-materialized)."""
+        job = self.defs.resolve_job_def(CORPUS_JOB)
+        keys = {k for k in self.defs.resolve_asset_graph().asset_check_keys if k.name in names}
+        subset = job.get_subset(asset_selection=set(), asset_check_selection=keys)
+        return subset.execute_in_process(instance=self.instance, partition_key=seed, raise_on_error=False)
+
     def output(self, asset: str, seed: str) -> Path:
         return self.out / asset / f"{seed}.parquet"
 

@@ -123,3 +123,28 @@ def anchors_from_table(table: pa.Table) -> list[Anchor]:
         elif kind == IGNORE_KIND:
             parts["ignore"] = tuple(json.loads(config)["patterns"])
     return [Anchor(d, **parts) for d, parts in sorted(by_dir.items())]
+
+
+def configs_fingerprint(entries: list[tuple[str, str | None]]) -> str:
+    """One sha256 over (config path, content sha256) pairs: changes exactly when a config file's
+    content changes, or one appears or disappears."""
+    h = hashlib.sha256(b"dlm-configs-v1\n")
+    for path, digest in sorted(entries):
+        h.update(f"{path}\0{digest or 'unreadable'}\n".encode())
+    return h.hexdigest()
+
+
+def tree_configs_fingerprint(scan: TreeScan) -> tuple[str, int]:
+    """(fingerprint, number of config files) of every config file the walk found, read now."""
+    entries = []
+    for file in scan.config_files:
+        try:
+            entries.append((file.path, hashlib.sha256(_read(str(scan.root), file)).hexdigest()))
+        except (OSError, ConfigInvalid):
+            entries.append((file.path, None))
+    return configs_fingerprint(entries), len(entries)
+
+
+def table_configs_fingerprint(table: pa.Table) -> str:
+    """The same fingerprint, from a `training_configs` table."""
+    return configs_fingerprint(list(zip(table["path"].to_pylist(), table["sha256"].to_pylist())))

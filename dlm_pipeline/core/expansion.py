@@ -228,3 +228,57 @@ def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.
         }
     )
     return result.sort_by([("tag_key", "ascending"), ("tag_value", "ascending")])
+
+
+def plain_plan(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> ExpansionPlan:
+    """The same expansion computed row by row with hashlib: an independent second implementation
+    that the determinism check compares the vectorised one against."""
+    import hashlib
+
+    weights, copies = [], []
+    for tags, section, m in zip(table["tags"].to_pylist(), table["section_id"].to_pylist(), row_map.tolist()):
+        weight = weight_of_tags(dict(tags), maps[m]) if m >= 0 else 1.0
+        count = 0
+        if weight > 0.0:
+            count = int(weight)
+            fraction = weight - count
+            if fraction > 0.0:
+                digest = hashlib.blake2b(f"{seed}:{section}".encode(), digest_size=8).digest()
+                count += int.from_bytes(digest, "big") / float(1 << 64) < fraction
+        weights.append(weight)
+        copies.append(count)
+    copies_array = np.asarray(copies, dtype=np.int64)
+    source = np.repeat(np.arange(len(copies), dtype=np.int64), copies_array)
+    copy_index = np.concatenate([np.arange(c, dtype=np.int32) for c in copies]) if copies else np.zeros(0, np.int32)
+    return ExpansionPlan(np.asarray(weights, dtype=np.float64), copies_array, source, copy_index.astype(np.int32))
+
+
+def realized_copies(raw_section_ids: pa.ChunkedArray | pa.Array, expanded_section_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Copies per raw row as found in a stored expanded table (rows whose id is unknown are ignored)."""
+    index = pc.index_in(expanded_section_ids, value_set=raw_section_ids)
+    positions = index.drop_null().to_numpy(zero_copy_only=False)
+    return np.bincount(positions, minlength=len(raw_section_ids)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class WeightsVerdict:
+    """Per-row integer parts and per-tag binomial bounds of realized vs expected copies."""
+
+    rows_out_of_range: list[int]  # raw rows whose copies are not int(w) or int(w) + 1
+    tags_out_of_bounds: pa.Table  # tag_key, tag_value, rows, expected, realized, deviation, bound
+    stats: pa.Table
+
+
+def verify_weights(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray, sigmas: float = 4.0) -> WeightsVerdict:
+    """Integer parts must match exactly; per (tag_key, tag_value) the extra copies may deviate from
+    the sum of fractional parts by at most `sigmas` standard deviations (+1 for discreteness)."""
+    positive = weights > 0
+    whole = np.where(positive, np.trunc(weights), 0.0).astype(np.int64)
+    has_fraction = positive & (weights != np.trunc(weights))
+    bad_rows = np.flatnonzero((copies < whole) | (copies > whole + has_fraction))
+    stats = tag_stats(tags, weights, copies)
+    deviation = pc.abs(pc.subtract(pc.cast(stats["realized"], pa.float64()), stats["expected"]))
+    bound = pc.add(pc.multiply(pc.sqrt(stats["variance"]), sigmas), 1.0)
+    stats = stats.append_column("deviation", deviation).append_column("bound", bound)
+    outside = stats.filter(pc.greater(deviation, bound))
+    return WeightsVerdict(bad_rows.tolist(), outside, stats)

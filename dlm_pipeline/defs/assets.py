@@ -11,13 +11,19 @@ import warnings
 import dagster as dg
 import pyarrow as pa
 
-from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.anchors import (
+    STATUS_ERROR,
+    anchors_from_table,
+    load_configs,
+    records_table,
+    table_configs_fingerprint,
+)
 from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
 from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_rows, tag_stats
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope, weights_table
-from dlm_pipeline.defs.checks import CONFIGS_VALID
+from dlm_pipeline.defs.constants import CONFIGS_VALID
 from dlm_pipeline.defs.metadata import base_metadata, table_metadata, text_block
 from dlm_pipeline.defs.partitions import parse_seed, seeds_partitions
 from dlm_pipeline.defs.resources import SourceTree
@@ -41,20 +47,30 @@ def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: 
         return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
 
 
+def recorded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
+    """A metadata value of the latest materialization of `asset` for this seed (None if absent)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[context.partition_key]), limit=1
+    ).records
+    value = records[0].asset_materialization.metadata.get(key) if records else None
+    return value.value if value is not None else None
+
+
 def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table) -> dict[str, str]:
     """Fingerprints of the loaded inputs, as their own materializations recorded them.
 
     Reading the recorded value (one instance query) instead of re-hashing keeps large inputs
     cheap; an input with no recorded fingerprint is hashed.
     """
-    fingerprints = {}
-    for name, table in inputs.items():
-        records = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[context.partition_key]), limit=1
-        ).records
-        recorded = records[0].asset_materialization.metadata.get("fingerprint") if records else None
-        fingerprints[name] = recorded.value if recorded is not None else table_fingerprint(table)
-    return fingerprints
+    return {
+        name: recorded_metadata(context, name, "fingerprint") or table_fingerprint(table)
+        for name, table in inputs.items()
+    }
+
+
+def config_lineage(context: dg.AssetExecutionContext) -> dict:
+    """Which configs this output came from: the training_configs fingerprint of this seed's run."""
+    return {"config_fingerprint": dg.MetadataValue.text(recorded_metadata(context, "training_configs", "config_fingerprint") or "")}
 
 
 def _scan(source: SourceTree):
@@ -106,6 +122,7 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
         {},
         {
             "source_root": dg.MetadataValue.path(str(scan.root)),
+            "config_fingerprint": dg.MetadataValue.text(table_configs_fingerprint(table)),
             "configs_valid": dg.MetadataValue.int(table.num_rows - n_invalid),
             "configs_invalid": dg.MetadataValue.int(n_invalid),
             "errors": text_block(errors),
@@ -132,6 +149,7 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
         seed,
         input_fingerprints(context, training_configs=training_configs),
         {
+            **config_lineage(context),
             "weights_scope": dg.MetadataValue.text(scope),
             "anchors_with_weights": dg.MetadataValue.int(len(set(active["anchor"].to_pylist()))),
             "weights": table_metadata(active.select(["anchor", "tag_key", "tag_value", "weight"])),
@@ -160,6 +178,7 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
         seed,
         input_fingerprints(context, training_configs=training_configs),
         {
+            **config_lineage(context),
             "files_seen": dg.MetadataValue.int(corpus.files_seen),
             "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
             "text_bytes": dg.MetadataValue.int(corpus.bytes_read),
@@ -190,6 +209,7 @@ def expanded_corpus(
         seed,
         input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map),
         {
+            **config_lineage(context),
             "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
             "rows_out": dg.MetadataValue.int(expanded.num_rows),
             "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),

@@ -1,6 +1,121 @@
-"""Asset check names (constants, so tests, CLI and UI talk about the same checks)."""
+"""Checks on the expanded corpus, per seed: it is reproducible, and it honours the weights."""
 
-CONFIGS_VALID = "configs_valid"
-EXPANSION_DETERMINISTIC = "expansion_deterministic"
-EXPANSION_MATCHES_WEIGHTS = "expansion_matches_weights"
-TOKENS_MATCH_TOKENIZER = "tokens_match_tokenizer"
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+
+from dlm_pipeline.core.expansion import apply_plan, composed_weights, plain_plan, plan_expansion, realized_copies, verify_weights
+from dlm_pipeline.core.fingerprint import table_fingerprint
+from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope
+from dlm_pipeline.defs.assets import expanded_corpus, parse_seed_or_fail
+from dlm_pipeline.defs.constants import EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS
+from dlm_pipeline.defs.metadata import table_metadata
+from dlm_pipeline.defs.partitions import seed_check
+
+# Up to this many raw rows the determinism check recomputes with the plain row-by-row
+# implementation (independent of the vectorised one); above it, with the vectorised one.
+PLAIN_RECOMPUTE_MAX_ROWS = 200_000
+INPUTS = {"raw_corpus": dg.AssetIn("raw_corpus"), "weights_map": dg.AssetIn("weights_map")}
+
+
+def _maps(raw_corpus: pa.Table, weights_map: pa.Table):
+    scope = table_scope(weights_map)
+    return row_maps(raw_corpus["path"], maps_from_table(weights_map, scope), scope)
+
+
+def _first_difference(a: pa.Table, b: pa.Table) -> int | None:
+    """First row where (section_id, copy) differ, or where the shorter table ends."""
+    pairs = zip(zip(a["section_id"].to_pylist(), a["copy"].to_pylist()), zip(b["section_id"].to_pylist(), b["copy"].to_pylist()))
+    for i, (x, y) in enumerate(pairs):
+        if x != y:
+            return i
+    return None if a.num_rows == b.num_rows else min(a.num_rows, b.num_rows)
+
+
+def _recorded(context, limit: int = 2) -> list[dict]:
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=expanded_corpus.key, asset_partitions=[context.partition_key]), limit=limit
+    ).records
+    return [{k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records]
+
+
+@seed_check(
+    asset=expanded_corpus,
+    name=EXPANSION_DETERMINISTIC,
+    additional_ins=INPUTS,
+    description="Recomputing the expansion from the stored raw corpus and weights gives the stored rows; "
+    "an earlier materialization from the same inputs has the same fingerprint.",
+)
+def expansion_deterministic(
+    context: dg.AssetCheckExecutionContext, expanded_corpus: pa.Table, raw_corpus: pa.Table, weights_map: pa.Table
+) -> dg.AssetCheckResult:
+    seed = parse_seed_or_fail(context)
+    row_map, maps = _maps(raw_corpus, weights_map)
+    if raw_corpus.num_rows <= PLAIN_RECOMPUTE_MAX_ROWS:
+        plan, method = plain_plan(raw_corpus, row_map, maps, seed), "row by row (hashlib)"
+    else:
+        plan, method = plan_expansion(raw_corpus, row_map, maps, seed), "vectorised"
+    recomputed = apply_plan(raw_corpus, plan)
+    stored_fp, recomputed_fp = table_fingerprint(expanded_corpus), table_fingerprint(recomputed)
+    recorded = _recorded(context)
+    metadata = {
+        "method": method,
+        "stored_fingerprint": stored_fp,
+        "recomputed_fingerprint": recomputed_fp,
+        "rows_stored": expanded_corpus.num_rows,
+        "rows_recomputed": recomputed.num_rows,
+    }
+    problems = []
+    if stored_fp != recomputed_fp:
+        first = _first_difference(expanded_corpus, recomputed)
+        metadata["first_differing_row"] = -1 if first is None else first
+        problems.append(f"stored rows differ from a recomputation (first difference at row {first})")
+    if recorded and recorded[0].get("fingerprint") not in (None, stored_fp):
+        problems.append("the stored file does not match the fingerprint recorded at materialization")
+        metadata["recorded_fingerprint"] = recorded[0]["fingerprint"]
+    if len(recorded) == 2 and recorded[0].get("input_fingerprints") == recorded[1].get("input_fingerprints"):
+        metadata["previous_fingerprint"] = recorded[1].get("fingerprint")
+        if recorded[1].get("fingerprint") != recorded[0].get("fingerprint"):
+            problems.append("the previous materialization from the same inputs has another fingerprint")
+    return dg.AssetCheckResult(passed=not problems, description="; ".join(problems) or None, metadata=metadata)
+
+
+@seed_check(
+    asset=expanded_corpus,
+    name=EXPANSION_MATCHES_WEIGHTS,
+    additional_ins=INPUTS,
+    description="Per row, copies are int(weight) or int(weight)+1; per tag, realized copies stay within "
+    "4 standard deviations (+1) of the expected sum of weights.",
+)
+def expansion_matches_weights(
+    context: dg.AssetCheckExecutionContext, expanded_corpus: pa.Table, raw_corpus: pa.Table, weights_map: pa.Table
+) -> dg.AssetCheckResult:
+    row_map, maps = _maps(raw_corpus, weights_map)
+    weights = composed_weights(raw_corpus["tags"], row_map, maps)
+    copies = realized_copies(raw_corpus["section_id"], expanded_corpus["section_id"])
+    verdict = verify_weights(raw_corpus["tags"], weights, copies)
+    stored_weights = expanded_corpus["weight"].to_numpy(zero_copy_only=False)
+    expected_weights = np.repeat(weights, copies)
+    weight_mismatches = (
+        int(np.count_nonzero(stored_weights != expected_weights)) if len(stored_weights) == len(expected_weights) else expanded_corpus.num_rows
+    )
+    problems = []
+    if verdict.rows_out_of_range:
+        paths = raw_corpus["path"].take(pa.array(verdict.rows_out_of_range[:10])).to_pylist()
+        problems.append(f"{len(verdict.rows_out_of_range)} row(s) with copies outside int(w)..int(w)+1, e.g. {paths}")
+    if verdict.tags_out_of_bounds.num_rows:
+        problems.append(f"{verdict.tags_out_of_bounds.num_rows} tag value(s) outside the binomial bound")
+    if weight_mismatches:
+        problems.append(f"{weight_mismatches} row(s) whose stored weight differs from the composed weight")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems) or None,
+        metadata={
+            "rows_out_of_range": len(verdict.rows_out_of_range),
+            "tags_out_of_bounds": verdict.tags_out_of_bounds.num_rows,
+            "weight_mismatches": weight_mismatches,
+            "per_tag": table_metadata(
+                verdict.stats.select(["tag_key", "tag_value", "rows", "expected", "realized", "deviation", "bound"])
+            ),
+        },
+    )

@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 
 from dlm_pipeline.core.token_store import gather_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
-from dlm_pipeline.defs.assets import ProgressLog, input_fingerprints, parse_seed_or_fail, versioned_output
-from dlm_pipeline.defs.checks import TOKENS_MATCH_TOKENIZER
+from dlm_pipeline.defs.assets import ProgressLog, config_lineage, input_fingerprints, parse_seed_or_fail, versioned_output
+from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.metadata import table_metadata
 from dlm_pipeline.defs.partitions import seed_check, seeds_partitions
 from dlm_pipeline.defs.resources import TokenCacheResource, TokenizerResource
@@ -70,6 +70,7 @@ def tokenized_cache(
         seed,
         input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus),
         {
+            **config_lineage(context),
             "tokens_total": dg.MetadataValue.int(tokens_total),
             "unique_sections": dg.MetadataValue.int(len(ids)),
             "cache_hits": dg.MetadataValue.int(lookup.hits),

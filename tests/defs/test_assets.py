@@ -12,7 +12,7 @@ import yaml
 from conftest import EXAMPLE
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.rules import ancestor_dirs
-from dlm_pipeline.defs.checks import CONFIGS_VALID
+from dlm_pipeline.defs.constants import CONFIGS_VALID
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from conftest import EXAMPLE, small_tokenizer
 from dlm_pipeline.core.tokenize import load_tokenizer
-from dlm_pipeline.defs.checks import TOKENS_MATCH_TOKENIZER
+from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 
 
 def evaluations(result) -> dict:

@@ -1,0 +1,10 @@
+"""Names users, tests and the UI share: asset checks, jobs, sensors and schedules."""
+
+CONFIGS_VALID = "configs_valid"
+EXPANSION_DETERMINISTIC = "expansion_deterministic"
+EXPANSION_MATCHES_WEIGHTS = "expansion_matches_weights"
+TOKENS_MATCH_TOKENIZER = "tokens_match_tokenizer"
+
+CORPUS_JOB = "corpus_job"
+CONFIG_CHANGE_SENSOR = "config_change_sensor"
+NIGHTLY_SCHEDULE = "nightly_all_seeds"
