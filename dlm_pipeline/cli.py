@@ -6,6 +6,7 @@ Runs go through the same job and instance the UI uses, so everything done here s
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -108,35 +109,69 @@ def _failure_reasons(result) -> list[str]:
     return reasons
 
 
+_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+_worker: dict = {}
+
+
+def _worker_start() -> None:
+    """Per process: one instance and one job, reused for every seed this process runs."""
+    import dagster as dg
+
+    from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+
+    _worker["instance"] = dg.DagsterInstance.get()
+    _worker["job"] = build_defs().resolve_job_def(CORPUS_JOB)
+
+
+def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
+    """(seed, success, run id, lines to print) for one run of the whole graph."""
+    result = _worker["job"].execute_in_process(
+        instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET
+    )
+    if not result.success:
+        return seed, False, result.run_id, _failure_reasons(result) or ["see the run in the UI"]
+    lines = []
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        path = materialization.metadata.get("path")
+        rows = materialization.metadata.get("dagster/row_count")
+        lines.append(
+            f"{materialization.asset_key.to_user_string():<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}"
+        )
+    return seed, True, result.run_id, lines
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     seeds = _seeds(args.seed or [])
-    instance = _instance()
-    from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+    from dlm_pipeline.definitions import build_defs
 
     try:
-        defs = build_defs()
+        build_defs()  # settings errors surface here, before any run
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
-    seeds = seeds or _registered(instance) or ["0"]
-    _register(instance, seeds)
-    job = defs.resolve_job_def(CORPUS_JOB)
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with _instance() as instance:
+        seeds = seeds or _registered(instance) or ["0"]
+        _register(instance, seeds)
+    workers = min(max(args.parallel, 1), len(seeds))
+    if workers > 1:
+        # Forked workers start with everything imported: no start-up cost per seed.
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
+            results = pool.map(_materialize_seed, seeds, chunksize=1)
+    else:
+        _worker_start()
+        results = [_materialize_seed(seed) for seed in seeds]
     failed = 0
-    for seed in seeds:
-        result = job.execute_in_process(instance=instance, partition_key=seed, raise_on_error=False, run_config=quiet)
-        if result.success:
-            print(f"seed {seed}: ok (run {result.run_id})")
-            for event in result.get_asset_materialization_events():
-                materialization = event.event_specific_data.materialization
-                path = materialization.metadata.get("path")
-                rows = materialization.metadata.get("dagster/row_count")
-                print(f"  {materialization.asset_key.to_user_string():<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}")
+    for seed, success, run_id, lines in results:
+        if success:
+            print(f"seed {seed}: ok (run {run_id})")
+            for line in lines:
+                print(f"  {line}")
         else:
             failed += 1
-            print(f"seed {seed}: FAILED (run {result.run_id})", file=sys.stderr)
-            for reason in _failure_reasons(result) or ["see the run in the UI"]:
-                print(f"  {reason}", file=sys.stderr)
+            print(f"seed {seed}: FAILED (run {run_id})", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -204,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
     materialize.add_argument("--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)")
     materialize.add_argument("--max-seq-len", type=int, help="truncate token sequences to this length (default 2048)")
+    materialize.add_argument("--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)")
     materialize.set_defaults(func=cmd_materialize)
 
     seeds = sub.add_parser("seeds", help="register or list seed partitions")

@@ -122,3 +122,16 @@ def test_cache_stats_prune_clear_and_tokenizer_flags(capsys, home, tmp_path):
     assert main(["cache", "clear"]) == 0
     assert main(["cache", "stats"]) == 0
     assert ": 0 entries in 0 shard(s)" in capsys.readouterr().out
+
+
+def test_parallel_seeds_give_the_same_outputs_as_sequential(tmp_path, home, monkeypatch, capsys):
+    monkeypatch.setenv("DLM_OUTPUT_DIR", str(tmp_path / "parallel"))
+    assert main(["materialize", "--parallel", "2", "--seed", "1", "--seed", "2", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"seed {s}: ok" in out for s in ("1", "2", "3"))
+    monkeypatch.setenv("DLM_OUTPUT_DIR", str(tmp_path / "sequential"))
+    assert main(["materialize", "--seed", "1", "--seed", "2", "--seed", "3"]) == 0
+    for seed in ("1", "2", "3"):
+        for asset in ASSETS:
+            a = (tmp_path / "parallel" / asset / f"{seed}.parquet").read_bytes()
+            assert a == (tmp_path / "sequential" / asset / f"{seed}.parquet").read_bytes()
