@@ -1,7 +1,8 @@
-"""Everything Dagster loads: assets, checks, the job, resources and the executor.
+"""Everything Dagster loads: assets, checks, the job, sensor, schedule, resources and the executor.
 
 `DLM_DEPLOYMENT` picks the executor: `local` (default) runs each seed's graph in one process
-(~1 s per run); `shared` uses the multiprocess executor for very large trees.
+(~1 s per run); `shared` uses the multiprocess executor for very large trees; `k8s` runs each
+step in its own Kubernetes pod (needs dagster-k8s; run config in examples/deployments/k8s/).
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ corpus_job = dg.define_asset_job(
     description="The whole corpus graph for one seed.",
 )
 
-_EXECUTORS = {"local": dg.in_process_executor, "shared": dg.multiprocess_executor}
+def _k8s_executor() -> dg.ExecutorDefinition:
+    from dagster_k8s import k8s_job_executor  # only deployments that ask for it need the package
+
+    return k8s_job_executor
+
+
+_EXECUTORS = {
+    "local": lambda: dg.in_process_executor,
+    "shared": lambda: dg.multiprocess_executor,
+    "k8s": _k8s_executor,
+}
 
 
 def default_resources() -> dict:
@@ -52,7 +63,7 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         sensors=[config_change_sensor],
         schedules=[nightly_all_seeds],
         resources=resources if resources is not None else default_resources(),
-        executor=_EXECUTORS[deployment],
+        executor=_EXECUTORS[deployment](),
     )
 
 

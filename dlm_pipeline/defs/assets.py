@@ -41,7 +41,8 @@ def parse_seed_or_fail(context: dg.AssetExecutionContext) -> int:
 
 def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: dict) -> dg.Output:
     fingerprint = table_fingerprint(table)
-    metadata = base_metadata(seed, table, fingerprint, inputs) | extra
+    base = base_metadata(seed, table, fingerprint, inputs)
+    metadata = {"seed": base.pop("seed"), **extra, **base}  # what users read first, lineage last
     with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
