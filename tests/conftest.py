@@ -121,3 +121,12 @@ def small_tokenizer(path: Path, corpus: list[str], vocab_size: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
     return path
+
+
+def check_evaluations(result) -> dict:
+    """{check name: evaluation} of every asset check a run evaluated."""
+    return {
+        e.event_specific_data.check_name: e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }

@@ -9,20 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import EXAMPLE
+from conftest import EXAMPLE, check_evaluations
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.rules import ancestor_dirs
 from dlm_pipeline.defs.constants import CONFIGS_VALID
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 
-
-def check_evaluations(result) -> dict[str, object]:
-    return {
-        e.event_specific_data.check_name: e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
 
 
 def test_example_materializes_for_two_seeds_with_metadata(pipeline):

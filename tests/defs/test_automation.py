@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import EXAMPLE
+from conftest import EXAMPLE, check_evaluations
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
 from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
 from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS, NIGHTLY_SCHEDULE
@@ -124,16 +124,9 @@ def test_nightly_schedule_is_off_by_default_and_requests_every_seed():
     assert result[0].run_key == "nightly-20260102T0300-seed-0"
 
 
-def checks_of(result) -> dict:
-    return {
-        e.event_specific_data.check_name: e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
-
 
 def test_expansion_checks_pass_on_a_normal_run(watched):
-    evaluations = checks_of(watched.run("5"))
+    evaluations = check_evaluations(watched.run("5"))
     assert evaluations[EXPANSION_DETERMINISTIC].passed
     assert evaluations[EXPANSION_MATCHES_WEIGHTS].passed
     assert evaluations[EXPANSION_DETERMINISTIC].metadata["method"].value == "row by row (hashlib)"
@@ -146,7 +139,7 @@ def test_determinism_check_fails_on_a_corrupted_output(watched, corruption):
     table = pq.read_table(path)
     bad = table.slice(1) if corruption == "drop" else pq.read_table(path).take([0] + list(range(table.num_rows)))
     write_parquet_atomic(bad, path)
-    evaluation = checks_of(watched.run_checks("0", EXPANSION_DETERMINISTIC))[EXPANSION_DETERMINISTIC]
+    evaluation = check_evaluations(watched.run_checks("0", EXPANSION_DETERMINISTIC))[EXPANSION_DETERMINISTIC]
     assert not evaluation.passed
     assert "stored rows differ from a recomputation" in evaluation.description
     assert evaluation.metadata["first_differing_row"].value == (0 if corruption == "drop" else 1)
@@ -163,7 +156,7 @@ def test_weights_check_fails_on_a_biased_expansion(tree, pipeline):
         "copy", [[0] * raw.num_rows]
     ).cast(pq.read_table(path).schema)  # every fractional row kept: allowed per row, impossible in aggregate
     write_parquet_atomic(biased, path)
-    evaluation = checks_of(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
     assert not evaluation.passed
     assert "outside the binomial bound" in evaluation.description
     assert evaluation.metadata["rows_out_of_range"].value == 0
@@ -174,7 +167,7 @@ def test_weights_check_fails_when_integer_parts_are_wrong(tree, pipeline):
     assert pipe.run("0").success
     path = pipe.output("expanded_corpus", "0")
     write_parquet_atomic(pq.read_table(path).slice(1), path)  # 2 copies where weight 3 demands 3
-    evaluation = checks_of(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
     assert not evaluation.passed and evaluation.metadata["rows_out_of_range"].value == 1
 
 

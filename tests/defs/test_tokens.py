@@ -6,17 +6,10 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from conftest import EXAMPLE, small_tokenizer
+from conftest import EXAMPLE, check_evaluations, small_tokenizer
 from dlm_pipeline.core.tokenize import load_tokenizer
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 
-
-def evaluations(result) -> dict:
-    return {
-        e.event_specific_data.check_name: e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
 
 
 def copy_example(tmp_path):
@@ -30,7 +23,7 @@ def test_cold_then_warm_is_all_hits_and_byte_identical(pipeline, tmp_path):
     first = pipe.output("tokenized_cache", "0").read_bytes()
     assert cold["cache_misses"] == cold["unique_sections"] > 0 and cold["cache_hits"] == 0
     result = pipe.run("0")
-    assert evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
+    assert check_evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
     warm = pipe.metadata("tokenized_cache", "0")
     assert warm["cache_misses"] == 0 and warm["hit_rate"] == 1.0
     assert pipe.output("tokenized_cache", "0").read_bytes() == first
@@ -95,7 +88,7 @@ def test_tampered_cache_rows_are_found_by_the_check_logic(pipeline, tmp_path):
 
     pipe = pipeline(copy_example(tmp_path))
     result = pipe.run("0")
-    evaluation = evaluations(result)[TOKENS_MATCH_TOKENIZER]
+    evaluation = check_evaluations(result)[TOKENS_MATCH_TOKENIZER]
     assert evaluation.passed and evaluation.metadata["sampled"].value > 0
     table = pq.read_table(pipe.output("tokenized_cache", "0"))
     expanded = pq.read_table(pipe.output("expanded_corpus", "0"))
