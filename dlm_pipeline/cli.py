@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     materialize = sub.add_parser("materialize", help="materialize the whole graph for each seed")
     materialize.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
-    materialize.add_argument("--seed", action="append", help="seed to materialize (repeatable; default: every registered seed, or 0)")
+    materialize.add_argument(
+        "--seed", action="extend", nargs="+", metavar="N",
+        help="seeds to materialize: --seed 1 2 or --seed 1 --seed 2 (default: every registered seed, or 0)",
+    )
     materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
     materialize.add_argument("--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)")
     materialize.add_argument("--max-seq-len", type=int, help="truncate token sequences to this length (default 2048)")

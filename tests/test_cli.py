@@ -69,7 +69,7 @@ def test_materialize_defaults_to_seed_0_then_every_registered_seed(capsys, home)
 def test_materialize_with_flags_and_output_dir(tree, tmp_path, capsys, home, monkeypatch):
     monkeypatch.setenv("DLM_OUTPUT_DIR", str(tmp_path / "outputs"))
     root = tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 2}}\n", "a.txt": "a"})
-    assert main(["materialize", "--source", str(root), "--seed", "4", "--seed", "9", "--weights-scope", "global"]) == 0
+    assert main(["materialize", "--source", str(root), "--seed", "4", "9", "--weights-scope", "global"]) == 0
     for seed in ("4", "9"):
         table = pq.read_table(tmp_path / "outputs" / "expanded_corpus" / f"{seed}.parquet")
         assert table["copy"].to_pylist() == [0, 1]
