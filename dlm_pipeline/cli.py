@@ -9,6 +9,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dlm_pipeline import settings
@@ -117,17 +118,35 @@ def _worker_start() -> None:
     """Per process: one instance and one job, reused for every seed this process runs."""
     import dagster as dg
 
-    from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+    from dlm_pipeline.definitions import resolved_corpus_job
 
     _worker["instance"] = dg.DagsterInstance.get()
-    _worker["job"] = build_defs().resolve_job_def(CORPUS_JOB)
+    _worker["job"] = resolved_corpus_job()
+
+
+def _run(seed: str):
+    """One run of the whole graph. The in-process executor (default) runs it right here; any
+    other executor (DLM_DEPLOYMENT) needs the job rebuilt elsewhere, so it goes through execute_job."""
+    import dagster as dg
+
+    from dlm_pipeline.definitions import resolved_corpus_job
+
+    job = _worker["job"]
+    if job.executor_def.name == "in_process":
+        return job.execute_in_process(instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET)
+    with dg.execute_job(
+        dg.reconstructable(resolved_corpus_job),
+        instance=_worker["instance"],
+        tags={"dagster/partition": seed},
+        run_config=_QUIET,
+        raise_on_error=False,
+    ) as result:
+        return result
 
 
 def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
     """(seed, success, run id, lines to print) for one run of the whole graph."""
-    result = _worker["job"].execute_in_process(
-        instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET
-    )
+    result = _run(seed)
     if not result.success:
         return seed, False, result.run_id, _failure_reasons(result) or ["see the run in the UI"]
     lines = []
@@ -155,9 +174,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         _register(instance, seeds)
     workers = min(max(args.parallel, 1), len(seeds))
     if workers > 1:
-        # Forked workers start with everything imported: no start-up cost per seed.
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
-            results = pool.map(_materialize_seed, seeds, chunksize=1)
+        # Forked workers start with everything imported: no start-up cost per seed. (Not a
+        # multiprocessing.Pool: its daemonic workers could not start an executor's step processes.)
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start) as pool:
+            results = list(pool.map(_materialize_seed, seeds))
     else:
         _worker_start()
         results = [_materialize_seed(seed) for seed in seeds]

@@ -68,3 +68,9 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
 
 
 defs = build_defs()
+
+
+def resolved_corpus_job() -> dg.JobDefinition:
+    """The job with resources from the current environment: what the CLI runs, and hands to
+    `dg.reconstructable` so that out-of-process executors rebuild it in their step processes."""
+    return build_defs().resolve_job_def(CORPUS_JOB)

@@ -135,3 +135,34 @@ def test_parallel_seeds_give_the_same_outputs_as_sequential(tmp_path, home, monk
         for asset in ASSETS:
             a = (tmp_path / "parallel" / asset / f"{seed}.parquet").read_bytes()
             assert a == (tmp_path / "sequential" / asset / f"{seed}.parquet").read_bytes()
+
+
+def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(tmp_path):
+    """Two concurrent runs (forked workers), each step in its own process, one token store."""
+    from dlm_pipeline.core.token_store import MANIFEST, TokenStore
+
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(home), DLM_CACHE_DIR=str(cache), DLM_DEPLOYMENT="shared")
+    done = subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--parallel", "2", "--seed", "1", "2"],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "seed 1: ok" in done.stdout and "seed 2: ok" in done.stdout
+    import json
+
+    manifest = json.loads((cache / MANIFEST).read_text())["shards"]
+    for name, info in manifest.items():
+        assert pq.read_table(cache / name).num_rows == info["rows"]
+    from dlm_pipeline.core.tokenize import load_tokenizer
+
+    loaded = load_tokenizer()
+    raw = pq.read_table(home / "storage" / "raw_corpus" / "1.parquet")
+    again = TokenStore(cache).get_or_compute(
+        loaded.cache_namespace, raw["section_id"].to_pylist(), raw["text"].to_pylist(), loaded.encode
+    )
+    assert (again.hits, again.misses) == (raw.num_rows, 0)
+    expected = [e.ids for e in loaded.tokenizer.encode_batch(raw["text"].to_pylist(), add_special_tokens=False)]
+    assert again.table["input_ids"].to_pylist() == expected
