@@ -29,5 +29,5 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     return target
 
 
-def read_parquet(path: str | os.PathLike) -> pa.Table:
-    return pq.read_table(path)
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)

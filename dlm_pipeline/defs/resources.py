@@ -64,13 +64,14 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
+        """The whole table, or only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`)."""
         path = self._path(context, context.asset_partition_key)
         if not path.exists():
             raise dg.Failure(
                 description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "
                 f"for seed {context.asset_partition_key} first"
             )
-        return read_parquet(path)
+        return read_parquet(path, columns=(context.definition_metadata or {}).get("columns"))
 
 
 class TokenizerResource(dg.ConfigurableResource):

@@ -40,11 +40,16 @@ def length_histogram(n_tokens: np.ndarray, max_seq_len: int) -> pa.Table:
     return pa.table({"tokens": labels, "rows": counts.astype(np.int64)})
 
 
+# Only the row identity is needed from the (large, text-carrying) expanded corpus.
+EXPANDED_KEYS = dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]})
+
+
 @dg.asset(
     partitions_def=seeds_partitions,
     group_name=GROUP,
     kinds={"python", "parquet"},
     code_version="1",
+    ins={"expanded_corpus": EXPANDED_KEYS},
 )
 def tokenized_cache(
     context: dg.AssetExecutionContext,
@@ -94,17 +99,17 @@ def tokenized_cache(
 @seed_check(
     asset=tokenized_cache,
     name=TOKENS_MATCH_TOKENIZER,
-    additional_ins={"expanded_corpus": dg.AssetIn("expanded_corpus")},
+    additional_ins={"raw_corpus": dg.AssetIn("raw_corpus", metadata={"columns": ["section_id", "text"]})},
     description="A sample of cached token rows, re-tokenized with the live tokenizer, equals what is stored.",
 )
 def tokens_match_tokenizer(
     context: dg.AssetCheckExecutionContext,
     tokenizer: TokenizerResource,
     tokenized_cache: pa.Table,
-    expanded_corpus: pa.Table,
+    raw_corpus: pa.Table,
 ) -> dg.AssetCheckResult:
     loaded = tokenizer.load()
-    texts = dict(zip(expanded_corpus["section_id"].to_pylist(), expanded_corpus["text"].to_pylist()))
+    texts = dict(zip(raw_corpus["section_id"].to_pylist(), raw_corpus["text"].to_pylist()))
     sampled, bad = mismatched_sections(loaded, tokenized_cache, texts, CHECK_SAMPLE)
     return dg.AssetCheckResult(
         passed=not bad,
