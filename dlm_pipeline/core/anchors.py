@@ -23,6 +23,7 @@ from dlm_pipeline.core.config import (
     parse_training_config,
 )
 from dlm_pipeline.core.rules import Anchor
+from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, _inside
 
 STATUS_OK = "ok"
@@ -65,11 +66,12 @@ def _read(root: str, file: ConfigFile) -> bytes:
     abspath = os.path.join(root, file.path)
     if os.path.islink(abspath) and not _inside(root, os.path.realpath(abspath)):
         raise ConfigInvalid([_issue(file, "is a symlink that leaves the source root; copy the file instead")])
-    with open(abspath, "rb") as fh:
-        data = fh.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigInvalid([_issue(file, f"is larger than {MAX_CONFIG_BYTES} bytes; is this really a config?")])
-    return data
+    try:
+        return read_regular_file(abspath, MAX_CONFIG_BYTES)
+    except NotRegularFile:
+        raise ConfigInvalid([_issue(file, "is not a regular file (a directory, FIFO or device)")]) from None
+    except FileTooLarge:
+        raise ConfigInvalid([_issue(file, f"is larger than {MAX_CONFIG_BYTES} bytes; is this really a config?")]) from None
 
 
 def _issue(file: ConfigFile, message: str) -> ConfigIssue:

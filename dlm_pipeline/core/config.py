@@ -8,6 +8,7 @@ YAML is read with the safe loader only. Tag keys and values are canonicalised to
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -54,6 +55,15 @@ class ConfigInvalid(Exception):
         super().__init__("\n".join(str(i) for i in issues))
 
 
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 2
+
+
+def short_repr(value: Any) -> str:
+    """repr() bounded in size: error messages quote the offending value, never all of it."""
+    return _short.repr(value)
+
+
 def canonical_tag(value: Any) -> str:
     """YAML scalar -> tag string: bools as true/false, integers in decimal, strings as-is."""
     if isinstance(value, bool):
@@ -65,16 +75,16 @@ def canonical_tag(value: Any) -> str:
     if value is None:
         raise ValueError("null is not a tag; write a string (quote it: \"null\") or remove the entry")
     if isinstance(value, float):
-        raise ValueError(f"{value!r} is a float; quote it to keep it exact (e.g. \"{value}\")")
+        raise ValueError(f"{short_repr(value)} is a float; quote it to keep it exact (e.g. \"{value}\")")
     if isinstance(value, (list, dict)):
         raise ValueError(f"tags are strings, got a {type(value).__name__}")
-    raise ValueError(f"tags are strings, got {type(value).__name__} {value!r}; quote it")
+    raise ValueError(f"tags are strings, got {type(value).__name__} {short_repr(value)}; quote it")
 
 
 def _check_weight(value: Any, info: ValidationInfo) -> float:
     max_weight = (info.context or {}).get("max_weight", DEFAULT_MAX_WEIGHT)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"weight must be a number, got {type(value).__name__} {value!r}")
+        raise ValueError(f"weight must be a number, got {type(value).__name__} {short_repr(value)}")
     weight = float(value)
     if not math.isfinite(weight):
         raise ValueError(f"weight must be finite, got {value!r}")
@@ -122,7 +132,7 @@ class TrainingConfig(BaseModel):
     @classmethod
     def _known_version(cls, value: Any) -> int:
         if isinstance(value, bool) or value != SUPPORTED_VERSION:
-            raise ValueError(f"only version {SUPPORTED_VERSION} is known, got {value!r}")
+            raise ValueError(f"only version {SUPPORTED_VERSION} is known, got {short_repr(value)}")
         return value
 
     @field_validator("include", "exclude", mode="before")
@@ -180,8 +190,12 @@ def _duplicate_keys(node: yaml.Node | None, loader: yaml.SafeLoader, path: str) 
     """YAML silently keeps the last of two equal keys; a config that says a thing twice is an error."""
     issues: list[ConfigIssue] = []
     stack: list[tuple[yaml.Node, str]] = [(node, "")] if node is not None else []
+    seen_nodes: set[int] = set()  # aliases share nodes: visit each once (no exponential blow-up)
     while stack:
         current, where = stack.pop()
+        if id(current) in seen_nodes:
+            continue
+        seen_nodes.add(id(current))
         if isinstance(current, yaml.MappingNode):
             seen: set[str] = set()
             for key_node, value_node in current.value:
@@ -212,10 +226,10 @@ def _message(error: dict) -> str:
         return str(error["ctx"]["error"])
     got = error.get("input")
     if kind in ("tuple_type", "list_type"):
-        return f"expected a list of glob strings, got {type(got).__name__} {got!r}"
+        return f"expected a list of glob strings, got {type(got).__name__} {short_repr(got)}"
     if kind == "dict_type":
-        return f"expected a mapping, got {type(got).__name__} {got!r}"
-    return f"{error['msg'].lower()}, got {type(got).__name__} {got!r}"
+        return f"expected a mapping, got {type(got).__name__} {short_repr(got)}"
+    return f"{error['msg'].lower()}, got {type(got).__name__} {short_repr(got)}"
 
 
 def _field(loc: tuple) -> str:

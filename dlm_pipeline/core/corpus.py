@@ -6,14 +6,13 @@ Files that cannot be training text are skipped and counted by reason, never sile
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
 from dlm_pipeline.core.tree import FileEntry, TreeScan
 
@@ -54,31 +53,17 @@ def normalise_text(data: bytes) -> str:
 
 
 def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
-    """The file's normalised text, or (skip reason, detail).
-
-    Opened non-blocking and checked with fstat, so a file swapped for a FIFO after the walk
-    cannot hang the run.
-    """
+    """The file's normalised text, or (skip reason, detail)."""
     try:
-        fd = os.open(abspath, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_regular_file(abspath, max_bytes)
     except FileNotFoundError:
         return "vanished", "file disappeared after the walk"
+    except NotRegularFile:
+        return "not_regular", "not a regular file"
+    except FileTooLarge as exc:
+        return "too_large", f"{exc} (max_file_bytes)"
     except OSError as exc:
         return "unreadable", exc.strerror or str(exc)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return "not_regular", "not a regular file"
-        if info.st_size > max_bytes:
-            return "too_large", f"{info.st_size} bytes > max_file_bytes {max_bytes}"
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as exc:
-        return "unreadable", exc.strerror or str(exc)
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        return "too_large", f"grew past max_file_bytes {max_bytes} while read"
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
         return "binary", "NUL byte in the first 8 KiB"
     try:

@@ -189,3 +189,14 @@ def test_ignore_file_keeps_patterns_and_negations():
     assert parse_ignore_file("# comment\n*.log\n!keep.log\n\nbuild/\n", "x/.dlm/ignore") == (
         "# comment", "*.log", "!keep.log", "", "build/",
     )
+
+
+def test_alias_bombs_fail_fast_with_short_messages():
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for level in range(1, 9):  # 10**9 leaves if expanded
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    text = "\n".join(lines) + "\ndlm_training_version: 1\nweights: {k: {v: *a8}}\ninclude: *a8\n"
+    found = issues(text)
+    assert any("weights.k.v: weight must be a number, got list" in i for i in found)
+    assert all(len(i) < 400 for i in found)

@@ -287,3 +287,20 @@ def test_non_utf8_config_is_an_error(tree):
     root = tree({".dlm/training.yaml": b"dlm_training_version: 1\nmetadata: {a: caf\xe9}\n"})
     (record,) = load_configs(scan_tree(root))
     assert record.status == "error" and "not UTF-8" in record.error
+
+
+def test_fifo_configs_are_errors_not_hangs(tree):
+    root = tree({"a.txt": "1"})
+    (root / ".dlm").mkdir()
+    os.mkfifo(root / ".dlm" / "training.yaml")
+    (root / "sub" / ".dlm").mkdir(parents=True)
+    os.mkfifo(root / "sub" / ".dlm" / "ignore")
+    records = {r.path: r for r in load_configs(scan_tree(root))}
+    assert "not a regular file" in records[".dlm/training.yaml"].error
+    assert "not a regular file" in records["sub/.dlm/ignore"].error
+
+
+def test_config_that_is_a_directory_is_an_error(tree):
+    root = tree({".dlm/training.yaml/oops.txt": "x"})
+    (record,) = load_configs(scan_tree(root))
+    assert record.status == "error" and "not a regular file" in record.error
