@@ -24,7 +24,7 @@ from dlm_pipeline.core.config import (
 )
 from dlm_pipeline.core.rules import Anchor
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
-from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, _inside
+from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, is_inside
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -64,7 +64,7 @@ def anchor_dir(label: str) -> str:
 
 def _read(root: str, file: ConfigFile) -> bytes:
     abspath = os.path.join(root, file.path)
-    if os.path.islink(abspath) and not _inside(root, os.path.realpath(abspath)):
+    if os.path.islink(abspath) and not is_inside(root, os.path.realpath(abspath)):
         raise ConfigInvalid([_issue(file, "is a symlink that leaves the source root; copy the file instead")])
     try:
         return read_regular_file(abspath, MAX_CONFIG_BYTES)

@@ -65,11 +65,3 @@ def table_fingerprint(table: pa.Table) -> str:
         h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
         _feed(h, column.combine_chunks() if column.num_chunks != 1 else column.chunk(0))
     return h.hexdigest()
-
-
-def combine_fingerprints(**parts: str) -> str:
-    """One fingerprint for several named inputs (order-independent in the names)."""
-    h = hashlib.sha256(FINGERPRINT_VERSION)
-    for name in sorted(parts):
-        h.update(f"{name}={parts[name]}\n".encode())
-    return h.hexdigest()

@@ -67,7 +67,7 @@ def resolve_root(root: str | os.PathLike) -> Path:
     return path.resolve()
 
 
-def _inside(root: Path, target: str) -> bool:
+def is_inside(root: Path, target: str) -> bool:
     try:
         return os.path.commonpath([str(root), target]) == str(root)
     except ValueError:
@@ -159,7 +159,7 @@ def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> 
         return
     if stat.S_ISDIR(mode):
         scan.skip(rel, "symlink_dir")
-    elif not _inside(root, target):
+    elif not is_inside(root, target):
         scan.skip(rel, "symlink_escape")
     elif stat.S_ISREG(mode):
         scan.files.append(FileEntry(rel, entry.path))

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dlm_pipeline.core.corpus import rows_table
-from dlm_pipeline.core.fingerprint import combine_fingerprints, table_fingerprint
+from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
 
 
@@ -60,8 +60,3 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         write_parquet_atomic("not a table", target)  # type: ignore[arg-type]
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["x.parquet"]
-
-
-def test_combined_fingerprint_is_order_independent():
-    assert combine_fingerprints(a="1", b="2") == combine_fingerprints(b="2", a="1")
-    assert combine_fingerprints(a="1", b="2") != combine_fingerprints(a="2", b="1")
