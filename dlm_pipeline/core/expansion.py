@@ -10,6 +10,7 @@ part are hashed.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,9 +89,9 @@ def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
         _blob(keys.buffers()[2], key_offsets[entry_bounds]),
         _blob(values.buffers()[2], value_offsets[entry_bounds]),
     ]
-    group, size = _dense_codes(views[0])
-    for view in views[1:]:
-        codes, view_size = _dense_codes(view)
+    with ThreadPoolExecutor(len(views)) as pool:  # Arrow releases the GIL: encode the views side by side
+        (group, size), *rest = pool.map(_dense_codes, views)
+    for codes, view_size in rest:
         group, size = _dense_codes(group * view_size + codes)
     return group, size
 
@@ -121,8 +122,9 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps
     n = len(row_map)
     if not maps or n == 0:
         return np.ones(n, dtype=np.float64)
-    tag_group, _ = tag_set_groups(tags)
-    group, size = _dense_codes(tag_group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
+    group, size = tag_set_groups(tags)
+    if np.any(row_map != row_map[0]):  # several maps in play: a group is (tag set, map)
+        group, size = _dense_codes(group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
     first = _first_rows(group, size)
     if isinstance(tags, pa.ChunkedArray):
         tags = tags.combine_chunks()

@@ -1,6 +1,9 @@
 """Tokenized cache vs plain tokenization, cold / warm / weights-only, on a generated corpus.
 
-    python benchmarks/tokenize.py [--files 5000] [--min-mb 20] [--dagster]
+    python benchmarks/tokenization.py [--files 5000] [--min-mb 20] [--dagster]
+
+(Not `tokenize.py`: a file of that name here would shadow the standard library's `tokenize`
+for every script in this folder.)
 
 The corpus is real Python source (this interpreter's standard library, cycled with a unique
 header per file until it has --files files and --min-mb MB). Baseline: the same tokenizer's
@@ -12,24 +15,20 @@ tokenized_cache step's own numbers.
 
 from __future__ import annotations
 
+import argparse
 import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
 
-# This file is named like the stdlib's `tokenize`; keep its folder off the import path.
-sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
+import numpy as np
+import pyarrow as pa
 
-import argparse  # noqa: E402
-import sysconfig  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from dlm_pipeline.core.corpus import rows_table, section_id  # noqa: E402
-from dlm_pipeline.core.expansion import expand_rows  # noqa: E402
-from dlm_pipeline.core.token_store import TokenStore, gather_rows  # noqa: E402
-from dlm_pipeline.core.tokenize import load_tokenizer  # noqa: E402
+from dlm_pipeline.core.corpus import rows_table, section_id
+from dlm_pipeline.core.expansion import expand_rows
+from dlm_pipeline.core.token_store import TokenStore, gather_rows
+from dlm_pipeline.core.tokenize import load_tokenizer
 
 
 def peak_rss_mib() -> float:
