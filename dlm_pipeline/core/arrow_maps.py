@@ -23,3 +23,12 @@ def map_entries(array: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
     listed = map_as_list(array)
     keys, values = listed.flatten().flatten()
     return pc.list_parent_indices(listed), keys, values
+
+
+def one_chunk(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one contiguous array; a single chunk is used as is (combining would copy it)."""
+    if isinstance(column, pa.Array):
+        return column
+    if column.num_chunks == 1:
+        return column.chunk(0)
+    return column.combine_chunks() if column.num_chunks else pa.array([], column.type)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, map_entries
+from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk
 from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import WeightsMap
 
@@ -38,9 +38,7 @@ class TagEntries:
 
     @classmethod
     def of(cls, tags: pa.ChunkedArray | pa.Array) -> "TagEntries":
-        if isinstance(tags, pa.ChunkedArray):
-            tags = tags.combine_chunks() if tags.num_chunks else pa.array([], tags.type)
-        row, keys, values = map_entries(tags)
+        row, keys, values = map_entries(one_chunk(tags))
         return cls(row.to_numpy(zero_copy_only=False).astype(np.int64), keys, values)
 
 
@@ -71,9 +69,7 @@ def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     value bytes, and the key/value lengths that delimit them), so grouping is three hash
     encodes of zero-copy views, whatever the number of rows.
     """
-    if isinstance(tags, pa.ChunkedArray):
-        tags = tags.combine_chunks() if tags.num_chunks else pa.array([], tags.type)
-    listed = map_as_list(tags)
+    listed = map_as_list(one_chunk(tags))
     n = len(listed)
     if n == 0:
         return np.zeros(0, np.int64), 0
@@ -126,9 +122,7 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps
     if np.any(row_map != row_map[0]):  # several maps in play: a group is (tag set, map)
         group, size = _dense_codes(group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
     first = _first_rows(group, size)
-    if isinstance(tags, pa.ChunkedArray):
-        tags = tags.combine_chunks()
-    representatives = tags.take(pa.array(first)).to_pylist()
+    representatives = one_chunk(tags).take(pa.array(first)).to_pylist()
     group_weight = np.array(
         [
             weight_of_tags(dict(rep), maps[row_map[row]]) if row_map[row] >= 0 else 1.0
@@ -179,7 +173,7 @@ def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int) -> 
 def plan_expansion(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> ExpansionPlan:
     """Weights and copy decisions for every row of a corpus table (section_id, path, text, tags)."""
     weights = composed_weights(table["tags"], row_map, maps)
-    section_ids = table["section_id"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+    section_ids = one_chunk(table["section_id"])
     return plan_from_weights(weights, section_ids, seed)
 
 

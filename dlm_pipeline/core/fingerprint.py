@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list
+from dlm_pipeline.core.arrow_maps import map_as_list, one_chunk
 
 FINGERPRINT_VERSION = b"dlm-fingerprint-v1\n"
 
@@ -63,5 +63,5 @@ def table_fingerprint(table: pa.Table) -> str:
     h = hashlib.sha256(FINGERPRINT_VERSION)
     for field_, column in zip(table.schema, table.columns):
         h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
-        _feed(h, column.combine_chunks() if column.num_chunks != 1 else column.chunk(0))
+        _feed(h, one_chunk(column))
     return h.hexdigest()

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from dlm_pipeline.core.arrow_maps import one_chunk
+
 try:
     from dlm_pipeline.core import _blake2b
 except ImportError:  # pragma: no cover - exercised only on machines without a compiler
@@ -61,8 +63,7 @@ def section_digests(seed: int, section_ids: pa.Array | list[str], rows: np.ndarr
     prefix = f"{seed}:".encode()
     if isinstance(section_ids, list):
         section_ids = pa.array(section_ids, type=pa.string())
-    if isinstance(section_ids, pa.ChunkedArray):
-        section_ids = section_ids.combine_chunks()
+    section_ids = one_chunk(section_ids)
     if not (pa.types.is_string(section_ids.type) or pa.types.is_large_string(section_ids.type)):
         section_ids = section_ids.cast(pa.string())
     if section_ids.null_count:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dlm_pipeline.core.arrow_maps import one_chunk
 from dlm_pipeline.core.rules import Anchor, ancestor_dirs
 
 WeightsMap = dict[str, dict[str, float]]
@@ -117,8 +118,7 @@ def row_maps(paths: pa.ChunkedArray | pa.Array, maps: dict[str, WeightsMap], sco
     index_of = {d: i for i, d in enumerate(anchor_dirs)}
     if n == 0 or not anchor_dirs:
         return np.full(n, -1, dtype=np.int32), [maps[d] for d in anchor_dirs]
-    if isinstance(paths, pa.ChunkedArray):
-        paths = paths.combine_chunks()
+    paths = one_chunk(paths)
     encoded = pc.dictionary_encode(_directories(paths))
     nearest = np.full(len(encoded.dictionary), -1, dtype=np.int32)
     for i, directory in enumerate(encoded.dictionary.to_pylist()):

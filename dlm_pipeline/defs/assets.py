@@ -5,6 +5,7 @@ training_configs -> weights_map ─┐
 """
 
 
+import json
 import time
 import warnings
 
@@ -29,6 +30,7 @@ from dlm_pipeline.defs.partitions import parse_seed, seeds_partitions
 from dlm_pipeline.defs.resources import SourceTree
 
 GROUP = "corpus"
+SKIP_COUNTS_KEY = b"dlm.skip_counts"
 PROGRESS_EVERY_SECONDS = 5.0
 
 
@@ -170,12 +172,14 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
         progress=ProgressLog(context, "raw_corpus files read"),
     )
     skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
+    # The counts travel with the file too (schema metadata), for readers outside Dagster.
+    rows = corpus.table.replace_schema_metadata({SKIP_COUNTS_KEY: json.dumps(skips, sort_keys=True)})
     skipped = pa.table(
         {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
         schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
     )
     return versioned_output(
-        corpus.table,
+        rows,
         seed,
         input_fingerprints(context, training_configs=training_configs),
         {

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dlm_pipeline.core.arrow_maps import one_chunk
 from dlm_pipeline.core.token_store import gather_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
 from dlm_pipeline.defs.assets import ProgressLog, config_lineage, input_fingerprints, parse_seed_or_fail, versioned_output
@@ -24,7 +25,7 @@ LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
 
 def unique_sections(corpus: pa.Table) -> tuple[list[str], list[str]]:
     """Each section_id once (first occurrence order) with its text."""
-    ids = corpus["section_id"].combine_chunks() if corpus.num_rows else pa.array([], pa.string())
+    ids = one_chunk(corpus["section_id"])
     encoded = pc.dictionary_encode(ids)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     first = np.full(len(encoded.dictionary), -1, dtype=np.int64)

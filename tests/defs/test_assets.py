@@ -47,6 +47,9 @@ def test_example_materializes_for_two_seeds_with_metadata(pipeline):
     assert version["text"].startswith('"""Generated constants') and "\r" not in version["text"]
     assert dict(version["tags"]) == {"generated": "true", "kind": "code", "lang": "python", "project": "acme"}
 
+    import json
+
+    assert json.loads(raw.schema.metadata[b"dlm.skip_counts"])["binary"] == 1
     raw_meta = pipe.metadata("raw_corpus", "0")
     assert raw_meta["seed"] == 0
     assert raw_meta["dagster/row_count"] == 12
