@@ -22,6 +22,7 @@ from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import WeightsMap
 
 MAX_EXPANDED_ROWS = 500_000_000
+SPECULATIVE_HASH_MIN_ROWS = 100_000
 
 
 class ExpansionTooLarge(ValueError):
@@ -133,16 +134,16 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps
     return group_weight[group]
 
 
-def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int) -> np.ndarray:
-    """int64 number of copies per row (0 = dropped)."""
+def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> np.ndarray:
+    """int64 number of copies per row (0 = dropped). `rolls`: every row's roll, if already computed."""
     positive = weights > 0.0
     whole = np.where(positive, np.trunc(weights), 0.0)
     fraction = np.where(positive, weights - whole, 0.0)
     copies = whole.astype(np.int64)
     fractional_rows = np.flatnonzero(fraction > 0.0)
     if len(fractional_rows):
-        rolls = section_rolls(seed, section_ids, fractional_rows)
-        copies[fractional_rows] += rolls < fraction[fractional_rows]
+        row_rolls = rolls[fractional_rows] if rolls is not None else section_rolls(seed, section_ids, fractional_rows)
+        copies[fractional_rows] += row_rolls < fraction[fractional_rows]
     return copies
 
 
@@ -156,8 +157,8 @@ class ExpansionPlan:
     copy_index: np.ndarray  # int32 0-based copy number per output row
 
 
-def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int) -> ExpansionPlan:
-    copies = copies_per_row(weights, section_ids, seed)
+def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> ExpansionPlan:
+    copies = copies_per_row(weights, section_ids, seed, rolls)
     total = int(copies.sum())
     if total > MAX_EXPANDED_ROWS:
         raise ExpansionTooLarge(
@@ -171,10 +172,20 @@ def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int) -> 
 
 
 def plan_expansion(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> ExpansionPlan:
-    """Weights and copy decisions for every row of a corpus table (section_id, path, text, tags)."""
-    weights = composed_weights(table["tags"], row_map, maps)
+    """Weights and copy decisions for every row of a corpus table (section_id, path, text, tags).
+
+    On large tables every row's roll is hashed on another thread while the weights are composed
+    (both release the GIL); which rows need one is only known afterwards, and hashing a few rows
+    too many is cheaper than waiting.
+    """
     section_ids = one_chunk(table["section_id"])
-    return plan_from_weights(weights, section_ids, seed)
+    if table.num_rows < SPECULATIVE_HASH_MIN_ROWS or not maps:
+        return plan_from_weights(composed_weights(table["tags"], row_map, maps), section_ids, seed)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(section_rolls, seed, section_ids)
+        weights = composed_weights(table["tags"], row_map, maps)
+        rolls = pending.result()
+    return plan_from_weights(weights, section_ids, seed, rolls)
 
 
 def apply_plan(table: pa.Table, plan: ExpansionPlan) -> pa.Table:

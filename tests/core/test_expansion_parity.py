@@ -90,7 +90,12 @@ def test_parity_with_reference_on_generated_trees(reference, trial, scope):
         assert all(c == 0 or (c == p + 1 and a == b) for c, p, a, b in zip(copies[1:], copies, expanded["path"].to_pylist()[1:], expanded["path"].to_pylist()))
 
 
-def test_parity_with_reference_on_one_big_random_map(reference):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_parity_with_reference_on_one_big_random_map(reference, monkeypatch, speculative):
+    from dlm_pipeline.core import expansion
+
+    # Large tables hash every row ahead on another thread; force that path here too.
+    monkeypatch.setattr(expansion, "SPECULATIVE_HASH_MIN_ROWS", 0 if speculative else 10**9)
     rng = random.Random(7)
     table = random_rows(rng, 5000, [""])
     weights = random_map(rng) | {"kind": {"x": 2.5, "md": 0.5}, "lang": {"python": 1.5, "é": 0.75}}
