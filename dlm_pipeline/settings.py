@@ -46,17 +46,23 @@ def weights_scope() -> str:
         raise SettingsError(f"{ENV_WEIGHTS_SCOPE}: {exc}") from None
 
 
-def _positive_int(name: str, default: int) -> int:
+def _positive(name: str, default, parse=int):
+    """The variable as a finite number > 0 (`parse`: int or float), or its default when unset."""
     raw = os.environ.get(name)
     if not raw:
         return default
+    kind = "a whole number" if parse is int else "a number"
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be > 0, got {raw!r}")
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"{name} must be {kind} > 0, got {raw!r}")
     return value
+
+
+def _positive_int(name: str, default: int) -> int:
+    return _positive(name, default, int)
 
 
 def max_file_bytes() -> int:
@@ -64,16 +70,7 @@ def max_file_bytes() -> int:
 
 
 def max_weight() -> float:
-    raw = os.environ.get(ENV_MAX_WEIGHT)
-    if not raw:
-        return DEFAULT_MAX_WEIGHT
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{ENV_MAX_WEIGHT} must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise SettingsError(f"{ENV_MAX_WEIGHT} must be a finite number > 0, got {raw!r}")
-    return value
+    return _positive(ENV_MAX_WEIGHT, DEFAULT_MAX_WEIGHT, float)
 
 
 def output_dir() -> str:

@@ -166,3 +166,19 @@ def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(
     assert (again.hits, again.misses) == (raw.num_rows, 0)
     expected = [e.ids for e in loaded.tokenizer.encode_batch(raw["text"].to_pylist(), add_special_tokens=False)]
     assert again.table["input_ids"].to_pylist() == expected
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("DLM_MAX_WEIGHT", "nan", "DLM_MAX_WEIGHT must be a number > 0"),
+        ("DLM_MAX_WEIGHT", "lots", "DLM_MAX_WEIGHT must be a number, got"),
+        ("DLM_MAX_SEQ_LEN", "0", "DLM_MAX_SEQ_LEN must be a whole number > 0"),
+        ("DLM_WEIGHTS_SCOPE", "local", "DLM_WEIGHTS_SCOPE: weights scope must be one of nearest, global"),
+        ("DLM_CACHE_MAX_BYTES", "1.5", "DLM_CACHE_MAX_BYTES must be a whole number"),
+    ],
+)
+def test_bad_settings_are_named(capsys, home, monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    assert main(["materialize"]) == 2
+    assert message in capsys.readouterr().err
