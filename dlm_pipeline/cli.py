@@ -78,9 +78,12 @@ def _instance():
 
 
 def _registered(instance) -> list[str]:
-    from dlm_pipeline.defs.partitions import SEEDS_PARTITION
+    from dlm_pipeline.defs.partitions import registered_seeds
 
-    return sorted(instance.get_dynamic_partitions(SEEDS_PARTITION), key=lambda k: (len(k), k))
+    valid, invalid = registered_seeds(instance)
+    for key in invalid:
+        print(f"ignoring registered partition {key!r}: not a canonical seed (delete it in the UI)", file=sys.stderr)
+    return valid
 
 
 def _register(instance, seeds: list[str]) -> None:

@@ -182,3 +182,14 @@ def test_bad_settings_are_named(capsys, home, monkeypatch, variable, value, mess
     monkeypatch.setenv(variable, value)
     assert main(["materialize"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_non_canonical_registered_partitions_are_ignored_with_a_warning(capsys, home):
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("seeds", ["abc", "7"])
+    assert main(["seeds", "list"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == ["7"]
+    assert "ignoring registered partition 'abc'" in captured.err

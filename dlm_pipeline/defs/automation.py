@@ -7,23 +7,11 @@ import dagster as dg
 from dlm_pipeline.core.anchors import tree_configs_fingerprint
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, CORPUS_JOB, NIGHTLY_SCHEDULE
-from dlm_pipeline.defs.partitions import SEEDS_PARTITION, parse_seed
+from dlm_pipeline.defs.partitions import registered_seeds
 from dlm_pipeline.defs.resources import SourceTree
 
 ENV_SENSOR_INTERVAL = "DLM_SENSOR_INTERVAL"
 ENV_NIGHTLY_CRON = "DLM_NIGHTLY_CRON"
-
-
-def _registered_seeds(instance: dg.DagsterInstance) -> list[str]:
-    """Registered seeds that are valid, in numeric order (invalid keys are left to fail loudly in runs)."""
-    seeds = []
-    for key in instance.get_dynamic_partitions(SEEDS_PARTITION):
-        try:
-            parse_seed(key)
-        except ValueError:
-            continue
-        seeds.append(key)
-    return sorted(seeds, key=lambda k: (len(k), k))
 
 
 @dg.sensor(
@@ -45,7 +33,7 @@ def config_change_sensor(context: dg.SensorEvaluationContext, source: SourceTree
     context.update_cursor(fingerprint)
     if previous is None:
         return dg.SkipReason(f"baseline recorded: {n_files} config file(s), fingerprint {fingerprint[:12]}")
-    seeds = _registered_seeds(context.instance)
+    seeds = registered_seeds(context.instance)[0]
     if not seeds:
         return dg.SkipReason("configs changed, but no seed is registered (dlm-pipeline seeds add N)")
     return [
@@ -66,7 +54,7 @@ def config_change_sensor(context: dg.SensorEvaluationContext, source: SourceTree
     description="Re-materializes every registered seed once a night (off until switched on).",
 )
 def nightly_all_seeds(context: dg.ScheduleEvaluationContext):
-    seeds = _registered_seeds(context.instance)
+    seeds = registered_seeds(context.instance)[0]
     if not seeds:
         return dg.SkipReason("no seed is registered")
     tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")

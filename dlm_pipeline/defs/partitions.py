@@ -23,6 +23,23 @@ def parse_seed(key: str) -> int:
     return int(key)
 
 
+def registered_seeds(instance: dg.DagsterInstance) -> tuple[list[str], list[str]]:
+    """(valid seeds in numeric order, registered keys that are not canonical seeds).
+
+    A key added by hand in the UI can be anything; runs for it fail with a message, and
+    automation and the CLI leave it out instead of starting runs that must fail.
+    """
+    valid, invalid = [], []
+    for key in instance.get_dynamic_partitions(SEEDS_PARTITION):
+        try:
+            parse_seed(key)
+        except ValueError:
+            invalid.append(key)
+        else:
+            valid.append(key)
+    return sorted(valid, key=lambda k: (len(k), k)), sorted(invalid)
+
+
 def seed_check(**kwargs):
     """`dg.asset_check` evaluated per seed partition.
 
