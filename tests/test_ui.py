@@ -110,3 +110,11 @@ def test_partition_metadata_shows_the_weight_distribution(page, webserver):
     for key in ("expected_vs_realized", "rows_in", "rows_out", "config_fingerprint", "fingerprint"):
         assert key in body
     page.screenshot(path=str(ARTIFACTS / "partition_metadata.png"), full_page=True)
+
+
+def test_automation_page_lists_the_sensor_running_and_the_schedule(page, webserver):
+    page.goto(f"{webserver}/automation")
+    page.get_by_text("config_change_sensor").first.wait_for()
+    page.get_by_text("nightly_all_seeds").first.wait_for()
+    page.wait_for_timeout(2_000)  # let the status toggles load before the picture
+    page.screenshot(path=str(ARTIFACTS / "automation.png"))
