@@ -12,13 +12,12 @@ import os
 import dagster as dg
 
 from dlm_pipeline import settings
+from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
 from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
 from dlm_pipeline.defs.constants import CORPUS_JOB
-from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
 from dlm_pipeline.defs.tokens import tokenized_cache, tokens_match_tokenizer
-
 
 ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache]
 CHECKS = [expansion_deterministic, expansion_matches_weights, tokens_match_tokenizer]

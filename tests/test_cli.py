@@ -8,8 +8,8 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import EXAMPLE, REPO
+
 from dlm_pipeline.cli import main
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]

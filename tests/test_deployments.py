@@ -8,8 +8,8 @@ import subprocess
 import dagster as dg
 import pytest
 import yaml
-
 from conftest import REPO
+
 from dlm_pipeline.definitions import CORPUS_JOB, build_defs
 from dlm_pipeline.settings import SettingsError
 

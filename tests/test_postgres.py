@@ -17,7 +17,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from conftest import REPO
 
 POSTGRES_CONFIG = REPO / "examples" / "deployments" / "postgres" / "dagster.yaml"

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
+from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.tree import FileEntry, TreeScan
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20

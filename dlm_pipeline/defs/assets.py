@@ -4,10 +4,7 @@ training_configs -> weights_map ─┐
         └────────> raw_corpus ───┴─> expanded_corpus
 """
 
-
 import json
-import time
-import warnings
 
 import dagster as dg
 import pyarrow as pa
@@ -21,59 +18,22 @@ from dlm_pipeline.core.anchors import (
 )
 from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
 from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_rows, tag_stats
-from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope, weights_table
 from dlm_pipeline.defs.constants import CONFIGS_VALID
-from dlm_pipeline.defs.metadata import base_metadata, table_metadata, text_block
-from dlm_pipeline.defs.partitions import parse_seed, seeds_partitions
+from dlm_pipeline.defs.metadata import (
+    ProgressLog,
+    config_lineage,
+    input_fingerprints,
+    table_metadata,
+    text_block,
+    versioned_output,
+)
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import SourceTree
 
 GROUP = "corpus"
 SKIP_COUNTS_KEY = b"dlm.skip_counts"
-PROGRESS_EVERY_SECONDS = 5.0
-
-
-def parse_seed_or_fail(context: dg.AssetExecutionContext) -> int:
-    try:
-        return parse_seed(context.partition_key)
-    except ValueError as exc:
-        raise dg.Failure(description=f"{exc}; delete this partition and add a valid one") from None
-
-
-def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: dict) -> dg.Output:
-    fingerprint = table_fingerprint(table)
-    base = base_metadata(seed, table, fingerprint, inputs)
-    metadata = {"seed": base.pop("seed"), **extra, **base}  # what users read first, lineage last
-    with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
-
-
-def recorded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
-    """A metadata value of the latest materialization of `asset` for this seed (None if absent)."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[context.partition_key]), limit=1
-    ).records
-    value = records[0].asset_materialization.metadata.get(key) if records else None
-    return value.value if value is not None else None
-
-
-def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table) -> dict[str, str]:
-    """Fingerprints of the loaded inputs, as their own materializations recorded them.
-
-    Reading the recorded value (one instance query) instead of re-hashing keeps large inputs
-    cheap; an input with no recorded fingerprint is hashed.
-    """
-    return {
-        name: recorded_metadata(context, name, "fingerprint") or table_fingerprint(table)
-        for name, table in inputs.items()
-    }
-
-
-def config_lineage(context: dg.AssetExecutionContext) -> dict:
-    """Which configs this output came from: the training_configs fingerprint of this seed's run."""
-    return {"config_fingerprint": dg.MetadataValue.text(recorded_metadata(context, "training_configs", "config_fingerprint") or "")}
 
 
 def _scan(source: SourceTree):
@@ -81,21 +41,6 @@ def _scan(source: SourceTree):
         return source.scan()
     except SourceTreeError as exc:
         raise dg.Failure(description=str(exc)) from None
-
-
-class ProgressLog:
-    """Logs `done/total` at most every few seconds, with a rate."""
-
-    def __init__(self, context: dg.AssetExecutionContext, what: str):
-        self.context, self.what = context, what
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_SECONDS or done == total:
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            self.context.log.info(f"{self.what}: {done:,}/{total:,} ({rate:,.0f}/s)")
 
 
 @dg.asset(

@@ -7,10 +7,10 @@ import pyarrow as pa
 from dlm_pipeline.core.expansion import apply_plan, composed_weights, plain_plan, plan_expansion, realized_copies, verify_weights
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope
-from dlm_pipeline.defs.assets import expanded_corpus, parse_seed_or_fail
+from dlm_pipeline.defs.assets import expanded_corpus
 from dlm_pipeline.defs.constants import EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS
 from dlm_pipeline.defs.metadata import table_metadata
-from dlm_pipeline.defs.partitions import seed_check
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check
 
 # Up to this many raw rows the determinism check recomputes with the plain row-by-row
 # implementation (independent of the vectorised one); above it, with the vectorised one.

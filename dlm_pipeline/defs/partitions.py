@@ -23,6 +23,14 @@ def parse_seed(key: str) -> int:
     return int(key)
 
 
+def parse_seed_or_fail(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
+    """The run's seed, or a run failure that says how to fix the partition key."""
+    try:
+        return parse_seed(context.partition_key)
+    except ValueError as exc:
+        raise dg.Failure(description=f"{exc}; delete this partition and add a valid one") from None
+
+
 def registered_seeds(instance: dg.DagsterInstance) -> tuple[list[str], list[str]]:
     """(valid seeds in numeric order, registered keys that are not canonical seeds).
 

@@ -12,10 +12,9 @@ import pyarrow.compute as pc
 from dlm_pipeline.core.arrow_maps import one_chunk
 from dlm_pipeline.core.token_store import gather_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
-from dlm_pipeline.defs.assets import ProgressLog, config_lineage, input_fingerprints, parse_seed_or_fail, versioned_output
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
-from dlm_pipeline.defs.metadata import table_metadata
-from dlm_pipeline.defs.partitions import seed_check, seeds_partitions
+from dlm_pipeline.defs.metadata import ProgressLog, config_lineage, input_fingerprints, table_metadata, versioned_output
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check, seeds_partitions
 from dlm_pipeline.defs.resources import TokenCacheResource, TokenizerResource
 
 GROUP = "tokens"

@@ -8,8 +8,8 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import EXAMPLE, check_evaluations
+
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.rules import ancestor_dirs
 from dlm_pipeline.defs.constants import CONFIGS_VALID

@@ -5,11 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pyarrow.parquet as pq
-
 from conftest import EXAMPLE, check_evaluations, small_tokenizer
+
 from dlm_pipeline.core.tokenize import load_tokenizer
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
-
 
 
 def copy_example(tmp_path):
