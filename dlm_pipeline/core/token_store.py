@@ -103,11 +103,17 @@ class TokenStore:
             for name in [n for n in shards if not (self.root / n).exists()]:
                 del shards[name]
                 report["dropped"] += 1
-            for namespace in [d for d in self.root.iterdir() if d.is_dir()]:
-                for tmp in namespace.glob(".*.tmp"):
-                    if now - tmp.stat().st_mtime >= stale_after:
+            namespaces = [d for d in self.root.iterdir() if d.is_dir()]
+            for folder in [self.root, *namespaces]:  # manifest temps live at the root, shard temps below
+                for tmp in folder.glob(".*.tmp"):
+                    try:
+                        stale = now - tmp.stat().st_mtime >= stale_after
+                    except FileNotFoundError:  # its writer finished meanwhile
+                        continue
+                    if stale:
                         tmp.unlink(missing_ok=True)
                         report["deleted"] += 1
+            for namespace in namespaces:
                 for shard in namespace.glob(SHARD_GLOB):
                     name = f"{namespace.name}/{shard.name}"
                     if name in shards:

@@ -103,13 +103,16 @@ def test_repair_after_killed_writes(tmp_path):
     orphan.write_bytes(good.read_bytes())
     truncated = ns_dir / "shard-truncated.parquet"
     truncated.write_bytes(good.read_bytes()[:50])
+    torn_manifest = store.root / ".manifest.json.dead.tmp"
+    torn_manifest.write_text("{")
+    os.utime(torn_manifest, (0, 0))
     manifest = json.loads((store.root / MANIFEST).read_text())
     manifest["shards"][f"{loaded.cache_namespace}/shard-gone.parquet"] = {"rows": 5, "bytes": 5, "last_used": 0}
     (store.root / MANIFEST).write_text(json.dumps(manifest))
 
     report = store.repair()
-    assert report == {"dropped": 1, "adopted": 1, "deleted": 2}
-    assert not torn.exists() and not truncated.exists() and orphan.exists()
+    assert report == {"dropped": 1, "adopted": 1, "deleted": 3}
+    assert not torn.exists() and not truncated.exists() and not torn_manifest.exists() and orphan.exists()
     result = store.get_or_compute(loaded.cache_namespace, IDS[:150], TEXTS[:150], loaded.encode)
     assert (result.hits, result.misses) == (100, 50)
 
