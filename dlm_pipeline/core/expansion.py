@@ -3,9 +3,9 @@
 Per row: weight = product of matching weights[key][value] in sorted tag-key order starting
 from 1.0; weight <= 0 drops the row; otherwise int(weight) copies plus one more when the
 fractional part f > 0 and roll(seed, section_id) < f. Copies are adjacent, in row order.
-Weights are resolved once per distinct (map, key, value), the product is taken in the same
-order as the reference (so the floats are bit-identical), and only rows with a fractional
-part are hashed.
+Weights are composed once per distinct (tag set, weights map), in the reference's order (so
+the floats are bit-identical), and spread back to the rows; rolls come from the batched
+BLAKE2b kernel, for every row at once on large tables, else only for fractional rows.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import WeightsMap
 
 MAX_EXPANDED_ROWS = 500_000_000
+SPECULATIVE_HASH_MIN_ROWS = 100_000
 # The hash tables of the tag-set encodes and the gathered columns are large and short-lived; the
 # system allocator reuses them from call to call, where Arrow's default pool (mimalloc) measured
 # 1.4-4x slower here.
 _ARROW_POOL = pa.system_memory_pool()
-SPECULATIVE_HASH_MIN_ROWS = 100_000
 
 
 class ExpansionTooLarge(ValueError):
@@ -99,11 +99,11 @@ def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     return group, size
 
 
-def _first_rows(group: np.ndarray, size: int) -> np.ndarray:
-    """Index of the first row of each group."""
-    first = np.empty(size, dtype=np.int64)
-    first[group[::-1]] = np.arange(len(group) - 1, -1, -1, dtype=np.int64)  # last write wins
-    return first
+def _representative_rows(group: np.ndarray, size: int) -> np.ndarray:
+    """One row index per group (which one does not matter: a group's rows are interchangeable)."""
+    rows = np.empty(size, dtype=np.int64)
+    rows[group] = np.arange(len(group), dtype=np.int64)
+    return rows
 
 
 def weight_of_tags(tags: dict[str, str], weights: WeightsMap) -> float:
@@ -128,7 +128,7 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps
     group, size = tag_set_groups(tags)
     if np.any(row_map != row_map[0]):  # several maps in play: a group is (tag set, map)
         group, size = _dense_codes(group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
-    first = _first_rows(group, size)
+    first = _representative_rows(group, size)
     representatives = one_chunk(tags).take(pa.array(first)).to_pylist()
     group_weight = np.array(
         [

@@ -23,14 +23,13 @@ LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
 
 
 def unique_sections(corpus: pa.Table) -> tuple[list[str], list[str]]:
-    """Each section_id once (first occurrence order) with its text."""
+    """Each section_id once, with its text (rows sharing a section_id share their text)."""
     ids = one_chunk(corpus["section_id"])
     encoded = pc.dictionary_encode(ids)
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    first = np.full(len(encoded.dictionary), -1, dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)
-    take = pa.array(first, pa.int64())
-    return corpus["section_id"].take(take).to_pylist(), corpus["text"].take(take).to_pylist()
+    rows = np.empty(len(encoded.dictionary), dtype=np.int64)
+    rows[encoded.indices.to_numpy(zero_copy_only=False)] = np.arange(len(ids))
+    take = pa.array(rows, pa.int64())
+    return encoded.dictionary.to_pylist(), corpus["text"].take(take).to_pylist()
 
 
 def length_histogram(n_tokens: np.ndarray, max_seq_len: int) -> pa.Table:
