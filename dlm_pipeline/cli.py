@@ -29,13 +29,13 @@ class CliError(Exception):
 
 
 def _ensure_dagster_home() -> Path:
+    """$DAGSTER_HOME (created if missing), or the checkout's dagster_home/ when it is unset."""
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         bundled = settings.PROJECT_DIR / "dagster_home"
         if not bundled.is_dir():
             raise CliError("DAGSTER_HOME is not set; point it at a folder holding dagster.yaml")
         print(f"DAGSTER_HOME not set: using {bundled}", file=sys.stderr)
-        os.environ["DAGSTER_HOME"] = str(bundled)
         home = str(bundled)
     path = Path(home).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,8 @@ def _failure_reasons(result) -> list[str]:
             evaluation = event.event_specific_data
             if not evaluation.passed:
                 errors = evaluation.metadata.get("errors")
-                detail = f"\n{errors.value.strip('`').strip()}" if errors is not None else ""
-                reasons.append(f"check {evaluation.check_name} failed{detail}")
+                detail = errors.value.strip("`").strip() if errors is not None else evaluation.description
+                reasons.append(f"check {evaluation.check_name} failed" + (f"\n{detail}" if detail else ""))
     return reasons
 
 
