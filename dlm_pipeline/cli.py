@@ -231,8 +231,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"  {namespace}: {ns['rows']:,} entries, {ns['shards']} shard(s), {ns['bytes']:,} bytes")
     elif args.action == "prune":
         report = store.repair()
+        merged = store.compact(at_shards=1)
         removed = store.evict(max_bytes=args.max_bytes)
-        print(f"repaired {report}; evicted {len(removed)} shard(s); now {store.stats()['bytes']:,} bytes")
+        print(
+            f"repaired {report}; merged {merged} small shard(s) away; evicted {len(removed)} shard(s); "
+            f"now {store.stats()['bytes']:,} bytes"
+        )
     else:
         store.clear()
         print(f"cleared {store.root}")
@@ -279,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="inspect or shrink the token cache ($DLM_CACHE_DIR or $DAGSTER_HOME/token_cache)")
     cache_sub = cache.add_subparsers(dest="action", required=True)
     cache_sub.add_parser("stats", help="entries, shards and bytes per tokenizer namespace")
-    prune = cache_sub.add_parser("prune", help="repair, then evict least-recently-used shards down to the cap")
+    prune = cache_sub.add_parser("prune", help="repair, merge small shards, then evict least-recently-used shards down to the cap")
     prune.add_argument("--max-bytes", type=int, help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)")
     cache_sub.add_parser("clear", help="delete every cached entry")
     cache.set_defaults(func=cmd_cache)

@@ -39,6 +39,8 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 SHARD_GLOB = "shard-*.parquet"
 DEFAULT_MAX_BYTES = 10 * 1024**3
+COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
+COMPACT_SHARD_BYTES = 64 * 1024**2  # shards up to this size are merged; larger ones are left alone
 STALE_TEMP_SECONDS = 3600.0
 
 Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids, n_tokens, truncated
@@ -193,6 +195,43 @@ class TokenStore:
             manifest["shards"][name] = {"rows": table.num_rows, "bytes": path.stat().st_size, "last_used": time.time()}
         return name
 
+    def compact(self, namespace: str | None = None, at_shards: int = COMPACT_AT_SHARDS) -> int:
+        """Merge the small shards of each namespace that has more than `at_shards` of them into one
+        (duplicates dropped); returns how many shards were merged away. Runs under the lock, so
+        writers wait; a reader holding an older index finds a merged shard gone and recomputes."""
+        merged_away = 0
+        with self._locked() as manifest:
+            shards = manifest["shards"]
+            namespaces = {n.split("/")[0] for n in shards} if namespace is None else {namespace}
+            for ns in sorted(namespaces):
+                small = sorted(
+                    n for n, info in shards.items()
+                    if n.startswith(ns + "/") and info["bytes"] <= COMPACT_SHARD_BYTES
+                )
+                if len([n for n in shards if n.startswith(ns + "/")]) <= at_shards or len(small) < 2:
+                    continue
+                tables = []
+                for name in small:
+                    try:
+                        tables.append(pq.read_table(self.root / name).cast(TOKENS_SCHEMA))
+                    except (FileNotFoundError, OSError):
+                        continue
+                merged = pa.concat_tables(tables)
+                ids = merged["section_id"].combine_chunks()
+                keep = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+                first = np.empty(int(keep.max()) + 1 if len(keep) else 0, dtype=np.int64)
+                first[keep] = np.arange(len(keep))
+                merged = merged.take(pa.array(np.sort(first), pa.int64()))
+                name = f"{ns}/shard-{uuid.uuid4().hex}.parquet"
+                path = write_parquet_atomic(merged, self.root / name)
+                last_used = max(shards[n]["last_used"] for n in small)
+                for old in small:
+                    del shards[old]
+                    (self.root / old).unlink(missing_ok=True)
+                shards[name] = {"rows": merged.num_rows, "bytes": path.stat().st_size, "last_used": last_used}
+                merged_away += len(small) - 1
+        return merged_away
+
     def _touch(self, names: set[str]) -> None:
         now = time.time()
         with self._locked() as manifest:
@@ -239,6 +278,8 @@ class TokenStore:
         table = combined.take(pa.array(order, pa.int64())) if len(order) else combined
         self._touch(used)
         self.evict(protect=used)
+        if missing:
+            self.compact(namespace)
         return Lookup(table, hits, len(missing), used, encode_seconds, encoded_tokens)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -185,3 +186,28 @@ def test_concurrent_processes_share_the_store(tmp_path):
     after = TokenStore(cache).get_or_compute(loaded.cache_namespace, IDS, TEXTS, loaded.encode)
     assert (after.hits, after.misses) == (300, 0)
     assert after.table["input_ids"].to_pylist() == expected
+
+
+def test_many_small_shards_are_merged_and_still_hit(tmp_path):
+    from dlm_pipeline.core.token_store import COMPACT_AT_SHARDS
+
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache")
+    for start in range(0, 300, 15):  # 20 materializations, each with new sections
+        store.get_or_compute(loaded.cache_namespace, IDS[start : start + 15], TEXTS[start : start + 15], loaded.encode)
+        assert store.stats()["shards"] <= COMPACT_AT_SHARDS
+    assert store.stats()["rows"] == 300  # nothing lost, nothing duplicated
+    after = store.get_or_compute(loaded.cache_namespace, IDS, TEXTS, loaded.encode)
+    assert (after.hits, after.misses) == (300, 0)
+    expected = [e.ids for e in loaded.tokenizer.encode_batch(TEXTS, add_special_tokens=False)]
+    assert after.table["input_ids"].to_pylist() == expected
+
+
+def test_compaction_drops_duplicate_entries(tmp_path):
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache")
+    for _ in range(3):  # the same sections written three times, as racing writers could
+        store._write_shard(loaded.cache_namespace, loaded.encode(TEXTS[:10]).add_column(0, "section_id", pa.array(IDS[:10])))
+    assert store.stats()["rows"] == 30
+    assert store.compact(at_shards=1) == 2
+    assert store.stats()["rows"] == 10 and store.stats()["shards"] == 1
