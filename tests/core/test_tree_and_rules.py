@@ -213,12 +213,42 @@ def test_symlinks_inside_followed_outside_skipped_loops_terminate(tree, tmp_path
     assert result.skips["symlink_dir"] == 2
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file regardless of permissions")
-def test_unreadable_file_is_counted(tree):
-    root = tree({"a.txt": "1", "b.txt": "2"})
+UNREADABLE_SCAN = """
+import json, sys
+from dlm_pipeline.core.corpus import build_raw_corpus
+from dlm_pipeline.core.tree import scan_tree
+result = build_raw_corpus(scan_tree(sys.argv[1]), [])
+print(json.dumps({"paths": result.table["path"].to_pylist(), "skips": dict(result.skips)}))
+"""
+
+
+def test_unreadable_files_and_dirs_are_counted(tree):
+    """A file and a folder the scanning process may not read. Root reads everything, so as root
+    the scan runs without the capabilities that bypass file permissions."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    without_override: list[str] = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot drop the permission-bypass capabilities")
+        caps = "-dac_override,-dac_read_search"
+        without_override = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    root = tree({"a.txt": "1", "b.txt": "2", "locked/c.txt": "3"})
     (root / "b.txt").chmod(0)
-    result = corpus(root)
-    assert result.skips["unreadable"] == 1
+    (root / "locked").chmod(0)
+    try:
+        done = subprocess.run(
+            [*without_override, sys.executable, "-c", UNREADABLE_SCAN, str(root)],
+            capture_output=True, text=True, check=True,
+        )
+    finally:
+        (root / "locked").chmod(0o755)
+    result = json.loads(done.stdout)
+    assert result["paths"] == ["a.txt"]
+    assert result["skips"] == {"unreadable": 1, "unreadable_dir": 1}
 
 
 def test_fifo_is_skipped_not_read(tree):
