@@ -100,8 +100,12 @@ def _scan_anchor_dir(scan: TreeScan, dir_path: str, anchor: str, rel: str) -> No
             )
 
 
-def scan_tree(root: str | os.PathLike) -> TreeScan:
-    """Walk `root`; raise SourceTreeError if it cannot be walked at all."""
+def scan_tree(root: str | os.PathLike, *, files: bool = True) -> TreeScan:
+    """Walk `root`; raise SourceTreeError if it cannot be walked at all.
+
+    `files=False` looks for config files only (what the sensor and `training_configs` need):
+    every directory is still listed, but no file entry is kept or checked.
+    """
     root_path = resolve_root(root)
     scan = TreeScan(root=root_path)
     stack: list[tuple[str, str]] = [(str(root_path), "")]
@@ -127,7 +131,10 @@ def scan_tree(root: str | os.PathLike) -> TreeScan:
                 scan.skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "bad_filename")
                 continue
             try:
-                if entry.is_symlink():
+                if not files and entry.name != ANCHOR_DIR:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append((entry.path, rel))
+                elif entry.is_symlink():
                     _visit_symlink(scan, root_path, entry, rel)
                 elif entry.is_dir(follow_symlinks=False):
                     if entry.name == ANCHOR_DIR:

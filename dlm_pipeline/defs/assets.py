@@ -36,9 +36,9 @@ GROUP = "corpus"
 SKIP_COUNTS_KEY = b"dlm.skip_counts"
 
 
-def _scan(source: SourceTree):
+def _scan(source: SourceTree, files: bool = True):
     try:
-        return source.scan()
+        return source.scan(files=files)
     except SourceTreeError as exc:
         raise dg.Failure(description=str(exc)) from None
 
@@ -60,7 +60,7 @@ def _scan(source: SourceTree):
 def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     """Every `.dlm/training.yaml` and `.dlm/ignore` under the source root: parsed config, status, error, sha256."""
     seed = parse_seed_or_fail(context)
-    scan = _scan(source)
+    scan = _scan(source, files=False)
     table = records_table(load_configs(scan, max_weight=source.max_weight))
     errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s == STATUS_ERROR]
     n_invalid = len(errors)

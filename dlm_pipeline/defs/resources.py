@@ -39,8 +39,8 @@ class SourceTree(dg.ConfigurableResource):
     def scope(self) -> str:
         return check_scope(self.weights_scope)
 
-    def scan(self) -> TreeScan:
-        return scan_tree(self.root)
+    def scan(self, files: bool = True) -> TreeScan:
+        return scan_tree(self.root, files=files)
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):

@@ -334,3 +334,11 @@ def test_config_that_is_a_directory_is_an_error(tree):
     root = tree({".dlm/training.yaml/oops.txt": "x"})
     (record,) = load_configs(scan_tree(root))
     assert record.status == "error" and "not a regular file" in record.error
+
+
+def test_config_only_walk_finds_the_same_configs_and_no_files(tree, tmp_path):
+    root = tree({".dlm/training.yaml": V1, "a/b/.dlm/ignore": "*.tmp\n", "a/b/c.txt": "1", "x/.dlm/training.yml": V1})
+    os.symlink(tmp_path, root / "a" / ".dlm")
+    full, light = scan_tree(root), scan_tree(root, files=False)
+    assert light.config_files == full.config_files and len(light.config_files) == 4
+    assert light.files == [] and full.files
