@@ -1,11 +1,13 @@
-"""Arrow map columns seen as list<struct<key, value>>, which the compute kernels handle.
+"""Small Arrow helpers the core shares.
 
-pyarrow's list kernels refuse (or abort on) map arrays; a map is physically a list of
-key/value structs, so a zero-copy view gives the same data in a type they accept.
+Map columns are seen as list<struct<key, value>>, which the compute kernels handle: pyarrow's
+list kernels refuse (or abort on) map arrays, and a map is physically a list of key/value
+structs, so a zero-copy view gives the same data in a type they accept.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,3 +34,11 @@ def one_chunk(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     if column.num_chunks == 1:
         return column.chunk(0)
     return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+
+
+def representative_rows(codes: np.ndarray, size: int) -> np.ndarray:
+    """One row index per code 0..size-1 (which one is unspecified: use it where rows sharing a
+    code are interchangeable)."""
+    rows = np.empty(size, dtype=np.int64)
+    rows[codes] = np.arange(len(codes), dtype=np.int64)
+    return rows

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk
+from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk, representative_rows
 from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import WeightsMap
 
@@ -99,13 +99,6 @@ def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     return group, size
 
 
-def _representative_rows(group: np.ndarray, size: int) -> np.ndarray:
-    """One row index per group (which one does not matter: a group's rows are interchangeable)."""
-    rows = np.empty(size, dtype=np.int64)
-    rows[group] = np.arange(len(group), dtype=np.int64)
-    return rows
-
-
 def weight_of_tags(tags: dict[str, str], weights: WeightsMap) -> float:
     """The reference's composition: factors of matching (key, value) multiplied in sorted key order from 1.0."""
     weight = 1.0
@@ -128,7 +121,7 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps
     group, size = tag_set_groups(tags)
     if np.any(row_map != row_map[0]):  # several maps in play: a group is (tag set, map)
         group, size = _dense_codes(group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
-    first = _representative_rows(group, size)
+    first = representative_rows(group, size)
     representatives = one_chunk(tags).take(pa.array(first)).to_pylist()
     group_weight = np.array(
         [
@@ -140,11 +133,16 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps
     return group_weight[group]
 
 
-def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> np.ndarray:
-    """int64 number of copies per row (0 = dropped). `rolls`: every row's roll, if already computed."""
+def split_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whole copies, fractional part) per weight, both 0 where the weight drops the row."""
     positive = weights > 0.0
     whole = np.where(positive, np.trunc(weights), 0.0)
-    fraction = np.where(positive, weights - whole, 0.0)
+    return whole, np.where(positive, weights - whole, 0.0)
+
+
+def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> np.ndarray:
+    """int64 number of copies per row (0 = dropped). `rolls`: every row's roll, if already computed."""
+    whole, fraction = split_weights(weights)
     copies = whole.astype(np.int64)
     if rolls is not None:  # every row's roll is known; rows without a fraction never pass roll < 0
         copies += rolls < fraction
@@ -166,7 +164,11 @@ class ExpansionPlan:
 
 
 def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> ExpansionPlan:
-    copies = copies_per_row(weights, section_ids, seed, rolls)
+    return _plan_from_copies(weights, copies_per_row(weights, section_ids, seed, rolls))
+
+
+def _plan_from_copies(weights: np.ndarray, copies: np.ndarray) -> ExpansionPlan:
+    """The output row index (copies adjacent, in row order) for decided copies."""
     total = int(copies.sum())
     if total > MAX_EXPANDED_ROWS:
         raise ExpansionTooLarge(
@@ -216,9 +218,7 @@ def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.
     """
     entries = TagEntries.of(tags)
     w = weights[entries.row]
-    positive = w > 0
-    whole = np.where(positive, np.trunc(w), 0.0)
-    frac = np.where(positive, w - whole, 0.0)
+    whole, frac = split_weights(w)
     long = pa.table(
         {
             "tag_key": entries.keys,
@@ -263,10 +263,7 @@ def plain_plan(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], see
                 count += int.from_bytes(digest, "big") / float(1 << 64) < fraction
         weights.append(weight)
         copies.append(count)
-    copies_array = np.asarray(copies, dtype=np.int64)
-    source = np.repeat(np.arange(len(copies), dtype=np.int64), copies_array)
-    copy_index = np.concatenate([np.arange(c, dtype=np.int32) for c in copies]) if copies else np.zeros(0, np.int32)
-    return ExpansionPlan(np.asarray(weights, dtype=np.float64), copies_array, source, copy_index.astype(np.int32))
+    return _plan_from_copies(np.asarray(weights, dtype=np.float64), np.asarray(copies, dtype=np.int64))
 
 
 def realized_copies(raw_section_ids: pa.ChunkedArray | pa.Array, expanded_section_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -288,10 +285,9 @@ class WeightsVerdict:
 def verify_weights(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray, sigmas: float = 4.0) -> WeightsVerdict:
     """Integer parts must match exactly; per (tag_key, tag_value) the extra copies may deviate from
     the sum of fractional parts by at most `sigmas` standard deviations (+1 for discreteness)."""
-    positive = weights > 0
-    whole = np.where(positive, np.trunc(weights), 0.0).astype(np.int64)
-    has_fraction = positive & (weights != np.trunc(weights))
-    bad_rows = np.flatnonzero((copies < whole) | (copies > whole + has_fraction))
+    whole, fraction = split_weights(weights)
+    whole = whole.astype(np.int64)
+    bad_rows = np.flatnonzero((copies < whole) | (copies > whole + (fraction > 0.0)))
     stats = tag_stats(tags, weights, copies)
     deviation = pc.abs(pc.subtract(pc.cast(stats["realized"], pa.float64()), stats["expected"]))
     bound = pc.add(pc.multiply(pc.sqrt(stats["variance"]), sigmas), 1.0)

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core.arrow_maps import representative_rows
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
 from dlm_pipeline.core.tokenize import TOKENS_SCHEMA
 
@@ -67,13 +68,16 @@ class TokenStore:
     # -- manifest -------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[dict]:
-        """Exclusive access to the manifest; the yielded dict is written back on exit."""
+        """Exclusive access to the manifest; the yielded dict is written back on exit if it changed
+        (most lookups change nothing, and every write is an fsync)."""
         with open(self.root / LOCK, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 manifest = self._read_manifest()
+                before = json.dumps(manifest, sort_keys=True)
                 yield manifest
-                self._write_manifest(manifest)
+                if json.dumps(manifest, sort_keys=True) != before:
+                    self._write_manifest(manifest)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -217,11 +221,9 @@ class TokenStore:
                     except (FileNotFoundError, OSError):
                         continue
                 merged = pa.concat_tables(tables)
-                ids = merged["section_id"].combine_chunks()
-                keep = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
-                first = np.empty(int(keep.max()) + 1 if len(keep) else 0, dtype=np.int64)
-                first[keep] = np.arange(len(keep))
-                merged = merged.take(pa.array(np.sort(first), pa.int64()))
+                encoded = pc.dictionary_encode(merged["section_id"].combine_chunks())
+                keep = representative_rows(encoded.indices.to_numpy(zero_copy_only=False), len(encoded.dictionary))
+                merged = merged.take(pa.array(np.sort(keep), pa.int64()))
                 name = f"{ns}/shard-{uuid.uuid4().hex}.parquet"
                 path = write_parquet_atomic(merged, self.root / name)
                 last_used = max(shards[n]["last_used"] for n in small)

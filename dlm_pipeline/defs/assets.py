@@ -8,6 +8,7 @@ import json
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dlm_pipeline.core.anchors import (
     STATUS_ERROR,
@@ -91,7 +92,7 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
     seed = parse_seed_or_fail(context)
     scope = source.scope()
     table = weights_table(anchors_from_table(training_configs), scope)
-    active = table.filter(pa.compute.equal(table["scope"], scope))
+    active = table.filter(pc.equal(table["scope"], scope))
     return versioned_output(
         table,
         seed,

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import one_chunk
+from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
 from dlm_pipeline.core.token_store import gather_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
@@ -26,8 +26,7 @@ def unique_sections(corpus: pa.Table) -> tuple[list[str], list[str]]:
     """Each section_id once, with its text (rows sharing a section_id share their text)."""
     ids = one_chunk(corpus["section_id"])
     encoded = pc.dictionary_encode(ids)
-    rows = np.empty(len(encoded.dictionary), dtype=np.int64)
-    rows[encoded.indices.to_numpy(zero_copy_only=False)] = np.arange(len(ids))
+    rows = representative_rows(encoded.indices.to_numpy(zero_copy_only=False), len(encoded.dictionary))
     take = pa.array(rows, pa.int64())
     return encoded.dictionary.to_pylist(), corpus["text"].take(take).to_pylist()
 
