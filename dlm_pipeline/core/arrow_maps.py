@@ -42,3 +42,11 @@ def representative_rows(codes: np.ndarray, size: int) -> np.ndarray:
     rows = np.empty(size, dtype=np.int64)
     rows[codes] = np.arange(len(codes), dtype=np.int64)
     return rows
+
+
+def string_offsets(array: pa.Array) -> np.ndarray:
+    """The offsets of a string/binary array as a zero-copy view (int32, or int64 for large types),
+    `len(array) + 1` of them, honouring slices: item i is data[offsets[i]:offsets[i+1]]."""
+    large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64 if large else np.int32)
+    return offsets[array.offset : array.offset + len(array) + 1]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk, representative_rows
+from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk, representative_rows, string_offsets
 from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import WeightsMap
 
@@ -61,12 +61,6 @@ def _blob(data_buf: pa.Buffer | None, bounds: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(kind, len(bounds) - 1, [None, pa.py_buffer(bounds.astype(width)), data])
 
 
-def _string_offsets(array: pa.Array) -> np.ndarray:
-    large = pa.types.is_large_string(array.type)
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64 if large else np.int32)
-    return offsets[array.offset : array.offset + len(array) + 1].astype(np.int64)
-
-
 def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     """(group per row, number of groups): rows in one group hold exactly the same tags.
 
@@ -83,7 +77,7 @@ def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     keys, values = struct.flatten()
     if values.null_count:
         raise ValueError("tag values must not be null")
-    key_offsets, value_offsets = _string_offsets(keys), _string_offsets(values)
+    key_offsets, value_offsets = string_offsets(keys).astype(np.int64), string_offsets(values).astype(np.int64)
     lengths = np.empty((len(key_offsets) - 1, 2), dtype="<i4")  # (key length, value length) per entry
     np.subtract(key_offsets[1:], key_offsets[:-1], out=lengths[:, 0], casting="unsafe")
     np.subtract(value_offsets[1:], value_offsets[:-1], out=lengths[:, 1], casting="unsafe")

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, one_chunk
+from dlm_pipeline.core.arrow_maps import map_as_list, one_chunk, string_offsets
 
 FINGERPRINT_VERSION = b"dlm-fingerprint-v1\n"
 
@@ -24,11 +24,9 @@ def _feed(h: "hashlib._Hash", array: pa.Array) -> None:
     array = map_as_list(array)
     kind = array.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        target = pa.large_binary() if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else pa.large_string()
-        large = array.cast(target)
-        _, offsets_buf, data_buf = large.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype="<i8", count=len(large) + 1, offset=large.offset * 8)
-        h.update(b"S" + (offsets - offsets[0]).astype("<i8").tobytes())
+        offsets = string_offsets(array).astype("<i8")  # the same bytes whatever the offset width
+        data_buf = array.buffers()[2]
+        h.update(b"S" + (offsets - offsets[0]).tobytes())
         if data_buf is not None:
             h.update(memoryview(data_buf)[offsets[0] : offsets[-1]])
     elif pa.types.is_list(kind) or pa.types.is_large_list(kind):

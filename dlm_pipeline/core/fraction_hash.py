@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from dlm_pipeline.core.arrow_maps import one_chunk
+from dlm_pipeline.core.arrow_maps import one_chunk, string_offsets
 
 try:
     from dlm_pipeline.core import _blake2b
@@ -37,10 +37,9 @@ def _digests_hashlib(prefix: bytes, items: list[str]) -> np.ndarray:
 
 def _digests_compiled(prefix: bytes, items: pa.Array, rows: np.ndarray) -> np.ndarray:
     """Hash items[rows] straight from the Arrow buffers, split over the cores (the GIL is released)."""
-    width = 8 if pa.types.is_large_string(items.type) else 4
-    _, offsets_buf, data_buf = items.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int32 if width == 4 else np.int64)
-    offsets = offsets[items.offset : items.offset + len(items) + 1]
+    offsets = string_offsets(items)
+    width = offsets.dtype.itemsize
+    data_buf = items.buffers()[2]
     data = data_buf if data_buf is not None else b""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     out = np.empty(len(rows), dtype=np.uint64)
@@ -48,7 +47,7 @@ def _digests_compiled(prefix: bytes, items: pa.Array, rows: np.ndarray) -> np.nd
     bounds = np.linspace(0, len(rows), workers + 1).astype(np.int64).tolist()
 
     def run(span: tuple[int, int]) -> None:
-        _blake2b.hash_items(prefix, data, np.ascontiguousarray(offsets), width, rows, out, *span)
+        _blake2b.hash_items(prefix, data, offsets, width, rows, out, *span)
 
     if workers == 1:
         run((0, len(rows)))
