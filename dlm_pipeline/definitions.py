@@ -16,7 +16,13 @@ from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_confi
 from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
 from dlm_pipeline.defs.constants import CORPUS_JOB
-from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.resources import (
+    DatasetResource,
+    ParquetIOManager,
+    SourceTree,
+    TokenCacheResource,
+    TokenizerResource,
+)
 from dlm_pipeline.defs.tokens import tokenized_cache, tokens_match_tokenizer
 
 ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache]
@@ -47,6 +53,7 @@ def default_resources() -> dict:
         "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
         "tokenizer": TokenizerResource.from_env(),
         "token_cache": TokenCacheResource.from_env(),
+        "dataset": DatasetResource.from_env(),
     }
 
 

@@ -28,6 +28,17 @@ ENV_TOKENIZER = "DLM_TOKENIZER"
 ENV_MAX_SEQ_LEN = "DLM_MAX_SEQ_LEN"
 ENV_CACHE_DIR = "DLM_CACHE_DIR"
 ENV_CACHE_MAX_BYTES = "DLM_CACHE_MAX_BYTES"
+ENV_VAL_FRACTION = "DLM_VAL_FRACTION"
+ENV_SPLIT_SEED = "DLM_SPLIT_SEED"
+ENV_EXPANSION_MODE = "DLM_EXPANSION_MODE"
+ENV_EOS_TOKEN = "DLM_EOS_TOKEN"
+
+EXPANSION_BERNOULLI = "bernoulli"
+EXPANSION_EXACT = "exact"
+EXPANSION_MODES = (EXPANSION_BERNOULLI, EXPANSION_EXACT)
+DEFAULT_VAL_FRACTION = 0.1
+MAX_VAL_FRACTION = 0.5
+MAX_SEED_DIGITS = 20
 
 
 class SettingsError(ValueError):
@@ -95,3 +106,58 @@ def cache_dir() -> str:
 
 def cache_max_bytes() -> int:
     return _positive_int(ENV_CACHE_MAX_BYTES, DEFAULT_CACHE_MAX_BYTES)
+
+
+def check_val_fraction(value: float) -> float:
+    """0 (no validation set) up to MAX_VAL_FRACTION; shared by the variable, the flag and the resource."""
+    if not (math.isfinite(value) and 0 <= value <= MAX_VAL_FRACTION):
+        raise SettingsError(f"the validation fraction must be a number from 0 to {MAX_VAL_FRACTION}, got {value!r}")
+    return value
+
+
+def val_fraction() -> float:
+    raw = os.environ.get(ENV_VAL_FRACTION)
+    if not raw:
+        return DEFAULT_VAL_FRACTION
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_VAL_FRACTION} must be a number from 0 to {MAX_VAL_FRACTION}, got {raw!r}") from None
+    try:
+        return check_val_fraction(value)
+    except SettingsError:
+        raise SettingsError(f"{ENV_VAL_FRACTION} must be a number from 0 to {MAX_VAL_FRACTION}, got {raw!r}") from None
+
+
+def check_seed_text(name: str, raw: str) -> int:
+    """A canonical non-negative decimal of at most MAX_SEED_DIGITS digits."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_SEED_DIGITS and (raw == "0" or raw[0] != "0")):
+        raise SettingsError(
+            f"{name} must be a non-negative whole number of at most {MAX_SEED_DIGITS} digits "
+            f"without sign or leading zeros, got {raw[:40]!r}"
+        )
+    return int(raw)
+
+
+def split_seed() -> int:
+    raw = os.environ.get(ENV_SPLIT_SEED)
+    return check_seed_text(ENV_SPLIT_SEED, raw) if raw else 0
+
+
+def check_expansion_mode(mode: str) -> str:
+    if mode not in EXPANSION_MODES:
+        raise SettingsError(f"expansion mode must be one of {', '.join(EXPANSION_MODES)}, got {mode!r}")
+    return mode
+
+
+def expansion_mode() -> str:
+    raw = os.environ.get(ENV_EXPANSION_MODE) or EXPANSION_BERNOULLI
+    try:
+        return check_expansion_mode(raw)
+    except SettingsError as exc:
+        raise SettingsError(f"{ENV_EXPANSION_MODE}: {exc}") from None
+
+
+def eos_token() -> str:
+    """"" means the tokenizer's own EOS token."""
+    return os.environ.get(ENV_EOS_TOKEN, "")

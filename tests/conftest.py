@@ -11,7 +11,13 @@ import pytest
 
 from dlm_pipeline.definitions import CORPUS_JOB, build_defs
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
-from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.resources import (
+    DatasetResource,
+    ParquetIOManager,
+    SourceTree,
+    TokenCacheResource,
+    TokenizerResource,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "corpus"
@@ -56,7 +62,17 @@ def tree(tmp_path):
 class Pipeline:
     """The real definitions bound to one source root and output folder, run on one instance."""
 
-    def __init__(self, instance: dg.DagsterInstance, root: Path, out: Path, scope: str = "nearest", tokenizer: str = "", max_seq_len: int = 2048, **limits):
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        root: Path,
+        out: Path,
+        scope: str = "nearest",
+        tokenizer: str = "",
+        max_seq_len: int = 2048,
+        dataset: DatasetResource | None = None,
+        **limits,
+    ):
         self.instance, self.root, self.out = instance, root, out
         self.cache = out.parent / "token_cache"
         self.defs = build_defs(
@@ -65,6 +81,7 @@ class Pipeline:
                 "io_manager": ParquetIOManager(output_dir=str(out)),
                 "tokenizer": TokenizerResource(tokenizer=tokenizer, max_seq_len=max_seq_len),
                 "token_cache": TokenCacheResource(cache_dir=str(self.cache)),
+                "dataset": dataset or DatasetResource(),
             }
         )
 

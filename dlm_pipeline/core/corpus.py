@@ -44,6 +44,12 @@ def section_id(path: str, text: str) -> str:
     return hashlib.sha256(f"prose\n# source: {path}\n\n{text}".encode()).hexdigest()[:16]
 
 
+def content_key(text: str) -> str:
+    """sha256 hex of the text: what the token store and the train/validation split key on (SPEC §7),
+    so a renamed, moved or duplicated file maps to the same key."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def normalise_text(data: bytes) -> str:
     """UTF-8 (strict) without a leading BOM, with \\r\\n and \\r turned into \\n."""
     text = data.decode("utf-8")

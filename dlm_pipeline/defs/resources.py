@@ -26,6 +26,7 @@ class SourceTree(dg.ConfigurableResource):
     weights_scope: str = SCOPE_NEAREST
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_weight: float = DEFAULT_MAX_WEIGHT
+    expansion_mode: str = settings.EXPANSION_BERNOULLI
 
     @classmethod
     def from_env(cls) -> "SourceTree":
@@ -34,10 +35,14 @@ class SourceTree(dg.ConfigurableResource):
             weights_scope=settings.weights_scope(),
             max_file_bytes=settings.max_file_bytes(),
             max_weight=settings.max_weight(),
+            expansion_mode=settings.expansion_mode(),
         )
 
     def scope(self) -> str:
         return check_scope(self.weights_scope)
+
+    def mode(self) -> str:
+        return settings.check_expansion_mode(self.expansion_mode)
 
     def scan(self, files: bool = True) -> TreeScan:
         return scan_tree(self.root, files=files)
@@ -105,3 +110,16 @@ class TokenCacheResource(dg.ConfigurableResource):
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
         root = self.cache_dir or os.path.join(instance.root_directory, "token_cache")
         return TokenStore(root, max_bytes=self.max_bytes)
+
+
+class DatasetResource(dg.ConfigurableResource):
+    """How training datasets are cut (SPEC §7): the validation share, the split seed and the
+    end-of-document token ("" = the tokenizer's own EOS)."""
+
+    val_fraction: float = settings.DEFAULT_VAL_FRACTION
+    split_seed: int = 0
+    eos_token: str = ""
+
+    @classmethod
+    def from_env(cls) -> "DatasetResource":
+        return cls(val_fraction=settings.val_fraction(), split_seed=settings.split_seed(), eos_token=settings.eos_token())
