@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,20 +30,39 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return leaves
 
 
+def write_bytes_atomic(dir_fd: int, name: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write `name` in the folder `dir_fd` through a temp file beside it (fsync, rename), so readers
+    see the old file or the new one. The temp file is created exclusively, never through a
+    symlink, with mode 0666 & ~umask (mkstemp would make it 0600)."""
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Readers see the old file or the new one, never a torn one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh, use_dictionary=_dictionary_columns(table.schema), **PARQUET_OPTIONS)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_bytes_atomic(
+            dir_fd,
+            target.name,
+            lambda fh: pq.write_table(table, fh, use_dictionary=_dictionary_columns(table.schema), **PARQUET_OPTIONS),
+        )
+    finally:
+        os.close(dir_fd)
     return target
 
 

@@ -14,13 +14,14 @@ class FileTooLarge(OSError):
     """The file holds more than the caller's limit."""
 
 
-def read_regular_file(path: str, max_bytes: int) -> bytes:
+def read_regular_file(path: str, max_bytes: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> bytes:
     """At most `max_bytes` bytes of a regular file; NotRegularFile / FileTooLarge / OSError otherwise.
 
     Opened non-blocking and checked with fstat, so a FIFO (even one swapped in after the walk)
-    cannot hang the run.
+    cannot hang the run. `follow_symlinks=False` refuses a symlink (ELOOP); `dir_fd` as in os.open.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -1,25 +1,36 @@
-"""Content-addressed token cache: immutable Parquet shards plus one manifest, shared by all seeds.
+"""Content-addressed token store: immutable Parquet shards plus one manifest, shared by all seeds.
 
 Layout under the cache root:
 
-    manifest.json                    {"version": 1, "shards": {"<namespace>/<shard>": {rows, bytes, last_used}}}
+    manifest.json                    {"version": 2, "shards": {"<namespace>/<shard>": {rows, bytes, sha256, last_used}}}
     .lock                            flock'd while the manifest changes
-    <namespace>/shard-<uuid>.parquet section_id, input_ids, n_tokens, truncated
+    <namespace>/shard-<hex>.parquet  content_key, input_ids (full, never truncated), n_tokens
 
-A namespace is (tokenizer fingerprint, max_seq_len, special tokens), so a tokenizer change
-misses without touching old entries. Shards are written atomically and never modified;
-the manifest is replaced atomically under an exclusive lock, so concurrent runs (one per
-seed) and killed runs leave a readable store. Eviction is least-recently-used by shard and
-never removes a shard the calling run is using.
+A namespace is (tokenizer fingerprint, special tokens); a key is the sha256 of the text, so a
+renamed, moved or duplicated file hits, and `max_seq_len` is applied by the reader. Shards are
+written atomically and never modified; the manifest is replaced atomically under an exclusive
+lock, so concurrent runs (one per seed) and killed runs leave a readable store. A shard is
+trusted only when its size (always) and sha256 (when it is read) match the manifest; a bad one is
+deleted and what it held is tokenized again. Eviction is least-recently-used by shard and never
+removes a shard the calling run is using.
+
+The store never reaches outside itself: it only opens, writes or deletes regular files whose
+names it could have created (`manifest.json`, `.lock`, `<namespace>/shard-<hex>.parquet` and their
+temp files), below its root, never through a symlink. Any other manifest key or folder entry is
+ignored and reported.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
+import io
 import json
+import math
 import os
-import shutil
-import tempfile
+import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -32,271 +43,513 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dlm_pipeline.core.arrow_maps import representative_rows
-from dlm_pipeline.core.parquet_io import write_parquet_atomic
-from dlm_pipeline.core.tokenize import TOKENS_SCHEMA
+from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
+from dlm_pipeline.core.corpus import content_key
+from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS, write_bytes_atomic
+from dlm_pipeline.core.safe_read import read_regular_file
+from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds, cut
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-SHARD_GLOB = "shard-*.parquet"
+MANIFEST_VERSION = 2
 DEFAULT_MAX_BYTES = 10 * 1024**3
 COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
 COMPACT_SHARD_BYTES = 64 * 1024**2  # shards up to this size are merged; larger ones are left alone
+SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
+MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
+MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
 
-Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids, n_tokens, truncated
+# Names the store creates; nothing else is ever opened, written or deleted.
+NAMESPACE = re.compile(r"[0-9a-f]{32}(-special)?")
+LEGACY_NAMESPACE = re.compile(r"[0-9a-f]{32}-L[1-9][0-9]{0,9}(-special)?")  # before v2: aged out by LRU
+SHARD = re.compile(r"shard-[0-9a-f]{32}\.parquet")
+SHARD_KEY = re.compile(rf"(?P<ns>{NAMESPACE.pattern}|{LEGACY_NAMESPACE.pattern})/(?P<shard>{SHARD.pattern})")
+TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern})\.[A-Za-z0-9_]{{1,32}}\.tmp")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+STORE_SCHEMA = pa.schema(
+    [("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())]
+)
+
+Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids (full), n_tokens
+
+
+class TokenStoreError(ValueError):
+    """The store cannot be used as configured; the message names the path and what to set."""
+
+
+class CorruptShard(Exception):
+    """A shard whose file does not match its manifest entry."""
 
 
 @dataclass
 class Lookup:
-    """Result of get_or_compute, aligned with the requested section_ids."""
+    """Result of get_or_compute, aligned with the requested content keys."""
 
-    table: pa.Table  # TOKENS_SCHEMA, one row per requested id, same order
+    table: pa.Table  # STORE_SCHEMA, one row per requested key, same order
     hits: int = 0
     misses: int = 0
     shards_used: set[str] = field(default_factory=set)
     encode_seconds: float = 0.0
     encoded_tokens: int = 0  # tokens produced for the misses (before any were stored)
+    repaired: list[str] = field(default_factory=list)  # shards found corrupt, deleted and re-tokenized
+    ignored: list[str] = field(default_factory=list)  # manifest keys and folder entries the store left alone
+
+
+def _is_count(value: object, limit: int = 2**53) -> bool:
+    return type(value) is int and 0 <= value < limit
+
+
+def valid_entry(name: object, info: object) -> bool:
+    """A manifest entry the store could have written: a shard name it creates and sane numbers
+    (current namespaces also need a sha256; legacy ones only need what eviction uses)."""
+    if not isinstance(name, str) or not isinstance(info, dict):
+        return False
+    match = SHARD_KEY.fullmatch(name)
+    if match is None:
+        return False
+    last_used = info.get("last_used")
+    if not (_is_count(info.get("rows")) and _is_count(info.get("bytes"), MAX_SHARD_BYTES + 1)):
+        return False
+    if type(last_used) not in (int, float) or not math.isfinite(last_used):
+        return False
+    return LEGACY_NAMESPACE.fullmatch(match["ns"]) is not None or (
+        isinstance(info.get("sha256"), str) and SHA256.fullmatch(info["sha256"]) is not None
+    )
+
+
+def _is_namespace(name: str) -> bool:
+    return NAMESPACE.fullmatch(name) is not None or LEGACY_NAMESPACE.fullmatch(name) is not None
+
+
+def _show(name: object, limit: int = 120) -> str:
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class TokenStore:
     def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self.max_bytes = max_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self._root_fd() as fd:
+                os.close(self._open_lock(fd))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if self.root.exists() and not self.root.is_dir():
+                reason = "not a directory"
+            raise TokenStoreError(
+                f"token cache folder {self.root} cannot be used ({reason}); set DLM_CACHE_DIR to a writable folder"
+            ) from None
+
+    # -- file access: only names we create, never through a symlink -------------------------
+    @contextmanager
+    def _root_fd(self) -> Iterator[int]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _namespace_fd(self, namespace: str, create: bool = False) -> Iterator[int]:
+        """The namespace folder, opened without following a symlink (a symlinked one is refused)."""
+        if not _is_namespace(namespace):
+            raise TokenStoreError(f"{namespace!r} is not a token store namespace")
+        with self._root_fd() as root:
+            if create:
+                try:
+                    os.mkdir(namespace, 0o777, dir_fd=root)
+                except FileExistsError:
+                    pass
+            try:
+                fd = os.open(namespace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise TokenStoreError(
+                        f"{self.root / namespace} is not a plain folder (a symlink?); the token store never "
+                        "follows one: remove it"
+                    ) from None
+                raise
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_lock(self, root_fd: int) -> int:
+        try:
+            fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666, dir_fd=root_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise TokenStoreError(f"{self.root / LOCK} is a symlink; the token store never follows one: remove it") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise TokenStoreError(f"{self.root / LOCK} is not a regular file: remove it")
+        return fd
+
+    @staticmethod
+    def _unlink_regular(dir_fd: int, name: str) -> bool:
+        """Delete a regular file (never a symlink or anything else); True when it was deleted."""
+        try:
+            if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                return False
+            os.unlink(name, dir_fd=dir_fd)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _delete_shard(self, name: str) -> bool:
+        namespace, shard = name.split("/")
+        try:
+            with self._namespace_fd(namespace) as fd:
+                return self._unlink_regular(fd, shard)
+        except (FileNotFoundError, TokenStoreError):
+            return False
+
+    def _read_shard(self, name: str, info: dict) -> pa.Table:
+        """The shard as a table, after its size and sha256 are checked against the manifest."""
+        namespace, shard = name.split("/")
+        try:
+            with self._namespace_fd(namespace) as fd:
+                data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
+        except (OSError, TokenStoreError) as exc:
+            raise CorruptShard(f"{name}: {exc}") from None
+        if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+            raise CorruptShard(f"{name}: size or sha256 differs from the manifest")
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+            return table.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise CorruptShard(f"{name}: {exc}") from None
 
     # -- manifest -------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[dict]:
         """Exclusive access to the manifest; the yielded dict is written back on exit if it changed
         (most lookups change nothing, and every write is an fsync)."""
-        with open(self.root / LOCK, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._root_fd() as root:
+            lock = self._open_lock(root)
             try:
-                manifest = self._read_manifest()
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                manifest = self._read_manifest(root)
                 before = json.dumps(manifest, sort_keys=True)
                 yield manifest
                 if json.dumps(manifest, sort_keys=True) != before:
-                    self._write_manifest(manifest)
+                    data = json.dumps(manifest, sort_keys=True, indent=1).encode()
+                    write_bytes_atomic(root, MANIFEST, lambda fh: fh.write(data))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+                os.close(lock)
 
-    def _read_manifest(self) -> dict:
+    def _read_manifest(self, root_fd: int | None = None) -> dict:
+        """The manifest as stored (malformed entries included; `_entries` filters them); an
+        unreadable or foreign manifest reads as empty and is rebuilt from the shards."""
         try:
-            manifest = json.loads((self.root / MANIFEST).read_text())
+            if root_fd is None:
+                with self._root_fd() as fd:
+                    data = read_regular_file(MANIFEST, MAX_MANIFEST_BYTES, dir_fd=fd, follow_symlinks=False)
+            else:
+                data = read_regular_file(MANIFEST, MAX_MANIFEST_BYTES, dir_fd=root_fd, follow_symlinks=False)
+            manifest = json.loads(data)
             if isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict):
                 return manifest
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, ValueError, RecursionError):  # missing, symlink, huge, torn, huge numbers
             pass
-        return {"version": 1, "shards": {}}
+        return {"version": MANIFEST_VERSION, "shards": {}}
 
-    def _write_manifest(self, manifest: dict) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=self.root)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, sort_keys=True, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.root / MANIFEST)
+    @staticmethod
+    def _entries(manifest: dict) -> tuple[dict[str, dict], list[str]]:
+        """(the entries the store could have written, the others shown for reports)."""
+        good, ignored = {}, []
+        for name, info in manifest["shards"].items():
+            if valid_entry(name, info):
+                good[name] = info
+            else:
+                ignored.append(_show(name))
+        return good, sorted(ignored)
 
     # -- repair, eviction, stats ------------------------------------------------------------
-    def repair(self, stale_after: float = STALE_TEMP_SECONDS) -> dict[str, int]:
-        """Drop manifest entries whose shard is gone, adopt complete shards the manifest lost,
-        delete unreadable shards and temp files left by killed writers."""
-        report = {"dropped": 0, "adopted": 0, "deleted": 0}
+    def repair(self, stale_after: float = STALE_TEMP_SECONDS) -> dict:
+        """Drop manifest entries whose shard is gone; delete shards whose size differs from the
+        manifest (`corrupt`); adopt complete shards the manifest lost; delete unreadable shards and
+        temp files left by killed writers. Malformed manifest entries and foreign folder entries
+        are left alone and listed under `ignored`."""
+        report: dict = {"dropped": 0, "adopted": 0, "deleted": 0, "corrupt": [], "ignored": []}
         now = time.time()
-        with self._locked() as manifest:
+        with self._locked() as manifest, self._root_fd() as root:
             shards = manifest["shards"]
-            for name in [n for n in shards if not (self.root / n).exists()]:
-                del shards[name]
-                report["dropped"] += 1
-            namespaces = [d for d in self.root.iterdir() if d.is_dir()]
-            for folder in [self.root, *namespaces]:  # manifest temps live at the root, shard temps below
-                for tmp in folder.glob(".*.tmp"):
-                    try:
-                        stale = now - tmp.stat().st_mtime >= stale_after
-                    except FileNotFoundError:  # its writer finished meanwhile
-                        continue
-                    if stale:
-                        tmp.unlink(missing_ok=True)
-                        report["deleted"] += 1
-            for namespace in namespaces:
-                for shard in namespace.glob(SHARD_GLOB):
-                    name = f"{namespace.name}/{shard.name}"
-                    if name in shards:
-                        continue
-                    try:
-                        rows = pq.read_metadata(shard).num_rows
-                        if pq.read_schema(shard).names != TOKENS_SCHEMA.names:
-                            raise ValueError("not a token shard")
-                    except Exception:  # unreadable or foreign: not ours to keep
-                        shard.unlink(missing_ok=True)
-                        report["deleted"] += 1
-                        continue
-                    shards[name] = {"rows": rows, "bytes": shard.stat().st_size, "last_used": now}
-                    report["adopted"] += 1
+            good, report["ignored"] = self._entries(manifest)
+            report["deleted"] += self._delete_stale_temps(root, now, stale_after)  # manifest temps
+            folders = set()
+            for entry in sorted(os.scandir(root), key=lambda e: e.name):
+                if entry.name in (MANIFEST, LOCK) or TEMP.fullmatch(entry.name):
+                    continue
+                if not (entry.is_dir(follow_symlinks=False) and _is_namespace(entry.name)):
+                    report["ignored"].append(f"{_show(entry.name)} (not a namespace folder)")
+                    continue
+                folders.add(entry.name)
+                self._repair_namespace(entry.name, shards, good, report, now, stale_after)
+            for name in good:  # entries whose folder is gone (or is not a plain folder)
+                if name.split("/")[0] not in folders:
+                    del shards[name]
+                    report["dropped"] += 1
         return report
+
+    def _delete_stale_temps(self, fd: int, now: float, stale_after: float) -> int:
+        deleted = 0
+        for entry in os.scandir(fd):
+            if not TEMP.fullmatch(entry.name):
+                continue
+            try:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime >= stale_after
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
+            if stale and self._unlink_regular(fd, entry.name):
+                deleted += 1
+        return deleted
+
+    def _repair_namespace(self, namespace: str, shards: dict, good: dict, report: dict, now: float, stale_after: float) -> None:
+        with self._namespace_fd(namespace) as fd:
+            report["deleted"] += self._delete_stale_temps(fd, now, stale_after)  # shard temps
+            present = {}
+            for entry in os.scandir(fd):
+                if SHARD.fullmatch(entry.name):
+                    present[entry.name] = entry.stat(follow_symlinks=False)
+                elif not TEMP.fullmatch(entry.name):
+                    report["ignored"].append(f"{_show(namespace + '/' + entry.name)} (not a shard)")
+            for name in [n for n in good if n.split("/")[0] == namespace]:
+                info = present.get(name.split("/")[1])
+                if info is None or not stat.S_ISREG(info.st_mode):
+                    del shards[name]
+                    report["dropped"] += 1
+                elif info.st_size != good[name]["bytes"]:  # truncated or grown in place
+                    self._unlink_regular(fd, name.split("/")[1])
+                    del shards[name]
+                    report["corrupt"].append(name)
+            for shard, info in sorted(present.items()):
+                name = f"{namespace}/{shard}"
+                if name in good:
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    report["ignored"].append(f"{_show(name)} (not a regular file)")
+                    continue
+                try:
+                    data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
+                    rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+                    if NAMESPACE.fullmatch(namespace) is None or pq.read_schema(pa.BufferReader(data)).names != STORE_SCHEMA.names:
+                        raise ValueError("not a token shard of this version")
+                except Exception:  # unreadable or foreign, at a name we create: not ours to keep
+                    if self._unlink_regular(fd, shard):
+                        report["deleted"] += 1
+                    continue
+                shards[name] = {"rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "last_used": now}
+                report["adopted"] += 1
 
     def evict(self, protect: set[str] = frozenset(), max_bytes: int | None = None) -> list[str]:
         """Remove least-recently-used shards until the store fits; `protect` is never removed."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         removed = []
         with self._locked() as manifest:
-            shards = manifest["shards"]
-            total = sum(s["bytes"] for s in shards.values())
-            for name, info in sorted(shards.items(), key=lambda kv: (kv[1]["last_used"], kv[0])):
+            good, _ = self._entries(manifest)
+            total = sum(info["bytes"] for info in good.values())
+            for name, info in sorted(good.items(), key=lambda kv: (kv[1]["last_used"], kv[0])):
                 if total <= limit:
                     break
                 if name in protect:
                     continue
-                (self.root / name).unlink(missing_ok=True)
+                self._delete_shard(name)
                 total -= info["bytes"]
                 removed.append(name)
             for name in removed:
-                del shards[name]
+                del manifest["shards"][name]
         return removed
 
     def stats(self) -> dict:
-        shards = self._read_manifest()["shards"]
+        good, ignored = self._entries(self._read_manifest())
         namespaces: dict[str, dict[str, int]] = {}
-        for name, info in shards.items():
+        for name, info in good.items():
             ns = namespaces.setdefault(name.split("/")[0], {"shards": 0, "rows": 0, "bytes": 0})
             ns["shards"] += 1
             ns["rows"] += info["rows"]
             ns["bytes"] += info["bytes"]
         return {
             "root": str(self.root),
-            "shards": len(shards),
-            "rows": sum(s["rows"] for s in shards.values()),
-            "bytes": sum(s["bytes"] for s in shards.values()),
+            "shards": len(good),
+            "rows": sum(s["rows"] for s in good.values()),
+            "bytes": sum(s["bytes"] for s in good.values()),
             "max_bytes": self.max_bytes,
             "namespaces": namespaces,
+            "ignored": ignored,
         }
 
     def clear(self) -> None:
-        with self._locked() as manifest:
-            for child in self.root.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-            manifest["shards"] = {}
+        """Delete every shard and temp file the store named, and the namespace folders they
+        leave empty; anything else is left where it is."""
+        with self._locked() as manifest, self._root_fd() as root:
+            for entry in os.scandir(root):
+                if not (entry.is_dir(follow_symlinks=False) and _is_namespace(entry.name)):
+                    continue
+                with self._namespace_fd(entry.name) as fd:
+                    for child in os.scandir(fd):
+                        if SHARD.fullmatch(child.name) or TEMP.fullmatch(child.name):
+                            self._unlink_regular(fd, child.name)
+                try:
+                    os.rmdir(entry.name, dir_fd=root)
+                except OSError:  # something foreign is left in it
+                    pass
+            good, _ = self._entries(manifest)
+            for name in good:
+                del manifest["shards"][name]
 
     # -- reads and writes -------------------------------------------------------------------
-    def _index(self, namespace: str) -> dict[str, tuple[str, int]]:
-        """section_id -> (shard name, row) for one namespace, from a manifest snapshot."""
-        index: dict[str, tuple[str, int]] = {}
-        for name in sorted(n for n in self._read_manifest()["shards"] if n.startswith(namespace + "/")):
-            try:
-                ids = pq.read_table(self.root / name, columns=["section_id"])["section_id"].to_pylist()
-            except (FileNotFoundError, OSError):
-                continue  # evicted meanwhile: its entries are simply misses
-            for row, section in enumerate(ids):
-                index[section] = (name, row)
-        return index
+    def _write_shards(self, namespace: str, table: pa.Table) -> list[str]:
+        """Store rows as new shards of at most SHARD_MAX_IDS ids each; their names."""
+        table = table.cast(STORE_SCHEMA)
+        lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        names = []
+        with self._namespace_fd(namespace, create=True) as fd:
+            for start, end in chunk_bounds(lengths, SHARD_MAX_IDS):
+                name, entry = self._put_shard(fd, namespace, table.slice(start, end - start), time.time())
+                with self._locked() as manifest:
+                    manifest["shards"][name] = entry
+                names.append(name)
+        return names
 
-    def _write_shard(self, namespace: str, table: pa.Table) -> str:
-        name = f"{namespace}/shard-{uuid.uuid4().hex}.parquet"
-        path = write_parquet_atomic(table.cast(TOKENS_SCHEMA), self.root / name)
+    @staticmethod
+    def _put_shard(fd: int, namespace: str, table: pa.Table, last_used: float) -> tuple[str, dict]:
+        """Write one shard into the namespace folder `fd`; (its name, its manifest entry)."""
+        sink = io.BytesIO()
+        pq.write_table(table, sink, use_dictionary=["content_key"], **PARQUET_OPTIONS)
+        data = sink.getvalue()
+        shard = f"shard-{uuid.uuid4().hex}.parquet"
+        write_bytes_atomic(fd, shard, lambda fh: fh.write(data))
+        entry = {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "last_used": last_used}
+        return f"{namespace}/{shard}", entry
+
+    def _drop_corrupt(self, name: str, info: dict) -> None:
+        """Delete a shard that failed verification, unless the manifest changed it meanwhile."""
         with self._locked() as manifest:
-            manifest["shards"][name] = {"rows": table.num_rows, "bytes": path.stat().st_size, "last_used": time.time()}
-        return name
+            if manifest["shards"].get(name) == info:
+                del manifest["shards"][name]
+                self._delete_shard(name)
 
     def compact(self, namespace: str | None = None, at_shards: int = COMPACT_AT_SHARDS) -> int:
         """Merge the small shards of each namespace that has more than `at_shards` of them into one
         (duplicates dropped); returns how many shards were merged away. Runs under the lock, so
-        writers wait; a reader holding an older index finds a merged shard gone and recomputes."""
+        writers wait; a reader holding an older snapshot finds a merged shard gone and recomputes."""
         merged_away = 0
         with self._locked() as manifest:
             shards = manifest["shards"]
-            namespaces = {n.split("/")[0] for n in shards} if namespace is None else {namespace}
-            for ns in sorted(namespaces):
-                small = sorted(
-                    n for n, info in shards.items()
-                    if n.startswith(ns + "/") and info["bytes"] <= COMPACT_SHARD_BYTES
-                )
-                if len([n for n in shards if n.startswith(ns + "/")]) <= at_shards or len(small) < 2:
+            good, _ = self._entries(manifest)
+            current = {n.split("/")[0] for n in good if NAMESPACE.fullmatch(n.split("/")[0])}
+            for ns in sorted(current if namespace is None else current & {namespace}):
+                members = sorted(n for n in good if n.split("/")[0] == ns)
+                small = [n for n in members if good[n]["bytes"] <= COMPACT_SHARD_BYTES]
+                if len(members) <= at_shards or len(small) < 2:
                     continue
-                tables = []
+                tables, merged_names = [], []
                 for name in small:
                     try:
-                        tables.append(pq.read_table(self.root / name).cast(TOKENS_SCHEMA))
-                    except (FileNotFoundError, OSError):
-                        continue
+                        tables.append(self._read_shard(name, good[name]))
+                        merged_names.append(name)
+                    except CorruptShard:
+                        del shards[name]
+                        self._delete_shard(name)
+                if len(tables) < 2:
+                    continue
                 merged = pa.concat_tables(tables)
-                encoded = pc.dictionary_encode(merged["section_id"].combine_chunks())
+                encoded = pc.dictionary_encode(merged["content_key"].combine_chunks())
                 keep = representative_rows(encoded.indices.to_numpy(zero_copy_only=False), len(encoded.dictionary))
                 merged = merged.take(pa.array(np.sort(keep), pa.int64()))
-                name = f"{ns}/shard-{uuid.uuid4().hex}.parquet"
-                path = write_parquet_atomic(merged, self.root / name)
-                last_used = max(shards[n]["last_used"] for n in small)
-                for old in small:
+                with self._namespace_fd(ns) as fd:
+                    name, entry = self._put_shard(fd, ns, merged, max(good[n]["last_used"] for n in merged_names))
+                for old in merged_names:
                     del shards[old]
-                    (self.root / old).unlink(missing_ok=True)
-                shards[name] = {"rows": merged.num_rows, "bytes": path.stat().st_size, "last_used": last_used}
-                merged_away += len(small) - 1
+                    self._delete_shard(old)
+                shards[name] = entry
+                merged_away += len(merged_names) - 1
         return merged_away
 
     def _touch(self, names: set[str]) -> None:
         now = time.time()
         with self._locked() as manifest:
             for name in names:
-                if name in manifest["shards"]:
+                if isinstance(manifest["shards"].get(name), dict):
                     manifest["shards"][name]["last_used"] = now
 
-    def get_or_compute(self, namespace: str, section_ids: Sequence[str], texts: Sequence[str], encode: Encoder) -> Lookup:
-        """Token rows for unique `section_ids`: read what the store has, encode and store the rest."""
-        self.repair()
-        index = self._index(namespace)
-        rows_by_shard: dict[str, list[tuple[int, int]]] = {}
-        missing = []
-        for position, section in enumerate(section_ids):
-            hit = index.get(section)
-            if hit is None:
-                missing.append(position)
-            else:
-                rows_by_shard.setdefault(hit[0], []).append((position, hit[1]))
-        parts, positions, used = [], [], set()
-        for name, pairs in sorted(rows_by_shard.items()):
+    def get_or_compute(self, namespace: str, keys: Sequence[str], texts: Sequence[str], encode: Encoder) -> Lookup:
+        """Full token rows for unique content `keys` (texts aligned): read what the store has,
+        encode and store the rest. Shards are read one at a time and verified; a corrupt one is
+        deleted and its keys are encoded again."""
+        report = self.repair()
+        good, _ = self._entries(self._read_manifest())
+        wanted = pa.array(list(keys), pa.string())
+        pending = np.arange(len(wanted), dtype=np.int64)  # positions not found yet
+        parts, positions, used, repaired = [], [], set(), list(report["corrupt"])
+        for name in sorted(n for n in good if n.split("/")[0] == namespace):
+            if not len(pending):
+                break
             try:
-                shard = pq.read_table(self.root / name)
-            except (FileNotFoundError, OSError):
-                missing.extend(p for p, _ in pairs)  # evicted between index and read: recompute
+                shard = self._read_shard(name, good[name])
+            except CorruptShard:
+                self._drop_corrupt(name, good[name])
+                repaired.append(name)
+                continue
+            rows = pc.index_in(wanted.take(pa.array(pending)), value_set=shard["content_key"])
+            found = rows.is_valid().to_numpy(zero_copy_only=False)
+            if not found.any():
                 continue
             used.add(name)
-            parts.append(shard.take(pa.array([r for _, r in pairs], pa.int64())).cast(TOKENS_SCHEMA))
-            positions.extend(p for p, _ in pairs)
-        hits = len(positions)
+            parts.append(shard.take(rows.filter(pa.array(found))))
+            positions.append(pending[found])
+            pending = pending[~found]
+        hits = len(wanted) - len(pending)
         encode_seconds, encoded_tokens = 0.0, 0
-        if missing:
-            missing.sort()
+        if len(pending):
             start = time.perf_counter()
-            encoded = encode([texts[p] for p in missing])
+            encoded = encode([texts[p] for p in pending.tolist()])
             encode_seconds = time.perf_counter() - start
             encoded_tokens = int(pc.sum(encoded["n_tokens"]).as_py() or 0)
-            fresh = encoded.add_column(0, "section_id", pa.array([section_ids[p] for p in missing], pa.string()))
-            used.add(self._write_shard(namespace, fresh))
-            parts.append(fresh.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA))
-            positions.extend(missing)
-        combined = pa.concat_tables(parts) if parts else TOKENS_SCHEMA.empty_table()
-        order = np.argsort(np.asarray(positions, dtype=np.int64), kind="stable")
+            fresh = pa.table(
+                {"content_key": wanted.take(pa.array(pending)), "input_ids": encoded["input_ids"], "n_tokens": encoded["n_tokens"]},
+                schema=STORE_SCHEMA,
+            )
+            used.update(self._write_shards(namespace, fresh))
+            parts.append(fresh)
+            positions.append(pending)
+        combined = pa.concat_tables(parts) if parts else STORE_SCHEMA.empty_table()
+        order = np.argsort(np.concatenate(positions) if positions else np.zeros(0, np.int64), kind="stable")
         table = combined.take(pa.array(order, pa.int64())) if len(order) else combined
         self._touch(used)
         self.evict(protect=used)
-        if missing:
+        if len(pending):
             self.compact(namespace)
-        return Lookup(table, hits, len(missing), used, encode_seconds, encoded_tokens)
+        return Lookup(table, hits, len(pending), used, encode_seconds, encoded_tokens, repaired, report["ignored"])
 
 
-def gather_rows(unique: pa.Table, section_ids: pa.ChunkedArray | pa.Array, copies: pa.ChunkedArray | pa.Array) -> pa.Table:
-    """Per expanded row: section_id, copy, input_ids, n_tokens, truncated (from the unique sections)."""
-    index = pc.index_in(section_ids, value_set=unique["section_id"])
-    if index.null_count:
-        raise ValueError("a section_id has no token entry; the store lookup is incomplete")
-    gathered = unique.take(index)
-    return pa.table(
-        {
-            "section_id": section_ids,
-            "copy": copies,
-            "input_ids": gathered["input_ids"],
-            "n_tokens": gathered["n_tokens"],
-            "truncated": gathered["truncated"],
-        }
-    )
+def tokenized_rows(
+    store: TokenStore, loaded: LoadedTokenizer, raw: pa.Table, section_ids: pa.ChunkedArray, copies: pa.ChunkedArray, progress=None
+) -> tuple[pa.Table, Lookup]:
+    """SPEC §4 rows (section_id, copy, input_ids cut to max_seq_len, n_tokens, truncated) for the
+    given rows. Every distinct text of `raw` (section_id, text) is looked up once by content key,
+    also those these rows drop, so a weights edit or another seed tokenizes nothing."""
+    raw_row = pc.index_in(section_ids, value_set=one_chunk(raw["section_id"]))
+    if raw_row.null_count:
+        raise ValueError("a section_id is not in raw_corpus; materialize the graph from raw_corpus down")
+    key_index: dict[str, int] = {}
+    texts: list[str] = []
+    key_of_raw = np.empty(raw.num_rows, dtype=np.int64)
+    for row, text in enumerate(raw["text"].to_pylist()):
+        key = content_key(text)
+        if key not in key_index:
+            key_index[key] = len(texts)
+            texts.append(text)
+        key_of_raw[row] = key_index[key]
+    lookup = store.get_or_compute(loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress))
+    rows = key_of_raw[raw_row.to_numpy(zero_copy_only=False)]
+    per_row = cut(lookup.table, loaded.max_seq_len).take(pa.array(rows, pa.int64()))
+    table = pa.table({"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}})
+    return table, lookup

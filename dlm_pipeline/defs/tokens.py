@@ -1,7 +1,8 @@
 """Tokenized cache: per seed, token ids for every expanded row, gathered from a store shared by all seeds.
 
-Every section of the raw corpus is looked up (not only those this seed keeps), and only
-sections the store lacks are tokenized: adding a seed or editing weights tokenizes nothing.
+The store is keyed by content (the sha256 of each text) and keeps full ids; each distinct text of
+the rows this seed keeps is looked up once, and `max_seq_len` is applied here, when reading. A
+weights edit, a new seed, a renamed or copied file or a new `max_seq_len` tokenizes nothing.
 """
 
 import dagster as dg
@@ -9,26 +10,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
-from dlm_pipeline.core.token_store import gather_rows
+from dlm_pipeline.core.token_store import tokenized_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
-from dlm_pipeline.defs.metadata import ProgressLog, config_lineage, input_fingerprints, table_metadata, versioned_output
-from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check, seeds_partitions
+from dlm_pipeline.defs.metadata import (
+    ProgressLog,
+    config_lineage,
+    input_fingerprints,
+    table_metadata,
+    versioned_output,
+)
+from dlm_pipeline.defs.partitions import (
+    parse_seed_or_fail,
+    seed_check,
+    seeds_partitions,
+)
 from dlm_pipeline.defs.resources import TokenCacheResource, TokenizerResource
 
 GROUP = "tokens"
 CHECK_SAMPLE = 64
 LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
-
-
-def unique_sections(corpus: pa.Table) -> tuple[list[str], list[str]]:
-    """Each section_id once, with its text (rows sharing a section_id share their text)."""
-    ids = one_chunk(corpus["section_id"])
-    encoded = pc.dictionary_encode(ids)
-    rows = representative_rows(encoded.indices.to_numpy(zero_copy_only=False), len(encoded.dictionary))
-    take = pa.array(rows, pa.int64())
-    return encoded.dictionary.to_pylist(), corpus["text"].take(take).to_pylist()
 
 
 def length_histogram(n_tokens: np.ndarray, max_seq_len: int) -> pa.Table:
@@ -56,18 +57,24 @@ def tokenized_cache(
     raw_corpus: pa.Table,
     expanded_corpus: pa.Table,
 ) -> dg.Output:
-    """Per expanded row: section_id, copy, input_ids (list<int32>), n_tokens, truncated; tokenized once per unique section."""
+    """Per expanded row: section_id, copy, input_ids (list<int32>, cut to max_seq_len), n_tokens, truncated;
+    each distinct text is tokenized once, ever, per tokenizer."""
     seed = parse_seed_or_fail(context)
     loaded = tokenizer.load()
     store = token_cache.store(context.instance)
-    ids, texts = unique_sections(raw_corpus)
-    progress = ProgressLog(context, "sections tokenized")
-    lookup = store.get_or_compute(loaded.cache_namespace, ids, texts, lambda t: loaded.encode(t, progress))
-    table = gather_rows(lookup.table, expanded_corpus["section_id"], expanded_corpus["copy"])
+    progress = ProgressLog(context, "texts tokenized")
+    table, lookup = tokenized_rows(
+        store, loaded, raw_corpus, expanded_corpus["section_id"], expanded_corpus["copy"], progress
+    )
     n_tokens = table["n_tokens"].to_numpy(zero_copy_only=False)
     tokens_total = int(n_tokens.sum())
+    unique_texts = lookup.hits + lookup.misses
     stats = store.stats()
-    context.log.info(f"{len(ids):,} unique sections: {lookup.hits:,} from the store, {lookup.misses:,} tokenized")
+    context.log.info(f"{unique_texts:,} distinct texts: {lookup.hits:,} from the store, {lookup.misses:,} tokenized")
+    if lookup.repaired:
+        context.log.warning(f"token store: {len(lookup.repaired)} corrupt shard(s) deleted and re-tokenized: {lookup.repaired[:5]}")
+    if lookup.ignored:
+        context.log.warning(f"token store: {len(lookup.ignored)} foreign entr(y/ies) left alone: {lookup.ignored[:5]}")
     return versioned_output(
         table,
         seed,
@@ -75,10 +82,13 @@ def tokenized_cache(
         {
             **config_lineage(context),
             "tokens_total": dg.MetadataValue.int(tokens_total),
-            "unique_sections": dg.MetadataValue.int(len(ids)),
+            "unique_sections": dg.MetadataValue.int(len(pc.unique(table["section_id"]))),
+            "unique_texts": dg.MetadataValue.int(unique_texts),
             "cache_hits": dg.MetadataValue.int(lookup.hits),
             "cache_misses": dg.MetadataValue.int(lookup.misses),
-            "hit_rate": dg.MetadataValue.float(lookup.hits / len(ids) if ids else 1.0),
+            "hit_rate": dg.MetadataValue.float(lookup.hits / unique_texts if unique_texts else 1.0),
+            "cache_repaired_shards": dg.MetadataValue.int(len(lookup.repaired)),
+            "cache_ignored_entries": dg.MetadataValue.int(len(lookup.ignored)),
             "truncated_rows": dg.MetadataValue.int(int(pc.sum(table["truncated"]).as_py() or 0)),
             "cache_bytes": dg.MetadataValue.int(stats["bytes"]),
             "tokens_per_second": dg.MetadataValue.float(
@@ -89,6 +99,8 @@ def tokenized_cache(
             "tokenizer_source": dg.MetadataValue.text(loaded.source),
             "max_seq_len": dg.MetadataValue.int(loaded.max_seq_len),
             "cache_namespace": dg.MetadataValue.text(loaded.cache_namespace),
+            "tokenizer_truncation_disabled": dg.MetadataValue.bool(loaded.truncation_disabled),
+            "tokenizer_padding_disabled": dg.MetadataValue.bool(loaded.padding_disabled),
             "sequence_lengths": table_metadata(length_histogram(n_tokens, loaded.max_seq_len)),
         },
     )

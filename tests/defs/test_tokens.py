@@ -20,7 +20,8 @@ def test_cold_then_warm_is_all_hits_and_byte_identical(pipeline, tmp_path):
     assert pipe.run("0").success
     cold = pipe.metadata("tokenized_cache", "0")
     first = pipe.output("tokenized_cache", "0").read_bytes()
-    assert cold["cache_misses"] == cold["unique_sections"] > 0 and cold["cache_hits"] == 0
+    assert cold["cache_misses"] == cold["unique_texts"] > 0 and cold["cache_hits"] == 0
+    assert cold["tokenizer_truncation_disabled"] is False and cold["tokenizer_padding_disabled"] is False
     result = pipe.run("0")
     assert check_evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
     warm = pipe.metadata("tokenized_cache", "0")
@@ -58,7 +59,7 @@ def test_weights_only_edit_and_new_seed_tokenize_nothing(pipeline, tmp_path):
     assert pipe.run("0").success
     assert pq.read_table(pipe.output("expanded_corpus", "0")).num_rows != before
     meta = pipe.metadata("tokenized_cache", "0")
-    assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_sections"]
+    assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_texts"]
     assert pipe.run("11").success
     assert pipe.metadata("tokenized_cache", "11")["cache_misses"] == 0
 
@@ -74,7 +75,7 @@ def test_tokenizer_swap_at_the_same_path_misses_and_keeps_old_entries(pipeline, 
     small_tokenizer(path, texts, vocab_size=300)  # same path, different content
     assert pipe.run("0").success
     meta = pipe.metadata("tokenized_cache", "0")
-    assert meta["cache_hits"] == 0 and meta["cache_misses"] == meta["unique_sections"]
+    assert meta["cache_hits"] == 0 and meta["cache_misses"] == meta["unique_texts"]
     assert meta["cache_namespace"] != old_namespace
     assert pq.read_table(pipe.output("tokenized_cache", "0"))["input_ids"].to_pylist() != old
     assert list((pipe.cache / old_namespace).glob("shard-*.parquet"))  # old entries untouched
@@ -99,3 +100,86 @@ def test_tampered_cache_rows_are_found_by_the_check_logic(pipeline, tmp_path):
     ids[victim] = [1, 2, 3]
     tampered = table.set_column(2, "input_ids", pa.array(ids, pa.list_(pa.int32())))
     assert mismatched_sections(loaded, tampered, texts, 64)[1] == [table["section_id"][victim].as_py()]
+
+
+def test_max_seq_len_change_tokenizes_nothing_and_cuts_at_read_time(pipeline, tmp_path):
+    root = copy_example(tmp_path)
+    assert pipeline(root, max_seq_len=2048).run("0").success
+    short = pipeline(root, max_seq_len=16)
+    result = short.run("0")
+    assert result.success and check_evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
+    meta = short.metadata("tokenized_cache", "0")
+    assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_texts"] > 0
+    tokens = pq.read_table(short.output("tokenized_cache", "0"))
+    expanded = pq.read_table(short.output("expanded_corpus", "0"))
+    direct = [e.ids for e in load_tokenizer().tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)]
+    assert tokens["input_ids"].to_pylist() == [ids[:16] for ids in direct]
+    assert tokens["truncated"].to_pylist() == [len(ids) > 16 for ids in direct]
+
+
+def test_renamed_and_copied_files_tokenize_nothing(pipeline, tmp_path):
+    root = copy_example(tmp_path)
+    pipe = pipeline(root)
+    assert pipe.run("0").success
+    (root / "src" / "acme" / "core.py").rename(root / "src" / "acme" / "renamed_core.py")
+    elsewhere = root / "elsewhere" / "deeper"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(root / "src" / "acme" / "report.py", elsewhere / "copy.py")
+    result = pipe.run("0")
+    assert result.success and check_evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
+    meta = pipe.metadata("tokenized_cache", "0")
+    assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_texts"]
+    raw = pq.read_table(pipe.output("raw_corpus", "0"))["path"].to_pylist()
+    assert "src/acme/renamed_core.py" in raw and "elsewhere/deeper/copy.py" in raw
+
+
+def test_a_truncated_shard_is_repaired_and_the_output_is_unchanged(pipeline, tmp_path):
+    pipe = pipeline(copy_example(tmp_path))
+    assert pipe.run("0").success
+    first = pipe.output("tokenized_cache", "0").read_bytes()
+    (shard,) = pipe.cache.glob("*/shard-*.parquet")
+    with open(shard, "r+b") as fh:  # truncated in place: same name, fewer bytes
+        fh.truncate(shard.stat().st_size // 2)
+    result = pipe.run("0")
+    assert result.success and check_evaluations(result)[TOKENS_MATCH_TOKENIZER].passed
+    meta = pipe.metadata("tokenized_cache", "0")
+    assert meta["cache_repaired_shards"] == 1 and meta["cache_misses"] == meta["unique_texts"]
+    assert pipe.output("tokenized_cache", "0").read_bytes() == first
+
+
+def test_same_size_corruption_is_caught_by_the_checksum(pipeline, tmp_path):
+    pipe = pipeline(copy_example(tmp_path))
+    assert pipe.run("0").success
+    first = pipe.output("tokenized_cache", "0").read_bytes()
+    (shard,) = pipe.cache.glob("*/shard-*.parquet")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert pipe.run("0").success
+    assert pipe.metadata("tokenized_cache", "0")["cache_repaired_shards"] == 1
+    assert pipe.output("tokenized_cache", "0").read_bytes() == first
+
+
+def test_a_tokenizer_s_own_truncation_and_padding_are_turned_off(pipeline, tmp_path):
+    import json
+
+    root = copy_example(tmp_path)
+    spec = json.loads(load_tokenizer().tokenizer.to_str())
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {
+        "strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]",
+    }
+    path = tmp_path / "tok" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(spec))
+    pipe = pipeline(root, tokenizer=str(path), max_seq_len=32)
+    assert pipe.run("0").success
+    meta = pipe.metadata("tokenized_cache", "0")
+    assert meta["tokenizer_truncation_disabled"] is True and meta["tokenizer_padding_disabled"] is True
+    assert meta["cache_namespace"] == load_tokenizer().cache_namespace  # same ids as the plain tokenizer
+    tokens = pq.read_table(pipe.output("tokenized_cache", "0"))
+    expanded = pq.read_table(pipe.output("expanded_corpus", "0"))
+    direct = [e.ids for e in load_tokenizer().tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)]
+    assert tokens["input_ids"].to_pylist() == [ids[:32] for ids in direct]  # neither 4 ids nor padded to 64
+    assert tokens["n_tokens"].to_pylist() == [min(len(ids), 32) for ids in direct]
