@@ -147,7 +147,7 @@ def load_tokenizer(spec: str = "", *, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, ad
         if is_hub_id(source):
             tokenizer = _from_hub(source)
         elif path.is_dir():
-            if not (path / TOKEN_FILE).is_file():
+            if not os.path.lexists(path / TOKEN_FILE):
                 raise TokenizerError(f"{path} is a directory without a {TOKEN_FILE}")
             tokenizer = Tokenizer.from_str(read_tokenizer_file(path / TOKEN_FILE))
         else:

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.token_store import MANIFEST, TokenStore
-from dlm_pipeline.core.tokenize import TokenizerError, fingerprint_of, load_tokenizer
+from dlm_pipeline.core.tokenize import TokenizerError, cut, fingerprint_of, load_tokenizer
 
 TEXTS = [f"def f{i}(x):\n    return x * {i}  # café {i}\n" * (1 + i % 5) for i in range(300)]
-IDS = [f"{i:016x}" for i in range(300)]
+IDS = [content_key(t) for t in TEXTS]
 
 
 def test_default_tokenizer_loads_offline_and_fingerprint_is_content_based(tmp_path):
@@ -44,11 +45,14 @@ def test_tokenizer_errors_are_clear(tmp_path):
         load_tokenizer(max_seq_len=0)
 
 
-def test_truncation_is_counted():
+def test_encode_keeps_full_ids_and_cut_counts_truncation():
     loaded = load_tokenizer(max_seq_len=8)
-    table = loaded.encode(["a b c d e f g h i j k l", "short"])
-    assert table["n_tokens"].to_pylist()[0] == 8 and table["truncated"].to_pylist() == [True, False]
     full = load_tokenizer().tokenizer.encode("a b c d e f g h i j k l").ids
+    encoded = loaded.encode(["a b c d e f g h i j k l", "short"])
+    assert encoded.column_names == ["input_ids", "n_tokens"]
+    assert encoded["input_ids"].to_pylist()[0] == full and encoded["n_tokens"].to_pylist()[0] == len(full) > 8
+    table = cut(encoded, 8)
+    assert table["n_tokens"].to_pylist()[0] == 8 and table["truncated"].to_pylist() == [True, False]
     assert table["input_ids"].to_pylist()[0] == full[:8]
 
 
@@ -64,12 +68,18 @@ def test_hits_after_misses_and_same_ids(tmp_path):
     assert store.stats()["rows"] == 300 and store.stats()["shards"] == 1
 
 
-def test_namespaces_separate_tokenizers_and_lengths(tmp_path):
+def test_namespaces_separate_special_tokens_but_not_lengths(tmp_path):
     store = TokenStore(tmp_path / "cache")
     a, b = load_tokenizer(max_seq_len=2048), load_tokenizer(max_seq_len=4)
-    store.get_or_compute(a.cache_namespace, IDS, TEXTS, a.encode)
+    assert a.cache_namespace == b.cache_namespace == a.fingerprint[:32]
+    cold = store.get_or_compute(a.cache_namespace, IDS, TEXTS, a.encode)
     short = store.get_or_compute(b.cache_namespace, IDS, TEXTS, b.encode)
-    assert short.misses == 300 and max(short.table["n_tokens"].to_pylist()) == 4
+    assert short.misses == 0 and short.table["input_ids"].to_pylist() == cold.table["input_ids"].to_pylist()
+    assert cold.table.column_names == ["content_key", "input_ids", "n_tokens"]
+    assert cold.table["content_key"].to_pylist() == IDS
+    special = load_tokenizer(add_special_tokens=True)
+    assert special.cache_namespace == a.fingerprint[:32] + "-special"
+    assert store.get_or_compute(special.cache_namespace, IDS, TEXTS, special.encode).misses == 300
     assert len(store.stats()["namespaces"]) == 2
 
 
@@ -97,22 +107,22 @@ def test_repair_after_killed_writes(tmp_path):
     (good,) = list(ns_dir.glob("shard-*.parquet"))
     # What killed writers leave: a torn temp file, a finished shard the manifest never heard of,
     # a manifest entry whose file is gone, and a truncated file with a shard name.
-    torn = ns_dir / ".shard-dead.parquet.abc.tmp"
+    torn = ns_dir / f".shard-{'d' * 32}.parquet.abc_12.tmp"
     torn.write_bytes(good.read_bytes()[:100])
     os.utime(torn, (0, 0))
-    orphan = ns_dir / "shard-orphan.parquet"
+    orphan = ns_dir / f"shard-{'a' * 32}.parquet"
     orphan.write_bytes(good.read_bytes())
-    truncated = ns_dir / "shard-truncated.parquet"
+    truncated = ns_dir / f"shard-{'b' * 32}.parquet"
     truncated.write_bytes(good.read_bytes()[:50])
     torn_manifest = store.root / ".manifest.json.dead.tmp"
     torn_manifest.write_text("{")
     os.utime(torn_manifest, (0, 0))
     manifest = json.loads((store.root / MANIFEST).read_text())
-    manifest["shards"][f"{loaded.cache_namespace}/shard-gone.parquet"] = {"rows": 5, "bytes": 5, "last_used": 0}
+    manifest["shards"][f"{loaded.cache_namespace}/shard-{'c' * 32}.parquet"] = {"rows": 5, "bytes": 5, "sha256": "0" * 64, "last_used": 0}
     (store.root / MANIFEST).write_text(json.dumps(manifest))
 
     report = store.repair()
-    assert report == {"dropped": 1, "adopted": 1, "deleted": 3}
+    assert report == {"dropped": 1, "adopted": 1, "deleted": 3, "corrupt": [], "ignored": []}
     assert not torn.exists() and not truncated.exists() and not torn_manifest.exists() and orphan.exists()
     result = store.get_or_compute(loaded.cache_namespace, IDS[:150], TEXTS[:150], loaded.encode)
     assert (result.hits, result.misses) == (100, 50)
@@ -132,11 +142,11 @@ from dlm_pipeline.core.token_store import TokenStore
 from dlm_pipeline.core.tokenize import load_tokenizer
 loaded = load_tokenizer()
 store = TokenStore(sys.argv[1])
-texts = ["x = %d\\n" % i * 400 for i in range(4000)]
 i = 0
 print("ready", flush=True)
 while True:
-    ids = ["%d-%d" % (i, j) for j in range(len(texts))]
+    texts = ["x = %d  # %d\\n" % (j, i) * 400 for j in range(4000)]
+    ids = ["%064x" % (i * 4000 + j) for j in range(len(texts))]
     store.get_or_compute(loaded.cache_namespace, ids, texts, loaded.encode)
     i += 1
 """
@@ -156,7 +166,7 @@ def test_sigkilled_writer_leaves_a_readable_store(tmp_path):
     store.repair(stale_after=0)
     assert not list(cache.glob("*/.*.tmp"))
     loaded = load_tokenizer()
-    again = store.get_or_compute(loaded.cache_namespace, ["fresh"], ["y = 1\n"], loaded.encode)
+    again = store.get_or_compute(loaded.cache_namespace, [content_key("y = 1\n")], ["y = 1\n"], loaded.encode)
     assert again.misses == 1
 
 
@@ -207,7 +217,7 @@ def test_compaction_drops_duplicate_entries(tmp_path):
     loaded = load_tokenizer()
     store = TokenStore(tmp_path / "cache")
     for _ in range(3):  # the same sections written three times, as racing writers could
-        store._write_shard(loaded.cache_namespace, loaded.encode(TEXTS[:10]).add_column(0, "section_id", pa.array(IDS[:10])))
+        store._write_shards(loaded.cache_namespace, loaded.encode(TEXTS[:10]).add_column(0, "content_key", pa.array(IDS[:10])))
     assert store.stats()["rows"] == 30
     assert store.compact(at_shards=1) == 2
     assert store.stats()["rows"] == 10 and store.stats()["shards"] == 1

@@ -1,0 +1,225 @@
+"""The token store never reaches outside itself, survives broken shards and malformed manifests,
+follows the umask, and refuses an unusable root with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pyarrow.parquet as pq
+import pytest
+
+from dlm_pipeline.core.corpus import content_key
+from dlm_pipeline.core.parquet_io import write_parquet_atomic
+from dlm_pipeline.core.token_store import MANIFEST, TokenStore, TokenStoreError
+from dlm_pipeline.core.tokenize import chunk_bounds, ids_table, load_tokenizer
+
+TEXTS = [f"value_{i} = {i} * {i}\n" * (1 + i % 3) for i in range(40)]
+KEYS = [content_key(t) for t in TEXTS]
+
+
+def populated(root):
+    loaded = load_tokenizer()
+    store = TokenStore(root)
+    first = store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    return store, loaded, first
+
+
+def add_entries(store: TokenStore, entries: dict) -> None:
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    manifest["shards"].update(entries)
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def prune(store: TokenStore) -> dict:
+    """What `dlm-pipeline cache prune --max-bytes 0` does."""
+    report = store.repair(stale_after=0)
+    store.compact(at_shards=1)
+    store.evict(max_bytes=0)
+    return report
+
+
+def test_manifest_keys_outside_the_store_are_ignored_and_reported(tmp_path):
+    victim = tmp_path / "v" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("keep me")
+    store, loaded, _ = populated(tmp_path / "a" / "b" / "cache")
+    relative, absolute = "../../../v/victim.txt", str(victim)
+    sneaky = f"{loaded.cache_namespace}/../../../v/victim.txt"
+    entry = {"rows": 1, "bytes": 1000, "sha256": "0" * 64, "last_used": 0}
+    add_entries(store, {relative: entry, absolute: entry, sneaky: entry})
+    again = store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    assert again.hits == len(KEYS) and len(again.ignored) == 3
+    store.max_bytes = 0
+    store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    report = prune(store)
+    store.clear()
+    assert victim.read_text() == "keep me"
+    assert {repr(relative), repr(absolute), repr(sneaky)} <= set(report["ignored"])
+    assert set(store.stats()["ignored"]) == {repr(relative), repr(absolute), repr(sneaky)}
+
+
+def test_a_symlink_at_a_shard_name_is_never_followed_or_deleted(tmp_path):
+    victim = tmp_path / "victim.parquet"
+    store, loaded, _ = populated(tmp_path / "cache")
+    write_parquet_atomic(store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode).table, victim)
+    before = victim.read_bytes()
+    link = store.root / loaded.cache_namespace / f"shard-{'e' * 32}.parquet"
+    link.symlink_to(victim)
+    add_entries(store, {f"{loaded.cache_namespace}/{link.name}": {"rows": 40, "bytes": len(before), "sha256": "0" * 64, "last_used": 0}})
+    assert store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode).hits == len(KEYS)
+    prune(store)
+    store.clear()
+    assert victim.read_bytes() == before and link.is_symlink()
+
+
+@pytest.mark.parametrize("name", ["x", "0123456789abcdef0123456789abcdef"])
+def test_symlinked_folders_in_the_store_are_never_followed(tmp_path, name):
+    outside = tmp_path / "some" / "dir"
+    outside.mkdir(parents=True)
+    shard = outside / f"shard-{'f' * 32}.parquet"
+    shard.write_bytes(b"not yours")
+    temp = outside / f".shard-{'f' * 32}.parquet.abcdef.tmp"
+    temp.write_bytes(b"not yours either")
+    os.utime(temp, (0, 0))
+    store, loaded, _ = populated(tmp_path / "cache")
+    (store.root / name).symlink_to(outside)
+    report = prune(store)
+    store.clear()
+    assert shard.read_bytes() == b"not yours" and temp.read_bytes() == b"not yours either"
+    assert f"{name!r} (not a namespace folder)" in report["ignored"]
+    with pytest.raises(TokenStoreError, match="never follows|not a token store namespace"):
+        store.get_or_compute(name, KEYS[:1], TEXTS[:1], loaded.encode)
+    assert sorted(p.name for p in outside.iterdir()) == sorted([shard.name, temp.name])
+
+
+def test_a_lock_symlink_creates_nothing_at_its_target(tmp_path):
+    store, loaded, _ = populated(tmp_path / "cache")
+    victim = tmp_path / "victim-lock"
+    (store.root / ".lock").unlink()
+    (store.root / ".lock").symlink_to(victim)
+    with pytest.raises(TokenStoreError, match=r"\.lock is a symlink"):
+        store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    with pytest.raises(TokenStoreError, match=r"\.lock is a symlink"):
+        TokenStore(store.root)
+    assert not victim.exists()
+
+
+def test_a_truncated_shard_is_deleted_and_re_tokenized(tmp_path):
+    store, loaded, first = populated(tmp_path / "cache")
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    with open(shard, "r+b") as fh:
+        fh.truncate(100)
+    again = store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    assert again.repaired == [f"{loaded.cache_namespace}/{shard.name}"] and again.misses == len(KEYS)
+    assert again.table.equals(first.table)
+    assert not shard.exists()
+
+
+def test_a_shard_with_changed_bytes_fails_its_checksum(tmp_path):
+    store, loaded, first = populated(tmp_path / "cache")
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    shard.write_bytes(bytes(data))
+    assert store.repair()["corrupt"] == []  # same size: found when it is read
+    again = store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    assert len(again.repaired) == 1 and again.table.equals(first.table)
+    manifest = json.loads((store.root / MANIFEST).read_text())["shards"]
+    assert all(pq.read_table(store.root / name).num_rows == info["rows"] for name, info in manifest.items())
+
+
+def test_a_truncated_shard_is_found_by_prune(tmp_path):
+    store, loaded, _ = populated(tmp_path / "cache")
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    with open(shard, "r+b") as fh:
+        fh.truncate(10)
+    assert prune(store)["corrupt"] == [f"{loaded.cache_namespace}/{shard.name}"]
+    assert store.stats()["shards"] == 0
+
+
+def test_malformed_manifest_entries_never_break_stats_prune_or_lookups(tmp_path):
+    store, loaded, first = populated(tmp_path / "cache")
+    ns = loaded.cache_namespace
+    shard = lambda c: f"{ns}/shard-{c * 32}.parquet"  # noqa: E731
+    bad = {
+        shard("1"): {"x": 5},
+        shard("2"): {"rows": 1, "bytes": "12", "sha256": "0" * 64, "last_used": 0},
+        shard("3"): "not a dict",
+        shard("4"): {"rows": 10**30, "bytes": 10**30, "sha256": "0" * 64, "last_used": 1e308},
+        shard("5"): {"rows": 1, "bytes": 1, "sha256": "0" * 64, "last_used": float("inf")},
+        shard("6"): {"rows": True, "bytes": 1, "sha256": "0" * 64, "last_used": 0},
+        shard("7"): [1, 2],
+    }
+    add_entries(store, bad)
+    stats = store.stats()
+    assert stats["shards"] == 1 and stats["rows"] == len(KEYS) and len(stats["ignored"]) == len(bad)
+    assert store.get_or_compute(ns, KEYS, TEXTS, loaded.encode).table.equals(first.table)
+    assert len(prune(store)["ignored"]) == len(bad)
+    (store.root / MANIFEST).write_text('{"version": 2, "shards": {"a": ' + "9" * 5000 + "}}")  # int too long to parse
+    assert store.stats()["shards"] == 0
+    assert store.get_or_compute(ns, KEYS, TEXTS, loaded.encode).misses == len(KEYS)
+    (store.root / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    assert store.stats()["shards"] == 0 and store.repair()["adopted"] >= 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_and_the_store_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        store, loaded, first = populated(tmp_path / "cache")
+        out = write_parquet_atomic(first.table, tmp_path / "out" / "0.parquet")
+    finally:
+        os.umask(old)
+    files = [out, store.root / MANIFEST, store.root / ".lock", *(store.root / loaded.cache_namespace).glob("shard-*")]
+    assert len(files) == 4
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE((store.root / loaded.cache_namespace).stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("kind", ["file", "devnull", "below_a_file"])
+def test_an_unusable_root_is_one_clear_error(tmp_path, kind):
+    (tmp_path / "plain").write_text("x")
+    root = {"file": tmp_path / "plain", "devnull": "/dev/null", "below_a_file": tmp_path / "plain" / "cache"}[kind]
+    with pytest.raises(TokenStoreError) as error:
+        TokenStore(root)
+    message = str(error.value)
+    assert str(root) in message and "DLM_CACHE_DIR" in message and "\n" not in message
+
+
+def test_an_unwritable_root_is_one_clear_error(tmp_path):
+    """Root writes everywhere, so as root the store runs without the permission-bypass capabilities."""
+    import shutil
+    import subprocess
+    import sys
+
+    without_override: list[str] = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot drop the permission-bypass capabilities")
+        caps = "-dac_override,-dac_read_search"
+        without_override = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    root = tmp_path / "ro"
+    root.mkdir(mode=0o500)
+    code = "import sys; from dlm_pipeline.core.token_store import TokenStore; TokenStore(sys.argv[1])"
+    done = subprocess.run([*without_override, sys.executable, "-c", code, str(root)], capture_output=True, text=True)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dlm_pipeline.core.token_store.TokenStoreError:") and str(root) in last and "DLM_CACHE_DIR" in last
+
+
+def test_list_offsets_stay_below_the_int32_limit():
+    """The boundary logic of encode, with a small limit instead of 2^31-1 ids."""
+    import numpy as np
+
+    assert chunk_bounds(np.array([3, 3, 3, 10, 1]), 6) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert chunk_bounds(np.array([], dtype=np.int64), 6) == [(0, 0)]
+    assert chunk_bounds(np.array([6, 6]), 6) == [(0, 1), (1, 2)]
+    rows = [np.arange(n, dtype=np.int32) for n in [3, 3, 3, 10, 1, 0]]
+    table = ids_table(rows, limit=6)
+    assert table["input_ids"].num_chunks == 4
+    assert all(len(chunk.values) <= 6 or len(chunk) == 1 for chunk in table["input_ids"].chunks)
+    assert table["input_ids"].to_pylist() == [r.tolist() for r in rows]
+    assert table["n_tokens"].to_pylist() == [3, 3, 3, 10, 1, 0]
