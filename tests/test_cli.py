@@ -114,7 +114,9 @@ def test_cache_stats_prune_clear_and_tokenizer_flags(capsys, home, tmp_path):
     capsys.readouterr()
     assert main(["cache", "stats"]) == 0
     out = capsys.readouterr().out
-    assert str(home / "token_cache") in out and "-L16" in out and "12 entries" in out
+    from dlm_pipeline.core.tokenize import load_tokenizer
+
+    assert str(home / "token_cache") in out and f"{load_tokenizer().cache_namespace}: 12 entries" in out
     assert main(["cache", "prune", "--max-bytes", "0"]) == 0
     assert "evicted 1 shard(s); now 0 bytes" in capsys.readouterr().out
     assert main(["materialize", "--tokenizer", str(tmp_path / "missing.json")]) == 1
@@ -159,12 +161,12 @@ def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(
     from dlm_pipeline.core.tokenize import load_tokenizer
 
     loaded = load_tokenizer()
-    raw = pq.read_table(home / "storage" / "raw_corpus" / "1.parquet")
-    again = TokenStore(cache).get_or_compute(
-        loaded.cache_namespace, raw["section_id"].to_pylist(), raw["text"].to_pylist(), loaded.encode
-    )
-    assert (again.hits, again.misses) == (raw.num_rows, 0)
-    expected = [e.ids for e in loaded.tokenizer.encode_batch(raw["text"].to_pylist(), add_special_tokens=False)]
+    from dlm_pipeline.core.corpus import content_key
+
+    texts = sorted(set(pq.read_table(home / "storage" / "raw_corpus" / "1.parquet")["text"].to_pylist()))
+    again = TokenStore(cache).get_or_compute(loaded.cache_namespace, [content_key(t) for t in texts], texts, loaded.encode)
+    assert (again.hits, again.misses) == (len(texts), 0)
+    expected = [e.ids for e in loaded.tokenizer.encode_batch(texts, add_special_tokens=False)]
     assert again.table["input_ids"].to_pylist() == expected
 
 

@@ -429,12 +429,15 @@ class TokenStore:
         entry = {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "last_used": last_used}
         return f"{namespace}/{shard}", entry
 
-    def _drop_corrupt(self, name: str, info: dict) -> None:
-        """Delete a shard that failed verification, unless the manifest changed it meanwhile."""
+    def _drop_corrupt(self, name: str, info: dict) -> bool:
+        """Delete a shard that failed verification, unless the manifest changed it meanwhile (a
+        concurrent compaction or eviction removes shards a reader may still be about to read)."""
         with self._locked() as manifest:
-            if manifest["shards"].get(name) == info:
-                del manifest["shards"][name]
-                self._delete_shard(name)
+            if manifest["shards"].get(name) != info:
+                return False
+            del manifest["shards"][name]
+            self._delete_shard(name)
+            return True
 
     def compact(self, namespace: str | None = None, at_shards: int = COMPACT_AT_SHARDS) -> int:
         """Merge the small shards of each namespace that has more than `at_shards` of them into one
@@ -495,8 +498,8 @@ class TokenStore:
             try:
                 shard = self._read_shard(name, good[name])
             except CorruptShard:
-                self._drop_corrupt(name, good[name])
-                repaired.append(name)
+                if self._drop_corrupt(name, good[name]):
+                    repaired.append(name)
                 continue
             rows = pc.index_in(wanted.take(pa.array(pending)), value_set=shard["content_key"])
             found = rows.is_valid().to_numpy(zero_copy_only=False)

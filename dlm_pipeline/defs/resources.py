@@ -13,7 +13,7 @@ from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.parquet_io import read_parquet, write_parquet_atomic
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
-from dlm_pipeline.core.token_store import TokenStore
+from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
 from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
@@ -109,7 +109,10 @@ class TokenCacheResource(dg.ConfigurableResource):
 
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
         root = self.cache_dir or os.path.join(instance.root_directory, "token_cache")
-        return TokenStore(root, max_bytes=self.max_bytes)
+        try:
+            return TokenStore(root, max_bytes=self.max_bytes)
+        except TokenStoreError as exc:
+            raise dg.Failure(description=str(exc)) from None
 
 
 class DatasetResource(dg.ConfigurableResource):
