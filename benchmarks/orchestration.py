@@ -44,7 +44,7 @@ from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_
 from dlm_pipeline.core.corpus import build_raw_corpus
 from dlm_pipeline.core.expansion import expand_rows
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
-from dlm_pipeline.core.token_store import TokenStore, gather_rows
+from dlm_pipeline.core.token_store import TokenStore, tokenized_rows
 from dlm_pipeline.core.tokenize import load_tokenizer
 from dlm_pipeline.core.tree import scan_tree
 from dlm_pipeline.core.weights import maps_from_table, row_maps, weights_table
@@ -59,8 +59,7 @@ for seed in range({seeds}):
     expanded, _ = expand_rows(raw, row_map, maps, seed)
     loaded = load_tokenizer()
     store = TokenStore({str(cache)!r})
-    lookup = store.get_or_compute(loaded.cache_namespace, raw["section_id"].to_pylist(), raw["text"].to_pylist(), loaded.encode)
-    tokens = gather_rows(lookup.table, expanded["section_id"], expanded["copy"])
+    tokens, _ = tokenized_rows(store, loaded, raw, expanded["section_id"], expanded["copy"])
     for name, table in (("c", configs), ("w", weights), ("r", raw), ("e", expanded), ("t", tokens)):
         write_parquet_atomic(table, f"{{out}}/{{name}}/{{seed}}.parquet")
 print(time.perf_counter() - start)

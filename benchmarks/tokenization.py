@@ -8,7 +8,8 @@ for every script in this folder.)
 The corpus is real Python source (this interpreter's standard library, cycled with a unique
 header per file until it has --files files and --min-mb MB). Baseline: the same tokenizer's
 `encode_batch` over the same unique texts, in the same process. Core mode times the library
-(store lookup + tokenization of misses + gather per seed); --dagster also materializes the
+(content keys + store lookup + tokenization of misses + cut and gather per seed), then a
+`max_seq_len` change and a rename of every file (both must tokenize nothing); --dagster also materializes the
 whole graph through Dagster (ephemeral instance, in-process executor) and reports the
 tokenized_cache step's own numbers.
 """
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from dlm_pipeline.core.corpus import rows_table, section_id
 from dlm_pipeline.core.expansion import expand_rows
-from dlm_pipeline.core.token_store import TokenStore, gather_rows
+from dlm_pipeline.core.token_store import TokenStore, tokenized_rows
 from dlm_pipeline.core.tokenize import load_tokenizer
 
 
@@ -77,10 +78,12 @@ def core_benchmark(files: dict[str, str]) -> None:
     del baseline_out
     _, baseline_fast = timed(lambda: loaded.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
 
-    def seed_run(store: TokenStore, weights: dict, seed: int) -> tuple[pa.Table, int, int]:
-        expanded, _ = expand_rows(table, np.zeros(table.num_rows, np.int32), [weights], seed)
-        lookup = store.get_or_compute(loaded.cache_namespace, ids, texts, loaded.encode)
-        out = gather_rows(lookup.table, expanded["section_id"], expanded["copy"])
+    renamed_paths = [f"moved/{p}" for p in paths]
+    renamed = rows_table([section_id(p, files[q]) for p, q in zip(renamed_paths, paths)], renamed_paths, texts, tags)
+
+    def seed_run(store: TokenStore, weights: dict, seed: int, rows: pa.Table = table, tokenizer=loaded) -> tuple[pa.Table, int, int]:
+        expanded, _ = expand_rows(rows, np.zeros(rows.num_rows, np.int32), [weights], seed)
+        out, lookup = tokenized_rows(store, tokenizer, rows, expanded["section_id"], expanded["copy"])
         return out, lookup.hits, lookup.misses
 
     weights_a = {"pkg": {f"pkg{i:02d}": 0.5 + (i % 4) * 0.5 for i in range(50)}}
@@ -91,8 +94,11 @@ def core_benchmark(files: dict[str, str]) -> None:
         (warm_out, warm_hits, _), warm = timed(lambda: seed_run(store, weights_a, 0))
         (edit_out, edit_hits, edit_miss), edit = timed(lambda: seed_run(store, weights_b, 0))
         (_, seed_hits, _), new_seed = timed(lambda: seed_run(store, weights_a, 1))
+        shorter = load_tokenizer(max_seq_len=512)
+        (_, _, length_miss), length_change = timed(lambda: seed_run(store, weights_a, 0, tokenizer=shorter))
+        (_, _, rename_miss), rename = timed(lambda: seed_run(store, weights_a, 0, rows=renamed))
         assert cold_out.equals(warm_out), "warm output differs from cold"
-        assert edit_miss == 0 and cold_miss == len(ids)
+        assert edit_miss == 0 and cold_miss == len(ids) and length_miss == 0 and rename_miss == 0
         cache_bytes = store.stats()["bytes"]
 
     print(f"corpus             {len(ids):>9,} files  {mb:,.1f} MB  {tokens:,} tokens (bundled dlm-bpe-8k)")
@@ -102,6 +108,8 @@ def core_benchmark(files: dict[str, str]) -> None:
     print(f"warm (core)        {warm:>9.2f}s  {cold / warm:5.1f}x faster than cold  ({warm_hits:,} hits)")
     print(f"weights-only edit  {edit:>9.2f}s  {cold / edit:5.1f}x faster than cold  ({edit_hits:,} hits, 0 tokenized; {edit_out.num_rows:,} rows)")
     print(f"new seed           {new_seed:>9.2f}s  {cold / new_seed:5.1f}x faster than cold  ({seed_hits:,} hits)")
+    print(f"max_seq_len 512    {length_change:>9.2f}s  {cold / length_change:5.1f}x faster than cold  (0 tokenized)")
+    print(f"every file renamed {rename:>9.2f}s  {cold / rename:5.1f}x faster than cold  (0 tokenized)")
     print(f"peak RSS           {peak_rss_mib():>9,.0f} MiB")
 
 
@@ -109,7 +117,13 @@ def dagster_benchmark(files: dict[str, str]) -> None:
     import dagster as dg
 
     from dlm_pipeline.definitions import CORPUS_JOB, build_defs
-    from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
+    from dlm_pipeline.defs.resources import (
+        DatasetResource,
+        ParquetIOManager,
+        SourceTree,
+        TokenCacheResource,
+        TokenizerResource,
+    )
 
     with tempfile.TemporaryDirectory() as tmp, dg.DagsterInstance.ephemeral() as instance:
         root = Path(tmp) / "tree"
@@ -125,6 +139,7 @@ def dagster_benchmark(files: dict[str, str]) -> None:
                 "io_manager": ParquetIOManager(output_dir=str(Path(tmp) / "out")),
                 "tokenizer": TokenizerResource(),
                 "token_cache": TokenCacheResource(cache_dir=str(Path(tmp) / "cache")),
+                "dataset": DatasetResource(),
             }
         )
         instance.add_dynamic_partitions("seeds", ["0", "1"])
