@@ -221,3 +221,22 @@ def test_compaction_drops_duplicate_entries(tmp_path):
     assert store.stats()["rows"] == 30
     assert store.compact(at_shards=1) == 2
     assert store.stats()["rows"] == 10 and store.stats()["shards"] == 1
+
+
+def test_an_old_path_keyed_namespace_misses_and_ages_out(tmp_path):
+    """A store written before content keys (`<fp>-L<n>` folders, section_id shards, no sha256)."""
+    loaded = load_tokenizer()
+    root = tmp_path / "cache"
+    old_ns = f"{loaded.fingerprint[:32]}-L2048"
+    (root / old_ns).mkdir(parents=True)
+    old_shard = root / old_ns / f"shard-{'9' * 32}.parquet"
+    pq.write_table(pa.table({"section_id": ["a"], "input_ids": [[1, 2]], "n_tokens": [2], "truncated": [False]}), old_shard)
+    manifest = {"version": 1, "shards": {f"{old_ns}/{old_shard.name}": {"rows": 1, "bytes": old_shard.stat().st_size, "last_used": 0.0}}}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    store = TokenStore(root)
+    assert store.stats()["namespaces"][old_ns]["rows"] == 1
+    lookup = store.get_or_compute(loaded.cache_namespace, IDS[:5], TEXTS[:5], loaded.encode)
+    assert lookup.misses == 5 and old_shard.exists() and not lookup.ignored
+    store.max_bytes = 1
+    store.get_or_compute(loaded.cache_namespace, IDS[:5], TEXTS[:5], loaded.encode)
+    assert not old_shard.exists() and set(store.stats()["namespaces"]) == {loaded.cache_namespace}
