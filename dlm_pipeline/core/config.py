@@ -12,7 +12,6 @@ import reprlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import pathspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -26,11 +25,17 @@ from pydantic import (
     field_validator,
 )
 
+from dlm_pipeline.core.globs import compile_glob
+
 ANCHOR_DIR = ".dlm"
 TRAINING_FILE = "training.yaml"
 IGNORE_FILE = "ignore"
 SUPPORTED_VERSION = 1
 DEFAULT_MAX_WEIGHT = 100.0
+# Tags are copied onto every row below the anchor: bounded so a config cannot multiply memory by
+# thousands (2,000 keys on 5,000 files took 3.1 GB). Far above what a tag scheme needs.
+MAX_METADATA_KEYS = 64
+MAX_TAG_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,16 @@ def _canonical_mapping(value: Any) -> Any:
     return out
 
 
-TagKey = Annotated[str, BeforeValidator(canonical_tag)]
-TagValue = Annotated[str, BeforeValidator(canonical_tag)]
+def bounded_tag(value: Any) -> str:
+    """canonical_tag, refusing tags longer than MAX_TAG_CHARS characters."""
+    tag = canonical_tag(value)
+    if len(tag) > MAX_TAG_CHARS:
+        raise ValueError(f"tag of {len(tag)} characters {short_repr(tag)}; at most {MAX_TAG_CHARS} are allowed")
+    return tag
+
+
+TagKey = Annotated[str, BeforeValidator(bounded_tag)]
+TagValue = Annotated[str, BeforeValidator(bounded_tag)]
 Weight = Annotated[float, BeforeValidator(_check_weight)]
 Globs = tuple[StrictStr, ...]
 
@@ -125,6 +138,7 @@ class TrainingConfig(BaseModel):
     include: Globs | None = None
     exclude: Globs = ()
     exclude_defaults: StrictBool | None = Field(default=None, description="None: inherit")
+    scan_secrets: StrictBool | None = Field(default=None, description="None: inherit")
     metadata: dict[TagKey, TagValue] = Field(default_factory=dict)
     weights: dict[TagKey, dict[TagKey, Weight]] = Field(default_factory=dict)
 
@@ -142,7 +156,7 @@ class TrainingConfig(BaseModel):
             for i, glob in enumerate(value):
                 if isinstance(glob, str):
                     try:
-                        pathspec.GitIgnoreSpec.from_lines([glob])
+                        compile_glob(glob)
                     except Exception as exc:  # pathspec raises several types for bad patterns
                         raise ValueError(f"glob #{i} {glob!r} is not a valid pattern: {exc}") from None
         return value
@@ -150,6 +164,8 @@ class TrainingConfig(BaseModel):
     @field_validator("metadata", mode="before")
     @classmethod
     def _metadata_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict) and len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"{len(value)} tags; at most {MAX_METADATA_KEYS} per config are allowed")
         return _canonical_mapping(value)
 
     @field_validator("weights", mode="before")
@@ -289,7 +305,7 @@ def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
     issues = []
     for number, line in enumerate(lines, start=1):
         try:
-            pathspec.GitIgnoreSpec.from_lines([line])
+            compile_glob(line)
         except Exception as exc:  # pathspec raises several types for bad patterns
             issues.append(ConfigIssue(path, number, None, f"invalid pattern {line!r}: {exc}"))
     if issues:
