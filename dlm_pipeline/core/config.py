@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from dlm_pipeline.core.globs import compile_glob
+from dlm_pipeline.core.globs import glob_errors
 
 ANCHOR_DIR = ".dlm"
 TRAINING_FILE = "training.yaml"
@@ -152,13 +152,9 @@ class TrainingConfig(BaseModel):
     @field_validator("include", "exclude", mode="before")
     @classmethod
     def _globs_are_valid(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for i, glob in enumerate(value):
-                if isinstance(glob, str):
-                    try:
-                        compile_glob(glob)
-                    except Exception as exc:  # pathspec raises several types for bad patterns
-                        raise ValueError(f"glob #{i} {glob!r} is not a valid pattern: {exc}") from None
+        if isinstance(value, list) and all(isinstance(glob, str) for glob in value):
+            for i, reason in glob_errors(value):
+                raise ValueError(f"glob #{i} {value[i]!r} is not a valid pattern: {reason}")
         return value
 
     @field_validator("metadata", mode="before")
@@ -302,12 +298,7 @@ def parse_training_config(
 def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
     """Patterns of a `.dlm/ignore` (gitignore syntax); ConfigInvalid names each line pathspec refuses."""
     lines = tuple(text.splitlines())
-    issues = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            compile_glob(line)
-        except Exception as exc:  # pathspec raises several types for bad patterns
-            issues.append(ConfigIssue(path, number, None, f"invalid pattern {line!r}: {exc}"))
+    issues = [ConfigIssue(path, i + 1, None, f"invalid pattern {lines[i]!r}: {reason}") for i, reason in glob_errors(lines)]
     if issues:
         raise ConfigInvalid(issues)
     return lines

@@ -6,15 +6,14 @@ re2 backend (google-re2, a dependency), whose matching is linear in the path and
 
 One re2 set cannot hold a 20,000-line ignore file (re2's memory budget is exceeded, and a huge set
 matches slowly), so the patterns are compiled in sets of `CHUNK` and the matches of all sets are
-combined with the very rule pathspec's re2 gitignore backend applies within one set: a file match
-outranks a directory match, the later pattern wins among equals, and a re-including directory
-pattern wins over any earlier one. For up to `CHUNK` patterns the verdict is therefore pathspec's
-own, and for more it is the same rule over all matches.
+combined with the rule of pathspec's reference (pure Python) gitignore backend: the last pattern
+that matches the file itself wins; only when none does, the last one that matches a parent folder.
+This is order-free, so splitting into sets cannot change a verdict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pathspec
 from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
@@ -23,9 +22,26 @@ BACKEND = "re2"
 CHUNK = 256
 
 
-def compile_glob(pattern: str) -> None:
-    """Raise (ValueError or pathspec's/re2's own error) when `pattern` cannot be matched by re2."""
-    pathspec.GitIgnoreSpec.from_lines([pattern], backend=BACKEND)
+def _compile(lines: Sequence[str]):
+    return pathspec.GitIgnoreSpec.from_lines(lines, backend=BACKEND)
+
+
+def glob_errors(lines: Sequence[str]) -> list[tuple[int, str]]:
+    """(0-based line index, reason) for each pattern pathspec or re2 refuses; compiled a set at a
+    time, line by line only inside a set that fails."""
+    errors = []
+    for start in range(0, len(lines), CHUNK):
+        try:
+            _compile(lines[start : start + CHUNK])
+            continue
+        except Exception:  # pathspec and re2 raise several types for bad patterns
+            pass
+        for offset, line in enumerate(lines[start : start + CHUNK]):
+            try:
+                _compile([line])
+            except Exception as exc:
+                errors.append((start + offset, str(exc) or type(exc).__name__))
+    return errors
 
 
 class GlobSet:
@@ -40,18 +56,19 @@ class GlobSet:
 
     def check(self, path: str) -> bool | None:
         """True: a pattern selects `path`; False: a `!pattern` re-includes it; None: no pattern matches."""
-        out_include, out_index, out_priority = None, -1, -1
+        matched: dict[int, tuple[bool, bool]] = {}  # pattern index -> (include, matched only as a folder)
         for start, backend in self._sets:
             for regex_id in backend._set.Match(path) or ():
                 data = backend._regex_data[regex_id]
-                index, priority = start + data.index, 1 if data.is_dir_pattern else 2
-                if (
-                    (data.include and data.is_dir_pattern and index > out_index)
-                    or (priority == out_priority and index > out_index)
-                    or priority > out_priority
-                ):
-                    out_include, out_index, out_priority = data.include, index, priority
-        return out_include
+                index = start + data.index
+                include, only_dir = matched.get(index, (data.include, True))
+                matched[index] = (include, only_dir and data.is_dir_pattern)
+        if not matched:
+            return None
+        # The last pattern that matches the file itself wins; failing that, the last that matches
+        # one of its parent folders.
+        winner = max(matched, key=lambda index: (not matched[index][1], index))
+        return matched[winner][0]
 
     def matches(self, path: str) -> bool:
         return bool(self.check(path))
