@@ -139,16 +139,16 @@ class SecretScanner:
     prefilter: re2._Regexp
 
     def candidate_lines(self, text: str) -> list[str]:
-        """Each line that the combined prefilter matches, once, in order."""
+        """Each line that the combined prefilter matches, once, in order. (Matched as UTF-8 bytes:
+        the re2 wrapper's str handling costs twice the search itself.)"""
+        data = text.encode()
         lines, last_end = [], -1
-        for match in self.prefilter.finditer(text):
-            start = text.rfind("\n", 0, match.start()) + 1
-            if start < last_end:
-                start = last_end
-            end = text.find("\n", match.end())
-            end = len(text) if end == -1 else end
+        for match in self.prefilter.finditer(data):
+            start = max(data.rfind(b"\n", 0, match.start()) + 1, last_end)
+            end = data.find(b"\n", match.end())
+            end = len(data) if end == -1 else end
             if end > last_end:
-                lines.extend(text[start:end].split("\n"))
+                lines.extend(data[start:end].decode().split("\n"))
                 last_end = end
         return lines
 
