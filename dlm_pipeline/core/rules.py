@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from dlm_pipeline.core.config import TrainingConfig
-from dlm_pipeline.core.globs import GlobSet
+from dlm_pipeline.core.globs import GlobSet, glob_set
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     # version control
@@ -66,17 +66,17 @@ class Anchor:
     def include_spec(self) -> GlobSet | None:
         if self.config is None or self.config.include is None:
             return None
-        return GlobSet(self.config.include)
+        return glob_set(tuple(self.config.include))
 
     @cached_property
     def exclude_spec(self) -> GlobSet | None:
         if self.config is None or not self.config.exclude:
             return None
-        return GlobSet(self.config.exclude)
+        return glob_set(tuple(self.config.exclude))
 
     @cached_property
     def ignore_spec(self) -> GlobSet | None:
-        return GlobSet(self.ignore) if self.ignore else None
+        return glob_set(tuple(self.ignore)) if self.ignore else None
 
     def verdict(self, path: str, included: bool) -> bool:
         """Apply this anchor's rules to the running verdict for `path` (relative to the root)."""
