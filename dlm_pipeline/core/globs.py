@@ -25,7 +25,7 @@ CHUNK = 256
 
 def glob_errors(lines: Sequence[str]) -> list[tuple[int, str]]:
     """(0-based line index, reason) for each pattern pathspec or re2 refuses. The whole list is
-    compiled once (and kept: the rules reuse it); line by line only inside a set that fails."""
+    compiled once (and kept: the rules reuse it); line by line only when that fails."""
     try:
         glob_set(tuple(lines))
         return []
@@ -37,7 +37,18 @@ def glob_errors(lines: Sequence[str]) -> list[tuple[int, str]]:
             pathspec.GitIgnoreSpec.from_lines([line], backend=BACKEND)
         except Exception as exc:
             errors.append((index, str(exc) or type(exc).__name__))
+    if not errors:  # each pattern compiles alone, yet a set of them exceeds re2's memory budget
+        start = next(i for i in range(0, len(lines), CHUNK) if not _compiles(lines[i : i + CHUNK]))
+        errors.append((start, f"patterns from here on are too large together for re2 (sets of {CHUNK}); simplify them"))
     return errors
+
+
+def _compiles(lines: Sequence[str]) -> bool:
+    try:
+        GlobSet(lines)
+    except Exception:  # pathspec and re2 raise several types for bad patterns
+        return False
+    return True
 
 
 class GlobSet:
