@@ -176,3 +176,16 @@ def test_build_raw_corpus_counts_secret_reason_always(tree):
 
     result = build_raw_corpus(scan_tree(root), [])
     assert result.skips.get("secret", 0) == 0
+
+
+def test_secret_entropy_setting_is_parsed_in_settings(monkeypatch):
+    from dlm_pipeline import settings
+    from dlm_pipeline.defs.resources import SourceTree
+
+    monkeypatch.setenv("DLM_SECRET_ENTROPY", "1")
+    assert settings.secret_entropy() is True and SourceTree.from_env().secret_entropy is True
+    monkeypatch.setenv("DLM_SECRET_ENTROPY", "0")
+    assert settings.secret_entropy() is False
+    monkeypatch.setenv("DLM_SECRET_ENTROPY", "maybe")
+    with pytest.raises(settings.SettingsError, match="DLM_SECRET_ENTROPY must be 1 or 0"):
+        settings.secret_entropy()
