@@ -161,3 +161,17 @@ def expansion_mode() -> str:
 def eos_token() -> str:
     """"" means the tokenizer's own EOS token."""
     return os.environ.get(ENV_EOS_TOKEN, "")
+
+
+ENV_SECRET_ENTROPY = "DLM_SECRET_ENTROPY"
+
+
+def secret_entropy() -> bool:
+    """Whether the credential scan also runs detect-secrets' high-entropy plugins (off by default:
+    they flag hashes, test vectors and base64 data in ordinary code)."""
+    raw = os.environ.get(ENV_SECRET_ENTROPY, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{ENV_SECRET_ENTROPY} must be 1 or 0, got {raw!r}")

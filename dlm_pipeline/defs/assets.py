@@ -37,11 +37,16 @@ GROUP = "corpus"
 SKIP_COUNTS_KEY = b"dlm.skip_counts"
 
 
-def _scan(source: SourceTree, files: bool = True):
+def _scan(context: dg.AssetExecutionContext, source: SourceTree, files: bool = True):
     try:
-        return source.scan(files=files)
+        scan = source.scan(context.instance, files=files)
     except SourceTreeError as exc:
         raise dg.Failure(description=str(exc)) from None
+    if scan.own_dirs:
+        context.log.info(
+            f"passed over the pipeline's own folders inside the source root: {', '.join(scan.own_dirs)}"
+        )
+    return scan
 
 
 @dg.asset(
@@ -61,7 +66,7 @@ def _scan(source: SourceTree, files: bool = True):
 def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     """Every `.dlm/training.yaml` and `.dlm/ignore` under the source root: parsed config, status, error, sha256."""
     seed = parse_seed_or_fail(context)
-    scan = _scan(source, files=False)
+    scan = _scan(context, source, files=False)
     table = records_table(load_configs(scan, max_weight=source.max_weight))
     errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s == STATUS_ERROR]
     n_invalid = len(errors)
@@ -74,6 +79,7 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
             "config_fingerprint": dg.MetadataValue.text(table_configs_fingerprint(table)),
             "configs_valid": dg.MetadataValue.int(table.num_rows - n_invalid),
             "configs_invalid": dg.MetadataValue.int(n_invalid),
+            "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
             "errors": text_block(errors),
             "configs": table_metadata(table.select(["path", "kind", "status", "sha256"])),
         },
@@ -110,11 +116,12 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
 def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
-    scan = _scan(source)
+    scan = _scan(context, source)
     corpus = build_raw_corpus(
         scan,
         anchors_from_table(training_configs),
         max_file_bytes=source.max_file_bytes,
+        secret_entropy=source.secret_entropy,
         progress=ProgressLog(context, "raw_corpus files read"),
     )
     skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
@@ -137,6 +144,7 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
             "skip_counts": dg.MetadataValue.json(skips),
             **{f"skipped/{reason}": dg.MetadataValue.int(count) for reason, count in skips.items()},
             "skipped_files": table_metadata(skipped),
+            "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
         },
     )
 

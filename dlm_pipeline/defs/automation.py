@@ -24,7 +24,7 @@ ENV_NIGHTLY_CRON = "DLM_NIGHTLY_CRON"
 )
 def config_change_sensor(context: dg.SensorEvaluationContext, source: SourceTree):
     try:
-        fingerprint, n_files = tree_configs_fingerprint(source.scan(files=False))
+        fingerprint, n_files = tree_configs_fingerprint(source.scan(context.instance, files=False))
     except SourceTreeError as exc:
         return dg.SkipReason(f"cannot read the source tree: {exc}")
     previous = context.cursor

@@ -19,6 +19,9 @@ from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
 
 
+TOKEN_CACHE_DIR = "token_cache"
+
+
 class SourceTree(dg.ConfigurableResource):
     """The annotated source tree and the limits that apply to it."""
 
@@ -27,6 +30,7 @@ class SourceTree(dg.ConfigurableResource):
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_weight: float = DEFAULT_MAX_WEIGHT
     expansion_mode: str = settings.EXPANSION_BERNOULLI
+    secret_entropy: bool = False
 
     @classmethod
     def from_env(cls) -> "SourceTree":
@@ -36,6 +40,7 @@ class SourceTree(dg.ConfigurableResource):
             max_file_bytes=settings.max_file_bytes(),
             max_weight=settings.max_weight(),
             expansion_mode=settings.expansion_mode(),
+            secret_entropy=settings.secret_entropy(),
         )
 
     def scope(self) -> str:
@@ -44,8 +49,20 @@ class SourceTree(dg.ConfigurableResource):
     def mode(self) -> str:
         return settings.check_expansion_mode(self.expansion_mode)
 
-    def scan(self, files: bool = True) -> TreeScan:
-        return scan_tree(self.root, files=files)
+    def scan(self, instance: dg.DagsterInstance | None = None, files: bool = True) -> TreeScan:
+        """Walk the tree; with `instance`, the pipeline's own folders in it are passed over."""
+        return scan_tree(self.root, files=files, exclude_dirs=own_dirs(instance) if instance is not None else ())
+
+
+def own_dirs(instance: dg.DagsterInstance) -> list[str]:
+    """Folders the pipeline writes: $DAGSTER_HOME, the output directory and the token store
+    (as `default_resources` configures them). Never part of the corpus (SPEC §1)."""
+    home = instance.root_directory
+    return [
+        home,
+        settings.output_dir() or instance.storage_directory(),
+        settings.cache_dir() or os.path.join(home, TOKEN_CACHE_DIR),
+    ]
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -108,7 +125,7 @@ class TokenCacheResource(dg.ConfigurableResource):
         return cls(cache_dir=settings.cache_dir(), max_bytes=settings.cache_max_bytes())
 
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
-        root = self.cache_dir or os.path.join(instance.root_directory, "token_cache")
+        root = self.cache_dir or os.path.join(instance.root_directory, TOKEN_CACHE_DIR)
         try:
             return TokenStore(root, max_bytes=self.max_bytes)
         except TokenStoreError as exc:
