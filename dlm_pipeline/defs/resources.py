@@ -27,6 +27,7 @@ class SourceTree(dg.ConfigurableResource):
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_weight: float = DEFAULT_MAX_WEIGHT
     expansion_mode: str = settings.EXPANSION_BERNOULLI
+    max_expanded_bytes: int = settings.DEFAULT_MAX_EXPANDED_BYTES
 
     @classmethod
     def from_env(cls) -> "SourceTree":
@@ -36,6 +37,7 @@ class SourceTree(dg.ConfigurableResource):
             max_file_bytes=settings.max_file_bytes(),
             max_weight=settings.max_weight(),
             expansion_mode=settings.expansion_mode(),
+            max_expanded_bytes=settings.max_expanded_bytes(),
         )
 
     def scope(self) -> str:
