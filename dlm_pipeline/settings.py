@@ -11,7 +11,12 @@ from pathlib import Path
 
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
-from dlm_pipeline.core.expansion import DEFAULT_MAX_EXPANDED_BYTES, EXPANSION_BERNOULLI, EXPANSION_EXACT, EXPANSION_MODES  # noqa: F401
+from dlm_pipeline.core.expansion import (  # noqa: F401
+    DEFAULT_MAX_EXPANDED_BYTES,
+    EXPANSION_BERNOULLI,
+    EXPANSION_EXACT,
+    EXPANSION_MODES,
+)
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope

@@ -20,7 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk, representative_rows, string_offsets
+from dlm_pipeline.core.arrow_maps import (
+    map_as_list,
+    map_entries,
+    one_chunk,
+    representative_rows,
+    string_offsets,
+)
 from dlm_pipeline.core.fraction_hash import section_rolls
 from dlm_pipeline.core.weights import Chain, chain_factor, resolve_weights
 
@@ -311,6 +317,22 @@ def table_mode(table: pa.Table) -> str:
     return check_mode((table.schema.metadata or {}).get(MODE_METADATA_KEY, EXPANSION_BERNOULLI.encode()).decode())
 
 
+def plan_corpus(
+    raw: pa.Table,
+    weights_map_table: pa.Table,
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+) -> ExpansionPlan:
+    """The copy decisions (§3, or exact mode) for a raw corpus under a `weights_map` table.
+
+    Raises ExpansionTooLarge when the result would exceed MAX_EXPANDED_ROWS rows or `max_bytes`
+    bytes of text (when `raw` has its text).
+    """
+    row_chain, chains = resolve_weights(raw["path"], weights_map_table)
+    return plan_expansion(raw, row_chain, chains, seed, mode, max_bytes)
+
+
 def expand_corpus(
     raw: pa.Table,
     weights_map_table: pa.Table,
@@ -318,13 +340,8 @@ def expand_corpus(
     mode: str = EXPANSION_BERNOULLI,
     max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
 ) -> tuple[pa.Table, ExpansionPlan]:
-    """The expanded corpus (§3, or exact mode) of a raw corpus under a `weights_map` table, and its plan.
-
-    Raises ExpansionTooLarge before gathering anything when the result would exceed
-    MAX_EXPANDED_ROWS rows or `max_bytes` bytes of text.
-    """
-    row_chain, chains = resolve_weights(raw["path"], weights_map_table)
-    plan = plan_expansion(raw, row_chain, chains, seed, mode, max_bytes)
+    """The expanded corpus and its plan; nothing is gathered when a limit refuses the plan."""
+    plan = plan_corpus(raw, weights_map_table, seed, mode, max_bytes)
     return with_mode(apply_plan(raw, plan), mode), plan
 
 

@@ -18,7 +18,10 @@ from dlm_pipeline.core.expansion import (
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.weights import unmatched_weights
 from dlm_pipeline.defs.assets import expanded_corpus
-from dlm_pipeline.defs.constants import EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS
+from dlm_pipeline.defs.constants import (
+    EXPANSION_DETERMINISTIC,
+    EXPANSION_MATCHES_WEIGHTS,
+)
 from dlm_pipeline.defs.metadata import table_metadata, text_block
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check
 from dlm_pipeline.defs.resources import SourceTree

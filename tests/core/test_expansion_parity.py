@@ -11,8 +11,19 @@ import pytest
 
 from dlm_pipeline.core.config import TrainingConfig
 from dlm_pipeline.core.corpus import rows_table
-from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_corpus, expand_rows, plan_from_weights, tag_stats
-from dlm_pipeline.core.fraction_hash import HAS_COMPILED_KERNEL, _digests_hashlib, section_digests, section_rolls
+from dlm_pipeline.core.expansion import (
+    ExpansionTooLarge,
+    expand_corpus,
+    expand_rows,
+    plan_from_weights,
+    tag_stats,
+)
+from dlm_pipeline.core.fraction_hash import (
+    HAS_COMPILED_KERNEL,
+    _digests_hashlib,
+    section_digests,
+    section_rolls,
+)
 from dlm_pipeline.core.rules import Anchor, ancestor_dirs
 from dlm_pipeline.core.weights import (
     GLOBAL_ANCHOR,

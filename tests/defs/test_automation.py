@@ -14,7 +14,12 @@ from conftest import EXAMPLE, check_evaluations
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
 from dlm_pipeline.definitions import build_defs
 from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
-from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS, NIGHTLY_SCHEDULE
+from dlm_pipeline.defs.constants import (
+    CONFIG_CHANGE_SENSOR,
+    EXPANSION_DETERMINISTIC,
+    EXPANSION_MATCHES_WEIGHTS,
+    NIGHTLY_SCHEDULE,
+)
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 from dlm_pipeline.defs.resources import ParquetIOManager
 
