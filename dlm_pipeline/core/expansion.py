@@ -172,13 +172,27 @@ def _exact_extra(weights: np.ndarray, fractions: np.ndarray, rolls: np.ndarray, 
     values, group = np.unique(weights, return_inverse=True)
     sizes = np.bincount(group, minlength=len(values))
     quota = exact_quotas(sizes, fractions[representative_rows(group, len(values))])
-    id_rank = np.empty(len(section_ids), dtype=np.int64)
-    id_rank[pc.sort_indices(section_ids).to_numpy()] = np.arange(len(section_ids), dtype=np.int64)
-    order = np.lexsort((id_rank, rolls, group))
+    order = np.lexsort((rolls, group))
+    _break_ties_by_id(order, group, rolls, section_ids)
     position = np.arange(len(order), dtype=np.int64) - (np.cumsum(sizes) - sizes)[group[order]]
     extra = np.empty(len(order), dtype=bool)
     extra[order] = position < quota[group[order]]
     return extra
+
+
+def _break_ties_by_id(order: np.ndarray, group: np.ndarray, rolls: np.ndarray, section_ids: pa.Array) -> None:
+    """Reorder, in place, each run of rows with equal (group, roll) by section_id. Equal float64
+    rolls are rare, so sorting every id (seconds per million strings) would be wasted."""
+    g, r = group[order], rolls[order]
+    tied = np.flatnonzero((g[1:] == g[:-1]) & (r[1:] == r[:-1]))
+    if not len(tied):
+        return
+    starts = tied[np.r_[True, np.diff(tied) > 1]]
+    ends = np.r_[tied[np.r_[np.diff(tied) > 1, False]], tied[-1]] + 2  # exclusive
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        run = order[start:end]
+        ids = section_ids.take(pa.array(run)).to_pylist()
+        order[start:end] = run[sorted(range(len(run)), key=ids.__getitem__)]
 
 
 def _check_whole_copies(whole: np.ndarray) -> None:

@@ -72,6 +72,12 @@ def test_exact_mode_breaks_roll_ties_by_section_id():
     ids = pa.array(["d", "b", "c", "a"])
     rolls = np.array([0.1, 0.1, 0.7, 0.1])  # three rows share the smallest roll: "a" and "b" win by id
     assert copies_per_row(weights, ids, 0, EXPANSION_EXACT, rolls).tolist() == [0, 1, 0, 1]
+    # two separate runs of ties in one group of 8 (quota 4): a, then g before h, then f
+    rolls = np.array([0.1, 0.1, 0.2, 0.3, 0.3, 0.3, 0.9, 0.05])
+    copies = copies_per_row(np.full(8, 0.5), pa.array(list("hgfedcba")), 0, EXPANSION_EXACT, rolls)
+    assert copies.tolist() == [1, 1, 1, 0, 0, 0, 0, 1]
+    copies = copies_per_row(np.full(7, 0.5), pa.array(list("hgfedcb")), 0, EXPANSION_EXACT, rolls[:7])  # quota 4: c wins the 0.3 run
+    assert copies.tolist() == [1, 1, 1, 0, 0, 1, 0]
 
 
 @pytest.mark.parametrize("seed", [0, 3, 99])
