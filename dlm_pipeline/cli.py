@@ -13,9 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.anchors import STATUS_ERROR, load_configs
+from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.tree import SourceTreeError, scan_tree
-from dlm_pipeline.core.weights import SCOPES
+from dlm_pipeline.core.weights import SCOPES, unmatched_weights
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -253,6 +253,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     errors = [r for r in records if r.status == STATUS_ERROR]
     for record in errors:
         print(record.error, file=sys.stderr)
+    valid = records_table([r for r in records if r.status != STATUS_ERROR])
+    for line in unmatched_weights(anchors_from_table(valid)):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{len(records) - len(errors)} config file(s) valid, {len(errors)} invalid under {scan.root}")
     return EXIT_FAILED if errors else EXIT_OK
 

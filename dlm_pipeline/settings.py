@@ -11,6 +11,12 @@ from pathlib import Path
 
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.expansion import (  # noqa: F401
+    DEFAULT_MAX_EXPANDED_BYTES,
+    EXPANSION_BERNOULLI,
+    EXPANSION_EXACT,
+    EXPANSION_MODES,
+)
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
@@ -33,9 +39,6 @@ ENV_SPLIT_SEED = "DLM_SPLIT_SEED"
 ENV_EXPANSION_MODE = "DLM_EXPANSION_MODE"
 ENV_EOS_TOKEN = "DLM_EOS_TOKEN"
 
-EXPANSION_BERNOULLI = "bernoulli"
-EXPANSION_EXACT = "exact"
-EXPANSION_MODES = (EXPANSION_BERNOULLI, EXPANSION_EXACT)
 DEFAULT_VAL_FRACTION = 0.1
 MAX_VAL_FRACTION = 0.5
 MAX_SEED_DIGITS = 20
@@ -175,3 +178,11 @@ def secret_entropy() -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise SettingsError(f"{ENV_SECRET_ENTROPY} must be 1 or 0, got {raw!r}")
+
+
+ENV_MAX_EXPANDED_BYTES = "DLM_MAX_EXPANDED_BYTES"
+
+
+def max_expanded_bytes() -> int:
+    """Cap on the expanded corpus's text (copies x text bytes), checked before anything is gathered."""
+    return _positive_int(ENV_MAX_EXPANDED_BYTES, DEFAULT_MAX_EXPANDED_BYTES)

@@ -18,9 +18,9 @@ from dlm_pipeline.core.anchors import (
     table_configs_fingerprint,
 )
 from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
-from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_rows, tag_stats
+from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_corpus, tag_stats
 from dlm_pipeline.core.tree import SourceTreeError
-from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope, weights_table
+from dlm_pipeline.core.weights import SCOPE_NEAREST, table_scope, weights_table
 from dlm_pipeline.defs.constants import CONFIGS_VALID
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
@@ -92,13 +92,14 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
 def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
-    """The merged weights map (global view) and each anchor's scoped map; the scope in use is recorded."""
+    """The merged weights map (global view) and each anchor's own map; the scope in use is recorded."""
     seed = parse_seed_or_fail(context)
     scope = source.scope()
     table = weights_table(anchors_from_table(training_configs), scope)
     active = table.filter(pc.equal(table["scope"], scope))
+    own = table.filter(pc.equal(table["scope"], SCOPE_NEAREST))
     return versioned_output(
         table,
         seed,
@@ -106,7 +107,7 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
         {
             **config_lineage(context),
             "weights_scope": dg.MetadataValue.text(scope),
-            "anchors_with_weights": dg.MetadataValue.int(len(set(active["anchor"].to_pylist()))),
+            "anchors_with_weights": dg.MetadataValue.int(len(pc.unique(own["anchor"]))),
             "weights": table_metadata(active.select(["anchor", "tag_key", "tag_value", "weight"])),
         },
     )
@@ -149,20 +150,22 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
 def expanded_corpus(
-    context: dg.AssetExecutionContext, raw_corpus: pa.Table, weights_map: pa.Table
+    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: pa.Table, weights_map: pa.Table
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
     seed = parse_seed_or_fail(context)
-    scope = table_scope(weights_map)
-    row_map, maps = row_maps(raw_corpus["path"], maps_from_table(weights_map, scope), scope)
+    scope, mode = table_scope(weights_map), source.mode()
     try:
-        expanded, plan = expand_rows(raw_corpus, row_map, maps, seed)
+        expanded, plan = expand_corpus(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
     except ExpansionTooLarge as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise dg.Failure(
+            description=f"{exc} (DLM_MAX_EXPANDED_BYTES, or the source resource's max_expanded_bytes; "
+            f"now {source.max_expanded_bytes:,})"
+        ) from None
     stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
-    context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, seed {seed})")
+    context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, mode {mode}, seed {seed})")
     return versioned_output(
         expanded,
         seed,
@@ -173,6 +176,7 @@ def expanded_corpus(
             "rows_out": dg.MetadataValue.int(expanded.num_rows),
             "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),
             "weights_scope": dg.MetadataValue.text(scope),
+            "expansion_mode": dg.MetadataValue.text(mode),
             "weight_distribution": table_metadata(stats.select(["tag_key", "tag_value", "rows"])),
             "expected_vs_realized": table_metadata(stats.select(["tag_key", "tag_value", "rows", "expected", "realized"])),
         },

@@ -31,6 +31,7 @@ class SourceTree(dg.ConfigurableResource):
     max_weight: float = DEFAULT_MAX_WEIGHT
     expansion_mode: str = settings.EXPANSION_BERNOULLI
     secret_entropy: bool = False
+    max_expanded_bytes: int = settings.DEFAULT_MAX_EXPANDED_BYTES
 
     @classmethod
     def from_env(cls) -> "SourceTree":
@@ -41,6 +42,7 @@ class SourceTree(dg.ConfigurableResource):
             max_weight=settings.max_weight(),
             expansion_mode=settings.expansion_mode(),
             secret_entropy=settings.secret_entropy(),
+            max_expanded_bytes=settings.max_expanded_bytes(),
         )
 
     def scope(self) -> str:

@@ -12,9 +12,16 @@ import pytest
 from conftest import EXAMPLE, check_evaluations
 
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
+from dlm_pipeline.definitions import build_defs
 from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
-from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS, NIGHTLY_SCHEDULE
+from dlm_pipeline.defs.constants import (
+    CONFIG_CHANGE_SENSOR,
+    EXPANSION_DETERMINISTIC,
+    EXPANSION_MATCHES_WEIGHTS,
+    NIGHTLY_SCHEDULE,
+)
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
+from dlm_pipeline.defs.resources import ParquetIOManager
 
 
 def tick(pipe, cursor):
@@ -185,3 +192,61 @@ def test_definitions_hold_every_asset_check_sensor_schedule_and_job():
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.code_version and node.group_name and node.description
+
+
+FRACTIONAL_TREE = {".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {kind: x}\nweights: {kind: {x: 0.5, y: 2}}\n"}
+FRACTIONAL_TREE.update({f"f{i:03d}.txt": f"row {i}\n" for i in range(200)})
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "exact"])
+def test_weights_check_fails_on_a_planted_fault_in_each_mode_and_is_exact_in_exact_mode(tree, pipeline, mode):
+    pipe = pipeline(tree(FRACTIONAL_TREE), expansion_mode=mode)
+    evaluations = check_evaluations(pipe.run("0"))
+    assert evaluations[EXPANSION_DETERMINISTIC].passed and evaluations[EXPANSION_DETERMINISTIC].metadata["expansion_mode"].value == mode
+    assert evaluations[EXPANSION_MATCHES_WEIGHTS].passed
+    path = pipe.output("expanded_corpus", "0")
+    stored = pq.read_table(path)
+    if mode == "exact":
+        assert stored.num_rows == 100  # floor(200 * 0.5 + 0.5)
+
+    # one kept row dropped: still 0 or 1 copies per row, and well inside the binomial bound
+    write_parquet_atomic(stored.slice(1), path)
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    assert evaluation.passed == (mode == "bernoulli")
+    if mode == "exact":
+        assert "1 weight group(s) without exactly floor(n*f + 0.5) extra copies" in evaluation.description
+        assert evaluation.metadata["exact_groups_off_quota"].value.records[0].data == {"weight": 0.5, "rows": 200, "quota": 100, "extra": 99}
+
+    # every row kept: fails in both modes
+    raw = pq.read_table(pipe.output("raw_corpus", "0"))
+    biased = raw.append_column("weight", [[0.5] * raw.num_rows]).append_column("copy", [[0] * raw.num_rows]).cast(stored.schema)
+    write_parquet_atomic(biased, path)
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    assert not evaluation.passed and "outside the binomial bound" in evaluation.description
+    assert ("weight group(s)" in evaluation.description) == (mode == "exact")
+
+
+LOADED: list[tuple[str, tuple[str, ...]]] = []
+
+
+class RecordingIOManager(ParquetIOManager):
+    """The real IO manager, noting which columns each load returned."""
+
+    def load_input(self, context):
+        table = super().load_input(context)
+        LOADED.append((context.asset_key.path[-1], tuple(table.column_names)))
+        return table
+
+
+def test_weights_check_loads_no_text_and_reports_weights_no_metadata_sets(tree, pipeline):
+    pipe = pipeline(tree(FRACTIONAL_TREE))
+    assert pipe.run("0").success
+    pipe.defs = build_defs({**pipe.defs.resources, "io_manager": RecordingIOManager(output_dir=str(pipe.out))})
+    LOADED.clear()
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    assert ("raw_corpus", ("section_id", "path", "tags")) in LOADED
+    assert not any(asset == "raw_corpus" and "text" in columns for asset, columns in LOADED)
+    assert evaluation.passed  # a warning, not a failure
+    assert evaluation.metadata["unmatched_weights"].value == 1
+    assert "weights.kind.y: no anchor's metadata sets kind: y" in evaluation.metadata["unmatched_weight_list"].value
+    assert "1 weight(s) that no metadata sets can never apply" in evaluation.description
