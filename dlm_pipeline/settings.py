@@ -32,6 +32,12 @@ ENV_VAL_FRACTION = "DLM_VAL_FRACTION"
 ENV_SPLIT_SEED = "DLM_SPLIT_SEED"
 ENV_EXPANSION_MODE = "DLM_EXPANSION_MODE"
 ENV_EOS_TOKEN = "DLM_EOS_TOKEN"
+ENV_SENSOR_INTERVAL = "DLM_SENSOR_INTERVAL"
+ENV_NIGHTLY_CRON = "DLM_NIGHTLY_CRON"
+
+DEPLOYMENTS = ("local", "shared", "k8s")
+DEFAULT_SENSOR_INTERVAL = 30
+DEFAULT_NIGHTLY_CRON = "0 3 * * *"
 
 EXPANSION_BERNOULLI = "bernoulli"
 EXPANSION_EXACT = "exact"
@@ -88,6 +94,31 @@ def output_dir() -> str:
     """"" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
     return os.environ.get(ENV_OUTPUT_DIR, "")
 
+
+def deployment() -> str:
+    """Where steps run: `local` (in process), `shared` (one process per step) or `k8s` (one pod per step)."""
+    value = os.environ.get(ENV_DEPLOYMENT) or DEPLOYMENTS[0]
+    if value not in DEPLOYMENTS:
+        raise SettingsError(f"{ENV_DEPLOYMENT} must be one of {', '.join(DEPLOYMENTS)}, got {value!r}")
+    return value
+
+
+def sensor_interval() -> int:
+    """Seconds between two evaluations of the config change sensor."""
+    return _positive_int(ENV_SENSOR_INTERVAL, DEFAULT_SENSOR_INTERVAL)
+
+
+def nightly_cron() -> str:
+    """The nightly schedule's cron expression, checked with the validator Dagster applies to schedules."""
+    from dagster._utils.schedules import is_valid_cron_string  # croniter, as vendored by Dagster
+
+    value = os.environ.get(ENV_NIGHTLY_CRON) or DEFAULT_NIGHTLY_CRON
+    if not is_valid_cron_string(value):
+        raise SettingsError(
+            f"{ENV_NIGHTLY_CRON} must be a cron expression of 5 fields (minute hour day month weekday), "
+            f"e.g. {DEFAULT_NIGHTLY_CRON!r}, got {value!r}"
+        )
+    return value
 
 
 def tokenizer() -> str:
