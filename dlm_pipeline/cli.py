@@ -236,13 +236,14 @@ def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
-    seeds = _seeds(args.seed or [])
     try:
+        settings.check_all()  # before the definitions load: a bad setting is reported at once
         from dlm_pipeline.definitions import build_defs
 
-        build_defs()  # settings errors surface here, before any run
+        build_defs()  # what else the definitions refuse surfaces here, before any run
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
+    seeds = _seeds(args.seed or [])
     if settings.deployment() == "k8s":
         _check_cluster()
     with _instance() as instance:

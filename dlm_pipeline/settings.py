@@ -192,3 +192,13 @@ def expansion_mode() -> str:
 def eos_token() -> str:
     """"" means the tokenizer's own EOS token."""
     return os.environ.get(ENV_EOS_TOKEN, "")
+
+
+def check_all() -> None:
+    """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
+    The cron check comes last: it is the one that needs Dagster's validator."""
+    for parse in (
+        weights_scope, max_file_bytes, max_weight, deployment, max_seq_len, cache_max_bytes,
+        val_fraction, split_seed, expansion_mode, sensor_interval, nightly_cron,
+    ):
+        parse()
