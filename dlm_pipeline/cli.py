@@ -206,7 +206,9 @@ def _run(seed: str):
 
     job = _worker["job"]
     if job.executor_def.name == "in_process":
-        return job.execute_in_process(instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET)
+        return job.execute_in_process(
+            instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET
+        )
     with dg.execute_job(
         dg.reconstructable(resolved_corpus_job),
         instance=_worker["instance"],
@@ -228,9 +230,8 @@ def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
         materialization = event.event_specific_data.materialization
         path = materialization.metadata.get("path")
         rows = materialization.metadata.get("dagster/row_count")
-        lines.append(
-            f"{materialization.asset_key.to_user_string():<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}"
-        )
+        name = materialization.asset_key.to_user_string()
+        lines.append(f"{name:<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}")
     return seed, True, result.run_id, lines
 
 
@@ -367,13 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds to materialize: --seed 1 2 or --seed 1 --seed 2 (default: every registered seed, or 0)",
     )
     materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
-    materialize.add_argument("--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)")
+    materialize.add_argument(
+        "--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)"
+    )
     materialize.add_argument(
         "--max-seq-len", type=_flag(_at_least(1), int, "a whole number >= 1"),
         help="truncate token sequences to this length (default 2048)",
     )
     materialize.add_argument(
-        "--val-fraction", type=_flag(settings.check_val_fraction, float, f"a number from 0 to {settings.MAX_VAL_FRACTION}"),
+        "--val-fraction",
+        type=_flag(settings.check_val_fraction, float, f"a number from 0 to {settings.MAX_VAL_FRACTION}"),
         help=f"share of rows on the validation side (default {settings.DEFAULT_VAL_FRACTION}; 0: none)",
     )
     materialize.add_argument(
@@ -384,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
     )
     materialize.add_argument("--eos-token", help="end-of-document token (default: the tokenizer's EOS token)")
-    materialize.add_argument("--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)")
+    materialize.add_argument(
+        "--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)"
+    )
     materialize.set_defaults(func=cmd_materialize)
 
     seeds = sub.add_parser("seeds", help="register or list seed partitions")
@@ -394,11 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     seeds_sub.add_parser("list", help="list registered seeds")
     seeds.set_defaults(func=cmd_seeds)
 
-    cache = sub.add_parser("cache", help="inspect or shrink the token cache ($DLM_CACHE_DIR or $DAGSTER_HOME/token_cache)")
+    cache = sub.add_parser(
+        "cache", help="inspect or shrink the token cache ($DLM_CACHE_DIR or $DAGSTER_HOME/token_cache)"
+    )
     cache_sub = cache.add_subparsers(dest="action", required=True)
     cache_sub.add_parser("stats", help="entries, shards and bytes per tokenizer namespace")
-    prune = cache_sub.add_parser("prune", help="repair, merge small shards, then evict least-recently-used shards down to the cap")
-    prune.add_argument("--max-bytes", type=_flag(_at_least(0), int, "a whole number >= 0"), help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)")
+    prune = cache_sub.add_parser(
+        "prune", help="repair, merge small shards, then evict least-recently-used shards down to the cap"
+    )
+    prune.add_argument(
+        "--max-bytes", type=_flag(_at_least(0), int, "a whole number >= 0"),
+        help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)",
+    )
     cache_sub.add_parser("clear", help="delete every cached entry")
     cache.set_defaults(func=cmd_cache)
 

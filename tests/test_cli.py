@@ -72,7 +72,8 @@ def test_dataset_flags_reach_the_resources(home):
     from dlm_pipeline.definitions import default_resources
 
     args = build_parser().parse_args(
-        ["materialize", "--val-fraction", "0.25", "--split-seed", "7", "--expansion-mode", "exact", "--eos-token", "</s>"]
+        ["materialize", "--val-fraction", "0.25", "--split-seed", "7", "--expansion-mode", "exact"]
+        + ["--eos-token", "</s>"]
     )
     _apply_source_flags(args)
     resources = default_resources()
@@ -103,7 +104,8 @@ def test_materialize_defaults_to_seed_0_then_every_registered_seed(capsys, home)
 
 def test_materialize_with_flags_and_output_dir(tree, tmp_path, capsys, home, monkeypatch):
     monkeypatch.setenv("DLM_OUTPUT_DIR", str(tmp_path / "outputs"))
-    root = tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 2}}\n", "a.txt": "a"})
+    config = "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 2}}\n"
+    root = tree({".dlm/training.yaml": config, "a.txt": "a"})
     assert main(["materialize", "--source", str(root), "--seed", "4", "9", "--weights-scope", "global"]) == 0
     for seed in ("4", "9"):
         table = pq.read_table(tmp_path / "outputs" / "expanded_corpus" / f"{seed}.parquet")
@@ -129,7 +131,8 @@ def run_cli(args: list[str], home, hash_seed: str, out_dir) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     env.update(DAGSTER_HOME=str(home), PYTHONHASHSEED=hash_seed, DLM_OUTPUT_DIR=str(out_dir))
     return subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, "-m", "dlm_pipeline.cli", *args],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
     )
 
 

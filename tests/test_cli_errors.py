@@ -150,7 +150,7 @@ def test_two_materialize_calls_at_once_on_a_fresh_home_both_succeed(tmp_path):
         )
         for seed in ("1", "2")
     ]
-    for seed, run in zip(("1", "2"), runs):
+    for seed, run in zip(("1", "2"), runs, strict=True):
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
         assert f"seed {seed}: ok" in out
@@ -165,7 +165,8 @@ def plant_wrong_token_ids(cache: Path) -> None:
     for name, entry in manifest["shards"].items():
         shard = cache / name
         table = pq.read_table(shard)
-        shifted = pa.array([[i + 1 for i in ids] for ids in table["input_ids"].to_pylist()], table.schema.field("input_ids").type)
+        ids_type = table.schema.field("input_ids").type
+        shifted = pa.array([[i + 1 for i in ids] for ids in table["input_ids"].to_pylist()], ids_type)
         pq.write_table(table.set_column(table.schema.get_field_index("input_ids"), "input_ids", shifted), shard)
         data = shard.read_bytes()
         for key in entry:

@@ -18,7 +18,10 @@ from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 
 def tick(pipe, cursor):
     context = dg.build_sensor_context(
-        instance=pipe.instance, cursor=cursor, definitions=pipe.defs, resources={"source": pipe.defs.resources["source"]}
+        instance=pipe.instance,
+        cursor=cursor,
+        definitions=pipe.defs,
+        resources={"source": pipe.defs.resources["source"]},
     )
     result = config_change_sensor(context)
     return result, context.cursor
