@@ -35,8 +35,13 @@ corpus_job = dg.define_asset_job(
     description="The whole corpus graph for one seed.",
 )
 
+
 def _k8s_executor() -> dg.ExecutorDefinition:
-    from dagster_k8s import k8s_job_executor  # only deployments that ask for it need the package
+    try:
+        from dagster_k8s import k8s_job_executor  # only deployments that ask for it need the package
+    except ImportError:
+        message = f"{settings.ENV_DEPLOYMENT}=k8s needs dagster-k8s: pip install dagster-k8s"
+        raise settings.SettingsError(message) from None
 
     return k8s_job_executor
 

@@ -45,6 +45,16 @@ def one_line_error(done: subprocess.CompletedProcess, code: int, *phrases: str) 
         assert phrase in lines[0], lines[0]
 
 
+def test_importing_the_definitions_builds_nothing(tmp_path):
+    """Dagster's tools import the module, then call the lazy loader: a bad setting must not break the import."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(tmp_path), DLM_NIGHTLY_CRON="never", DLM_SENSOR_INTERVAL="abc")
+    code = "import dlm_pipeline.definitions as d; print('imported', flush=True); d.load_defs()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 1 and done.stdout == "imported\n"
+    assert done.stderr.strip().splitlines()[-1].startswith("dlm_pipeline.settings.SettingsError: DLM_SENSOR_INTERVAL")
+
+
 @pytest.mark.parametrize(
     "variable, value, message",
     [
