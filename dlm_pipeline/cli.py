@@ -29,6 +29,9 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):  # raised in a forked worker, it reaches the parent whole
+        return CliError, (str(self), self.code)
+
 
 def _ensure_dagster_home() -> Path:
     """$DAGSTER_HOME (created if missing), or the checkout's dagster_home/ when it is unset."""
@@ -128,11 +131,16 @@ def _instance():
             fcntl.flock(lock, fcntl.LOCK_EX)
             return dg.DagsterInstance.get()
     except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        raise CliError(
-            f"cannot open the Dagster instance in DAGSTER_HOME {home}: {_describe(exc)} "
-            "(make it writable, free space, or point DAGSTER_HOME elsewhere)",
-            EXIT_FAILED,
-        ) from None
+        raise _instance_error("open", exc) from None
+
+
+def _instance_error(doing: str, exc: BaseException) -> CliError:
+    """The instance's storage failed (read-only, full, gone): one line, whichever step hit it."""
+    return CliError(
+        f"cannot {doing} the Dagster instance in DAGSTER_HOME {os.environ['DAGSTER_HOME']}: {_describe(exc)} "
+        "(make it writable, free space, or point DAGSTER_HOME elsewhere)",
+        EXIT_FAILED,
+    )
 
 
 def _registered(instance) -> list[str]:
@@ -221,7 +229,12 @@ def _run(seed: str):
 
 def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
     """(seed, success, run id, lines to print) for one run of the whole graph."""
-    result = _run(seed)
+    import sqlalchemy.exc
+
+    try:
+        result = _run(seed)
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:  # the event log could not be written
+        raise _instance_error(f"record seed {seed}'s run in", exc) from None
     reasons = _failure_reasons(result)
     if not result.success or reasons:
         return seed, False, result.run_id, reasons or ["see the run in the UI"]

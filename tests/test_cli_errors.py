@@ -129,14 +129,16 @@ def test_k8s_outside_a_cluster_is_one_line(tmp_path):
     one_line_error(done, 1, "DLM_DEPLOYMENT=k8s", "not inside a cluster")
 
 
-def private_tmpfs(folder: Path, options: str) -> tuple[str, ...]:
-    """A command prefix that runs the command with a fresh tmpfs (mount `options`) on `folder`, in a
-    private user and mount namespace: a read-only or full disk without root on the host."""
+def private_tmpfs(folder: Path, options: str, then: str = "") -> tuple[str, ...]:
+    """A command prefix that runs the command with a fresh tmpfs (mount `options`) on `folder`, after
+    the shell commands `then`, in a private user and mount namespace: a read-only or full disk
+    without root on the host."""
     folder.mkdir()
     probe = ["unshare", "-r", "-m", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs '{folder}'"]
     if not shutil.which("unshare") or subprocess.run(probe, capture_output=True).returncode != 0:
         pytest.skip("cannot mount a private tmpfs here (no unprivileged user namespaces)")
-    return ("unshare", "-r", "-m", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs '{folder}' && exec \"$@\"", "sh")
+    script = f"mount -t tmpfs -o {options} tmpfs '{folder}' && {then} exec \"$@\""
+    return ("unshare", "-r", "-m", "sh", "-c", script, "sh")
 
 
 @pytest.mark.parametrize(
@@ -146,6 +148,14 @@ def test_a_read_only_or_full_dagster_home_is_one_line(tmp_path, options, cause):
     home = tmp_path / "home"
     done = dlm(["materialize"], home, prefix=private_tmpfs(home, options))
     one_line_error(done, 1, f"cannot open the Dagster instance in DAGSTER_HOME {home}", cause)
+
+
+def test_a_dagster_home_that_fills_up_during_the_run_is_one_line(tmp_path):
+    """512 KiB hold the instance's tables (with Dagster 1.13) but not a run's records: the disk fills up
+    while the run writes its event log. (Wherever it fills up, the error is the same one line.)"""
+    home = tmp_path / "home"
+    done = dlm(["materialize"], home, prefix=private_tmpfs(home, "size=512k"))
+    one_line_error(done, 1, f"Dagster instance in DAGSTER_HOME {home}", "disk")
 
 
 def test_two_materialize_calls_at_once_on_a_fresh_home_both_succeed(tmp_path):
