@@ -159,22 +159,23 @@ def test_a_dagster_home_that_fills_up_during_the_run_is_one_line(tmp_path):
 
 
 def test_two_materialize_calls_at_once_on_a_fresh_home_both_succeed(tmp_path):
-    """The first opening of an instance creates its tables; two at once used to collide."""
+    """The first opening of an instance creates its tables; two at once used to collide. Four cheap
+    `seeds add` calls start alongside, so that the race, which depends on timing, is all but certain."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     env.update(DAGSTER_HOME=str(home))
+    commands = [["materialize", "--seed", "1"], ["materialize", "--seed", "2"]] + [["seeds", "add", s] for s in "3456"]
     runs = [
         subprocess.Popen(
-            [*command(), "materialize", "--seed", seed], env=env, cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [*command(), *args], env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        for seed in ("1", "2")
+        for args in commands
     ]
-    for seed, run in zip(("1", "2"), runs, strict=True):
-        out, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err
-        assert f"seed {seed}: ok" in out
-    assert dlm(["seeds", "list"], home).stdout.split() == ["1", "2"]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for args, run, (_, err) in zip(commands, runs, outputs, strict=True):
+        assert run.returncode == 0, f"{args}: {err}"
+    assert "seed 1: ok" in outputs[0][0] and "seed 2: ok" in outputs[1][0]
+    assert dlm(["seeds", "list"], home).stdout.split() == ["1", "2", "3", "4", "5", "6"]
 
 
 def plant_wrong_token_ids(cache: Path) -> None:
