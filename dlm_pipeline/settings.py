@@ -38,6 +38,12 @@ ENV_VAL_FRACTION = "DLM_VAL_FRACTION"
 ENV_SPLIT_SEED = "DLM_SPLIT_SEED"
 ENV_EXPANSION_MODE = "DLM_EXPANSION_MODE"
 ENV_EOS_TOKEN = "DLM_EOS_TOKEN"
+ENV_SENSOR_INTERVAL = "DLM_SENSOR_INTERVAL"
+ENV_NIGHTLY_CRON = "DLM_NIGHTLY_CRON"
+
+DEPLOYMENTS = ("local", "shared", "k8s")
+DEFAULT_SENSOR_INTERVAL = 30
+DEFAULT_NIGHTLY_CRON = "0 3 * * *"
 
 DEFAULT_VAL_FRACTION = 0.1
 MAX_VAL_FRACTION = 0.5
@@ -91,6 +97,31 @@ def output_dir() -> str:
     """"" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
     return os.environ.get(ENV_OUTPUT_DIR, "")
 
+
+def deployment() -> str:
+    """Where steps run: `local` (in process), `shared` (one process per step) or `k8s` (one pod per step)."""
+    value = os.environ.get(ENV_DEPLOYMENT) or DEPLOYMENTS[0]
+    if value not in DEPLOYMENTS:
+        raise SettingsError(f"{ENV_DEPLOYMENT} must be one of {', '.join(DEPLOYMENTS)}, got {value!r}")
+    return value
+
+
+def sensor_interval() -> int:
+    """Seconds between two evaluations of the config change sensor."""
+    return _positive_int(ENV_SENSOR_INTERVAL, DEFAULT_SENSOR_INTERVAL)
+
+
+def nightly_cron() -> str:
+    """The nightly schedule's cron expression, checked with the validator Dagster applies to schedules."""
+    from dagster._utils.schedules import is_valid_cron_string  # croniter, as vendored by Dagster
+
+    value = os.environ.get(ENV_NIGHTLY_CRON) or DEFAULT_NIGHTLY_CRON
+    if not is_valid_cron_string(value):
+        raise SettingsError(
+            f"{ENV_NIGHTLY_CRON} must be a cron expression of 5 fields (minute hour day month weekday), "
+            f"e.g. {DEFAULT_NIGHTLY_CRON!r}, got {value!r}"
+        )
+    return value
 
 
 def tokenizer() -> str:
@@ -186,3 +217,13 @@ ENV_MAX_EXPANDED_BYTES = "DLM_MAX_EXPANDED_BYTES"
 def max_expanded_bytes() -> int:
     """Cap on the expanded corpus's text (copies x text bytes), checked before anything is gathered."""
     return _positive_int(ENV_MAX_EXPANDED_BYTES, DEFAULT_MAX_EXPANDED_BYTES)
+
+
+def check_all() -> None:
+    """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
+    The cron check comes last: it is the one that needs Dagster's validator."""
+    for parse in (
+        weights_scope, max_file_bytes, max_weight, deployment, max_seq_len, cache_max_bytes,
+        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, sensor_interval, nightly_cron,
+    ):
+        parse()
