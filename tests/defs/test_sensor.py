@@ -11,7 +11,7 @@ import pytest
 from conftest import EXAMPLE
 
 from dlm_pipeline.definitions import build_defs
-from dlm_pipeline.defs.automation import config_change_sensor, parse_cursor
+from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds, parse_cursor
 from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, NIGHTLY_SCHEDULE
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 
@@ -144,3 +144,15 @@ def test_sensor_interval_and_nightly_cron_come_from_settings(monkeypatch):
     defs = build_defs()
     assert defs.resolve_sensor_def(CONFIG_CHANGE_SENSOR).minimum_interval_seconds == 5
     assert defs.resolve_schedule_def(NIGHTLY_SCHEDULE).cron_schedule == "15 1 * * 1"
+
+
+def test_nightly_schedule_is_off_by_default_and_requests_every_seed():
+    from datetime import datetime
+
+    assert nightly_all_seeds.default_status == dg.DefaultScheduleStatus.STOPPED
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(SEEDS_PARTITION, ["0", "5", "12"])
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 2, 3, 0)) as context:
+            result = nightly_all_seeds(context)
+    assert [r.partition_key for r in result] == ["0", "5", "12"]
+    assert result[0].run_key == "nightly-20260102T0300-seed-0"
