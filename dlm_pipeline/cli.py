@@ -321,7 +321,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         max_bytes = settings.cache_max_bytes()
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
-    root = settings.cache_dir() or str(_ensure_dagster_home() / "token_cache")
+    root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     try:
         _cache_action(TokenStore(root, max_bytes=max_bytes), args)
     except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)
@@ -352,7 +352,7 @@ def _cache_action(store, args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     try:
-        scan = scan_tree(settings.source_root())
+        scan = scan_tree(settings.source_root(), exclude_dirs=settings.pipeline_dirs(os.environ.get("DAGSTER_HOME")))
         records = load_configs(scan, max_weight=settings.max_weight())
     except (SourceTreeError, settings.SettingsError) as exc:
         raise CliError(str(exc)) from None

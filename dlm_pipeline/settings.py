@@ -138,6 +138,23 @@ def cache_dir() -> str:
     return os.environ.get(ENV_CACHE_DIR, "")
 
 
+TOKEN_CACHE_DIR = "token_cache"
+STORAGE_DIR = "storage"
+
+
+def pipeline_dirs(home: str | None) -> list[str]:
+    """Folders the pipeline writes ($DAGSTER_HOME, the outputs, the token store): never part of the
+    corpus (SPEC §1). `home` is the instance root, or None when no instance is involved."""
+    dirs = [output_dir(), cache_dir()]
+    if home:
+        dirs += [
+            home,
+            output_dir() or os.path.join(home, STORAGE_DIR),
+            cache_dir() or os.path.join(home, TOKEN_CACHE_DIR),
+        ]
+    return [d for d in dict.fromkeys(dirs) if d]
+
+
 def cache_max_bytes() -> int:
     return _positive_int(ENV_CACHE_MAX_BYTES, DEFAULT_CACHE_MAX_BYTES)
 

@@ -19,9 +19,6 @@ from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
 
 
-TOKEN_CACHE_DIR = "token_cache"
-
-
 class SourceTree(dg.ConfigurableResource):
     """The annotated source tree and the limits that apply to it."""
 
@@ -57,14 +54,8 @@ class SourceTree(dg.ConfigurableResource):
 
 
 def own_dirs(instance: dg.DagsterInstance) -> list[str]:
-    """Folders the pipeline writes: $DAGSTER_HOME, the output directory and the token store
-    (as `default_resources` configures them). Never part of the corpus (SPEC §1)."""
-    home = instance.root_directory
-    return [
-        home,
-        settings.output_dir() or instance.storage_directory(),
-        settings.cache_dir() or os.path.join(home, TOKEN_CACHE_DIR),
-    ]
+    """Folders the pipeline writes, as `default_resources` configures them (SPEC §1)."""
+    return settings.pipeline_dirs(instance.root_directory) + [instance.storage_directory()]
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -127,7 +118,7 @@ class TokenCacheResource(dg.ConfigurableResource):
         return cls(cache_dir=settings.cache_dir(), max_bytes=settings.cache_max_bytes())
 
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
-        root = self.cache_dir or os.path.join(instance.root_directory, TOKEN_CACHE_DIR)
+        root = self.cache_dir or os.path.join(instance.root_directory, settings.TOKEN_CACHE_DIR)
         try:
             return TokenStore(root, max_bytes=self.max_bytes)
         except TokenStoreError as exc:

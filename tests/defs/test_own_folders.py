@@ -57,3 +57,28 @@ def test_own_folder_reached_through_a_symlinked_path_is_still_excluded(tree, tmp
     link.symlink_to(root)
     scan = scan_tree(root, exclude_dirs=[str(link / "store")])
     assert [f.path for f in scan.files] == ["a.py"] and scan.own_dirs == ["store"]
+
+
+def test_validate_passes_over_the_pipelines_own_folders(tree):
+    """A broken config inside $DAGSTER_HOME or DLM_CACHE_DIR is not the user's: validate skips those folders."""
+    bad = "dlm_training_version: 7\n"
+    root = tree({
+        ".dlm/training.yaml": "dlm_training_version: 1\n",
+        "home/storage/x/.dlm/training.yaml": bad,
+        "tok/ns/.dlm/training.yaml": bad,
+    })
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(root / "home"), DLM_CACHE_DIR=str(root / "tok"))
+    done = subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(root)],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 config file(s) valid, 0 invalid" in done.stdout
+    env.pop("DAGSTER_HOME")
+    env.pop("DLM_CACHE_DIR")
+    done = subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(root)],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert done.returncode == 1 and "2 invalid" in done.stdout, done.stdout + done.stderr
