@@ -45,14 +45,13 @@ def document_batches(ids: pa.Array, rows: np.ndarray, eos_id: int, batch_tokens:
     while first < len(rows):
         base = int(ends[first - 1]) if first else 0
         last = max(first + 1, int(np.searchsorted(ends, base + batch_tokens, side="right")))
-        lens = lengths[first:last]
-        count = last - first
-        out = np.empty(int(lens.sum()) + count, dtype=np.int32)
-        doc_offsets = np.arange(count, dtype=np.int64)  # each earlier EOS shifts a document by one
-        within = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        out[np.repeat(doc_offsets + np.cumsum(lens) - lens, lens) + within] = values[np.repeat(starts[first:last], lens) + within]
-        out[np.cumsum(lens + 1) - 1] = eos_id
-        yield out, lens + 1
+        out = np.empty(int(ends[last - 1]) - base, dtype=np.int32)
+        position = 0
+        for start, length in zip(starts[first:last].tolist(), lengths[first:last].tolist()):
+            out[position : position + length] = values[start : start + length]
+            out[position + length] = eos_id
+            position += length + 1
+        yield out, lengths[first:last] + 1
         first = last
 
 
