@@ -226,3 +226,32 @@ def test_a_failed_build_leaves_the_old_dataset_and_files_follow_the_umask(tmp_pa
     assert (target / "a").read_text() == "old"
     assert [p.name for p in target.parent.iterdir()] == ["0"]
     assert target.stat().st_mode & 0o777 == 0o750 and (target / "a").stat().st_mode & 0o777 == 0o640
+
+
+def _document_texts(out: Path, split: str) -> list[str]:
+    tokenizer = load_tokenizer().tokenizer
+    megatron = read_indexed(out / split)
+    return [tokenizer.decode(megatron[i].tolist()[:-1], skip_special_tokens=False) for i in range(len(megatron))]
+
+
+def test_adding_files_moves_no_text_across(tree, pipeline):
+    files = source_files()
+    root = tree(files)
+    pipe = pipeline(root, max_seq_len=SEQ_LEN, dataset=DatasetResource(val_fraction=0.3))
+    assert pipe.run("0").success
+    before = {split: set(_document_texts(folder(pipe, "0"), split)) for split in ("train", "validation")}
+    for i in range(30):
+        (root / "added").mkdir(exist_ok=True)
+        (root / "added" / f"new_{i}.py").write_text(f"new_value_{i} = {i}\n")
+    assert pipe.run("0").success
+    after = {split: set(_document_texts(folder(pipe, "0"), split)) for split in ("train", "validation")}
+    assert before["validation"] <= after["validation"] and before["train"] <= after["train"]
+    assert after["validation"] - before["validation"]  # some new files were held out, none of the old moved
+
+
+def test_an_empty_tree_gives_empty_splits(tree, pipeline):
+    pipe = pipeline(tree({"only.bin": b"\x00\x01"}))
+    result = pipe.run("0")
+    assert result.success and all(e.passed for e in check_evaluations(result).values())
+    manifest = json.loads((folder(pipe, "0") / MANIFEST).read_text())
+    assert all(counts == {"documents": 0, "tokens": 0, "sequences": 0} for counts in manifest["splits"].values())
