@@ -5,6 +5,7 @@ with `dataset.json` describing them; written into a temp folder that replaces th
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ STALE_TEMP_SECONDS = 3600.0
 # for files 1.5x larger; statistics of token ids help no reader and cost a third of the write.
 SEQUENCE_PARQUET_OPTIONS = {"compression": "snappy", "use_dictionary": False, "write_statistics": ["n_tokens"]}
 UNLIMITED_SEQ_LEN = 2**31 - 1
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 class DatasetError(ValueError):
@@ -230,9 +232,18 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def publish_folder(target: Path, build: Callable[[Path], None], stale_after: float = STALE_TEMP_SECONDS) -> None:
-    """Build the folder's content in a temp folder beside it, then put it in place of `target`:
-    readers see the old dataset or the new one, and a failed build leaves the old one untouched."""
+    """Build the folder's content in a temp folder beside it, then put it in place of `target` (an
+    atomic exchange where the OS has one): a failed build leaves the old dataset untouched."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
@@ -248,9 +259,12 @@ def publish_folder(target: Path, build: Callable[[Path], None], stale_after: flo
         build(temp)
         _fsync_dir(temp)
         old = parent / f".{target.name}.old-{uuid.uuid4().hex}"
-        if target.is_symlink() or target.exists():
-            os.rename(target, old)
-        os.rename(temp, target)
+        if target.is_dir() and not target.is_symlink() and _exchange(temp, target):
+            os.rename(temp, old)  # temp now holds the previous dataset
+        else:  # no folder yet, something else in its place, or no atomic exchange here
+            if target.is_symlink() or target.exists():
+                os.rename(target, old)
+            os.rename(temp, target)
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -357,7 +371,10 @@ def leak_report(folder: Path, plan: DatasetPlan, ids: pa.Array, eos_id: int, dty
             digest = _digest(np.asarray(dataset[i]))
             seen[split].add(digest)
             expected = sides.get(digest)
-            report["unknown" if expected is None else "misplaced"] += expected is None or split not in expected
+            if expected is None:
+                report["unknown"] += 1
+            elif split not in expected:
+                report["misplaced"] += 1
         report[f"{split}_documents"] = len(dataset)
     report["leaked"] = len(seen[TRAIN] & seen[VALIDATION])
     return report
