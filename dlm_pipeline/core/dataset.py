@@ -26,7 +26,14 @@ import pyarrow.parquet as pq
 from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
 from dlm_pipeline.core.expansion import TagEntries, composed_weights
 from dlm_pipeline.core.megatron import IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
-from dlm_pipeline.core.packing import SEQUENCE_SCHEMA, SequencePacker, document_batches, document_lengths, sequence_count
+from dlm_pipeline.core.packing import (
+    SEQUENCE_SCHEMA,
+    document_lengths,
+    row_group_tokens,
+    sequence_count,
+    sequences_table,
+    stream_groups,
+)
 from dlm_pipeline.core.split import content_keys, train_order, validation_order, validation_side
 from dlm_pipeline.core.token_store import TokenStore
 from dlm_pipeline.core.tokenize import LoadedTokenizer
@@ -43,6 +50,7 @@ STALE_TEMP_SECONDS = 3600.0
 SEQUENCE_PARQUET_OPTIONS = {"compression": "snappy", "use_dictionary": False, "write_statistics": ["n_tokens"]}
 UNLIMITED_SEQ_LEN = 2**31 - 1
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+CHECK_CHUNK_TOKENS = 1 << 22
 
 
 class DatasetError(ValueError):
@@ -192,24 +200,21 @@ def write_split(folder: Path, split: str, ids: pa.Array, documents: np.ndarray, 
     """`<split>.parquet`, `<split>.bin` and `<split>.idx`, written in one pass over the token stream."""
     lengths = document_lengths(ids, documents)
     limit = np.iinfo(dtype).max
-    packer = SequencePacker(seq_len)
     with open(folder / f"{split}.bin", "wb") as bin_file, open(folder / f"{split}.parquet", "wb") as parquet_file:
-        # Row groups are written on another thread (Arrow releases the GIL), one at a time, while the
-        # next batch of documents is gathered.
+        # Row groups are encoded on another thread (Arrow releases the GIL), one at a time, while the
+        # next one is gathered.
         with pq.ParquetWriter(parquet_file, SEQUENCE_SCHEMA, **SEQUENCE_PARQUET_OPTIONS) as writer, ThreadPoolExecutor(1) as pool:
             pending = None
-            for tokens, batch_lengths in document_batches(ids, documents, eos_id):
-                if len(tokens) and (tokens.min() < 0 or tokens.max() > limit):
+            for tokens, starts in stream_groups(ids, documents, eos_id, row_group_tokens(seq_len)):
+                if tokens.min() < 0 or tokens.max() > limit:
                     raise DatasetError(f"the token store holds an id outside 0..{limit}: run `dlm-pipeline cache clear`")
                 bin_file.write(memoryview(tokens.astype(dtype.newbyteorder("<"), copy=False)))
-                for group in packer.add(tokens, batch_lengths):
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(writer.write_table, group)
+                group = sequences_table(tokens, starts, seq_len)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_table, group)
             if pending is not None:
                 pending.result()
-            for group in packer.finish():
-                writer.write_table(group)
         for fh in (bin_file, parquet_file):
             fh.flush()
             os.fsync(fh.fileno())
@@ -393,7 +398,7 @@ def _check_megatron(dataset: IndexedDataset, ids: pa.Array, documents: np.ndarra
     if not np.array_equal(dataset.lengths, lengths) or not np.array_equal(dataset.document_indices, np.arange(len(lengths) + 1)):
         return [f"{len(dataset)} Megatron documents, the token store gives {len(lengths)} of other lengths"]
     position = 0
-    for tokens, _ in document_batches(ids, documents, eos_id):
+    for tokens, _ in stream_groups(ids, documents, eos_id, CHECK_CHUNK_TOKENS):
         stored = np.asarray(dataset.tokens[position : position + len(tokens)], dtype=np.int64)
         first = _first_difference(stored, tokens.astype(np.int64))
         if first is not None:

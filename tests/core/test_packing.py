@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dlm_pipeline.core.packing import SequencePacker, document_batches, document_lengths
+from dlm_pipeline.core.packing import document_lengths, row_group_tokens, sequences_table, stream_groups
 
 EOS = 7
 
@@ -25,36 +25,39 @@ def plain_stream(ids: pa.Array, rows: np.ndarray) -> list[int]:
     return stream
 
 
-@pytest.mark.parametrize("batch_tokens", [1, 50, 1 << 20])
-def test_batches_are_whole_documents_in_order(batch_tokens):
-    ids, rows = documents(1)
-    batches = list(document_batches(ids, rows, EOS, batch_tokens))
-    assert np.concatenate([t for t, _ in batches]).tolist() == plain_stream(ids, rows)
-    assert np.concatenate([n for _, n in batches]).tolist() == document_lengths(ids, rows).tolist()
-    assert all(len(t) == int(n.sum()) for t, n in batches)
+@pytest.mark.parametrize("group_tokens", [1, 5, 64, 1 << 20])
+def test_groups_are_the_stream_in_pieces_with_document_starts(group_tokens):
+    ids, rows = documents(group_tokens)
+    groups = list(stream_groups(ids, rows, EOS, group_tokens))
+    assert np.concatenate([t for t, _ in groups]).tolist() == plain_stream(ids, rows)
+    assert all(len(t) == group_tokens for t, _ in groups[:-1])
+    found = [i * group_tokens + s for i, (_, starts) in enumerate(groups) for s in starts.tolist()]
+    lengths = document_lengths(ids, rows)
+    assert found == (np.cumsum(lengths) - lengths).tolist()
 
 
-@pytest.mark.parametrize("seq_len,group,batch_tokens", [(16, 3, 40), (64, 1, 1), (5, 256, 1 << 20), (2048, 2, 100)])
-def test_sequences_are_the_stream_cut_at_seq_len(seq_len, group, batch_tokens):
+@pytest.mark.parametrize("seq_len,sequences_per_group", [(16, 3), (64, 1), (5, 256), (2048, 2)])
+def test_sequences_are_the_stream_cut_at_seq_len(seq_len, sequences_per_group):
     ids, rows = documents(seq_len)
     stream = plain_stream(ids, rows)
-    packer = SequencePacker(seq_len, group_sequences=group)
-    groups = []
-    for tokens, lengths in document_batches(ids, rows, EOS, batch_tokens):
-        groups += list(packer.add(tokens, lengths))
-    groups += list(packer.finish())
-    table = pa.concat_tables(groups)
+    tables = [sequences_table(t, s, seq_len) for t, s in stream_groups(ids, rows, EOS, seq_len * sequences_per_group)]
+    table = pa.concat_tables(tables)
     sequences = table["input_ids"].to_pylist()
     assert [i for s in sequences for i in s] == stream  # no id dropped, none moved
     assert all(len(s) == seq_len for s in sequences[:-1]) and 0 < len(sequences[-1]) <= seq_len
     assert table["n_tokens"].to_pylist() == [len(s) for s in sequences]
-    assert all(g.num_rows == group for g in groups[:-1])  # row groups do not depend on batching
-    starts = np.cumsum(document_lengths(ids, rows)) - document_lengths(ids, rows)
+    assert all(t.num_rows == sequences_per_group for t in tables[:-1])
+    lengths = document_lengths(ids, rows)
     found = [i * seq_len + s for i, row in enumerate(table["doc_starts"].to_pylist()) for s in row]
-    assert found == starts.tolist()
+    assert found == (np.cumsum(lengths) - lengths).tolist()
 
 
-def test_an_empty_stream_has_no_sequences():
-    packer = SequencePacker(8)
-    assert list(packer.add(np.zeros(0, np.int32), np.zeros(0, np.int64))) == []
-    assert list(packer.finish()) == []
+def test_an_empty_stream_has_no_groups():
+    ids, _ = documents(0)
+    assert list(stream_groups(ids, np.zeros(0, np.int64), EOS, 8)) == []
+
+
+def test_row_groups_hold_whole_sequences_of_bounded_size():
+    assert row_group_tokens(2048) == 2048 * 256
+    assert row_group_tokens(3000) % 3000 == 0 and row_group_tokens(3000) <= 1 << 19
+    assert row_group_tokens(1 << 22) == 1 << 22  # one sequence when a sequence is larger than the target
