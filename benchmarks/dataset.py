@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from dlm_pipeline.core.corpus import rows_table, section_id
-from dlm_pipeline.core.dataset import DatasetSettings, RowTexts, full_token_ids, plan_dataset, resolve_eos_id, write_dataset
+from dlm_pipeline.core.dataset import (
+    DatasetSettings,
+    RowTexts,
+    full_token_ids,
+    plan_dataset,
+    resolve_eos_id,
+    write_dataset,
+)
 from dlm_pipeline.core.expansion import expand_rows
 from dlm_pipeline.core.token_store import TokenStore
 from dlm_pipeline.core.tokenize import load_tokenizer
@@ -55,14 +62,21 @@ def main() -> None:
 
     files = corpus_files(args.files, int(args.min_mb * 1e6))
     paths = sorted(files, key=str.encode)
-    raw = rows_table([section_id(p, files[p]) for p in paths], paths, [files[p] for p in paths], [{"pkg": p.split("/")[0]} for p in paths])
+    raw = rows_table(
+        [section_id(p, files[p]) for p in paths],
+        paths,
+        [files[p] for p in paths],
+        [{"pkg": p.split("/")[0]} for p in paths],
+    )
     del files
     weights_map = {"pkg": {f"pkg{i:02d}": 0.5 + (i % 4) * 0.5 for i in range(50)}}
     expanded, expansion = expand_rows(raw, np.zeros(raw.num_rows, np.int32), [weights_map], 0)
     expanded = expanded.select(["section_id", "copy"])
     loaded = dataclasses.replace(load_tokenizer(), max_seq_len=args.seq_len)
     eos = resolve_eos_id(loaded)
-    settings = DatasetSettings(0, 0, 0.1, args.seq_len, "bernoulli", loaded.fingerprint, eos, loaded.tokenizer.get_vocab_size())
+    settings = DatasetSettings(
+        0, 0, 0.1, args.seq_len, "bernoulli", loaded.fingerprint, eos, loaded.tokenizer.get_vocab_size()
+    )
 
     def plan():
         return plan_dataset(raw, expanded, expansion.weights, seed=0, split_seed=0, val_fraction=0.1)
@@ -110,15 +124,21 @@ def main() -> None:
     tokens = sum(s.tokens for s in summaries.values())
     stream_mib = tokens * 4 / 2**20
     base, our = min(base_times), min(our_times)
-    print(f"corpus            {raw.num_rows:,} files, {expanded.num_rows:,} expanded rows; {tokens:,} output tokens "
-          f"({summaries['train'].documents:,} train / {summaries['validation'].documents:,} validation documents)")
+    print(
+        f"corpus            {raw.num_rows:,} files, {expanded.num_rows:,} expanded rows; {tokens:,} output tokens "
+        f"({summaries['train'].documents:,} train / {summaries['validation'].documents:,} validation documents)"
+    )
     print(f"store first read  {cold:6.2f}s  (tokenizes every unique text when the store is new)")
     print(f"max_seq_len change: {retokenized} texts tokenized")
     print(f"baseline          {base:6.2f}s  (min of {args.repeat}: {', '.join(f'{t:.2f}' for t in base_times)})")
-    print(f"training_dataset  {our:6.2f}s  (min of {args.repeat}: {', '.join(f'{t:.2f}' for t in our_times)})  "
-          f"= {our / base:.2f}x baseline (target <= 1.5x)")
-    print(f"peak memory       {max(peaks):6.0f} MiB above the inputs vs output stream {stream_mib:,.0f} MiB (int32) "
-          f"= {max(peaks) / stream_mib:.2f}x (target < 2x); files on disk {out_bytes / 2**20:,.0f} MiB")
+    print(
+        f"training_dataset  {our:6.2f}s  (min of {args.repeat}: {', '.join(f'{t:.2f}' for t in our_times)})  "
+        f"= {our / base:.2f}x baseline (target <= 1.5x)"
+    )
+    print(
+        f"peak memory       {max(peaks):6.0f} MiB above the inputs vs output stream {stream_mib:,.0f} MiB (int32) "
+        f"= {max(peaks) / stream_mib:.2f}x (target < 2x); files on disk {out_bytes / 2**20:,.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def resolve_eos_id(loaded: LoadedTokenizer, name: str = "") -> int:
     if name:
         token_id = tokenizer.token_to_id(name)
         if token_id is None:
-            raise DatasetError(f"EOS token {name!r} is not in the tokenizer {loaded.source} (DLM_EOS_TOKEN / --eos-token)")
+            raise DatasetError(
+                f"EOS token {name!r} is not in the tokenizer {loaded.source} (DLM_EOS_TOKEN / --eos-token)"
+            )
         return token_id
     named = _configured_eos(loaded.source)
     if named is not None and tokenizer.token_to_id(named) is not None:
@@ -83,7 +85,9 @@ def _configured_eos(source: str) -> str | None:
     """`eos_token` of the tokenizer_config.json beside a local tokenizer, if there is one."""
     path = Path(source).expanduser()
     try:
-        config = json.loads(((path if path.is_dir() else path.parent) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config = json.loads(
+            ((path if path.is_dir() else path.parent) / "tokenizer_config.json").read_text(encoding="utf-8")
+        )
         named = config.get("eos_token")
     except (OSError, ValueError, AttributeError):
         return None
@@ -91,7 +95,9 @@ def _configured_eos(source: str) -> str | None:
     return named if isinstance(named, str) else None
 
 
-def full_token_ids(store: TokenStore, loaded: LoadedTokenizer, keys: Sequence[str], texts: Sequence[str], progress=None) -> pa.Array:
+def full_token_ids(
+    store: TokenStore, loaded: LoadedTokenizer, keys: Sequence[str], texts: Sequence[str], progress=None
+) -> pa.Array:
     """Full (never truncated) ids per unique content key, from the token store; misses are tokenized.
 
     The one place this module talks to the store. Until the store itself keeps full ids, they live
@@ -167,7 +173,9 @@ def plan_dataset(
 
     held_out = np.flatnonzero(validation & (weights > 0.0))
     held_out = held_out[validation_order([keys[i] for i in held_out], raw_ids.take(pa.array(held_out, pa.int64())))]
-    return DatasetPlan(keys, validation, text_index, encoded.dictionary.to_pylist(), unique_rows, source[train], held_out)
+    return DatasetPlan(
+        keys, validation, text_index, encoded.dictionary.to_pylist(), unique_rows, source[train], held_out
+    )
 
 
 @dataclass(frozen=True)
@@ -196,18 +204,25 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def write_split(folder: Path, split: str, ids: pa.Array, documents: np.ndarray, eos_id: int, seq_len: int, dtype: np.dtype) -> SplitSummary:
+def write_split(
+    folder: Path, split: str, ids: pa.Array, documents: np.ndarray, eos_id: int, seq_len: int, dtype: np.dtype
+) -> SplitSummary:
     """`<split>.parquet`, `<split>.bin` and `<split>.idx`, written in one pass over the token stream."""
     lengths = document_lengths(ids, documents)
     limit = np.iinfo(dtype).max
     with open(folder / f"{split}.bin", "wb") as bin_file, open(folder / f"{split}.parquet", "wb") as parquet_file:
         # Row groups are encoded on another thread (Arrow releases the GIL), one at a time, while the
         # next one is gathered.
-        with pq.ParquetWriter(parquet_file, SEQUENCE_SCHEMA, **SEQUENCE_PARQUET_OPTIONS) as writer, ThreadPoolExecutor(1) as pool:
+        with (
+            pq.ParquetWriter(parquet_file, SEQUENCE_SCHEMA, **SEQUENCE_PARQUET_OPTIONS) as writer,
+            ThreadPoolExecutor(1) as pool,
+        ):
             pending = None
             for tokens, starts in stream_groups(ids, documents, eos_id, row_group_tokens(seq_len)):
                 if tokens.min() < 0 or tokens.max() > limit:
-                    raise DatasetError(f"the token store holds an id outside 0..{limit}: run `dlm-pipeline cache clear`")
+                    raise DatasetError(
+                        f"the token store holds an id outside 0..{limit}: run `dlm-pipeline cache clear`"
+                    )
                 bin_file.write(memoryview(tokens.astype(dtype.newbyteorder("<"), copy=False)))
                 group = sequences_table(tokens, starts, seq_len)
                 if pending is not None:
@@ -294,14 +309,18 @@ class DatasetSettings:
         return dtype_for_vocab(self.vocab_size)
 
 
-def write_dataset(target: Path, plan: DatasetPlan, ids: pa.Array, settings: DatasetSettings) -> tuple[dict, dict[str, SplitSummary]]:
+def write_dataset(
+    target: Path, plan: DatasetPlan, ids: pa.Array, settings: DatasetSettings
+) -> tuple[dict, dict[str, SplitSummary]]:
     """Every file of the dataset into `target` (replaced whole); returns (dataset.json content, summaries)."""
     summaries: dict[str, SplitSummary] = {}
     manifest: dict = {}
 
     def build(folder: Path) -> None:
         for split in SPLITS:
-            summaries[split] = write_split(folder, split, ids, plan.documents(split), settings.eos_id, settings.seq_len, settings.dtype)
+            summaries[split] = write_split(
+                folder, split, ids, plan.documents(split), settings.eos_id, settings.seq_len, settings.dtype
+            )
         manifest.update(
             {
                 "seed": settings.seed,
@@ -336,18 +355,28 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def train_tag_tokens(tags: pa.ChunkedArray | pa.Array, train_rows: np.ndarray, ids: pa.Array, text_index: np.ndarray) -> pa.Table:
+def train_tag_tokens(
+    tags: pa.ChunkedArray | pa.Array, train_rows: np.ndarray, ids: pa.Array, text_index: np.ndarray
+) -> pa.Table:
     """Per (tag_key, tag_value): the train tokens of rows holding that tag, and their share of all train tokens."""
     row_tokens = np.bincount(
         train_rows, weights=document_lengths(ids, text_index[train_rows]).astype(np.float64), minlength=len(text_index)
     ).astype(np.int64)
     total = int(row_tokens.sum())
     entries = TagEntries.of(tags)
-    long = pa.table({"tag_key": entries.keys, "tag_value": entries.values, "train_tokens": pa.array(row_tokens[entries.row])})
+    long = pa.table(
+        {"tag_key": entries.keys, "tag_value": entries.values, "train_tokens": pa.array(row_tokens[entries.row])}
+    )
     grouped = long.group_by(["tag_key", "tag_value"]).aggregate([("train_tokens", "sum")])
     tokens = grouped["train_tokens_sum"].cast(pa.int64())
-    share = pc.divide(pc.cast(tokens, pa.float64()), float(total)) if total else pc.multiply(pc.cast(tokens, pa.float64()), 0.0)
-    table = pa.table({"tag_key": grouped["tag_key"], "tag_value": grouped["tag_value"], "train_tokens": tokens, "share": share})
+    share = (
+        pc.divide(pc.cast(tokens, pa.float64()), float(total))
+        if total
+        else pc.multiply(pc.cast(tokens, pa.float64()), 0.0)
+    )
+    table = pa.table(
+        {"tag_key": grouped["tag_key"], "tag_value": grouped["tag_value"], "train_tokens": tokens, "share": share}
+    )
     return table.sort_by([("tag_key", "ascending"), ("tag_value", "ascending")])
 
 
@@ -395,7 +424,9 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
 def _check_megatron(dataset: IndexedDataset, ids: pa.Array, documents: np.ndarray, eos_id: int) -> list[str]:
     problems = []
     lengths = document_lengths(ids, documents)
-    if not np.array_equal(dataset.lengths, lengths) or not np.array_equal(dataset.document_indices, np.arange(len(lengths) + 1)):
+    if not np.array_equal(dataset.lengths, lengths) or not np.array_equal(
+        dataset.document_indices, np.arange(len(lengths) + 1)
+    ):
         return [f"{len(dataset)} Megatron documents, the token store gives {len(lengths)} of other lengths"]
     position = 0
     for tokens, _ in stream_groups(ids, documents, eos_id, CHECK_CHUNK_TOKENS):

@@ -37,7 +37,9 @@ def document_lengths(ids: pa.Array, rows: np.ndarray) -> np.ndarray:
     return (offsets[rows + 1] - offsets[rows]) + 1
 
 
-def stream_groups(ids: pa.Array, rows: np.ndarray, eos_id: int, group_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def stream_groups(
+    ids: pa.Array, rows: np.ndarray, eos_id: int, group_tokens: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The token stream (document i is `ids[rows[i]]` then `eos_id`) in consecutive pieces of exactly
     `group_tokens` ids (the last may be shorter), each with the offsets where documents begin in it.
     Every id is copied once, straight into its piece."""

@@ -33,9 +33,7 @@ def content_keys(texts: pa.ChunkedArray | pa.Array) -> list[str]:
 
 def validation_side(keys: Iterable[str], split_seed: int, val_fraction: float) -> np.ndarray:
     """bool per content key: True when blake2b-64(f"split:{split_seed}:{key}") / 2**64 < val_fraction."""
-    return np.fromiter(
-        (_digest64(f"split:{split_seed}:{key}") / 2**64 < val_fraction for key in keys), dtype=bool
-    )
+    return np.fromiter((_digest64(f"split:{split_seed}:{key}") / 2**64 < val_fraction for key in keys), dtype=bool)
 
 
 def _ranks(values: pa.ChunkedArray | pa.Array) -> np.ndarray:

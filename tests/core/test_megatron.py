@@ -11,7 +11,16 @@ import pytest
 from dlm_pipeline.core.dataset import write_split
 from dlm_pipeline.core.megatron import MegatronFormatError, dtype_for_vocab, read_indexed
 
-DTYPE_OF_CODE = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+DTYPE_OF_CODE = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 
 
 def read_megatron(prefix: Path) -> tuple[type, list[list[int]], list[int]]:
@@ -37,7 +46,9 @@ def written(tmp_path: Path, vocab_size: int, docs: list[list[int]], eos: int) ->
     return tmp_path / "train"
 
 
-@pytest.mark.parametrize("vocab_size,dtype", [(8192, np.uint16), (65_535, np.uint16), (65_536, np.int32), (200_000, np.int32)])
+@pytest.mark.parametrize(
+    "vocab_size,dtype", [(8192, np.uint16), (65_535, np.uint16), (65_536, np.int32), (200_000, np.int32)]
+)
 def test_independent_reader_gets_every_document_back(tmp_path, vocab_size, dtype):
     docs = [[1, 2, 3], [], [min(vocab_size - 1, 65_535)] * 20, [vocab_size - 2]]
     prefix = written(tmp_path, vocab_size, docs, eos=vocab_size - 1)

@@ -14,7 +14,10 @@ from dlm_pipeline.core.split import train_order, validation_side
 def corpus(files: dict[str, str], tags: dict[str, dict] | None = None) -> pa.Table:
     paths = sorted(files, key=str.encode)
     return rows_table(
-        [section_id(p, files[p]) for p in paths], paths, [files[p] for p in paths], [(tags or {}).get(p, {}) for p in paths]
+        [section_id(p, files[p]) for p in paths],
+        paths,
+        [files[p] for p in paths],
+        [(tags or {}).get(p, {}) for p in paths],
     )
 
 
@@ -24,7 +27,9 @@ def expanded(raw: pa.Table, weights: np.ndarray, seed: int) -> pa.Table:
 
 
 def plan(raw: pa.Table, weights: np.ndarray, seed: int = 0, split_seed: int = 0, val_fraction: float = 0.3):
-    return plan_dataset(raw, expanded(raw, weights, seed), weights, seed=seed, split_seed=split_seed, val_fraction=val_fraction)
+    return plan_dataset(
+        raw, expanded(raw, weights, seed), weights, seed=seed, split_seed=split_seed, val_fraction=val_fraction
+    )
 
 
 def texts_of(raw: pa.Table, rows: np.ndarray) -> list[str]:
@@ -39,7 +44,8 @@ def test_side_is_the_spec_formula():
     keys = [content_key(f"text {i}") for i in range(200)]
     for split_seed, fraction in [(0, 0.1), (7, 0.5), (3, 0.0)]:
         expected = [
-            int.from_bytes(hashlib.blake2b(f"split:{split_seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64 < fraction
+            int.from_bytes(hashlib.blake2b(f"split:{split_seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64
+            < fraction
             for k in keys
         ]
         assert validation_side(keys, split_seed, fraction).tolist() == expected
@@ -52,7 +58,11 @@ def test_train_order_is_the_spec_order():
     copies = np.array([0, 0, 1, 0, 2])
     expected = sorted(
         range(5),
-        key=lambda i: (hashlib.blake2b(f"order:5:{ids[i].as_py()}:{copies[i]}".encode(), digest_size=8).digest(), ids[i].as_py(), copies[i]),
+        key=lambda i: (
+            hashlib.blake2b(f"order:5:{ids[i].as_py()}:{copies[i]}".encode(), digest_size=8).digest(),
+            ids[i].as_py(),
+            copies[i],
+        ),
     )
     assert train_order(5, ids, copies).tolist() == expected
 

@@ -81,8 +81,16 @@ def test_files_round_trip_and_describe_themselves(built):
     manifest = json.loads((out / MANIFEST).read_text())
     tokenizer = load_tokenizer()
     eos = tokenizer.tokenizer.token_to_id("<|endoftext|>")
-    assert {k: manifest[k] for k in ("seed", "split_seed", "val_fraction", "seq_len", "expansion_mode", "eos_id", "dtype")} == {
-        "seed": 0, "split_seed": 0, "val_fraction": 0.3, "seq_len": SEQ_LEN, "expansion_mode": "bernoulli", "eos_id": eos, "dtype": "uint16",
+    assert {
+        k: manifest[k] for k in ("seed", "split_seed", "val_fraction", "seq_len", "expansion_mode", "eos_id", "dtype")
+    } == {
+        "seed": 0,
+        "split_seed": 0,
+        "val_fraction": 0.3,
+        "seq_len": SEQ_LEN,
+        "expansion_mode": "bernoulli",
+        "eos_id": eos,
+        "dtype": "uint16",
     }
     assert manifest["tokenizer_fingerprint"] == tokenizer.fingerprint
     assert manifest["files"] == {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in FILES - {MANIFEST}}
@@ -191,10 +199,12 @@ def _failure(result) -> str:
 
 def test_eos_token_missing_or_named(tree, pipeline, tmp_path):
     root = tree({"a.txt": "alpha beta gamma", "b.txt": "delta epsilon"})
-    tokenizer = small_tokenizer(tmp_path / "tok" / "tokenizer.json", ["alpha beta gamma delta epsilon"] * 5, 60)
+    tokenizer = small_tokenizer(tmp_path / "tok" / "tokenizer.json", ["alpha beta gamma delta epsilon"] * 5, 60, eos=False)
     result = pipeline(root, tokenizer=str(tokenizer)).run("0", raise_on_error=False)
     assert not result.success and "no end-of-document token" in _failure(result) and "DLM_EOS_TOKEN" in _failure(result)
-    result = pipeline(root, tokenizer=str(tokenizer), dataset=DatasetResource(eos_token="<none>")).run("0", raise_on_error=False)
+    result = pipeline(root, tokenizer=str(tokenizer), dataset=DatasetResource(eos_token="<none>")).run(
+        "0", raise_on_error=False
+    )
     assert not result.success and "'<none>' is not in the tokenizer" in _failure(result)
     pipe = pipeline(root, tokenizer=str(tokenizer), dataset=DatasetResource(eos_token="[UNK]", val_fraction=0.0))
     assert pipe.run("0").success

@@ -33,7 +33,13 @@ from dlm_pipeline.core.dataset import (
 from dlm_pipeline.core.tokenize import LoadedTokenizer
 from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, input_fingerprints, table_metadata
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
-from dlm_pipeline.defs.resources import DatasetResource, ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.resources import (
+    DatasetResource,
+    ParquetIOManager,
+    SourceTree,
+    TokenCacheResource,
+    TokenizerResource,
+)
 
 GROUP = "dataset"
 ASSET = "training_dataset"
@@ -72,12 +78,19 @@ def prepare(
     loaded = tokenizer.load()
     try:
         plan = plan_dataset(
-            raw_corpus, expanded_corpus, row_weights(raw_corpus, weights_map), seed=seed, split_seed=split_seed, val_fraction=val_fraction
+            raw_corpus,
+            expanded_corpus,
+            row_weights(raw_corpus, weights_map),
+            seed=seed,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
         )
     except DatasetError as exc:
         raise dg.Failure(description=str(exc)) from None
     texts = RowTexts(raw_corpus["text"], plan.unique_rows)
-    ids = full_token_ids(token_cache.store(context.instance), loaded, plan.unique_keys, texts, ProgressLog(context, "texts tokenized"))
+    ids = full_token_ids(
+        token_cache.store(context.instance), loaded, plan.unique_keys, texts, ProgressLog(context, "texts tokenized")
+    )
     return Prepared(loaded, plan, ids)
 
 
@@ -87,7 +100,9 @@ def _checked_settings(dataset: DatasetResource) -> tuple[float, int]:
     except settings.SettingsError as exc:
         raise dg.Failure(description=f"{exc} (DLM_VAL_FRACTION / --val-fraction)") from None
     if dataset.split_seed < 0:
-        raise dg.Failure(description=f"the split seed must be a non-negative integer, got {dataset.split_seed} (DLM_SPLIT_SEED / --split-seed)")
+        raise dg.Failure(
+            description=f"the split seed must be a non-negative integer, got {dataset.split_seed} (DLM_SPLIT_SEED / --split-seed)"
+        )
     return val_fraction, dataset.split_seed
 
 
@@ -171,9 +186,15 @@ def training_dataset(
         "seed": base.pop("seed"),
         "path": dg.MetadataValue.path(str(folder)),
         **split_numbers,
-        "validation_fraction/documents": dg.MetadataValue.float(_share(validation.documents, train.documents + validation.documents)),
-        "validation_fraction/tokens": dg.MetadataValue.float(_share(validation.tokens, train.tokens + validation.tokens)),
-        "train_tokens_by_tag": table_metadata(train_tag_tokens(raw_corpus["tags"], plan.train_rows, ids, plan.text_index)),
+        "validation_fraction/documents": dg.MetadataValue.float(
+            _share(validation.documents, train.documents + validation.documents)
+        ),
+        "validation_fraction/tokens": dg.MetadataValue.float(
+            _share(validation.tokens, train.tokens + validation.tokens)
+        ),
+        "train_tokens_by_tag": table_metadata(
+            train_tag_tokens(raw_corpus["tags"], plan.train_rows, ids, plan.text_index)
+        ),
         "unique_texts": dg.MetadataValue.int(len(plan.unique_keys)),
         "validation_side_texts": dg.MetadataValue.int(int(np.count_nonzero(plan.validation[plan.unique_rows]))),
         "seq_len": dg.MetadataValue.int(options.seq_len),

@@ -35,7 +35,9 @@ def _recomputed(context, io_manager, tokenizer, token_cache, raw_corpus, expande
         weights_map=weights_map,
     )
     if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
-        return dg.AssetCheckResult(passed=False, description="the dataset was written with another tokenizer: re-materialize it")
+        return dg.AssetCheckResult(
+            passed=False, description="the dataset was written with another tokenizer: re-materialize it"
+        )
     return folder, manifest, prepared
 
 
@@ -93,7 +95,9 @@ def packing_conserves_tokens(
         return found
     folder, manifest, prepared = found
     try:
-        problems = conservation_problems(folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), int(manifest["seq_len"]))
+        problems = conservation_problems(
+            folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), int(manifest["seq_len"])
+        )
     except (OSError, MegatronFormatError) as exc:
         problems = [f"cannot read the dataset: {exc}"]
     return dg.AssetCheckResult(
