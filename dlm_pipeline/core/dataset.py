@@ -98,12 +98,13 @@ def _configured_eos(source: str) -> str | None:
 def full_token_ids(
     store: TokenStore, loaded: LoadedTokenizer, keys: Sequence[str], texts: Sequence[str], progress=None
 ) -> pa.Array:
-    """Full (never truncated) ids per unique content key, from the token store; misses are tokenized.
+    """Full ids (never truncated, no post-processor special tokens) per unique content key, from the
+    token store; misses are tokenized.
 
     The one place this module talks to the store. Until the store itself keeps full ids, they live
     in a namespace of their own (the tokenizer without a length limit), keyed by content key.
     """
-    untruncated = dataclasses.replace(loaded, max_seq_len=UNLIMITED_SEQ_LEN)
+    untruncated = dataclasses.replace(loaded, max_seq_len=UNLIMITED_SEQ_LEN, add_special_tokens=False)
     lookup = store.get_or_compute(untruncated.cache_namespace, keys, texts, lambda t: untruncated.encode(t, progress))
     return one_chunk(lookup.table["input_ids"])
 

@@ -61,3 +61,23 @@ def test_row_groups_hold_whole_sequences_of_bounded_size():
     assert row_group_tokens(2048) == 2048 * 256
     assert row_group_tokens(3000) % 3000 == 0 and row_group_tokens(3000) <= 1 << 19
     assert row_group_tokens(1 << 22) == 1 << 22  # one sequence when a sequence is larger than the target
+
+
+def test_documents_are_full_ids_without_special_tokens(tmp_path):
+    from conftest import small_tokenizer
+    from tokenizers import Tokenizer, processors
+
+    from dlm_pipeline.core.dataset import full_token_ids
+    from dlm_pipeline.core.token_store import TokenStore
+    from dlm_pipeline.core.tokenize import load_tokenizer
+
+    text = "alpha beta gamma delta epsilon alpha beta"
+    path = small_tokenizer(tmp_path / "tokenizer.json", [text] * 5, 60)
+    tokenizer = Tokenizer.from_file(str(path))
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    tokenizer.save(str(path))
+    loaded = load_tokenizer(str(path), max_seq_len=3, add_special_tokens=True)  # cut at 3, specials on: neither applies
+    ids = full_token_ids(TokenStore(tmp_path / "store"), loaded, ["key"], [text])
+    assert ids[0].as_py() == tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids[0].as_py()) > 3 and eos not in ids[0].as_py()
