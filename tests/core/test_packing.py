@@ -75,7 +75,9 @@ def test_documents_are_full_ids_without_special_tokens(tmp_path):
     path = small_tokenizer(tmp_path / "tokenizer.json", [text] * 5, 60)
     tokenizer = Tokenizer.from_file(str(path))
     eos = tokenizer.token_to_id("<|endoftext|>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
     tokenizer.save(str(path))
     loaded = load_tokenizer(str(path), max_seq_len=3, add_special_tokens=True)  # cut at 3, specials on: neither applies
     ids = full_token_ids(TokenStore(tmp_path / "store"), loaded, ["key"], [text])

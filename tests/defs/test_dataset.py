@@ -199,7 +199,9 @@ def _failure(result) -> str:
 
 def test_eos_token_missing_or_named(tree, pipeline, tmp_path):
     root = tree({"a.txt": "alpha beta gamma", "b.txt": "delta epsilon"})
-    tokenizer = small_tokenizer(tmp_path / "tok" / "tokenizer.json", ["alpha beta gamma delta epsilon"] * 5, 60, eos=False)
+    tokenizer = small_tokenizer(
+        tmp_path / "tok" / "tokenizer.json", ["alpha beta gamma delta epsilon"] * 5, 60, eos=False
+    )
     result = pipeline(root, tokenizer=str(tokenizer)).run("0", raise_on_error=False)
     assert not result.success and "no end-of-document token" in _failure(result) and "DLM_EOS_TOKEN" in _failure(result)
     result = pipeline(root, tokenizer=str(tokenizer), dataset=DatasetResource(eos_token="<none>")).run(
@@ -265,3 +267,31 @@ def test_an_empty_tree_gives_empty_splits(tree, pipeline):
     assert result.success and all(e.passed for e in check_evaluations(result).values())
     manifest = json.loads((folder(pipe, "0") / MANIFEST).read_text())
     assert all(counts == {"documents": 0, "tokens": 0, "sequences": 0} for counts in manifest["splits"].values())
+
+
+def test_cli_writes_the_same_bytes_under_any_hash_seed(tmp_path):
+    """What users run: `dlm-pipeline materialize` in fresh processes, different PYTHONHASHSEEDs."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    datasets = []
+    for i, hash_seed in enumerate(["0", "77"]):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+        env.update(DAGSTER_HOME=str(tmp_path / f"home{i}"), PYTHONHASHSEED=hash_seed, DLM_VAL_FRACTION="0.4")
+        (tmp_path / f"home{i}").mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--seed", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        out = tmp_path / f"home{i}" / "storage" / "training_dataset" / "3"
+        assert str(out) in done.stdout  # the CLI says where the dataset is
+        datasets.append({p.name: p.read_bytes() for p in out.iterdir()})
+    assert set(datasets[0]) == FILES and datasets[0] == datasets[1]
+    assert json.loads(datasets[0][MANIFEST])["val_fraction"] == 0.4
