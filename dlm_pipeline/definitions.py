@@ -17,6 +17,7 @@ from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_confi
 from dlm_pipeline.defs.automation import build_config_change_sensor, build_nightly_schedule
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
 from dlm_pipeline.defs.constants import CORPUS_JOB
+from dlm_pipeline.defs.dataset import packing_conserves_tokens, split_is_leak_free, training_dataset
 from dlm_pipeline.defs.resources import (
     DatasetResource,
     ParquetIOManager,
@@ -26,8 +27,14 @@ from dlm_pipeline.defs.resources import (
 )
 from dlm_pipeline.defs.tokens import tokenized_cache, tokens_match_tokenizer
 
-ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache]
-CHECKS = [expansion_deterministic, expansion_matches_weights, tokens_match_tokenizer]
+ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache, training_dataset]
+CHECKS = [
+    expansion_deterministic,
+    expansion_matches_weights,
+    tokens_match_tokenizer,
+    split_is_leak_free,
+    packing_conserves_tokens,
+]
 
 corpus_job = dg.define_asset_job(
     CORPUS_JOB,

@@ -66,10 +66,12 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     output_dir: str = ""
 
+    def root(self, instance: dg.DagsterInstance) -> Path:
+        """The output folder: `output_dir`, else the instance's storage directory."""
+        return Path(self.output_dir) if self.output_dir else Path(instance.storage_directory())
+
     def _base(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path(context.step_context.instance.storage_directory())
+        return self.root(context.step_context.instance)
 
     def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
         return self._base(context) / context.asset_key.path[-1] / f"{partition}.parquet"

@@ -175,7 +175,7 @@ def test_definitions_load_with_every_asset_and_the_job():
 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(ASSETS)
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {*ASSETS, "training_dataset"}  # a folder, not a table
     assert defs.resolve_job_def(CORPUS_JOB) is not None
     spec_names = {k.name for k in graph.asset_check_keys}
     assert CONFIGS_VALID in spec_names

@@ -81,7 +81,8 @@ def test_definitions_hold_every_asset_check_sensor_schedule_and_job():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {k.name for k in graph.asset_check_keys} == {
-        "configs_valid", "expansion_deterministic", "expansion_matches_weights", "tokens_match_tokenizer"
+        "configs_valid", "expansion_deterministic", "expansion_matches_weights", "tokens_match_tokenizer",
+        "split_is_leak_free", "packing_conserves_tokens",
     }
     assert defs.resolve_sensor_def(CONFIG_CHANGE_SENSOR).default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.resolve_schedule_def(NIGHTLY_SCHEDULE) is not None
