@@ -99,3 +99,23 @@ def test_merged_tags_of_nested_anchors_are_capped(tmp_path):
         env=clean, capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert done.returncode == 1, done.stdout + done.stderr
+
+
+def test_a_symlink_never_readmits_a_default_excluded_file(tmp_path):
+    """`notes.txt -> .netrc` put the credential file into the corpus under the link's name."""
+    from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.tree import scan_tree
+
+    (tmp_path / ".dlm").mkdir()
+    (tmp_path / ".dlm" / "training.yaml").write_text("dlm_training_version: 1\n")
+    (tmp_path / ".netrc").write_text("machine example.com login bob password hunter2\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[remote]\n")
+    (tmp_path / "real.txt").write_text("ordinary text\n")
+    (tmp_path / "notes.txt").symlink_to(".netrc")
+    (tmp_path / "gitcfg.txt").symlink_to(".git/config")
+    (tmp_path / "alias.txt").symlink_to("real.txt")
+    scan = scan_tree(tmp_path)
+    anchors = anchors_from_table(records_table(load_configs(scan)))
+    assert build_raw_corpus(scan, anchors).table["path"].to_pylist() == ["alias.txt", "real.txt"]
