@@ -136,7 +136,9 @@ def check_max_seq_len(value: int) -> int:
     """1 up to MAX_SEQ_LEN_LIMIT; shared by the variable and the flag (a larger one failed deep in
     the run with an OverflowError)."""
     if not 1 <= value <= MAX_SEQ_LEN_LIMIT:
-        raise SettingsError(f"the maximum sequence length must be a whole number from 1 to {MAX_SEQ_LEN_LIMIT}, got {value}")
+        raise SettingsError(
+            f"the maximum sequence length must be a whole number from 1 to {MAX_SEQ_LEN_LIMIT}, got {value}"
+        )
     return value
 
 

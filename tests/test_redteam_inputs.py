@@ -32,7 +32,8 @@ def test_credentials_detect_secrets_misses_are_found(text):
 
 
 @pytest.mark.parametrize(
-    "text", ["password = input()\n", "pwd = os.getcwd()\n", "connect(host, password=pw)\n", "url = '/login?password=<yours>'\n"]
+    "text",
+    ["password = input()\n", "pwd = os.getcwd()\n", "connect(host, password=pw)\n", "url = '/login?password=<yours>'\n"],
 )
 def test_ordinary_code_about_passwords_is_not_a_finding(text):
     assert secret_scanner().findings(text) == []
@@ -67,7 +68,11 @@ def _materialize(tmp_path, *args, **env):
 
 @pytest.mark.parametrize(
     "args, env",
-    [((), {"DLM_MAX_SEQ_LEN": str(10**30)}), ((), {"DLM_MAX_SEQ_LEN": str(2**31)}), (("--max-seq-len", str(10**30)), {})],
+    [
+        ((), {"DLM_MAX_SEQ_LEN": str(10**30)}),
+        ((), {"DLM_MAX_SEQ_LEN": str(2**31)}),
+        (("--max-seq-len", str(10**30)), {}),
+    ],
 )
 def test_a_huge_max_seq_len_is_refused_before_any_run(tmp_path, args, env):
     done = _materialize(tmp_path, *args, **env)

@@ -46,6 +46,7 @@ from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
 
+
 class MissingCredentialsDetector(RegexBasedDetector):
     """What detect-secrets' plugins miss of SPEC §1's list: PKCS#8 encrypted private keys (openssl's
     `-----BEGIN ENCRYPTED PRIVATE KEY-----`), connection strings holding a password as a key=value
