@@ -33,7 +33,12 @@ def test_credentials_detect_secrets_misses_are_found(text):
 
 @pytest.mark.parametrize(
     "text",
-    ["password = input()\n", "pwd = os.getcwd()\n", "connect(host, password=pw)\n", "url = '/login?password=<yours>'\n"],
+    [
+        "password = input()\n",
+        "pwd = os.getcwd()\n",
+        "connect(host, password=pw)\n",
+        "url = '/login?password=<yours>'\n",
+    ],
 )
 def test_ordinary_code_about_passwords_is_not_a_finding(text):
     assert secret_scanner().findings(text) == []
