@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)"
     )
     materialize.add_argument(
-        "--max-seq-len", type=_flag(_at_least(1), int, "a whole number >= 1"),
+        "--max-seq-len", type=_flag(settings.check_max_seq_len, int, "a whole number >= 1"),
         help="truncate token sequences to this length (default 2048)",
     )
     materialize.add_argument(

@@ -129,8 +129,25 @@ def tokenizer() -> str:
     return os.environ.get(ENV_TOKENIZER, "")
 
 
+MAX_SEQ_LEN_LIMIT = 2**31 - 1  # token counts and offsets are int32
+
+
+def check_max_seq_len(value: int) -> int:
+    """1 up to MAX_SEQ_LEN_LIMIT; shared by the variable and the flag (a larger one failed deep in
+    the run with an OverflowError)."""
+    if not 1 <= value <= MAX_SEQ_LEN_LIMIT:
+        raise SettingsError(
+            f"the maximum sequence length must be a whole number from 1 to {MAX_SEQ_LEN_LIMIT}, got {value}"
+        )
+    return value
+
+
 def max_seq_len() -> int:
-    return _positive_int(ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    value = _positive_int(ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    try:
+        return check_max_seq_len(value)
+    except SettingsError as exc:
+        raise SettingsError(f"{ENV_MAX_SEQ_LEN}: {exc}") from None
 
 
 def cache_dir() -> str:

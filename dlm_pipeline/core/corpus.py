@@ -118,7 +118,10 @@ def build_raw_corpus(
     rules = PathRules(anchors)
     scanner = secret_scanner(secret_entropy)
     result = RawCorpus(table=rows_table([], [], [], []), skips=Counter(scan.skips), skipped=list(scan.skipped))
-    included: list[FileEntry] = [f for f in scan.files if rules.is_included(f.path)]
+    # A symlink never re-admits what a default exclude drops (`notes.txt -> .netrc`, `x -> .git/config`).
+    included: list[FileEntry] = [
+        f for f in scan.files if rules.is_included(f.path) and not (f.target and rules.is_default_excluded(f.target))
+    ]
     result.files_seen = len(scan.files)
     result.files_excluded = len(scan.files) - len(included)
     ids, paths, texts, tags = [], [], [], []

@@ -134,10 +134,14 @@ class PathRules:
         """Whether files in `directory` get the content scan for credentials (`scan_secrets`)."""
         return self._nearest_setting(self.chain(directory), "scan_secrets")
 
+    def is_default_excluded(self, path: str) -> bool:
+        """Whether a default exclude drops `path` (unless its nearest `exclude_defaults` says false)."""
+        return self._nearest_setting(self.chain(parent_dir(path)), "exclude_defaults") and is_default_excluded(path)
+
     def is_included(self, path: str) -> bool:
-        chain = self.chain(parent_dir(path))
-        if self._nearest_setting(chain, "exclude_defaults") and is_default_excluded(path):
+        if self.is_default_excluded(path):
             return False
+        chain = self.chain(parent_dir(path))
         included = True
         for anchor in chain:
             included = anchor.verdict(path, included)

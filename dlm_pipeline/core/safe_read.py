@@ -29,7 +29,14 @@ def read_regular_file(path: str, max_bytes: int, *, dir_fd: int | None = None, f
         if info.st_size > max_bytes:
             raise FileTooLarge(f"{info.st_size} bytes > limit {max_bytes}")
         with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(max_bytes + 1)
+            # Sized by the file, not the limit: read(n) allocates n bytes up front, so a large
+            # limit (DLM_MAX_FILE_BYTES=1e15) made every small file a MemoryError.
+            data = fh.read(min(max_bytes, info.st_size) + 1)
+            while len(data) <= max_bytes:  # it grew since fstat: read on, in bounded steps
+                more = fh.read(min(max_bytes + 1 - len(data), 1 << 20))
+                if not more:
+                    break
+                data += more
     finally:
         os.close(fd)
     if len(data) > max_bytes:

@@ -20,7 +20,7 @@ import re2
 from detect_secrets.plugins.artifactory import ArtifactoryDetector
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
-from detect_secrets.plugins.base import BasePlugin
+from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
 from detect_secrets.plugins.basic_auth import BasicAuthDetector
 from detect_secrets.plugins.cloudant import CloudantDetector
 from detect_secrets.plugins.discord import DiscordBotTokenDetector
@@ -45,6 +45,24 @@ from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
+
+
+class MissingCredentialsDetector(RegexBasedDetector):
+    """What detect-secrets' plugins miss of SPEC §1's list: PKCS#8 encrypted private keys (openssl's
+    `-----BEGIN ENCRYPTED PRIVATE KEY-----`), connection strings holding a password as a key=value
+    pair after another one (ADO.NET/ODBC `...;Password=x`, JDBC/URL `?password=x`; not
+    `password = input()` in code), GitHub fine-grained tokens, Google API keys, Hugging Face tokens."""
+
+    secret_type = "Credential"
+    denylist = (
+        re.compile(r"BEGIN ENCRYPTED PRIVATE KEY"),
+        re.compile(r";\s*(?:password|pwd)\s*=\s*[^;'\"\s<{$%][^;'\"\s]*", re.IGNORECASE),
+        re.compile(r"[?&](?:password|passwd|pwd)=[^&\s'\"#<{$%][^&\s'\"#]*", re.IGNORECASE),
+        re.compile(r"github_pat_[0-9A-Za-z_]{50,}"),
+        re.compile(r"AIza[0-9A-Za-z_\-]{35}"),
+        re.compile(r"hf_[A-Za-z]{34}"),
+    )
+
 
 # Private keys, cloud and VCS tokens, service API keys, and URLs with a password (BasicAuth).
 # Left out: KeywordDetector (`password = x` in ordinary code), IPPublicDetector (not a credential),
@@ -73,6 +91,7 @@ CREDENTIAL_PLUGINS: tuple[type[BasePlugin], ...] = (
     SquareOAuthDetector,
     TelegramBotTokenDetector,
     TwilioKeyDetector,
+    MissingCredentialsDetector,
 )
 ENTROPY_PLUGINS: tuple[type[BasePlugin], ...] = (Base64HighEntropyString, HexHighEntropyString)
 

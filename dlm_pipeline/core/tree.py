@@ -42,6 +42,7 @@ class ConfigFile:
 class FileEntry:
     path: str  # relative to the root, POSIX
     abspath: str  # what to open (a symlink's path; its target was checked to stay inside)
+    target: str | None = None  # a symlink's target, relative to the root, POSIX (None: not a symlink)
 
 
 @dataclass
@@ -233,6 +234,6 @@ def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> 
     elif not is_inside(root, target):
         scan.skip(rel, "symlink_escape")
     elif stat.S_ISREG(mode):
-        scan.files.append(FileEntry(rel, entry.path))
+        scan.files.append(FileEntry(rel, entry.path, Path(target).relative_to(root).as_posix()))
     else:
         scan.skip(rel, "not_regular")
