@@ -68,6 +68,10 @@ def _apply_source_flags(args: argparse.Namespace) -> None:
         os.environ[settings.ENV_TOKENIZER] = str(local.resolve()) if local.exists() else args.tokenizer
     if getattr(args, "max_seq_len", None) is not None:
         os.environ[settings.ENV_MAX_SEQ_LEN] = str(args.max_seq_len)
+    if getattr(args, "compute", None):
+        os.environ[settings.ENV_COMPUTE] = args.compute
+    if getattr(args, "ray_address", None):
+        os.environ[settings.ENV_RAY_ADDRESS] = args.ray_address
 
 
 def _instance():
@@ -271,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)")
     materialize.add_argument("--max-seq-len", type=int, help="truncate token sequences to this length (default 2048)")
     materialize.add_argument("--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)")
+    materialize.add_argument("--compute", choices=("local", "ray"), help="where misses are tokenized (default: $DLM_COMPUTE or local)")
+    materialize.add_argument("--ray-address", help="Ray cluster for --compute ray (default: $DLM_RAY_ADDRESS, or LocalRay)")
     materialize.set_defaults(func=cmd_materialize)
 
     seeds = sub.add_parser("seeds", help="register or list seed partitions")

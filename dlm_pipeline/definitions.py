@@ -15,6 +15,7 @@ from dlm_pipeline import settings
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
 from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
+from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CORPUS_JOB
 from dlm_pipeline.defs.resources import (
     DatasetResource,
@@ -53,6 +54,7 @@ def default_resources() -> dict:
         "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
         "tokenizer": TokenizerResource.from_env(),
         "token_cache": TokenCacheResource.from_env(),
+        "compute": ComputeResource.from_env(),
         "dataset": DatasetResource.from_env(),
     }
 

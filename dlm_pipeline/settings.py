@@ -161,3 +161,29 @@ def expansion_mode() -> str:
 def eos_token() -> str:
     """"" means the tokenizer's own EOS token."""
     return os.environ.get(ENV_EOS_TOKEN, "")
+
+
+# -- compute backend (SPEC §6, `--compute local|ray`) ------------------------------------------
+ENV_COMPUTE = "DLM_COMPUTE"
+ENV_RAY_ADDRESS = "DLM_RAY_ADDRESS"
+ENV_RAY_BATCH_BYTES = "DLM_RAY_BATCH_BYTES"
+
+
+def compute() -> str:
+    from dlm_pipeline.core.compute import BACKENDS  # imported here to keep this block self-contained
+
+    raw = os.environ.get(ENV_COMPUTE) or BACKENDS[0]
+    if raw not in BACKENDS:
+        raise SettingsError(f"{ENV_COMPUTE} must be one of {', '.join(BACKENDS)}, got {raw[:40]!r}")
+    return raw
+
+
+def ray_address() -> str:
+    """"" means LocalRay: a Ray cluster on this machine (or the one RAY_ADDRESS names)."""
+    return os.environ.get(ENV_RAY_ADDRESS, "")
+
+
+def ray_batch_bytes() -> int:
+    from dlm_pipeline.core.compute import DEFAULT_BATCH_BYTES
+
+    return _positive_int(ENV_RAY_BATCH_BYTES, DEFAULT_BATCH_BYTES)
