@@ -64,8 +64,8 @@ def main() -> int:
             warmup = time.perf_counter() - start
             stats = RunStats()
 
-            def on_ray(namespace, batch_keys, batch_texts):
-                return run_on_ray(f"{tmp}/ray-{cpus}", namespace, loaded, batch_keys, batch_texts, int(args.batch_mb * 2**20), stats=stats)
+            def on_ray(namespace, batch_keys, batch_texts, root=f"{tmp}/ray-{cpus}", stats=stats):
+                return run_on_ray(root, namespace, loaded, batch_keys, batch_texts, int(args.batch_mb * 2**20), stats=stats)
 
             seconds, lookup = cold(f"{tmp}/ray-{cpus}", loaded, keys, texts, on_ray)
             ray.shutdown()

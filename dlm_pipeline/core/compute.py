@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.token_store import STORE_SCHEMA, TokenStore
-from dlm_pipeline.core.tokenize import LoadedTokenizer
+from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds
 
 BACKENDS = ("local", "ray")
 DEFAULT_BATCH_BYTES = 2 * 1024**2
@@ -35,16 +35,9 @@ def plan_batches(texts: Sequence[str], batch_bytes: int) -> list[tuple[int, int]
     misses always make the same batches."""
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes must be > 0, got {batch_bytes}")
-    sizes = pc.binary_length(pa.array(texts, pa.string())).to_numpy(zero_copy_only=False).tolist() if texts else []
-    bounds, start, total = [], 0, 0
-    for row, size in enumerate(sizes):
-        if total + size > batch_bytes and row > start:
-            bounds.append((start, row))
-            start, total = row, 0
-        total += size
-    if sizes:
-        bounds.append((start, len(sizes)))
-    return bounds
+    if not texts:
+        return []
+    return chunk_bounds(pc.binary_length(pa.array(texts, pa.string())).to_numpy(zero_copy_only=False), batch_bytes)
 
 
 @dataclass(frozen=True)

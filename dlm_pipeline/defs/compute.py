@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 import dagster as dg
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.compute import BACKENDS, DEFAULT_BATCH_BYTES, DEFAULT_MAX_RETRIES, RunStats, run_on_ray
+from dlm_pipeline.core.compute import (
+    BACKENDS,
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_MAX_RETRIES,
+    RunStats,
+    run_on_ray,
+)
 from dlm_pipeline.core.token_store import RemoteWriter, TokenStore
 from dlm_pipeline.core.tokenize import LoadedTokenizer
 from dlm_pipeline.defs.metadata import ProgressLog
@@ -99,7 +105,7 @@ class ComputeResource(dg.ConfigurableResource):
     max_retries: int = DEFAULT_MAX_RETRIES
 
     @classmethod
-    def from_env(cls) -> "ComputeResource":
+    def from_env(cls) -> ComputeResource:
         return cls(backend=settings.compute(), ray_address=settings.ray_address(), batch_bytes=settings.ray_batch_bytes())
 
     @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -38,7 +39,7 @@ def test_batches_are_consecutive_bounded_by_bytes_and_cover_everything():
     assert plan_batches([], 10) == []
     many = plan_batches(TEXTS, 2_000)
     assert many[0][0] == 0 and many[-1][1] == len(TEXTS)
-    assert all(a[1] == b[0] for a, b in zip(many, many[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(many))
     assert all(sum(len(t.encode()) for t in TEXTS[s:e]) <= 2_000 or e - s == 1 for s, e in many)
     with pytest.raises(ValueError):
         plan_batches(TEXTS, 0)

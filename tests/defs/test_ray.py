@@ -17,11 +17,10 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import dagster as dg
 import pytest
 import yaml
-
 from conftest import EXAMPLE, REPO, Pipeline, write_tree
+
 from dlm_pipeline import settings
 from dlm_pipeline.core.token_store import TokenStore
 from dlm_pipeline.core.tokenize import LoadedTokenizer
