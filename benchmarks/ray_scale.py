@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -42,6 +43,10 @@ def main() -> int:
     parser.add_argument("--min-mb", type=float, default=20.0)
     parser.add_argument("--batch-mb", type=float, default=2.0)
     args = parser.parse_args()
+    # Token authentication with a throwaway token held in the environment (Ray would otherwise
+    # write one to ~/.ray/auth_token).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
 
     files = corpus_files(args.files, int(args.min_mb * 1e6))
