@@ -1,10 +1,11 @@
 """Ingest throughput: walk + rules + read + normalise + section_id on a generated tree.
 
-    python benchmarks/ingest.py [--files 20000] [--anchors 50]
+    python benchmarks/ingest.py [--files 20000] [--anchors 50] [--ignore-patterns 0]
 
 Builds the tree in a temporary folder (files of 200 B - 8 KB, some binary and non-UTF-8,
 50 anchors with include/exclude/ignore rules), then times the core library's discovery,
-config loading and raw-corpus build, and prints files/s and MB/s.
+config loading and raw-corpus build, and prints files/s and MB/s. `--ignore-patterns N` adds a
+root `.dlm/ignore` of N patterns (every third a `!negation`) to time large ignore files.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus
+from dlm_pipeline.core.globs import glob_set
 from dlm_pipeline.core.tree import scan_tree
 
 WORDS = "def class return import yield lambda async await data record value parse".split()
@@ -55,12 +57,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--anchors", type=int, default=50)
+    parser.add_argument("--ignore-patterns", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         total_bytes = build_tree(root, args.files, args.anchors, random.Random(0))
+        if args.ignore_patterns:
+            (root / ".dlm").mkdir(exist_ok=True)
+            patterns = [f"gen{i}/*.tmp{i}" if i % 3 else f"!keep{i}*" for i in range(args.ignore_patterns)]
+            (root / ".dlm" / "ignore").write_text("\n".join(patterns) + "\n")
         best = None
         for _ in range(3):
+            glob_set.cache_clear()  # each round compiles its globs, as a fresh process would
             t0 = time.perf_counter()
             scan = scan_tree(root)
             configs = records_table(load_configs(scan))

@@ -54,7 +54,10 @@ def main() -> int:
     keys = [content_key(t) for t in texts]
     loaded = load_tokenizer()
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    print(f"corpus   {len(texts):,} distinct texts, {mb:,.1f} MB; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"corpus   {len(texts):,} distinct texts, {mb:,.1f} MB; {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         seconds, lookup = cold(f"{tmp}/local", loaded, keys, texts)
@@ -65,12 +68,21 @@ def main() -> int:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
             started = time.perf_counter() - start
             start = time.perf_counter()
-            run_on_ray(f"{tmp}/warmup-{cpus}", loaded.cache_namespace, loaded, keys[: 2 * cpus], texts[: 2 * cpus], batch_bytes=1)
+            run_on_ray(
+                f"{tmp}/warmup-{cpus}",
+                loaded.cache_namespace,
+                loaded,
+                keys[: 2 * cpus],
+                texts[: 2 * cpus],
+                batch_bytes=1,
+            )
             warmup = time.perf_counter() - start
             stats = RunStats()
 
             def on_ray(namespace, batch_keys, batch_texts, root=f"{tmp}/ray-{cpus}", stats=stats):
-                return run_on_ray(root, namespace, loaded, batch_keys, batch_texts, int(args.batch_mb * 2**20), stats=stats)
+                return run_on_ray(
+                    root, namespace, loaded, batch_keys, batch_texts, int(args.batch_mb * 2**20), stats=stats
+                )
 
             seconds, lookup = cold(f"{tmp}/ray-{cpus}", loaded, keys, texts, on_ray)
             ray.shutdown()
@@ -78,8 +90,9 @@ def main() -> int:
             results[f"ray-{cpus}"] = seconds
             workers = ", ".join(f"{w['tokens_per_second']:,}/s" for w in stats.per_worker.values())
             print(
-                f"ray-{cpus}    {seconds:7.2f}s  {lookup.encoded_tokens / seconds:>12,.0f} tokens/s  {stats.tasks} tasks, "
-                f"{stats.retries} retries; per worker {workers}  (start-up {started:.1f}s + first tasks {warmup:.1f}s, not counted)"
+                f"ray-{cpus}    {seconds:7.2f}s  {lookup.encoded_tokens / seconds:>12,.0f} tokens/s  "
+                f"{stats.tasks} tasks, {stats.retries} retries; per worker {workers}  "
+                f"(start-up {started:.1f}s + first tasks {warmup:.1f}s, not counted)"
             )
     print(f"ray-1 / local = {results['ray-1'] / results['local']:.2f}x (target <= 1.2x)")
     print(f"ray-1 / ray-2 = {results['ray-1'] / results['ray-2']:.2f}x faster (target >= 1.7x with 2 idle cores)")

@@ -6,6 +6,7 @@ Runs go through the same job and instance the UI uses, so everything done here s
 from __future__ import annotations
 
 import argparse
+import fcntl
 import multiprocessing
 import os
 import sys
@@ -13,11 +14,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.anchors import STATUS_ERROR, load_configs
+from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.tree import SourceTreeError, scan_tree
-from dlm_pipeline.core.weights import SCOPES
+from dlm_pipeline.core.weights import SCOPES, unmatched_weights
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+INSTANCE_LOCK = ".dlm-instance.lock"
 
 
 class CliError(Exception):
@@ -26,6 +28,9 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
+
+    def __reduce__(self):  # raised in a forked worker, it reaches the parent whole
+        return CliError, (str(self), self.code)
 
 
 def _ensure_dagster_home() -> Path:
@@ -38,7 +43,10 @@ def _ensure_dagster_home() -> Path:
         print(f"DAGSTER_HOME not set: using {bundled}", file=sys.stderr)
         home = str(bundled)
     path = Path(home).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"DAGSTER_HOME {path} cannot be created: {exc.strerror}", EXIT_FAILED) from None
     os.environ["DAGSTER_HOME"] = str(path)
     return path
 
@@ -57,28 +65,84 @@ def _seeds(values: list[str]) -> list[str]:
     return seeds
 
 
+# Flags handed to the definitions as DLM_* variables: (argparse dest, variable).
+_FLAG_VARIABLES = [
+    ("weights_scope", settings.ENV_WEIGHTS_SCOPE),
+    ("max_seq_len", settings.ENV_MAX_SEQ_LEN),
+    ("val_fraction", settings.ENV_VAL_FRACTION),
+    ("split_seed", settings.ENV_SPLIT_SEED),
+    ("expansion_mode", settings.ENV_EXPANSION_MODE),
+    ("eos_token", settings.ENV_EOS_TOKEN),
+    ("compute", settings.ENV_COMPUTE),
+    ("ray_address", settings.ENV_RAY_ADDRESS),
+]
+
+
 def _apply_source_flags(args: argparse.Namespace) -> None:
     """Flags win over the environment: they are handed to the definitions as DLM_* variables."""
     if getattr(args, "source", None):
         os.environ[settings.ENV_SOURCE_ROOT] = str(Path(args.source).expanduser().resolve())
-    if getattr(args, "weights_scope", None):
-        os.environ[settings.ENV_WEIGHTS_SCOPE] = args.weights_scope
     if getattr(args, "tokenizer", None):
         local = Path(args.tokenizer).expanduser()
         os.environ[settings.ENV_TOKENIZER] = str(local.resolve()) if local.exists() else args.tokenizer
-    if getattr(args, "max_seq_len", None) is not None:
-        os.environ[settings.ENV_MAX_SEQ_LEN] = str(args.max_seq_len)
-    if getattr(args, "compute", None):
-        os.environ[settings.ENV_COMPUTE] = args.compute
-    if getattr(args, "ray_address", None):
-        os.environ[settings.ENV_RAY_ADDRESS] = args.ray_address
+    for dest, variable in _FLAG_VARIABLES:
+        if getattr(args, dest, None) is not None:
+            os.environ[variable] = str(getattr(args, dest))
+
+
+def _flag(check, parse=str, expected: str = ""):
+    """An argparse type: `parse` then `check` (a settings.py checker), their error as argparse's message."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _at_least(minimum: int):
+    def check(value: int) -> int:
+        if value < minimum:
+            raise ValueError(f"must be a whole number >= {minimum}, got {value}")
+        return value
+
+    return check
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, without the wrapper: a database error's driver message, an OS error's text."""
+    return str(getattr(exc, "orig", None) or exc)
 
 
 def _instance():
+    """The Dagster instance at $DAGSTER_HOME. The first opening creates its tables, and two processes
+    doing that at once collide (`table run_tags already exists`): opening holds an exclusive lock on
+    a file in DAGSTER_HOME."""
     import dagster as dg
+    import sqlalchemy.exc
 
-    _ensure_dagster_home()
-    return dg.DagsterInstance.get()
+    home = _ensure_dagster_home()
+    try:
+        with open(home / INSTANCE_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return dg.DagsterInstance.get()
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise _instance_error("open", exc) from None
+
+
+def _instance_error(doing: str, exc: BaseException) -> CliError:
+    """The instance's storage failed (read-only, full, gone): one line, whichever step hit it."""
+    return CliError(
+        f"cannot {doing} the Dagster instance in DAGSTER_HOME {os.environ['DAGSTER_HOME']}: {_describe(exc)} "
+        "(make it writable, free space, or point DAGSTER_HOME elsewhere)",
+        EXIT_FAILED,
+    )
 
 
 def _registered(instance) -> list[str]:
@@ -99,21 +163,35 @@ def _register(instance, seeds: list[str]) -> None:
         instance.add_dynamic_partitions(SEEDS_PARTITION, missing)
 
 
+def _error_text(error) -> str:
+    """A serialized error and every error behind it: Dagster's own wrappers ("Error occurred while
+    handling output ...") do not say why, the innermost cause does."""
+    messages = []
+    while error is not None:
+        messages.append(error.message.strip())
+        error = error.cause or error.context
+    return "\n    caused by: ".join(messages)
+
+
 def _failure_reasons(result) -> list[str]:
+    """Failed steps and failed checks: either makes the seed fail."""
     reasons = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
             text = (data.user_failure_data.description if data.user_failure_data else None) or (
-                data.error.message.strip() if data.error else "failed"
+                _error_text(data.error) if data.error else "failed"
             )
             reasons.append(f"{event.step_key}: {text}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             if not evaluation.passed:
                 errors = evaluation.metadata.get("errors")
-                detail = errors.value.strip("`").strip() if errors is not None else evaluation.description
-                reasons.append(f"check {evaluation.check_name} failed" + (f"\n{detail}" if detail else ""))
+                detail = errors.value.strip("`").strip() if errors is not None else ""
+                reasons.append(
+                    f"check {evaluation.check_name} failed: {evaluation.description or 'no description'}"
+                    + (f"\n{detail}" if detail else "")
+                )
     return reasons
 
 
@@ -123,11 +201,9 @@ _worker: dict = {}
 
 def _worker_start() -> None:
     """Per process: one instance and one job, reused for every seed this process runs."""
-    import dagster as dg
-
     from dlm_pipeline.definitions import resolved_corpus_job
 
-    _worker["instance"] = dg.DagsterInstance.get()
+    _worker["instance"] = _instance()
     _worker["job"] = resolved_corpus_job()
 
 
@@ -140,7 +216,9 @@ def _run(seed: str):
 
     job = _worker["job"]
     if job.executor_def.name == "in_process":
-        return job.execute_in_process(instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET)
+        return job.execute_in_process(
+            instance=_worker["instance"], partition_key=seed, raise_on_error=False, run_config=_QUIET
+        )
     with dg.execute_job(
         dg.reconstructable(resolved_corpus_job),
         instance=_worker["instance"],
@@ -153,29 +231,37 @@ def _run(seed: str):
 
 def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
     """(seed, success, run id, lines to print) for one run of the whole graph."""
-    result = _run(seed)
-    if not result.success:
-        return seed, False, result.run_id, _failure_reasons(result) or ["see the run in the UI"]
+    import sqlalchemy.exc
+
+    try:
+        result = _run(seed)
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:  # the event log could not be written
+        raise _instance_error(f"record seed {seed}'s run in", exc) from None
+    reasons = _failure_reasons(result)
+    if not result.success or reasons:
+        return seed, False, result.run_id, reasons or ["see the run in the UI"]
     lines = []
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
         path = materialization.metadata.get("path")
         rows = materialization.metadata.get("dagster/row_count")
-        lines.append(
-            f"{materialization.asset_key.to_user_string():<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}"
-        )
+        name = materialization.asset_key.to_user_string()
+        lines.append(f"{name:<18} {rows.value if rows else '?':>8} rows  {path.value if path else ''}")
     return seed, True, result.run_id, lines
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
-    seeds = _seeds(args.seed or [])
-    from dlm_pipeline.definitions import build_defs
-
     try:
-        build_defs()  # settings errors surface here, before any run
+        settings.check_all()  # before the definitions load: a bad setting is reported at once
+        from dlm_pipeline.definitions import build_defs
+
+        build_defs()  # what else the definitions refuse surfaces here, before any run
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
+    seeds = _seeds(args.seed or [])
+    if settings.deployment() == "k8s":
+        _check_cluster()
     with _instance() as instance:
         seeds = seeds or _registered(instance) or ["0"]
         _register(instance, seeds)
@@ -203,10 +289,25 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _check_cluster() -> None:
+    """Runs started here use the k8s executor's default, the in-cluster configuration: outside a
+    cluster that fails deep inside the run, so say it first."""
+    from kubernetes.config import ConfigException, load_incluster_config
+
+    try:
+        load_incluster_config()
+    except ConfigException as exc:
+        raise CliError(
+            f"{settings.ENV_DEPLOYMENT}=k8s runs each step in a Kubernetes pod, but this is not inside a cluster "
+            f"({exc}): run the CLI in the cluster, or use {settings.ENV_DEPLOYMENT}=local or shared here",
+            EXIT_FAILED,
+        ) from None
+
+
 def cmd_seeds(args: argparse.Namespace) -> int:
+    seeds = _seeds(args.seeds) if args.action == "add" else []
     instance = _instance()
     if args.action == "add":
-        seeds = _seeds(args.seeds)
         _register(instance, seeds)
         print(f"registered: {' '.join(seeds)}")
     else:
@@ -215,18 +316,22 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _token_store():
+def cmd_cache(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.token_store import TokenStore
 
     try:
-        root = settings.cache_dir() or str(_ensure_dagster_home() / "token_cache")
-        return TokenStore(root, max_bytes=settings.cache_max_bytes())
+        max_bytes = settings.cache_max_bytes()
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
+    root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
+    try:
+        _cache_action(TokenStore(root, max_bytes=max_bytes), args)
+    except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)
+        raise CliError(f"token cache {root} ({settings.ENV_CACHE_DIR}): {exc}", EXIT_FAILED) from None
+    return EXIT_OK
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
-    store = _token_store()
+def _cache_action(store, args: argparse.Namespace) -> None:
     if args.action == "stats":
         stats = store.stats()
         print(f"{stats['root']}: {stats['rows']:,} entries in {stats['shards']} shard(s), "
@@ -244,25 +349,34 @@ def cmd_cache(args: argparse.Namespace) -> int:
     else:
         store.clear()
         print(f"cleared {store.root}")
-    return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     try:
-        scan = scan_tree(settings.source_root())
+        scan = scan_tree(settings.source_root(), exclude_dirs=settings.pipeline_dirs(os.environ.get("DAGSTER_HOME")))
         records = load_configs(scan, max_weight=settings.max_weight())
     except (SourceTreeError, settings.SettingsError) as exc:
         raise CliError(str(exc)) from None
     errors = [r for r in records if r.status == STATUS_ERROR]
     for record in errors:
         print(record.error, file=sys.stderr)
+    valid = records_table([r for r in records if r.status != STATUS_ERROR])
+    for line in unmatched_weights(anchors_from_table(valid)):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{len(records) - len(errors)} config file(s) valid, {len(errors)} invalid under {scan.root}")
     return EXIT_FAILED if errors else EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlm-pipeline", description=__doc__)
+    parser = _Parser(prog="dlm-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     materialize = sub.add_parser("materialize", help="materialize the whole graph for each seed")
@@ -272,11 +386,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds to materialize: --seed 1 2 or --seed 1 --seed 2 (default: every registered seed, or 0)",
     )
     materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
-    materialize.add_argument("--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)")
-    materialize.add_argument("--max-seq-len", type=int, help="truncate token sequences to this length (default 2048)")
-    materialize.add_argument("--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)")
-    materialize.add_argument("--compute", choices=("local", "ray"), help="where misses are tokenized (default: $DLM_COMPUTE or local)")
-    materialize.add_argument("--ray-address", help="Ray cluster for --compute ray (default: $DLM_RAY_ADDRESS, or LocalRay)")
+    materialize.add_argument(
+        "--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)"
+    )
+    materialize.add_argument(
+        "--max-seq-len", type=_flag(_at_least(1), int, "a whole number >= 1"),
+        help="truncate token sequences to this length (default 2048)",
+    )
+    materialize.add_argument(
+        "--val-fraction",
+        type=_flag(settings.check_val_fraction, float, f"a number from 0 to {settings.MAX_VAL_FRACTION}"),
+        help=f"share of rows on the validation side (default {settings.DEFAULT_VAL_FRACTION}; 0: none)",
+    )
+    materialize.add_argument(
+        "--split-seed", type=_flag(lambda text: settings.check_seed_text("the split seed", text)),
+        help="seed of the train/validation split (default 0)",
+    )
+    materialize.add_argument(
+        "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
+    )
+    materialize.add_argument("--eos-token", help="end-of-document token (default: the tokenizer's EOS token)")
+    materialize.add_argument(
+        "--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)"
+    )
+    materialize.add_argument(
+        "--compute", choices=settings.COMPUTE_BACKENDS,
+        help="where misses are tokenized (default: $DLM_COMPUTE or local)",
+    )
+    materialize.add_argument(
+        "--ray-address", help="Ray cluster for --compute ray (default: $DLM_RAY_ADDRESS, or LocalRay)",
+    )
     materialize.set_defaults(func=cmd_materialize)
 
     seeds = sub.add_parser("seeds", help="register or list seed partitions")
@@ -286,11 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     seeds_sub.add_parser("list", help="list registered seeds")
     seeds.set_defaults(func=cmd_seeds)
 
-    cache = sub.add_parser("cache", help="inspect or shrink the token cache ($DLM_CACHE_DIR or $DAGSTER_HOME/token_cache)")
+    cache = sub.add_parser(
+        "cache", help="inspect or shrink the token cache ($DLM_CACHE_DIR or $DAGSTER_HOME/token_cache)"
+    )
     cache_sub = cache.add_subparsers(dest="action", required=True)
     cache_sub.add_parser("stats", help="entries, shards and bytes per tokenizer namespace")
-    prune = cache_sub.add_parser("prune", help="repair, merge small shards, then evict least-recently-used shards down to the cap")
-    prune.add_argument("--max-bytes", type=int, help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)")
+    prune = cache_sub.add_parser(
+        "prune", help="repair, merge small shards, then evict least-recently-used shards down to the cap"
+    )
+    prune.add_argument(
+        "--max-bytes", type=_flag(_at_least(0), int, "a whole number >= 0"),
+        help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)",
+    )
     cache_sub.add_parser("clear", help="delete every cached entry")
     cache.set_defaults(func=cmd_cache)
 

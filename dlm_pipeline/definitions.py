@@ -3,20 +3,22 @@
 `DLM_DEPLOYMENT` picks the executor: `local` (default) runs each seed's graph in one process
 (~1 s per run); `shared` uses the multiprocess executor for very large trees; `k8s` runs each
 step in its own Kubernetes pod (needs dagster-k8s; run config in examples/deployments/k8s/).
+
+Nothing is built at import: Dagster's tools (`dg`, `dagster dev`, workspace.yaml) call the lazy
+`load_defs`, the CLI and tests call `build_defs`, so a bad setting is reported where it can be caught.
 """
 
 from __future__ import annotations
-
-import os
 
 import dagster as dg
 
 from dlm_pipeline import settings
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
-from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
+from dlm_pipeline.defs.automation import build_config_change_sensor, build_nightly_schedule
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
 from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CORPUS_JOB
+from dlm_pipeline.defs.dataset import packing_conserves_tokens, split_is_leak_free, training_dataset
 from dlm_pipeline.defs.resources import (
     DatasetResource,
     ParquetIOManager,
@@ -26,8 +28,14 @@ from dlm_pipeline.defs.resources import (
 )
 from dlm_pipeline.defs.tokens import tokenized_cache, tokens_match_tokenizer
 
-ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache]
-CHECKS = [expansion_deterministic, expansion_matches_weights, tokens_match_tokenizer]
+ASSETS = [training_configs, weights_map, raw_corpus, expanded_corpus, tokenized_cache, training_dataset]
+CHECKS = [
+    expansion_deterministic,
+    expansion_matches_weights,
+    tokens_match_tokenizer,
+    split_is_leak_free,
+    packing_conserves_tokens,
+]
 
 corpus_job = dg.define_asset_job(
     CORPUS_JOB,
@@ -35,8 +43,13 @@ corpus_job = dg.define_asset_job(
     description="The whole corpus graph for one seed.",
 )
 
+
 def _k8s_executor() -> dg.ExecutorDefinition:
-    from dagster_k8s import k8s_job_executor  # only deployments that ask for it need the package
+    try:
+        from dagster_k8s import k8s_job_executor  # only deployments that ask for it need the package
+    except ImportError:
+        message = f"{settings.ENV_DEPLOYMENT}=k8s needs dagster-k8s: pip install dagster-k8s"
+        raise settings.SettingsError(message) from None
 
     return k8s_job_executor
 
@@ -60,22 +73,29 @@ def default_resources() -> dict:
 
 
 def build_defs(resources: dict | None = None) -> dg.Definitions:
-    """The definitions, with resources from the environment unless given (tests pass their own)."""
-    deployment = os.environ.get(settings.ENV_DEPLOYMENT, "local")
-    if deployment not in _EXECUTORS:
-        raise settings.SettingsError(f"{settings.ENV_DEPLOYMENT} must be one of {', '.join(_EXECUTORS)}, got {deployment!r}")
+    """The definitions, with resources from the environment unless given (tests pass their own).
+    Raises settings.SettingsError for a bad DLM_* value."""
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
         jobs=[corpus_job],
-        sensors=[config_change_sensor],
-        schedules=[nightly_all_seeds],
+        sensors=[build_config_change_sensor(settings.sensor_interval())],
+        schedules=[build_nightly_schedule(settings.nightly_cron())],
         resources=resources if resources is not None else default_resources(),
-        executor=_EXECUTORS[deployment](),
+        executor=_EXECUTORS[settings.deployment()](),
     )
 
 
-defs = build_defs()
+@dg.definitions
+def load_defs() -> dg.Definitions:
+    return build_defs()
+
+
+def __getattr__(name: str):
+    """`defs`, built on first access, for code written when this module built it at import."""
+    if name == "defs":
+        return build_defs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolved_corpus_job() -> dg.JobDefinition:

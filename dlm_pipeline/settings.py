@@ -9,8 +9,16 @@ import math
 import os
 from pathlib import Path
 
+from dlm_pipeline.core.compute import BACKENDS as COMPUTE_BACKENDS
+from dlm_pipeline.core.compute import DEFAULT_BATCH_BYTES as DEFAULT_RAY_BATCH_BYTES
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.expansion import (  # noqa: F401
+    DEFAULT_MAX_EXPANDED_BYTES,
+    EXPANSION_BERNOULLI,
+    EXPANSION_EXACT,
+    EXPANSION_MODES,
+)
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
@@ -32,10 +40,13 @@ ENV_VAL_FRACTION = "DLM_VAL_FRACTION"
 ENV_SPLIT_SEED = "DLM_SPLIT_SEED"
 ENV_EXPANSION_MODE = "DLM_EXPANSION_MODE"
 ENV_EOS_TOKEN = "DLM_EOS_TOKEN"
+ENV_SENSOR_INTERVAL = "DLM_SENSOR_INTERVAL"
+ENV_NIGHTLY_CRON = "DLM_NIGHTLY_CRON"
 
-EXPANSION_BERNOULLI = "bernoulli"
-EXPANSION_EXACT = "exact"
-EXPANSION_MODES = (EXPANSION_BERNOULLI, EXPANSION_EXACT)
+DEPLOYMENTS = ("local", "shared", "k8s")
+DEFAULT_SENSOR_INTERVAL = 30
+DEFAULT_NIGHTLY_CRON = "0 3 * * *"
+
 DEFAULT_VAL_FRACTION = 0.1
 MAX_VAL_FRACTION = 0.5
 MAX_SEED_DIGITS = 20
@@ -89,6 +100,31 @@ def output_dir() -> str:
     return os.environ.get(ENV_OUTPUT_DIR, "")
 
 
+def deployment() -> str:
+    """Where steps run: `local` (in process), `shared` (one process per step) or `k8s` (one pod per step)."""
+    value = os.environ.get(ENV_DEPLOYMENT) or DEPLOYMENTS[0]
+    if value not in DEPLOYMENTS:
+        raise SettingsError(f"{ENV_DEPLOYMENT} must be one of {', '.join(DEPLOYMENTS)}, got {value!r}")
+    return value
+
+
+def sensor_interval() -> int:
+    """Seconds between two evaluations of the config change sensor."""
+    return _positive_int(ENV_SENSOR_INTERVAL, DEFAULT_SENSOR_INTERVAL)
+
+
+def nightly_cron() -> str:
+    """The nightly schedule's cron expression, checked with the validator Dagster applies to schedules."""
+    from dagster._utils.schedules import is_valid_cron_string  # croniter, as vendored by Dagster
+
+    value = os.environ.get(ENV_NIGHTLY_CRON) or DEFAULT_NIGHTLY_CRON
+    if not is_valid_cron_string(value):
+        raise SettingsError(
+            f"{ENV_NIGHTLY_CRON} must be a cron expression of 5 fields (minute hour day month weekday), "
+            f"e.g. {DEFAULT_NIGHTLY_CRON!r}, got {value!r}"
+        )
+    return value
+
 
 def tokenizer() -> str:
     """"" means the bundled default tokenizer."""
@@ -102,6 +138,23 @@ def max_seq_len() -> int:
 def cache_dir() -> str:
     """"" means $DAGSTER_HOME/token_cache."""
     return os.environ.get(ENV_CACHE_DIR, "")
+
+
+TOKEN_CACHE_DIR = "token_cache"
+STORAGE_DIR = "storage"
+
+
+def pipeline_dirs(home: str | None) -> list[str]:
+    """Folders the pipeline writes ($DAGSTER_HOME, the outputs, the token store): never part of the
+    corpus (SPEC §1). `home` is the instance root, or None when no instance is involved."""
+    dirs = [output_dir(), cache_dir()]
+    if home:
+        dirs += [
+            home,
+            output_dir() or os.path.join(home, STORAGE_DIR),
+            cache_dir() or os.path.join(home, TOKEN_CACHE_DIR),
+        ]
+    return [d for d in dict.fromkeys(dirs) if d]
 
 
 def cache_max_bytes() -> int:
@@ -163,18 +216,38 @@ def eos_token() -> str:
     return os.environ.get(ENV_EOS_TOKEN, "")
 
 
-# -- compute backend (SPEC §6, `--compute local|ray`) ------------------------------------------
+ENV_SECRET_ENTROPY = "DLM_SECRET_ENTROPY"
+
+
+def secret_entropy() -> bool:
+    """Whether the credential scan also runs detect-secrets' high-entropy plugins (off by default:
+    they flag hashes, test vectors and base64 data in ordinary code)."""
+    raw = os.environ.get(ENV_SECRET_ENTROPY, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{ENV_SECRET_ENTROPY} must be 1 or 0, got {raw!r}")
+
+
+ENV_MAX_EXPANDED_BYTES = "DLM_MAX_EXPANDED_BYTES"
+
+
+def max_expanded_bytes() -> int:
+    """Cap on the expanded corpus's text (copies x text bytes), checked before anything is gathered."""
+    return _positive_int(ENV_MAX_EXPANDED_BYTES, DEFAULT_MAX_EXPANDED_BYTES)
+
+
 ENV_COMPUTE = "DLM_COMPUTE"
 ENV_RAY_ADDRESS = "DLM_RAY_ADDRESS"
 ENV_RAY_BATCH_BYTES = "DLM_RAY_BATCH_BYTES"
 
 
 def compute() -> str:
-    from dlm_pipeline.core.compute import BACKENDS  # imported here to keep this block self-contained
-
-    raw = os.environ.get(ENV_COMPUTE) or BACKENDS[0]
-    if raw not in BACKENDS:
-        raise SettingsError(f"{ENV_COMPUTE} must be one of {', '.join(BACKENDS)}, got {raw[:40]!r}")
+    """Where the token store's misses are tokenized (SPEC §6, `--compute local|ray`)."""
+    raw = os.environ.get(ENV_COMPUTE) or COMPUTE_BACKENDS[0]
+    if raw not in COMPUTE_BACKENDS:
+        raise SettingsError(f"{ENV_COMPUTE} must be one of {', '.join(COMPUTE_BACKENDS)}, got {raw[:40]!r}")
     return raw
 
 
@@ -184,6 +257,15 @@ def ray_address() -> str:
 
 
 def ray_batch_bytes() -> int:
-    from dlm_pipeline.core.compute import DEFAULT_BATCH_BYTES
+    return _positive_int(ENV_RAY_BATCH_BYTES, DEFAULT_RAY_BATCH_BYTES)
 
-    return _positive_int(ENV_RAY_BATCH_BYTES, DEFAULT_BATCH_BYTES)
+
+def check_all() -> None:
+    """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
+    The cron check comes last: it is the one that needs Dagster's validator."""
+    for parse in (
+        weights_scope, max_file_bytes, max_weight, deployment, max_seq_len, cache_max_bytes,
+        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, compute, ray_batch_bytes,
+        sensor_interval, nightly_cron,
+    ):
+        parse()

@@ -130,13 +130,15 @@ def pipeline(instance, tmp_path):
     return make
 
 
-def small_tokenizer(path: Path, corpus: list[str], vocab_size: int) -> Path:
-    """Train a tiny real BPE tokenizer on `corpus` and save it as tokenizer.json at `path`."""
+def small_tokenizer(path: Path, corpus: list[str], vocab_size: int, eos: bool = True) -> Path:
+    """Train a tiny real BPE tokenizer on `corpus` (with an end-of-text token, as real ones have,
+    unless `eos` is False) and save it as tokenizer.json at `path`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
+    specials = ["[UNK]", "<|endoftext|>"] if eos else ["[UNK]"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator(corpus, trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))

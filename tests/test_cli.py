@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import EXAMPLE, REPO
 
-from dlm_pipeline.cli import main
+from dlm_pipeline import settings
+from dlm_pipeline.cli import _apply_source_flags, build_parser, main
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 
@@ -20,8 +21,11 @@ def home(tmp_path, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    for var in [v for v in os.environ if v.startswith("DLM_")]:
-        monkeypatch.delenv(var, raising=False)
+    # Set, then delete, every variable: monkeypatch then also removes those the CLI's flags set.
+    names = {getattr(settings, n) for n in dir(settings) if n.startswith("ENV_")}
+    for var in names | {v for v in os.environ if v.startswith("DLM_")}:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     return home
 
 
@@ -40,10 +44,42 @@ def test_validate_missing_source_is_a_usage_error(tmp_path, capsys, home):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", ["042", "-1", "abc", "1.0", ""])
+@pytest.mark.parametrize("bad", ["042", "-1", "abc", "1.0", "", "1" * 21, "9" * 301])
 def test_seeds_add_refuses_non_canonical_keys(bad, capsys, home):
     assert main(["seeds", "add", bad]) == 2
-    assert "canonical non-negative decimal integer" in capsys.readouterr().err
+    assert "canonical non-negative decimal integer of at most 20 digits" in capsys.readouterr().err
+
+
+def test_a_seed_longer_than_20_digits_is_refused_before_it_is_registered(capsys, home):
+    import dagster as dg
+
+    assert main(["materialize", "--seed", "7", "1" * 301]) == 2
+    assert "at most 20 digits" in capsys.readouterr().err
+    assert main(["seeds", "add", "9" * 20]) == 0
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("seeds") == ["9" * 20]
+
+
+def test_prune_refuses_a_negative_cap(capsys, home):
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "prune", "--max-bytes", "-1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --max-bytes: must be a whole number >= 0, got -1" in err
+
+
+def test_dataset_flags_reach_the_resources(home):
+    from dlm_pipeline.definitions import default_resources
+
+    args = build_parser().parse_args(
+        ["materialize", "--val-fraction", "0.25", "--split-seed", "7", "--expansion-mode", "exact"]
+        + ["--eos-token", "</s>"]
+    )
+    _apply_source_flags(args)
+    resources = default_resources()
+    assert resources["source"].expansion_mode == "exact"
+    dataset = resources["dataset"]
+    assert (dataset.val_fraction, dataset.split_seed, dataset.eos_token) == (0.25, 7, "</s>")
 
 
 def test_seeds_add_and_list(capsys, home):
@@ -68,7 +104,8 @@ def test_materialize_defaults_to_seed_0_then_every_registered_seed(capsys, home)
 
 def test_materialize_with_flags_and_output_dir(tree, tmp_path, capsys, home, monkeypatch):
     monkeypatch.setenv("DLM_OUTPUT_DIR", str(tmp_path / "outputs"))
-    root = tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 2}}\n", "a.txt": "a"})
+    config = "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 2}}\n"
+    root = tree({".dlm/training.yaml": config, "a.txt": "a"})
     assert main(["materialize", "--source", str(root), "--seed", "4", "9", "--weights-scope", "global"]) == 0
     for seed in ("4", "9"):
         table = pq.read_table(tmp_path / "outputs" / "expanded_corpus" / f"{seed}.parquet")
@@ -94,7 +131,8 @@ def run_cli(args: list[str], home, hash_seed: str, out_dir) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     env.update(DAGSTER_HOME=str(home), PYTHONHASHSEED=hash_seed, DLM_OUTPUT_DIR=str(out_dir))
     return subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, "-m", "dlm_pipeline.cli", *args],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
     )
 
 

@@ -55,14 +55,24 @@ class BatchResult:
 
 
 def tokenize_batch(
-    store_root: str, namespace: str, tokenizer: LoadedTokenizer, keys: Sequence[str], texts: Sequence[str], batch: int = 0,
-    worker: str = "", attempt: int = 0,
+    store_root: str,
+    namespace: str,
+    tokenizer: LoadedTokenizer,
+    keys: Sequence[str],
+    texts: Sequence[str],
+    batch: int = 0,
+    worker: str = "",
+    attempt: int = 0,
 ) -> BatchResult:
     """The task: tokenize one batch (full ids) and write it as content-named shards of the store."""
     start = time.perf_counter()
     encoded = tokenizer.encode(texts)
     table = pa.table(
-        {"content_key": pa.array(list(keys), pa.string()), "input_ids": encoded["input_ids"], "n_tokens": encoded["n_tokens"]},
+        {
+            "content_key": pa.array(list(keys), pa.string()),
+            "input_ids": encoded["input_ids"],
+            "n_tokens": encoded["n_tokens"],
+        },
         schema=STORE_SCHEMA,
     )
     shards = TokenStore(store_root).write_unlisted(namespace, table)
@@ -106,7 +116,9 @@ def _ray_task(store_root, namespace, tokenizer, keys, texts, batch):
 
     context = ray.get_runtime_context()
     core_worker = getattr(ray._private.worker.global_worker, "core_worker", None)  # attempt: no public API yet
-    attempt = core_worker.get_current_task_attempt_number() if hasattr(core_worker, "get_current_task_attempt_number") else 0
+    attempt = (
+        core_worker.get_current_task_attempt_number() if hasattr(core_worker, "get_current_task_attempt_number") else 0
+    )
     worker = f"{context.get_node_id()[:8]}/pid {os.getpid()}"
     return tokenize_batch(store_root, namespace, tokenizer, keys, texts, batch, worker, int(attempt))
 
@@ -139,7 +151,9 @@ def run_on_ray(
     while done < len(batches):
         while next_batch < len(batches) and len(running) < limit:
             start, end = batches[next_batch]
-            running.append(task.remote(store_root, namespace, tokenizer_ref, keys[start:end], texts[start:end], next_batch))
+            running.append(
+                task.remote(store_root, namespace, tokenizer_ref, keys[start:end], texts[start:end], next_batch)
+            )
             next_batch += 1
         finished, running = ray.wait(running, num_returns=1)
         result: BatchResult = ray.get(finished[0])

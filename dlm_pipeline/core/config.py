@@ -12,7 +12,6 @@ import reprlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import pathspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -26,11 +25,17 @@ from pydantic import (
     field_validator,
 )
 
+from dlm_pipeline.core.globs import glob_errors
+
 ANCHOR_DIR = ".dlm"
 TRAINING_FILE = "training.yaml"
 IGNORE_FILE = "ignore"
 SUPPORTED_VERSION = 1
 DEFAULT_MAX_WEIGHT = 100.0
+# Tags are copied onto every row below the anchor: bounded so a config cannot multiply memory by
+# thousands (2,000 keys on 5,000 files took 3.1 GB). Far above what a tag scheme needs.
+MAX_METADATA_KEYS = 64
+MAX_TAG_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,16 @@ def _canonical_mapping(value: Any) -> Any:
     return out
 
 
-TagKey = Annotated[str, BeforeValidator(canonical_tag)]
-TagValue = Annotated[str, BeforeValidator(canonical_tag)]
+def bounded_tag(value: Any) -> str:
+    """canonical_tag, refusing tags longer than MAX_TAG_CHARS characters."""
+    tag = canonical_tag(value)
+    if len(tag) > MAX_TAG_CHARS:
+        raise ValueError(f"tag of {len(tag)} characters {short_repr(tag)}; at most {MAX_TAG_CHARS} are allowed")
+    return tag
+
+
+TagKey = Annotated[str, BeforeValidator(bounded_tag)]
+TagValue = Annotated[str, BeforeValidator(bounded_tag)]
 Weight = Annotated[float, BeforeValidator(_check_weight)]
 Globs = tuple[StrictStr, ...]
 
@@ -125,6 +138,7 @@ class TrainingConfig(BaseModel):
     include: Globs | None = None
     exclude: Globs = ()
     exclude_defaults: StrictBool | None = Field(default=None, description="None: inherit")
+    scan_secrets: StrictBool | None = Field(default=None, description="None: inherit")
     metadata: dict[TagKey, TagValue] = Field(default_factory=dict)
     weights: dict[TagKey, dict[TagKey, Weight]] = Field(default_factory=dict)
 
@@ -138,18 +152,16 @@ class TrainingConfig(BaseModel):
     @field_validator("include", "exclude", mode="before")
     @classmethod
     def _globs_are_valid(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for i, glob in enumerate(value):
-                if isinstance(glob, str):
-                    try:
-                        pathspec.GitIgnoreSpec.from_lines([glob])
-                    except Exception as exc:  # pathspec raises several types for bad patterns
-                        raise ValueError(f"glob #{i} {glob!r} is not a valid pattern: {exc}") from None
+        if isinstance(value, list) and all(isinstance(glob, str) for glob in value):
+            for i, reason in glob_errors(value):
+                raise ValueError(f"glob #{i} {value[i]!r} is not a valid pattern: {reason}")
         return value
 
     @field_validator("metadata", mode="before")
     @classmethod
     def _metadata_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict) and len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"{len(value)} tags; at most {MAX_METADATA_KEYS} per config are allowed")
         return _canonical_mapping(value)
 
     @field_validator("weights", mode="before")
@@ -286,12 +298,7 @@ def parse_training_config(
 def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
     """Patterns of a `.dlm/ignore` (gitignore syntax); ConfigInvalid names each line pathspec refuses."""
     lines = tuple(text.splitlines())
-    issues = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            pathspec.GitIgnoreSpec.from_lines([line])
-        except Exception as exc:  # pathspec raises several types for bad patterns
-            issues.append(ConfigIssue(path, number, None, f"invalid pattern {line!r}: {exc}"))
+    issues = [ConfigIssue(path, i + 1, None, f"invalid pattern {lines[i]!r}: {reason}") for i, reason in glob_errors(lines)]
     if issues:
         raise ConfigInvalid(issues)
     return lines

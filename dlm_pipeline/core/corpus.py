@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
+from dlm_pipeline.core.secrets import secret_scanner
 from dlm_pipeline.core.tree import FileEntry, TreeScan
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20
@@ -23,6 +24,7 @@ ROW_SCHEMA = pa.schema(
     [("section_id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("tags", TAGS_TYPE)]
 )
 SKIP_REASONS = (
+    "secret",
     "binary",
     "encoding",
     "too_large",
@@ -105,10 +107,16 @@ def build_raw_corpus(
     anchors: list[Anchor],
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    secret_entropy: bool = False,
     progress: Progress | None = None,
 ) -> RawCorpus:
-    """Apply the path rules and content rules to a tree scan; rows come out ordered by path."""
+    """Apply the path rules and content rules to a tree scan; rows come out ordered by path.
+
+    A file in which a credential is found is skipped as `secret` (unless its nearest anchor says
+    `scan_secrets: false`); only its path is kept, never what was found.
+    """
     rules = PathRules(anchors)
+    scanner = secret_scanner(secret_entropy)
     result = RawCorpus(table=rows_table([], [], [], []), skips=Counter(scan.skips), skipped=list(scan.skipped))
     included: list[FileEntry] = [f for f in scan.files if rules.is_included(f.path)]
     result.files_seen = len(scan.files)
@@ -116,6 +124,12 @@ def build_raw_corpus(
     ids, paths, texts, tags = [], [], [], []
     for done, entry in enumerate(included, start=1):
         outcome = read_text(entry.abspath, max_file_bytes)
+        if (
+            not isinstance(outcome, tuple)
+            and rules.scans_secrets(parent_dir(entry.path))
+            and scanner.findings(outcome, entry.path)
+        ):
+            outcome = ("secret", "")
         if isinstance(outcome, tuple):
             result.skips[outcome[0]] += 1
             result.skipped.append((entry.path, outcome[0]))

@@ -2,10 +2,13 @@
 
 Per row: weight = product of matching weights[key][value] in sorted tag-key order starting
 from 1.0; weight <= 0 drops the row; otherwise int(weight) copies plus one more when the
-fractional part f > 0 and roll(seed, section_id) < f. Copies are adjacent, in row order.
-Weights are composed once per distinct (tag set, weights map), in the reference's order (so
-the floats are bit-identical), and spread back to the rows; rolls come from the batched
-BLAKE2b kernel, for every row at once on large tables, else only for fractional rows.
+fractional part f > 0 and roll(seed, section_id) < f (`bernoulli`, the reference), or, in
+`exact` mode, for exactly floor(n*f + 0.5) of the n rows sharing the composed weight: those
+with the smallest rolls (ties by section_id). Copies are adjacent, in row order.
+Weights are composed once per distinct (tag set, chain of weights maps), in the reference's
+order (so the floats are bit-identical), and spread back to the rows; rolls come from the
+batched BLAKE2b kernel, for every row at once on large tables, else only for fractional rows.
+Before anything is gathered, the expanded size is bounded in rows and in text bytes.
 """
 
 from __future__ import annotations
@@ -17,11 +20,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, map_entries, one_chunk, representative_rows, string_offsets
+from dlm_pipeline.core.arrow_maps import (
+    map_as_list,
+    map_entries,
+    one_chunk,
+    representative_rows,
+    string_offsets,
+)
 from dlm_pipeline.core.fraction_hash import section_rolls
-from dlm_pipeline.core.weights import WeightsMap
+from dlm_pipeline.core.weights import Chain, chain_factor, resolve_weights
 
+EXPANSION_BERNOULLI = "bernoulli"
+EXPANSION_EXACT = "exact"
+EXPANSION_MODES = (EXPANSION_BERNOULLI, EXPANSION_EXACT)
+MODE_METADATA_KEY = b"dlm.expansion_mode"
 MAX_EXPANDED_ROWS = 500_000_000
+DEFAULT_MAX_EXPANDED_BYTES = 4 << 30
 SPECULATIVE_HASH_MIN_ROWS = 100_000
 # The hash tables of the tag-set encodes and the gathered columns are large and short-lived; the
 # system allocator reuses them from call to call, where Arrow's default pool (mimalloc) measured
@@ -30,7 +44,13 @@ _ARROW_POOL = pa.system_memory_pool()
 
 
 class ExpansionTooLarge(ValueError):
-    """Composed weights would produce more rows than any corpus should hold."""
+    """Composed weights would produce more rows, or more text, than the limits allow."""
+
+
+def check_mode(mode: str) -> str:
+    if mode not in EXPANSION_MODES:
+        raise ValueError(f"expansion mode must be one of {', '.join(EXPANSION_MODES)}, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -93,38 +113,45 @@ def tag_set_groups(tags: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     return group, size
 
 
-def weight_of_tags(tags: dict[str, str], weights: WeightsMap) -> float:
-    """The reference's composition: factors of matching (key, value) multiplied in sorted key order from 1.0."""
+def weight_of_tags(tags: dict[str, str], chain: Chain) -> float:
+    """The reference's composition: factors of matching (key, value) multiplied in sorted key order
+    from 1.0, each factor the one the merge of `chain` holds."""
     weight = 1.0
     for key in sorted(tags):
-        factor = weights.get(key, {}).get(tags[key])
+        factor = chain_factor(chain, key, tags[key])
         if factor is not None:
             weight *= factor
     return weight
 
 
-def composed_weights(tags: pa.ChunkedArray | pa.Array, row_map: np.ndarray, maps: list[WeightsMap]) -> np.ndarray:
-    """float64 weight per row; rows with row_map == -1 (or no matching tag) get 1.0.
+def composed_weights(tags: pa.ChunkedArray | pa.Array, row_chain: np.ndarray, chains: list[Chain]) -> np.ndarray:
+    """float64 weight per row; rows with row_chain == -1 (or no matching tag) get 1.0.
 
-    Rows are grouped by (their map, their exact tag set); each group's weight is composed
+    Rows are grouped by (their chain, their exact tag set); each group's weight is composed
     once, in Python, exactly as the reference composes it, then spread back to the rows.
     """
-    n = len(row_map)
-    if not maps or n == 0:
+    n = len(row_chain)
+    if not chains or n == 0:
         return np.ones(n, dtype=np.float64)
     group, size = tag_set_groups(tags)
-    if np.any(row_map != row_map[0]):  # several maps in play: a group is (tag set, map)
-        group, size = _dense_codes(group * (len(maps) + 1) + (row_map.astype(np.int64) + 1))
+    if np.any(row_chain != row_chain[0]):  # several chains in play: a group is (tag set, chain)
+        group, size = _dense_codes(group * (len(chains) + 1) + (row_chain.astype(np.int64) + 1))
     first = representative_rows(group, size)
     representatives = one_chunk(tags).take(pa.array(first)).to_pylist()
     group_weight = np.array(
         [
-            weight_of_tags(dict(rep), maps[row_map[row]]) if row_map[row] >= 0 else 1.0
+            weight_of_tags(dict(rep), chains[row_chain[row]]) if row_chain[row] >= 0 else 1.0
             for rep, row in zip(representatives, first.tolist())
         ],
         dtype=np.float64,
     )
     return group_weight[group]
+
+
+def composed_row_weights(raw: pa.Table, weights_map_table: pa.Table) -> np.ndarray:
+    """The composed weight (float64) of every row of a raw corpus (needs its `path` and `tags`)."""
+    row_chain, chains = resolve_weights(raw["path"], weights_map_table)
+    return composed_weights(raw["tags"], row_chain, chains)
 
 
 def split_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,16 +161,74 @@ def split_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return whole, np.where(positive, weights - whole, 0.0)
 
 
-def copies_per_row(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> np.ndarray:
+def exact_quotas(sizes: np.ndarray, fractions: np.ndarray) -> np.ndarray:
+    """Rows that get the extra copy in a group of `sizes` rows with fractional part `fractions`:
+    floor(n*f + 0.5), in float64 as Python computes it."""
+    return np.floor(sizes * fractions + 0.5).astype(np.int64)
+
+
+def _exact_extra(weights: np.ndarray, fractions: np.ndarray, rolls: np.ndarray, section_ids: pa.Array) -> np.ndarray:
+    """Per fractional row, whether it is among its weight group's quota of smallest (roll, section_id)."""
+    values, group = np.unique(weights, return_inverse=True)
+    sizes = np.bincount(group, minlength=len(values))
+    quota = exact_quotas(sizes, fractions[representative_rows(group, len(values))])
+    order = np.lexsort((rolls, group))
+    _break_ties_by_id(order, group, rolls, section_ids)
+    position = np.arange(len(order), dtype=np.int64) - (np.cumsum(sizes) - sizes)[group[order]]
+    extra = np.empty(len(order), dtype=bool)
+    extra[order] = position < quota[group[order]]
+    return extra
+
+
+def _break_ties_by_id(order: np.ndarray, group: np.ndarray, rolls: np.ndarray, section_ids: pa.Array) -> None:
+    """Reorder, in place, each run of rows with equal (group, roll) by section_id. Equal float64
+    rolls are rare, so sorting every id (seconds per million strings) would be wasted."""
+    g, r = group[order], rolls[order]
+    tied = np.flatnonzero((g[1:] == g[:-1]) & (r[1:] == r[:-1]))
+    if not len(tied):
+        return
+    starts = tied[np.r_[True, np.diff(tied) > 1]]
+    ends = np.r_[tied[np.r_[np.diff(tied) > 1, False]], tied[-1]] + 2  # exclusive
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        run = order[start:end]
+        ids = section_ids.take(pa.array(run)).to_pylist()
+        order[start:end] = run[sorted(range(len(run)), key=ids.__getitem__)]
+
+
+def _check_whole_copies(whole: np.ndarray) -> None:
+    """Refuse before int64 conversion: a product of per-key weights can exceed any integer width."""
+    total = float(whole.sum())
+    if total > MAX_EXPANDED_ROWS:
+        raise ExpansionTooLarge(
+            f"the composed weights would produce {total:,.0f} rows (limit {MAX_EXPANDED_ROWS:,}); "
+            "multi-key products multiply, so lower the weights"
+        )
+
+
+def copies_per_row(
+    weights: np.ndarray,
+    section_ids: pa.Array,
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    rolls: np.ndarray | None = None,
+) -> np.ndarray:
     """int64 number of copies per row (0 = dropped). `rolls`: every row's roll, if already computed."""
     whole, fraction = split_weights(weights)
+    _check_whole_copies(whole)
     copies = whole.astype(np.int64)
-    if rolls is not None:  # every row's roll is known; rows without a fraction never pass roll < 0
+    if rolls is not None and check_mode(mode) == EXPANSION_BERNOULLI:  # rows without a fraction never pass roll < 0
         copies += rolls < fraction
         return copies
     fractional_rows = np.flatnonzero(fraction > 0.0)
-    if len(fractional_rows):
-        copies[fractional_rows] += section_rolls(seed, section_ids, fractional_rows) < fraction[fractional_rows]
+    if not len(fractional_rows):
+        return copies
+    section_ids = one_chunk(section_ids)
+    row_rolls = rolls[fractional_rows] if rolls is not None else section_rolls(seed, section_ids, fractional_rows)
+    if check_mode(mode) == EXPANSION_EXACT:
+        ids = section_ids.take(pa.array(fractional_rows))
+        copies[fractional_rows] += _exact_extra(weights[fractional_rows], fraction[fractional_rows], row_rolls, ids)
+    else:
+        copies[fractional_rows] += row_rolls < fraction[fractional_rows]
     return copies
 
 
@@ -157,8 +242,28 @@ class ExpansionPlan:
     copy_index: np.ndarray  # int32 0-based copy number per output row
 
 
-def plan_from_weights(weights: np.ndarray, section_ids: pa.Array, seed: int, rolls: np.ndarray | None = None) -> ExpansionPlan:
-    return _plan_from_copies(weights, copies_per_row(weights, section_ids, seed, rolls))
+def plan_from_weights(
+    weights: np.ndarray, section_ids: pa.Array, seed: int, mode: str = EXPANSION_BERNOULLI, rolls: np.ndarray | None = None
+) -> ExpansionPlan:
+    return _plan_from_copies(weights, copies_per_row(weights, section_ids, seed, mode, rolls))
+
+
+def check_expanded_bytes(table: pa.Table, copies: np.ndarray, max_bytes: int) -> None:
+    """Refuse, before anything is gathered, an expansion whose text (copies x text bytes per row)
+    would exceed `max_bytes`, naming the row that contributes most."""
+    if "text" not in table.column_names or not len(copies):
+        return
+    lengths = pc.binary_length(table["text"]).to_numpy().astype(np.int64)
+    per_row = copies * lengths  # copies are bounded by MAX_EXPANDED_ROWS, lengths by the file size cap
+    total = int(per_row.sum())
+    if total > max_bytes:
+        top = int(np.argmax(per_row))
+        path = table["path"][top].as_py() if "path" in table.column_names else f"row {top}"
+        raise ExpansionTooLarge(
+            f"the composed weights would expand the corpus to {total:,} bytes of text (limit {max_bytes:,} bytes); "
+            f"the largest part is {path}: {int(copies[top]):,} copies of {int(lengths[top]):,} bytes. "
+            "Multi-key products multiply: lower the weights, or raise the limit"
+        )
 
 
 def _plan_from_copies(weights: np.ndarray, copies: np.ndarray) -> ExpansionPlan:
@@ -175,7 +280,14 @@ def _plan_from_copies(weights: np.ndarray, copies: np.ndarray) -> ExpansionPlan:
     return ExpansionPlan(weights, copies, source, copy_index)
 
 
-def plan_expansion(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> ExpansionPlan:
+def plan_expansion(
+    table: pa.Table,
+    row_chain: np.ndarray,
+    chains: list[Chain],
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+) -> ExpansionPlan:
     """Weights and copy decisions for every row of a corpus table (section_id, path, text, tags).
 
     On large tables every row's roll is hashed on another thread while the weights are composed
@@ -183,13 +295,16 @@ def plan_expansion(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap],
     too many is cheaper than waiting.
     """
     section_ids = one_chunk(table["section_id"])
-    if table.num_rows < SPECULATIVE_HASH_MIN_ROWS or not maps:
-        return plan_from_weights(composed_weights(table["tags"], row_map, maps), section_ids, seed)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(section_rolls, seed, section_ids)
-        weights = composed_weights(table["tags"], row_map, maps)
-        rolls = pending.result()
-    return plan_from_weights(weights, section_ids, seed, rolls)
+    if table.num_rows < SPECULATIVE_HASH_MIN_ROWS or not chains:
+        weights, rolls = composed_weights(table["tags"], row_chain, chains), None
+    else:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(section_rolls, seed, section_ids)
+            weights = composed_weights(table["tags"], row_chain, chains)
+            rolls = pending.result()
+    copies = copies_per_row(weights, section_ids, seed, mode, rolls)
+    check_expanded_bytes(table, copies, max_bytes)
+    return _plan_from_copies(weights, copies)
 
 
 def apply_plan(table: pa.Table, plan: ExpansionPlan) -> pa.Table:
@@ -200,9 +315,48 @@ def apply_plan(table: pa.Table, plan: ExpansionPlan) -> pa.Table:
     return expanded.append_column("copy", pa.array(plan.copy_index, pa.int32()))
 
 
-def expand_rows(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> tuple[pa.Table, ExpansionPlan]:
-    plan = plan_expansion(table, row_map, maps, seed)
+def expand_rows(
+    table: pa.Table, row_chain: np.ndarray, chains: list[Chain], seed: int, mode: str = EXPANSION_BERNOULLI
+) -> tuple[pa.Table, ExpansionPlan]:
+    plan = plan_expansion(table, row_chain, chains, seed, mode)
     return apply_plan(table, plan), plan
+
+
+def with_mode(expanded: pa.Table, mode: str) -> pa.Table:
+    """The expansion mode in the schema metadata, so checks and readers know which rule made the rows."""
+    return expanded.replace_schema_metadata({**(expanded.schema.metadata or {}), MODE_METADATA_KEY: check_mode(mode).encode()})
+
+
+def table_mode(table: pa.Table) -> str:
+    return check_mode((table.schema.metadata or {}).get(MODE_METADATA_KEY, EXPANSION_BERNOULLI.encode()).decode())
+
+
+def plan_corpus(
+    raw: pa.Table,
+    weights_map_table: pa.Table,
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+) -> ExpansionPlan:
+    """The copy decisions (§3, or exact mode) for a raw corpus under a `weights_map` table.
+
+    Raises ExpansionTooLarge when the result would exceed MAX_EXPANDED_ROWS rows or `max_bytes`
+    bytes of text (when `raw` has its text).
+    """
+    row_chain, chains = resolve_weights(raw["path"], weights_map_table)
+    return plan_expansion(raw, row_chain, chains, seed, mode, max_bytes)
+
+
+def expand_corpus(
+    raw: pa.Table,
+    weights_map_table: pa.Table,
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+) -> tuple[pa.Table, ExpansionPlan]:
+    """The expanded corpus and its plan; nothing is gathered when a limit refuses the plan."""
+    plan = plan_corpus(raw, weights_map_table, seed, mode, max_bytes)
+    return with_mode(apply_plan(raw, plan), mode), plan
 
 
 def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray) -> pa.Table:
@@ -240,23 +394,33 @@ def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.
     return result.sort_by([("tag_key", "ascending"), ("tag_value", "ascending")])
 
 
-def plain_plan(table: pa.Table, row_map: np.ndarray, maps: list[WeightsMap], seed: int) -> ExpansionPlan:
+def plain_plan(raw: pa.Table, weights_map_table: pa.Table, seed: int, mode: str = EXPANSION_BERNOULLI) -> ExpansionPlan:
     """The same expansion computed row by row with hashlib: an independent second implementation
     that the determinism check compares the vectorised one against."""
     import hashlib
+    import math
 
-    weights, copies = [], []
-    for tags, section, m in zip(table["tags"].to_pylist(), table["section_id"].to_pylist(), row_map.tolist()):
-        weight = weight_of_tags(dict(tags), maps[m]) if m >= 0 else 1.0
+    row_chain, chains = resolve_weights(raw["path"], weights_map_table)
+    weights, copies, candidates = [], [], {}
+    for i, (tags, section, c) in enumerate(zip(raw["tags"].to_pylist(), raw["section_id"].to_pylist(), row_chain.tolist())):
+        weight = weight_of_tags(dict(tags), chains[c]) if c >= 0 else 1.0
         count = 0
         if weight > 0.0:
             count = int(weight)
             fraction = weight - count
             if fraction > 0.0:
                 digest = hashlib.blake2b(f"{seed}:{section}".encode(), digest_size=8).digest()
-                count += int.from_bytes(digest, "big") / float(1 << 64) < fraction
+                roll = int.from_bytes(digest, "big") / float(1 << 64)
+                if check_mode(mode) == EXPANSION_BERNOULLI:
+                    count += roll < fraction
+                else:
+                    candidates.setdefault(weight, []).append((roll, section, i))
         weights.append(weight)
         copies.append(count)
+    for weight, group in candidates.items():
+        quota = math.floor(len(group) * (weight - int(weight)) + 0.5)
+        for _, _, i in sorted(group)[:quota]:
+            copies[i] += 1
     return _plan_from_copies(np.asarray(weights, dtype=np.float64), np.asarray(copies, dtype=np.int64))
 
 
@@ -269,16 +433,41 @@ def realized_copies(raw_section_ids: pa.ChunkedArray | pa.Array, expanded_sectio
 
 @dataclass(frozen=True)
 class WeightsVerdict:
-    """Per-row integer parts and per-tag binomial bounds of realized vs expected copies."""
+    """Per-row integer parts, per-tag binomial bounds and, in exact mode, per-group exact counts."""
 
     rows_out_of_range: list[int]  # raw rows whose copies are not int(w) or int(w) + 1
     tags_out_of_bounds: pa.Table  # tag_key, tag_value, rows, expected, realized, deviation, bound
     stats: pa.Table
+    groups_off_quota: pa.Table  # exact mode: weight, rows, quota, extra (realized extra copies)
 
 
-def verify_weights(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray, sigmas: float = 4.0) -> WeightsVerdict:
+def exact_groups(weights: np.ndarray, copies: np.ndarray) -> pa.Table:
+    """Per composed weight with a fractional part: rows, the exact-mode quota and the extra copies realized."""
+    whole, fraction = split_weights(weights)
+    fractional = np.flatnonzero(fraction > 0.0)
+    values, group = np.unique(weights[fractional], return_inverse=True)
+    sizes = np.bincount(group, minlength=len(values))
+    extra = np.bincount(group, weights=(copies[fractional] - whole[fractional]), minlength=len(values))
+    return pa.table(
+        {
+            "weight": pa.array(values, pa.float64()),
+            "rows": pa.array(sizes, pa.int64()),
+            "quota": pa.array(exact_quotas(sizes, values - np.trunc(values)), pa.int64()),
+            "extra": pa.array(extra.astype(np.int64), pa.int64()),
+        }
+    )
+
+
+def verify_weights(
+    tags: pa.ChunkedArray | pa.Array,
+    weights: np.ndarray,
+    copies: np.ndarray,
+    mode: str = EXPANSION_BERNOULLI,
+    sigmas: float = 4.0,
+) -> WeightsVerdict:
     """Integer parts must match exactly; per (tag_key, tag_value) the extra copies may deviate from
-    the sum of fractional parts by at most `sigmas` standard deviations (+1 for discreteness)."""
+    the sum of fractional parts by at most `sigmas` standard deviations (+1 for discreteness). In
+    exact mode each weight group must also hold exactly its quota of extra copies."""
     whole, fraction = split_weights(weights)
     whole = whole.astype(np.int64)
     bad_rows = np.flatnonzero((copies < whole) | (copies > whole + (fraction > 0.0)))
@@ -287,4 +476,6 @@ def verify_weights(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies
     bound = pc.add(pc.multiply(pc.sqrt(stats["variance"]), sigmas), 1.0)
     stats = stats.append_column("deviation", deviation).append_column("bound", bound)
     outside = stats.filter(pc.greater(deviation, bound))
-    return WeightsVerdict(bad_rows.tolist(), outside, stats)
+    groups = exact_groups(weights, copies)
+    off_quota = groups.filter(pc.not_equal(groups["extra"], groups["quota"])) if check_mode(mode) == EXPANSION_EXACT else groups.slice(0, 0)
+    return WeightsVerdict(bad_rows.tolist(), outside, stats, off_quota)

@@ -11,33 +11,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-import pathspec
-
 from dlm_pipeline.core.config import TrainingConfig
+from dlm_pipeline.core.globs import GlobSet, glob_set
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     # version control
     ".git/", ".hg/", ".svn/",
     # pipeline configs
     ".dlm/",
-    # caches, environments, build output
-    "__pycache__/", "node_modules/", ".venv/", "venv/", "build/", "dist/",
+    # caches, environments, build and generated output, minified bundles and source maps
+    "__pycache__/", "node_modules/", ".venv/", "venv/", "build/", "dist/", "target/",
+    "generated/", "__generated__/", ".tox/", ".nox/", ".mypy_cache/", ".pytest_cache/", ".ruff_cache/",
+    ".terraform/", "*.min.js", "*.min.css", "*.map",
     # lockfiles
     "*.lock", "package-lock.json", "npm-shrinkwrap.json", "pnpm-lock.yaml", "go.sum",
-    # secrets
-    ".env*", "*.pem", "*.key", "id_rsa*", "*.p12", "*.pfx",
-    # binary media and archives
+    # credentials: keys, tokens and the files tools keep them in (the content scan catches the rest)
+    ".env*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk", "*.kdbx",
+    "id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*", ".ssh/", ".gnupg/",
+    ".aws/credentials", ".netrc", "_netrc", ".git-credentials", ".pypirc", ".npmrc", ".yarnrc.yml",
+    ".pgpass", ".htpasswd", "credentials.json", "service-account*.json", ".docker/config.json",
+    "kubeconfig", ".kube/config", "*.tfstate", "*.tfstate.backup", "*.tfvars",
+    "secrets.toml", "secrets.yaml", "secrets.yml", "secrets.json",
+    # binary media, archives and compiled code
     "*.png", "*.jpg", "*.jpeg", "*.gif", "*.bmp", "*.ico", "*.webp", "*.tif", "*.tiff", "*.psd",
     "*.mp3", "*.wav", "*.flac", "*.ogg", "*.m4a", "*.mp4", "*.mov", "*.avi", "*.mkv", "*.webm",
     "*.pdf", "*.zip", "*.tar", "*.gz", "*.tgz", "*.bz2", "*.xz", "*.zst", "*.7z", "*.rar",
-    "*.jar", "*.whl", "*.so", "*.dylib", "*.dll", "*.exe", "*.bin", "*.o", "*.a", "*.pyc", "*.class",
+    "*.jar", "*.whl", "*.so", "*.dylib", "*.dll", "*.exe", "*.bin", "*.o", "*.a", "*.pyc", "*.pyo",
+    "*.class", "*.rlib", "*.wasm",
     "*.woff", "*.woff2", "*.ttf", "*.otf", "*.eot", "*.parquet", "*.sqlite", "*.db",
 )
-_DEFAULT_SPEC = pathspec.GitIgnoreSpec.from_lines(DEFAULT_EXCLUDES)
+_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES)
 
 
 def is_default_excluded(path: str) -> bool:
-    return _DEFAULT_SPEC.match_file(path)
+    return _DEFAULT_SPEC.matches(path)
 
 
 @dataclass(frozen=True)
@@ -56,30 +63,30 @@ class Anchor:
         return path[len(self.dir) + 1 :] if self.dir else path
 
     @cached_property
-    def include_spec(self) -> pathspec.GitIgnoreSpec | None:
+    def include_spec(self) -> GlobSet | None:
         if self.config is None or self.config.include is None:
             return None
-        return pathspec.GitIgnoreSpec.from_lines(self.config.include)
+        return glob_set(tuple(self.config.include))
 
     @cached_property
-    def exclude_spec(self) -> pathspec.GitIgnoreSpec | None:
+    def exclude_spec(self) -> GlobSet | None:
         if self.config is None or not self.config.exclude:
             return None
-        return pathspec.GitIgnoreSpec.from_lines(self.config.exclude)
+        return glob_set(tuple(self.config.exclude))
 
     @cached_property
-    def ignore_spec(self) -> pathspec.GitIgnoreSpec | None:
-        return pathspec.GitIgnoreSpec.from_lines(self.ignore) if self.ignore else None
+    def ignore_spec(self) -> GlobSet | None:
+        return glob_set(tuple(self.ignore)) if self.ignore else None
 
     def verdict(self, path: str, included: bool) -> bool:
         """Apply this anchor's rules to the running verdict for `path` (relative to the root)."""
         rel = self.relative(path)
         if self.include_spec is not None:
-            included = self.include_spec.match_file(rel)
-        if self.exclude_spec is not None and self.exclude_spec.match_file(rel):
+            included = self.include_spec.matches(rel)
+        if self.exclude_spec is not None and self.exclude_spec.matches(rel):
             included = False
         if self.ignore_spec is not None:
-            result = self.ignore_spec.check_file(rel).include
+            result = self.ignore_spec.check(rel)
             if result is not None:
                 included = not result
         return included
@@ -115,15 +122,21 @@ class PathRules:
                 merged.update(anchor.config.metadata)
         return dict(sorted(merged.items()))
 
-    def _defaults_apply(self, chain: tuple[Anchor, ...]) -> bool:
+    @staticmethod
+    def _nearest_setting(chain: tuple[Anchor, ...], name: str) -> bool:
+        """The boolean `name` as the nearest anchor that sets it says; true when none does."""
         for anchor in reversed(chain):
-            if anchor.config is not None and anchor.config.exclude_defaults is not None:
-                return anchor.config.exclude_defaults
+            if anchor.config is not None and getattr(anchor.config, name) is not None:
+                return getattr(anchor.config, name)
         return True
+
+    def scans_secrets(self, directory: str) -> bool:
+        """Whether files in `directory` get the content scan for credentials (`scan_secrets`)."""
+        return self._nearest_setting(self.chain(directory), "scan_secrets")
 
     def is_included(self, path: str) -> bool:
         chain = self.chain(parent_dir(path))
-        if self._defaults_apply(chain) and is_default_excluded(path):
+        if self._nearest_setting(chain, "exclude_defaults") and is_default_excluded(path):
             return False
         included = True
         for anchor in chain:

@@ -7,10 +7,12 @@ order so the result does not depend on the file system's listing order.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,7 @@ class TreeScan:
     config_files: list[ConfigFile] = field(default_factory=list)
     skips: Counter = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    own_dirs: list[str] = field(default_factory=list)  # the pipeline's own folders, passed over whole
 
     def skip(self, path: str, reason: str) -> None:
         self.skips[reason] += 1
@@ -100,14 +103,20 @@ def _scan_anchor_dir(scan: TreeScan, dir_path: str, anchor: str, rel: str) -> No
             )
 
 
-def scan_tree(root: str | os.PathLike, *, files: bool = True) -> TreeScan:
+def scan_tree(
+    root: str | os.PathLike, *, files: bool = True, exclude_dirs: Iterable[str | os.PathLike] = ()
+) -> TreeScan:
     """Walk `root`; raise SourceTreeError if it cannot be walked at all.
 
     `files=False` looks for config files only (what the sensor and `training_configs` need):
     every directory is still listed, but no file entry is kept or checked.
+    `exclude_dirs` (absolute paths; resolved here) are never descended into, whatever the configs
+    say: the pipeline's own folders (instance, outputs, token store) are not source. Those met
+    are listed once in `own_dirs`, not as a skip per file.
     """
     root_path = resolve_root(root)
     scan = TreeScan(root=root_path)
+    excluded = {os.path.realpath(d) for d in exclude_dirs if d}
     stack: list[tuple[str, str]] = [(str(root_path), "")]
     while stack:
         dir_path, rel_dir = stack.pop()
@@ -123,6 +132,10 @@ def scan_tree(root: str | os.PathLike, *, files: bool = True) -> TreeScan:
             if not rel_dir:
                 raise SourceTreeError(f"cannot list source root {str(root_path)!r}: {exc.strerror}") from None
             scan.skip(rel_dir, "unreadable_dir")
+            if exc.errno == errno.ENAMETOOLONG and _holds_anchor(dir_path):
+                scan.config_files.append(
+                    ConfigFile(rel_dir, "unknown", rel_dir, _TOO_DEEP.format(limit=os.pathconf("/", "PC_PATH_MAX")))
+                )
             continue
         subdirs = []
         for entry in entries:
@@ -131,7 +144,9 @@ def scan_tree(root: str | os.PathLike, *, files: bool = True) -> TreeScan:
                 scan.skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "bad_filename")
                 continue
             try:
-                if not files and entry.name != ANCHOR_DIR:
+                if entry.path in excluded and entry.is_dir(follow_symlinks=False):
+                    scan.own_dirs.append(rel)
+                elif not files and entry.name != ANCHOR_DIR:
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append((entry.path, rel))
                 elif entry.is_symlink():
@@ -140,6 +155,8 @@ def scan_tree(root: str | os.PathLike, *, files: bool = True) -> TreeScan:
                     if entry.name == ANCHOR_DIR:
                         _scan_anchor_dir(scan, entry.path, rel_dir, rel)
                     subdirs.append((entry.path, rel))
+                elif entry.name == ANCHOR_DIR:
+                    scan.config_files.append(ConfigFile(rel_dir, "unknown", rel, _ANCHOR_NOT_DIR))
                 elif entry.is_file(follow_symlinks=False):
                     scan.files.append(FileEntry(rel, entry.path))
                 else:
@@ -149,7 +166,54 @@ def scan_tree(root: str | os.PathLike, *, files: bool = True) -> TreeScan:
         stack.extend(reversed(subdirs))
     scan.files.sort(key=lambda f: f.path)
     scan.config_files.sort(key=lambda c: c.path)
+    scan.own_dirs.sort()
     return scan
+
+
+_ANCHOR_NOT_DIR = f"is a file; an anchor is a folder {ANCHOR_DIR}/ holding {TRAINING_FILE} (rename or remove it)"
+_TOO_DEEP = (
+    f"holds a {ANCHOR_DIR}/ folder, but its path is longer than PATH_MAX ({{limit}} bytes) and cannot be read; "
+    "move it higher or remove it"
+)
+# How far below a too-long folder we look for an anchor, in folders deep and in folders listed.
+PROBE_DEPTH = 64
+PROBE_DIRS = 10_000
+
+
+def _holds_anchor(path: str) -> bool:
+    """Whether a folder whose path is too long to open holds a `.dlm` within PROBE_DEPTH levels.
+
+    Opened relative to its parent's descriptor, so the length of the path does not matter; a search
+    that hits its bounds answers True: an unread config must not pass silently.
+    """
+    parent, _, name = path.rpartition("/")
+    budget = [PROBE_DIRS]
+
+    def probe(dir_fd: int, name: str, depth: int) -> bool:
+        budget[0] -= 1
+        if depth > PROBE_DEPTH or budget[0] < 0:
+            return True
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except OSError:
+            return False
+        try:
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            return any(n == ANCHOR_DIR for n, _ in entries) or any(
+                probe(fd, n, depth + 1) for n, is_dir in entries if is_dir
+            )
+        finally:
+            os.close(fd)
+
+    try:
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return True
+    try:
+        return probe(parent_fd, name, 1)
+    finally:
+        os.close(parent_fd)
 
 
 def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> None:

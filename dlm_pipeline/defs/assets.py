@@ -18,9 +18,9 @@ from dlm_pipeline.core.anchors import (
     table_configs_fingerprint,
 )
 from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
-from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_rows, tag_stats
+from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_corpus, tag_stats
 from dlm_pipeline.core.tree import SourceTreeError
-from dlm_pipeline.core.weights import maps_from_table, row_maps, table_scope, weights_table
+from dlm_pipeline.core.weights import SCOPE_NEAREST, table_scope, weights_table
 from dlm_pipeline.defs.constants import CONFIGS_VALID
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
@@ -37,11 +37,16 @@ GROUP = "corpus"
 SKIP_COUNTS_KEY = b"dlm.skip_counts"
 
 
-def _scan(source: SourceTree, files: bool = True):
+def _scan(context: dg.AssetExecutionContext, source: SourceTree, files: bool = True):
     try:
-        return source.scan(files=files)
+        scan = source.scan(context.instance, files=files)
     except SourceTreeError as exc:
         raise dg.Failure(description=str(exc)) from None
+    if scan.own_dirs:
+        context.log.info(
+            f"passed over the pipeline's own folders inside the source root: {', '.join(scan.own_dirs)}"
+        )
+    return scan
 
 
 @dg.asset(
@@ -61,7 +66,7 @@ def _scan(source: SourceTree, files: bool = True):
 def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     """Every `.dlm/training.yaml` and `.dlm/ignore` under the source root: parsed config, status, error, sha256."""
     seed = parse_seed_or_fail(context)
-    scan = _scan(source, files=False)
+    scan = _scan(context, source, files=False)
     table = records_table(load_configs(scan, max_weight=source.max_weight))
     errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s == STATUS_ERROR]
     n_invalid = len(errors)
@@ -74,6 +79,7 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
             "config_fingerprint": dg.MetadataValue.text(table_configs_fingerprint(table)),
             "configs_valid": dg.MetadataValue.int(table.num_rows - n_invalid),
             "configs_invalid": dg.MetadataValue.int(n_invalid),
+            "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
             "errors": text_block(errors),
             "configs": table_metadata(table.select(["path", "kind", "status", "sha256"])),
         },
@@ -86,13 +92,14 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
 def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
-    """The merged weights map (global view) and each anchor's scoped map; the scope in use is recorded."""
+    """The merged weights map (global view) and each anchor's own map; the scope in use is recorded."""
     seed = parse_seed_or_fail(context)
     scope = source.scope()
     table = weights_table(anchors_from_table(training_configs), scope)
     active = table.filter(pc.equal(table["scope"], scope))
+    own = table.filter(pc.equal(table["scope"], SCOPE_NEAREST))
     return versioned_output(
         table,
         seed,
@@ -100,7 +107,7 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
         {
             **config_lineage(context),
             "weights_scope": dg.MetadataValue.text(scope),
-            "anchors_with_weights": dg.MetadataValue.int(len(set(active["anchor"].to_pylist()))),
+            "anchors_with_weights": dg.MetadataValue.int(len(pc.unique(own["anchor"]))),
             "weights": table_metadata(active.select(["anchor", "tag_key", "tag_value", "weight"])),
         },
     )
@@ -110,11 +117,12 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
 def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
-    scan = _scan(source)
+    scan = _scan(context, source)
     corpus = build_raw_corpus(
         scan,
         anchors_from_table(training_configs),
         max_file_bytes=source.max_file_bytes,
+        secret_entropy=source.secret_entropy,
         progress=ProgressLog(context, "raw_corpus files read"),
     )
     skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
@@ -137,24 +145,27 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
             "skip_counts": dg.MetadataValue.json(skips),
             **{f"skipped/{reason}": dg.MetadataValue.int(count) for reason, count in skips.items()},
             "skipped_files": table_metadata(skipped),
+            "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
         },
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
 def expanded_corpus(
-    context: dg.AssetExecutionContext, raw_corpus: pa.Table, weights_map: pa.Table
+    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: pa.Table, weights_map: pa.Table
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
     seed = parse_seed_or_fail(context)
-    scope = table_scope(weights_map)
-    row_map, maps = row_maps(raw_corpus["path"], maps_from_table(weights_map, scope), scope)
+    scope, mode = table_scope(weights_map), source.mode()
     try:
-        expanded, plan = expand_rows(raw_corpus, row_map, maps, seed)
+        expanded, plan = expand_corpus(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
     except ExpansionTooLarge as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise dg.Failure(
+            description=f"{exc} (DLM_MAX_EXPANDED_BYTES, or the source resource's max_expanded_bytes; "
+            f"now {source.max_expanded_bytes:,})"
+        ) from None
     stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
-    context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, seed {seed})")
+    context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, mode {mode}, seed {seed})")
     return versioned_output(
         expanded,
         seed,
@@ -165,6 +176,7 @@ def expanded_corpus(
             "rows_out": dg.MetadataValue.int(expanded.num_rows),
             "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),
             "weights_scope": dg.MetadataValue.text(scope),
+            "expansion_mode": dg.MetadataValue.text(mode),
             "weight_distribution": table_metadata(stats.select(["tag_key", "tag_value", "rows"])),
             "expected_vs_realized": table_metadata(stats.select(["tag_key", "tag_value", "rows", "expected", "realized"])),
         },

@@ -41,7 +41,9 @@ def _host_port(address: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if not parts.hostname:
-        raise dg.Failure(description=f"Ray address {address!r} names no host; use ray://HOST:PORT or HOST:PORT (DLM_RAY_ADDRESS)")
+        raise dg.Failure(
+            description=f"Ray address {address!r} names no host; use ray://HOST:PORT or HOST:PORT (DLM_RAY_ADDRESS)"
+        )
     return parts.hostname, port or (RAY_CLIENT_PORT if parts.scheme == "ray" else RAY_GCS_PORT)
 
 
@@ -106,7 +108,9 @@ class ComputeResource(dg.ConfigurableResource):
 
     @classmethod
     def from_env(cls) -> ComputeResource:
-        return cls(backend=settings.compute(), ray_address=settings.ray_address(), batch_bytes=settings.ray_batch_bytes())
+        return cls(
+            backend=settings.compute(), ray_address=settings.ray_address(), batch_bytes=settings.ray_batch_bytes()
+        )
 
     @contextmanager
     def writer(
@@ -115,7 +119,10 @@ class ComputeResource(dg.ConfigurableResource):
         """None for `local`; for `ray`, a writer for `TokenStore.get_or_compute` that connects on its
         first call and disconnects when the block ends."""
         if self.backend not in BACKENDS:
-            raise dg.Failure(description=f"compute backend must be one of {', '.join(BACKENDS)}, got {self.backend!r} (DLM_COMPUTE / --compute)")
+            raise dg.Failure(
+                description=f"compute backend must be one of {', '.join(BACKENDS)}, got {self.backend!r} "
+                "(DLM_COMPUTE / --compute)"
+            )
         if self.backend == "local":
             yield None
             return
@@ -128,10 +135,19 @@ class ComputeResource(dg.ConfigurableResource):
                 if not cluster.connected:
                     cluster._connect(context)  # dagster-ray's create / wait / connect, with its logging
                     stack.callback(cluster.cleanup, context, None)
-                context.log.info(f"tokenizing {len(texts):,} texts on {cluster.name} in batches of <= {self.batch_bytes:,} bytes")
+                context.log.info(
+                    f"tokenizing {len(texts):,} texts on {cluster.name} in batches of <= {self.batch_bytes:,} bytes"
+                )
                 return run_on_ray(
-                    str(store.root), namespace, tokenizer, keys, texts, self.batch_bytes, self.max_retries,
-                    ProgressLog(context, "tokenization tasks"), stats,
+                    str(store.root),
+                    namespace,
+                    tokenizer,
+                    keys,
+                    texts,
+                    self.batch_bytes,
+                    self.max_retries,
+                    ProgressLog(context, "tokenization tasks"),
+                    stats,
                 )
 
             yield write

@@ -4,6 +4,8 @@ CONFIGS_VALID = "configs_valid"
 EXPANSION_DETERMINISTIC = "expansion_deterministic"
 EXPANSION_MATCHES_WEIGHTS = "expansion_matches_weights"
 TOKENS_MATCH_TOKENIZER = "tokens_match_tokenizer"
+SPLIT_IS_LEAK_FREE = "split_is_leak_free"
+PACKING_CONSERVES_TOKENS = "packing_conserves_tokens"
 
 CORPUS_JOB = "corpus_job"
 CONFIG_CHANGE_SENSOR = "config_change_sensor"

@@ -3,6 +3,7 @@ tables), data versions, lineage to inputs and configs, and progress in the run l
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from collections.abc import Mapping
@@ -11,6 +12,8 @@ import dagster as dg
 import pyarrow as pa
 
 from dlm_pipeline.core.fingerprint import table_fingerprint
+
+DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps an event's data version
 
 PROGRESS_EVERY_SECONDS = 5.0
 
@@ -66,30 +69,70 @@ def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: 
         return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
 
 
-def recorded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
-    """A metadata value of the latest materialization of `asset` for this seed (None if absent)."""
+def _same_version(recorded: str | None, version: str | None) -> bool:
+    """Whether Dagster's recorded input data version names `version`: for a partitioned input it
+    records sha256 of the partition's data version, for another the version itself."""
+    if recorded is None or version is None:
+        return False
+    return recorded in (version, hashlib.sha256(version.encode()).hexdigest())
+
+
+def loaded_input_record(context: dg.AssetExecutionContext, asset: str) -> dg.EventLogRecord | None:
+    """The materialization of input `asset`, for this seed, that this step loaded.
+
+    Dagster fetches each input's version just before it loads the inputs and records it on the
+    output (tags `dagster/input_event_pointer/<asset>` and `dagster/input_data_version/<asset>`).
+    The pointer is the input asset's newest event of any partition at that moment, so this seed's
+    newest materialization at or before it is the one loaded; its data version must match the
+    recorded one. A run of the same seed that lands later cannot change the answer.
+    """
+    key = dg.AssetKey(asset)
+    info = context.get_step_execution_context().maybe_fetch_and_get_input_asset_version_info(key)
+    if info is None or info.storage_id is None:
+        return None
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[context.partition_key]), limit=1
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key], before_storage_id=info.storage_id + 1),
+        limit=1,
     ).records
-    value = records[0].asset_materialization.metadata.get(key) if records else None
+    if not records:
+        return None
+    record = records[0]
+    version = record.asset_materialization.tags.get(DATA_VERSION_TAG) if record.asset_materialization else None
+    recorded = info.data_version.value if info.data_version is not None else None
+    return record if _same_version(recorded, version) else None
+
+
+def _loaded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
+    record = loaded_input_record(context, asset)
+    value = record.asset_materialization.metadata.get(key) if record is not None else None
     return value.value if value is not None else None
 
 
 def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table) -> dict[str, str]:
-    """Fingerprints of the loaded inputs, as their own materializations recorded them.
+    """Fingerprints of the loaded inputs, as the materializations this step loaded recorded them.
 
-    Reading the recorded value (one instance query) instead of re-hashing keeps large inputs
-    cheap; an input with no recorded fingerprint is hashed.
+    Reading the recorded value (a few instance queries) instead of re-hashing keeps large inputs
+    cheap; an input whose loaded materialization cannot be identified is hashed.
     """
     return {
-        name: recorded_metadata(context, name, "fingerprint") or table_fingerprint(table)
+        name: _loaded_metadata(context, name, "fingerprint") or table_fingerprint(table)
         for name, table in inputs.items()
     }
 
 
 def config_lineage(context: dg.AssetExecutionContext) -> dict:
-    """Which configs this output came from: the training_configs fingerprint of this seed's run."""
-    return {"config_fingerprint": dg.MetadataValue.text(recorded_metadata(context, "training_configs", "config_fingerprint") or "")}
+    """Which configs this output came from: the config fingerprint recorded by the inputs it loaded
+    (`training_configs`, or an asset that recorded its own lineage)."""
+    found = sorted(
+        {
+            value
+            for key in context.assets_def.keys_by_input_name.values()
+            if (value := _loaded_metadata(context, key.to_user_string(), "config_fingerprint"))
+        }
+    )
+    if len(found) > 1:
+        context.log.warning(f"the inputs of this step were made from different configs: {', '.join(found)}")
+    return {"config_fingerprint": dg.MetadataValue.text(", ".join(found))}
 
 
 class ProgressLog:

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import dagster as dg
 
+from dlm_pipeline import settings
+
 SEEDS_PARTITION = "seeds"
 seeds_partitions = dg.DynamicPartitionsDefinition(name=SEEDS_PARTITION)
 
-_CANONICAL_SEED = re.compile(r"0|[1-9][0-9]*")
-
 
 def parse_seed(key: str) -> int:
-    """A canonical non-negative decimal seed ("0", "42"); anything else is refused."""
-    if not isinstance(key, str) or not _CANONICAL_SEED.fullmatch(key):
+    """A canonical non-negative decimal seed ("0", "42") of at most MAX_SEED_DIGITS digits (a longer
+    one would make file names too long); anything else is refused."""
+    try:
+        return settings.check_seed_text("seed", key if isinstance(key, str) else "")
+    except settings.SettingsError:
         raise ValueError(
-            f"seed {key!r} is not a canonical non-negative decimal integer "
-            "(use e.g. 0 or 42: no sign, no leading zeros, digits only)"
-        )
-    return int(key)
+            f"seed {str(key)[:40]!r} is not a canonical non-negative decimal integer of at most "
+            f"{settings.MAX_SEED_DIGITS} digits (use e.g. 0 or 42: no sign, no leading zeros, digits only)"
+        ) from None
 
 
 def parse_seed_or_fail(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:

@@ -27,6 +27,8 @@ class SourceTree(dg.ConfigurableResource):
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_weight: float = DEFAULT_MAX_WEIGHT
     expansion_mode: str = settings.EXPANSION_BERNOULLI
+    secret_entropy: bool = False
+    max_expanded_bytes: int = settings.DEFAULT_MAX_EXPANDED_BYTES
 
     @classmethod
     def from_env(cls) -> "SourceTree":
@@ -36,6 +38,8 @@ class SourceTree(dg.ConfigurableResource):
             max_file_bytes=settings.max_file_bytes(),
             max_weight=settings.max_weight(),
             expansion_mode=settings.expansion_mode(),
+            secret_entropy=settings.secret_entropy(),
+            max_expanded_bytes=settings.max_expanded_bytes(),
         )
 
     def scope(self) -> str:
@@ -44,8 +48,14 @@ class SourceTree(dg.ConfigurableResource):
     def mode(self) -> str:
         return settings.check_expansion_mode(self.expansion_mode)
 
-    def scan(self, files: bool = True) -> TreeScan:
-        return scan_tree(self.root, files=files)
+    def scan(self, instance: dg.DagsterInstance | None = None, files: bool = True) -> TreeScan:
+        """Walk the tree; with `instance`, the pipeline's own folders in it are passed over."""
+        return scan_tree(self.root, files=files, exclude_dirs=own_dirs(instance) if instance is not None else ())
+
+
+def own_dirs(instance: dg.DagsterInstance) -> list[str]:
+    """Folders the pipeline writes, as `default_resources` configures them (SPEC §1)."""
+    return settings.pipeline_dirs(instance.root_directory) + [instance.storage_directory()]
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -56,10 +66,12 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     output_dir: str = ""
 
+    def root(self, instance: dg.DagsterInstance) -> Path:
+        """The output folder: `output_dir`, else the instance's storage directory."""
+        return Path(self.output_dir) if self.output_dir else Path(instance.storage_directory())
+
     def _base(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path(context.step_context.instance.storage_directory())
+        return self.root(context.step_context.instance)
 
     def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
         return self._base(context) / context.asset_key.path[-1] / f"{partition}.parquet"
@@ -108,7 +120,7 @@ class TokenCacheResource(dg.ConfigurableResource):
         return cls(cache_dir=settings.cache_dir(), max_bytes=settings.cache_max_bytes())
 
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
-        root = self.cache_dir or os.path.join(instance.root_directory, "token_cache")
+        root = self.cache_dir or os.path.join(instance.root_directory, settings.TOKEN_CACHE_DIR)
         try:
             return TokenStore(root, max_bytes=self.max_bytes)
         except TokenStoreError as exc:

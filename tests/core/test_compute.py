@@ -49,7 +49,7 @@ def test_a_retried_task_rewrites_the_same_shard_and_the_manifest_is_untouched(tm
     loaded = load_tokenizer()
     store = TokenStore(tmp_path / "cache")
     first = tokenize_batch(str(store.root), loaded.cache_namespace, loaded, KEYS[:50], TEXTS[:50])
-    (name, entry), = first.shards
+    ((name, entry),) = first.shards
     path = store.root / name
     data = path.read_bytes()
     again = tokenize_batch(str(store.root), loaded.cache_namespace, loaded, KEYS[:50], TEXTS[:50], attempt=1)
@@ -67,11 +67,15 @@ def test_backend_writes_give_the_same_rows_as_local_and_then_hit(tmp_path):
     def refuse(texts):
         raise AssertionError("the driver encoded texts the workers should have")
 
-    remote = store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, refuse, in_process_writer(store, loaded, 1_500, stats))
+    remote = store.get_or_compute(
+        loaded.cache_namespace, KEYS, TEXTS, refuse, in_process_writer(store, loaded, 1_500, stats)
+    )
     assert remote.table.equals(local.table) and remote.misses == len(TEXTS) and remote.hits == 0
     assert stats.tasks > 3 and stats.tokens == remote.encoded_tokens == local.encoded_tokens
     assert len(store.stats()["namespaces"]) == 1 and store.repair()["corrupt"] == []
-    warm = store.get_or_compute(loaded.cache_namespace, KEYS[::-1], TEXTS[::-1], refuse, in_process_writer(store, loaded, 1_500, RunStats()))
+    warm = store.get_or_compute(
+        loaded.cache_namespace, KEYS[::-1], TEXTS[::-1], refuse, in_process_writer(store, loaded, 1_500, RunStats())
+    )
     assert warm.hits == len(TEXTS) and warm.table.equals(local.table.take(list(range(len(TEXTS)))[::-1]))
 
 
@@ -96,4 +100,6 @@ def test_commit_lists_only_regular_shards_of_the_stated_size(tmp_path):
     lookup = store.get_or_compute(ns, KEYS[:60], TEXTS[:60], loaded.encode, lambda *_: ([wrong_size, missing], 0.0, 0))
     assert lookup.hits == 40 and lookup.misses == 20
     assert (tmp_path / "elsewhere.parquet").exists() and target.is_symlink()  # never followed nor deleted
-    assert lookup.table.equals(TokenStore(tmp_path / "fresh").get_or_compute(ns, KEYS[:60], TEXTS[:60], loaded.encode).table)
+    assert lookup.table.equals(
+        TokenStore(tmp_path / "fresh").get_or_compute(ns, KEYS[:60], TEXTS[:60], loaded.encode).table
+    )

@@ -200,3 +200,48 @@ def test_alias_bombs_fail_fast_with_short_messages():
     found = issues(text)
     assert any("weights.k.v: weight must be a number, got list" in i for i in found)
     assert all(len(i) < 400 for i in found)
+
+
+def test_metadata_keys_are_capped_with_the_line_of_the_field():
+    from dlm_pipeline.core.config import MAX_METADATA_KEYS
+
+    keys = ", ".join(f"k{i}: v" for i in range(MAX_METADATA_KEYS + 1))
+    found = issues(f"dlm_training_version: 1\n\nmetadata: {{{keys}}}\n")
+    assert found == [f"{PATH}:3: metadata: {MAX_METADATA_KEYS + 1} tags; at most {MAX_METADATA_KEYS} per config are allowed"]
+    ok = ", ".join(f"k{i}: v" for i in range(MAX_METADATA_KEYS))
+    assert len(parse_training_config(f"dlm_training_version: 1\nmetadata: {{{ok}}}\n", PATH).metadata) == MAX_METADATA_KEYS
+
+
+@pytest.mark.parametrize("where", ["key", "value", "weight"])
+def test_long_tags_are_refused_with_file_line_field(where):
+    from dlm_pipeline.core.config import MAX_TAG_CHARS
+
+    long = "x" * (MAX_TAG_CHARS + 1)
+    text = {
+        "key": f"dlm_training_version: 1\nmetadata:\n  ok: v\n  {long}: v\n",
+        "value": f"dlm_training_version: 1\nmetadata:\n  ok: v\n  lang: {long}\n",
+        "weight": f"dlm_training_version: 1\nweights:\n  lang:\n    {long}: 2\n",
+    }[where]
+    (found,) = issues(text)
+    assert found.startswith(f"{PATH}:4: ") and f"at most {MAX_TAG_CHARS} are allowed" in found
+
+
+def test_many_keys_on_many_files_stay_bounded(tree):
+    """Memory grows with files x keys: the cap bounds the keys, so tags cost at most files x cap."""
+    from dlm_pipeline.core.anchors import load_configs, records_table
+    from dlm_pipeline.core.config import MAX_METADATA_KEYS
+    from dlm_pipeline.core.tree import scan_tree
+
+    keys = ", ".join(f"k{i}: v" for i in range(2000))
+    root = tree({".dlm/training.yaml": f"dlm_training_version: 1\nmetadata: {{{keys}}}\n", "a.py": "1\n"})
+    (record,) = [r for r in load_configs(scan_tree(root)) if r.kind == "training.yaml"]
+    assert record.status == "error" and f"at most {MAX_METADATA_KEYS}" in record.error
+    assert records_table([record]).num_rows == 1
+
+
+def test_scan_secrets_is_a_strict_optional_bool():
+    assert parse_training_config("dlm_training_version: 1\nscan_secrets: false\n", PATH).scan_secrets is False
+    assert parse_training_config("dlm_training_version: 1\n", PATH).scan_secrets is None
+    assert issues("dlm_training_version: 1\n\nscan_secrets: 'no'\n") == [
+        f"{PATH}:3: scan_secrets: input should be a valid boolean, got str 'no'"
+    ]

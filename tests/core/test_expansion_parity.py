@@ -11,15 +11,27 @@ import pytest
 
 from dlm_pipeline.core.config import TrainingConfig
 from dlm_pipeline.core.corpus import rows_table
-from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_rows, plan_from_weights, tag_stats
-from dlm_pipeline.core.fraction_hash import HAS_COMPILED_KERNEL, _digests_hashlib, section_digests, section_rolls
+from dlm_pipeline.core.expansion import (
+    ExpansionTooLarge,
+    expand_corpus,
+    expand_rows,
+    plan_from_weights,
+    tag_stats,
+)
+from dlm_pipeline.core.fraction_hash import (
+    HAS_COMPILED_KERNEL,
+    _digests_hashlib,
+    section_digests,
+    section_rolls,
+)
 from dlm_pipeline.core.rules import Anchor, ancestor_dirs
 from dlm_pipeline.core.weights import (
     GLOBAL_ANCHOR,
     SCOPE_GLOBAL,
     SCOPE_NEAREST,
+    chain_factor,
     maps_from_table,
-    row_maps,
+    resolve_weights,
     weights_table,
 )
 
@@ -56,9 +68,7 @@ def reference_rows(reference, rows: list[dict], per_row_maps: list[dict], seed: 
 
 
 def ours(table: pa.Table, anchors: list[Anchor], scope: str, seed: int) -> pa.Table:
-    maps_table = weights_table(anchors, scope)
-    row_map, maps = row_maps(table["path"], maps_from_table(maps_table, scope), scope)
-    return expand_rows(table, row_map, maps, seed)[0]
+    return expand_corpus(table, weights_table(anchors, scope), seed)[0]
 
 
 @pytest.mark.parametrize("trial", range(6))
@@ -101,7 +111,7 @@ def test_parity_with_reference_on_one_big_random_map(reference, monkeypatch, spe
     weights = random_map(rng) | {"kind": {"x": 2.5, "md": 0.5}, "lang": {"python": 1.5, "é": 0.75}}
     rows = reference_input(table)
     for seed in range(5):
-        expanded, _ = expand_rows(table, np.zeros(table.num_rows, np.int32), [weights], seed)
+        expanded, _ = expand_rows(table, np.zeros(table.num_rows, np.int32), [(weights,)], seed)
         expected = [r["_dlm_section_id"] for r in reference.expand_rows_by_weight(rows, weights, seed=seed)]
         assert expanded["section_id"].to_pylist() == expected
 
@@ -111,13 +121,13 @@ def test_multi_key_product_is_taken_in_sorted_key_order(reference):
     weights = {"b": {"x": 0.1}, "a": {"y": 3.0}, "c": {"z": 1 / 3}}
     tags_sorted = {"a": "y", "b": "x", "c": "z"}
     table = rows_table(["00"], ["p"], ["t"], [{"c": "z", "a": "y", "b": "x"}])
-    expanded, plan = expand_rows(table, np.zeros(1, np.int32), [weights], 0)
+    expanded, plan = expand_rows(table, np.zeros(1, np.int32), [(weights,)], 0)
     assert plan.weights[0] == reference.resolve_row_weight(tags_sorted, weights)
 
 
 def test_zero_weight_drops_and_empty_map_keeps_once():
     table = rows_table(["a1", "b2"], ["a", "b"], ["x", "y"], [{"k": "drop"}, {"k": "keep"}])
-    expanded, plan = expand_rows(table, np.zeros(2, np.int32), [{"k": {"drop": 0.0}}], 3)
+    expanded, plan = expand_rows(table, np.zeros(2, np.int32), [({"k": {"drop": 0.0}},)], 3)
     assert expanded["path"].to_pylist() == ["b"] and plan.copies.tolist() == [0, 1]
     expanded, _ = expand_rows(table, np.full(2, -1, np.int32), [], 3)
     assert expanded["path"].to_pylist() == ["a", "b"]
@@ -126,7 +136,7 @@ def test_zero_weight_drops_and_empty_map_keeps_once():
 
 def test_expanded_columns_and_types():
     table = rows_table(["a1"], ["a"], ["x"], [{"k": "v"}])
-    expanded, _ = expand_rows(table, np.zeros(1, np.int32), [{"k": {"v": 3.0}}], 0)
+    expanded, _ = expand_rows(table, np.zeros(1, np.int32), [({"k": {"v": 3.0}},)], 0)
     assert expanded.schema.names == ["section_id", "path", "text", "tags", "weight", "copy"]
     assert expanded.schema.field("weight").type == pa.float64()
     assert expanded.schema.field("copy").type == pa.int32()
@@ -135,7 +145,7 @@ def test_expanded_columns_and_types():
 
 def test_empty_table_expands_to_empty():
     table = rows_table([], [], [], [])
-    expanded, plan = expand_rows(table, np.zeros(0, np.int32), [{"k": {"v": 2.0}}], 0)
+    expanded, plan = expand_rows(table, np.zeros(0, np.int32), [({"k": {"v": 2.0}},)], 0)
     assert expanded.num_rows == 0 and len(plan.weights) == 0
     assert tag_stats(table["tags"], plan.weights, plan.copies).num_rows == 0
 
@@ -147,7 +157,7 @@ def test_absurd_products_are_refused_before_allocating():
 
 def test_tag_stats_expected_and_realized():
     table = rows_table(["a1", "b2", "c3"], ["a", "b", "c"], ["x", "y", "z"], [{"k": "v"}, {"k": "v"}, {"k": "w"}])
-    _, plan = expand_rows(table, np.zeros(3, np.int32), [{"k": {"v": 2.0, "w": 0.0}}], 0)
+    _, plan = expand_rows(table, np.zeros(3, np.int32), [({"k": {"v": 2.0, "w": 0.0}},)], 0)
     stats = tag_stats(table["tags"], plan.weights, plan.copies).to_pylist()
     assert stats == [
         {"tag_key": "k", "tag_value": "v", "rows": 2, "expected": 4.0, "realized": 4, "whole": 4.0, "variance": 0.0},
@@ -188,13 +198,22 @@ def test_global_map_orders_by_depth_then_path(reference):
     ]
     maps = maps_from_table(weights_table(anchors, SCOPE_GLOBAL), SCOPE_GLOBAL)
     assert maps[GLOBAL_ANCHOR] == {"k": {"v": 2.0, "w": 4.0}}
-    nearest = maps_from_table(weights_table(anchors, SCOPE_NEAREST), SCOPE_NEAREST)
-    assert nearest == {
+    table = weights_table(anchors, SCOPE_NEAREST)
+    assert maps_from_table(table, SCOPE_NEAREST) == {  # each anchor's own map, stored once
         "": {"k": {"v": 5.0, "w": 0.5}},
-        "a": {"k": {"v": 3.0, "w": 0.5}},
-        "a/deep": {"k": {"v": 3.0, "w": 4.0}},
-        "b": {"k": {"v": 2.0, "w": 0.5}},
+        "a": {"k": {"v": 3.0}},
+        "a/deep": {"k": {"w": 4.0}},
+        "b": {"k": {"v": 2.0}},
     }
+    # resolved along each row's chain, they give the merged maps of the ancestors
+    row_chain, chains = resolve_weights(pa.array(["x.txt", "a/y.txt", "a/deep/z.txt", "b/w.txt"]), table)
+    merged = [{k: {v: chain_factor(chains[c], k, v) for v in ("v", "w")}} for c in row_chain.tolist() for k in ("k",)]
+    assert merged == [
+        {"k": {"v": 5.0, "w": 0.5}},
+        {"k": {"v": 3.0, "w": 0.5}},
+        {"k": {"v": 3.0, "w": 4.0}},
+        {"k": {"v": 2.0, "w": 0.5}},
+    ]
 
 
 def test_scalar_and_vectorised_kernels_agree():

@@ -342,3 +342,49 @@ def test_config_only_walk_finds_the_same_configs_and_no_files(tree, tmp_path):
     full, light = scan_tree(root), scan_tree(root, files=False)
     assert light.config_files == full.config_files and len(light.config_files) == 4
     assert light.files == [] and full.files
+
+
+def test_a_regular_file_named_dlm_is_a_config_error_not_a_row(tree):
+    root = tree({".dlm/training.yaml": V1, "pkg/.dlm": "dlm_training_version: 1\n", "pkg/a.py": "1\n"})
+    for files in (True, False):
+        records = load_configs(scan_tree(root, files=files))
+        errors = [r.error for r in records if r.status == "error"]
+        assert errors == ["pkg/.dlm: is a file; an anchor is a folder .dlm/ holding training.yaml (rename or remove it)"]
+    assert "pkg/.dlm" not in [f.path for f in scan_tree(root).files]
+
+
+def _deep_tree(root, depth: int, name: str = "d" * 200, config: bool = True) -> str:
+    """`depth` nested folders below root, built with directory descriptors (the path outgrows PATH_MAX)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        if config:
+            os.mkdir(".dlm", dir_fd=fd)
+            file = os.open(".dlm/training.yaml", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(file, b"dlm_training_version: 1\n")
+            os.close(file)
+    finally:
+        os.close(fd)
+    return "/".join([name] * depth)
+
+
+def test_config_deeper_than_path_max_is_reported_not_missed(tree):
+    root = tree({"a.py": "1\n"})
+    depth = os.pathconf("/", "PC_PATH_MAX") // 201 + 2
+    deep = _deep_tree(root, depth)
+    records = load_configs(scan_tree(root, files=False))
+    errors = [r for r in records if r.status == "error"]
+    assert len(errors) == 1 and "longer than PATH_MAX" in errors[0].error
+    assert deep.startswith(errors[0].path) and errors[0].error.startswith(errors[0].path + ": holds a .dlm/ folder")
+
+
+def test_too_long_folder_without_configs_is_only_counted(tree):
+    root = tree({"a.py": "1\n"})
+    depth = os.pathconf("/", "PC_PATH_MAX") // 201 + 2
+    _deep_tree(root, depth, config=False)
+    scan = scan_tree(root)
+    assert scan.config_files == [] and scan.skips["unreadable_dir"] == 1

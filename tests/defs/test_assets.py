@@ -12,7 +12,9 @@ from conftest import EXAMPLE, check_evaluations
 
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.rules import ancestor_dirs
-from dlm_pipeline.defs.constants import CONFIGS_VALID
+from dlm_pipeline.definitions import build_defs
+from dlm_pipeline.defs.constants import CONFIGS_VALID, CORPUS_JOB
+from dlm_pipeline.defs.resources import ParquetIOManager
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 
@@ -173,7 +175,51 @@ def test_definitions_load_with_every_asset_and_the_job():
 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(ASSETS)
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {*ASSETS, "training_dataset"}  # a folder, not a table
     assert defs.resolve_job_def(CORPUS_JOB) is not None
     spec_names = {k.name for k in graph.asset_check_keys}
     assert CONFIGS_VALID in spec_names
+
+
+class ConcurrentRunIOManager(ParquetIOManager):
+    """The real IO manager; right after this step loads `raw_corpus`, another run of the same seed
+    lands a newer materialization of it (what an overlapping run does), deterministically."""
+
+    def load_input(self, context):
+        table = super().load_input(context)
+        if context.asset_key.path[-1] == "raw_corpus":
+            context.step_context.instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    "raw_corpus",
+                    partition=context.asset_partition_key,
+                    metadata={"fingerprint": "f" * 64, "config_fingerprint": "c" * 64},
+                )
+            )
+        return table
+
+
+def test_lineage_names_the_input_version_loaded_not_the_latest(tree, pipeline):
+    pipe = pipeline(tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\n", "a.txt": "a\n"}))
+    assert pipe.run("0").success
+    configs = pipe.metadata("training_configs", "0")["config_fingerprint"]
+    loaded = table_fingerprint(pq.read_table(pipe.output("raw_corpus", "0")))
+    defs = build_defs({**pipe.defs.resources, "io_manager": ConcurrentRunIOManager(output_dir=str(pipe.out))})
+    downstream_only = defs.resolve_job_def(CORPUS_JOB).get_subset(asset_selection={dg.AssetKey("expanded_corpus")})
+    assert downstream_only.execute_in_process(instance=pipe.instance, partition_key="0").success
+    assert pipe.metadata("raw_corpus", "0")["fingerprint"] == "f" * 64  # the latest is not what was loaded
+    meta = pipe.metadata("expanded_corpus", "0")
+    assert meta["input_fingerprint/raw_corpus"] == loaded
+    assert meta["input_fingerprints"]["weights_map"] == pipe.metadata("weights_map", "0")["fingerprint"]
+    assert meta["config_fingerprint"] == configs
+
+
+def test_an_expansion_over_the_byte_limit_fails_clearly_and_writes_nothing(tree, pipeline):
+    files = {".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {a: '1', b: '1'}\nweights: {a: {'1': 50}, b: {'1': 2}}\n"}
+    pipe = pipeline(tree(files | {"big.txt": "x" * 1000}), max_expanded_bytes=50_000)
+    result = pipe.run("0", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    description = failure.step_failure_data.user_failure_data.description
+    assert "100,000 bytes of text (limit 50,000 bytes)" in description and "big.txt: 100 copies of 1,000 bytes" in description
+    assert "DLM_MAX_EXPANDED_BYTES" in description
+    assert not pipe.output("expanded_corpus", "0").exists()

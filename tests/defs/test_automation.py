@@ -1,10 +1,8 @@
-"""Sensor, schedule and expansion checks against a real instance, real files and real runs."""
+"""Expansion checks against a real instance, real files and real runs."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import time
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -12,21 +10,15 @@ import pytest
 from conftest import EXAMPLE, check_evaluations
 
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
-from dlm_pipeline.defs.automation import config_change_sensor, nightly_all_seeds
-from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS, NIGHTLY_SCHEDULE
+from dlm_pipeline.definitions import build_defs
+from dlm_pipeline.defs.constants import (
+    CONFIG_CHANGE_SENSOR,
+    EXPANSION_DETERMINISTIC,
+    EXPANSION_MATCHES_WEIGHTS,
+    NIGHTLY_SCHEDULE,
+)
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
-
-
-def tick(pipe, cursor):
-    context = dg.build_sensor_context(
-        instance=pipe.instance, cursor=cursor, definitions=pipe.defs, resources={"source": pipe.defs.resources["source"]}
-    )
-    result = config_change_sensor(context)
-    return result, context.cursor
-
-
-def requests(result) -> list[dg.RunRequest]:
-    return result if isinstance(result, list) else []
+from dlm_pipeline.defs.resources import ParquetIOManager
 
 
 @pytest.fixture
@@ -35,94 +27,6 @@ def watched(pipeline, tmp_path):
     pipe = pipeline(root)
     pipe.instance.add_dynamic_partitions(SEEDS_PARTITION, ["0", "5", "12"])
     return pipe
-
-
-def test_sensor_requests_one_run_per_seed_exactly_on_content_changes(watched):
-    root = watched.root
-    result, cursor = tick(watched, None)
-    assert isinstance(result, dg.SkipReason) and "baseline recorded: 6 config file(s)" in result.skip_message
-    result, cursor = tick(watched, cursor)
-    assert isinstance(result, dg.SkipReason) and "no config change" in result.skip_message
-
-    config = root / "docs" / ".dlm" / "training.yaml"
-    config.write_text(config.read_text().replace("docs: 2.5", "docs: 3.5"))
-    result, cursor = tick(watched, cursor)
-    runs = requests(result)
-    assert sorted(r.partition_key for r in runs) == ["0", "12", "5"]
-    assert len({r.run_key for r in runs}) == 3 and all(cursor[:16] in r.run_key for r in runs)
-
-    # restart: a fresh context with the stored cursor does not request again
-    result, cursor = tick(watched, cursor)
-    assert isinstance(result, dg.SkipReason)
-
-    later = time.time() + 10
-    os.utime(config, (later, later))  # touch: same content
-    assert isinstance(tick(watched, cursor)[0], dg.SkipReason)
-
-    (root / "notes" / "deep" / ".dlm").mkdir(parents=True)
-    (root / "notes" / "deep" / ".dlm" / "ignore").write_text("*.tmp\n")
-    result, cursor = tick(watched, cursor)
-    assert len(requests(result)) == 3
-
-    (root / "notes" / ".dlm" / "training.yaml").unlink()
-    result, cursor = tick(watched, cursor)
-    assert len(requests(result)) == 3
-    assert isinstance(tick(watched, cursor)[0], dg.SkipReason)
-
-
-def test_sensor_skips_clearly_when_the_root_is_missing(pipeline, tmp_path):
-    pipe = pipeline(tmp_path / "gone")
-    result, cursor = tick(pipe, "abc")
-    assert isinstance(result, dg.SkipReason) and "does not exist" in result.skip_message
-    assert cursor == "abc"
-
-
-def test_sensor_without_seeds_says_so(pipeline, tmp_path):
-    root = shutil.copytree(EXAMPLE, tmp_path / "corpus")
-    pipe = pipeline(root)
-    _, cursor = tick(pipe, None)
-    (root / ".dlm" / "ignore").write_text("*.log\n")
-    result, _ = tick(pipe, cursor)
-    assert isinstance(result, dg.SkipReason) and "no seed is registered" in result.skip_message
-
-
-def test_sensor_runs_change_fingerprints_exactly_when_the_expansion_changes(watched):
-    def run_requested(result) -> dict[str, str]:
-        for request in requests(result):
-            assert watched.run(request.partition_key).success
-        return {s: watched.metadata("expanded_corpus", s)["fingerprint"] for s in ("0", "5", "12")}
-
-    for seed in ("0", "5", "12"):
-        assert watched.run(seed).success
-    before = {s: watched.metadata("expanded_corpus", s)["fingerprint"] for s in ("0", "5", "12")}
-    _, cursor = tick(watched, None)
-
-    root_config = watched.root / ".dlm" / "training.yaml"
-    root_config.write_text(root_config.read_text().replace("kind: {notes: 0.5}", "kind: {notes: 0.5, unused: 3.0}"))
-    result, cursor = tick(watched, cursor)
-    assert len(requests(result)) == 3
-    assert run_requested(result) == before  # no row carries kind=unused: same expansion, same fingerprint
-
-    docs = watched.root / "docs" / ".dlm" / "training.yaml"
-    docs.write_text(docs.read_text().replace("docs: 2.5", "docs: 3.0"))  # every docs row gains a copy
-    result, cursor = tick(watched, cursor)
-    after = run_requested(result)
-    assert all(after[s] != before[s] for s in before)
-    lineage = watched.metadata("expanded_corpus", "0")["config_fingerprint"]
-    assert lineage == cursor == watched.metadata("training_configs", "0")["config_fingerprint"]
-
-
-def test_nightly_schedule_is_off_by_default_and_requests_every_seed():
-    from datetime import datetime
-
-    assert nightly_all_seeds.default_status == dg.DefaultScheduleStatus.STOPPED
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(SEEDS_PARTITION, ["0", "5", "12"])
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 2, 3, 0)) as context:
-            result = nightly_all_seeds(context)
-    assert [r.partition_key for r in result] == ["0", "5", "12"]
-    assert result[0].run_key == "nightly-20260102T0300-seed-0"
-
 
 
 def test_expansion_checks_pass_on_a_normal_run(watched):
@@ -177,7 +81,8 @@ def test_definitions_hold_every_asset_check_sensor_schedule_and_job():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {k.name for k in graph.asset_check_keys} == {
-        "configs_valid", "expansion_deterministic", "expansion_matches_weights", "tokens_match_tokenizer"
+        "configs_valid", "expansion_deterministic", "expansion_matches_weights", "tokens_match_tokenizer",
+        "split_is_leak_free", "packing_conserves_tokens",
     }
     assert defs.resolve_sensor_def(CONFIG_CHANGE_SENSOR).default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.resolve_schedule_def(NIGHTLY_SCHEDULE) is not None
@@ -185,3 +90,61 @@ def test_definitions_hold_every_asset_check_sensor_schedule_and_job():
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.code_version and node.group_name and node.description
+
+
+FRACTIONAL_TREE = {".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {kind: x}\nweights: {kind: {x: 0.5, y: 2}}\n"}
+FRACTIONAL_TREE.update({f"f{i:03d}.txt": f"row {i}\n" for i in range(200)})
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "exact"])
+def test_weights_check_fails_on_a_planted_fault_in_each_mode_and_is_exact_in_exact_mode(tree, pipeline, mode):
+    pipe = pipeline(tree(FRACTIONAL_TREE), expansion_mode=mode)
+    evaluations = check_evaluations(pipe.run("0"))
+    assert evaluations[EXPANSION_DETERMINISTIC].passed and evaluations[EXPANSION_DETERMINISTIC].metadata["expansion_mode"].value == mode
+    assert evaluations[EXPANSION_MATCHES_WEIGHTS].passed
+    path = pipe.output("expanded_corpus", "0")
+    stored = pq.read_table(path)
+    if mode == "exact":
+        assert stored.num_rows == 100  # floor(200 * 0.5 + 0.5)
+
+    # one kept row dropped: still 0 or 1 copies per row, and well inside the binomial bound
+    write_parquet_atomic(stored.slice(1), path)
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    assert evaluation.passed == (mode == "bernoulli")
+    if mode == "exact":
+        assert "1 weight group(s) without exactly floor(n*f + 0.5) extra copies" in evaluation.description
+        assert evaluation.metadata["exact_groups_off_quota"].value.records[0].data == {"weight": 0.5, "rows": 200, "quota": 100, "extra": 99}
+
+    # every row kept: fails in both modes
+    raw = pq.read_table(pipe.output("raw_corpus", "0"))
+    biased = raw.append_column("weight", [[0.5] * raw.num_rows]).append_column("copy", [[0] * raw.num_rows]).cast(stored.schema)
+    write_parquet_atomic(biased, path)
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    assert not evaluation.passed and "outside the binomial bound" in evaluation.description
+    assert ("weight group(s)" in evaluation.description) == (mode == "exact")
+
+
+LOADED: list[tuple[str, tuple[str, ...]]] = []
+
+
+class RecordingIOManager(ParquetIOManager):
+    """The real IO manager, noting which columns each load returned."""
+
+    def load_input(self, context):
+        table = super().load_input(context)
+        LOADED.append((context.asset_key.path[-1], tuple(table.column_names)))
+        return table
+
+
+def test_weights_check_loads_no_text_and_reports_weights_no_metadata_sets(tree, pipeline):
+    pipe = pipeline(tree(FRACTIONAL_TREE))
+    assert pipe.run("0").success
+    pipe.defs = build_defs({**pipe.defs.resources, "io_manager": RecordingIOManager(output_dir=str(pipe.out))})
+    LOADED.clear()
+    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
+    assert ("raw_corpus", ("section_id", "path", "tags")) in LOADED
+    assert not any(asset == "raw_corpus" and "text" in columns for asset, columns in LOADED)
+    assert evaluation.passed  # a warning, not a failure
+    assert evaluation.metadata["unmatched_weights"].value == 1
+    assert "weights.kind.y: no anchor's metadata sets kind: y" in evaluation.metadata["unmatched_weight_list"].value
+    assert "1 weight(s) that no metadata sets can never apply" in evaluation.description

@@ -55,9 +55,21 @@ def _head():
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(ray_cli),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     address = f"127.0.0.1:{port}"
@@ -90,7 +102,12 @@ def local_ray(ray_head, monkeypatch):
 
 
 def outputs(pipeline: Pipeline, seed: str) -> dict[str, bytes]:
-    return {asset: pipeline.output(asset, seed).read_bytes() for asset in ASSETS}
+    """Every file the run wrote (all assets, the training dataset's files included), by relative path."""
+    files = {
+        str(path.relative_to(pipeline.out)): path.read_bytes() for path in pipeline.out.rglob("*") if path.is_file()
+    }
+    assert {f"{asset}/{seed}.parquet" for asset in ASSETS} <= set(files)
+    return files
 
 
 def generated_tree(root: Path, n_files: int) -> Path:
@@ -146,7 +163,11 @@ class KillingTokenizer(TokenizerResource):
 
     def load(self) -> LoadedTokenizer:
         base = super().load()
-        return KillsItsWorkerOnce(**{f.name: getattr(base, f.name) for f in fields(LoadedTokenizer)}, marker=self.marker, driver_pid=os.getpid())
+        return KillsItsWorkerOnce(
+            **{f.name: getattr(base, f.name) for f in fields(LoadedTokenizer)},
+            marker=self.marker,
+            driver_pid=os.getpid(),
+        )
 
 
 def test_a_killed_worker_is_retried_and_the_run_matches_local(instance, tmp_path, ray_head):
@@ -156,7 +177,12 @@ def test_a_killed_worker_is_retried_and_the_run_matches_local(instance, tmp_path
     root = generated_tree(tmp_path / "tree", 400)
     local = Pipeline(instance, root, tmp_path / "local" / "out")
     # by address this time (not LocalRay): the other way to name a cluster
-    on_ray = Pipeline(instance, root, tmp_path / "ray" / "out", compute=ComputeResource(backend="ray", ray_address=ray_head, batch_bytes=4_096))
+    on_ray = Pipeline(
+        instance,
+        root,
+        tmp_path / "ray" / "out",
+        compute=ComputeResource(backend="ray", ray_address=ray_head, batch_bytes=4_096),
+    )
     marker = tmp_path / "killed-once"
     on_ray.defs = build_defs({**on_ray.defs.resources, "tokenizer": KillingTokenizer(marker=str(marker))})
     assert local.run("0").success and on_ray.run("0").success
@@ -176,15 +202,27 @@ def test_an_unreachable_cluster_fails_at_once_naming_the_address(pipeline, tmp_p
     run = pipeline(EXAMPLE, compute=ComputeResource(backend="ray", ray_address=address)).run("0", raise_on_error=False)
     assert not run.success
     failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
-    assert address in failure.event_specific_data.error.message and "cannot be reached" in failure.event_specific_data.error.message
+    assert (
+        address in failure.event_specific_data.error.message
+        and "cannot be reached" in failure.event_specific_data.error.message
+    )
 
 
 def test_cli_compute_flag_fails_at_once_on_an_unreachable_address(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DAGSTER_HOME": str(tmp_path / "home"), "DLM_OUTPUT_DIR": str(tmp_path / "out")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "DLM_OUTPUT_DIR": str(tmp_path / "out"),
+    }
     address = f"127.0.0.1:{free_port()}"
     run = subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--compute", "ray", "--ray-address", address],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert run.returncode != 0 and address in run.stderr and "Traceback" not in run.stderr
 
@@ -220,7 +258,10 @@ def test_kuberay_manifest_shares_one_volume_with_the_dagster_run():
         for container in spec["containers"]:
             assert container["image"] and container["name"]
             for mount in container["volumeMounts"]:
-                if volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]:
+                if (
+                    volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
+                    == claim["metadata"]["name"]
+                ):
                     mounts.add(mount["mountPath"])
     assert len(mounts) == 1, mounts  # one path in the run and in every Ray pod
     run_env = {e["name"]: e.get("value") for e in kinds["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -232,4 +273,6 @@ def test_kuberay_manifest_schema():
     kubeconform = shutil.which("kubeconform")
     if kubeconform is None:
         pytest.skip("kubeconform is not installed (the required fields are checked by the test above)")
-    subprocess.run([kubeconform, "-strict", "-summary", "-ignore-missing-schemas", *map(str, KUBERAY.glob("*.yaml"))], check=True)
+    subprocess.run(
+        [kubeconform, "-strict", "-summary", "-ignore-missing-schemas", *map(str, KUBERAY.glob("*.yaml"))], check=True
+    )

@@ -1,0 +1,470 @@
+"""Training datasets (SPEC §7): split by content before expansion, whole documents ended by EOS,
+packed into `seq_len` sequences (Parquet) and one sequence per document (Megatron `.bin`/`.idx`),
+with `dataset.json` describing them; written into a temp folder that replaces the old one whole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
+from dlm_pipeline.core.expansion import TagEntries
+from dlm_pipeline.core.megatron import IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
+from dlm_pipeline.core.packing import (
+    SEQUENCE_SCHEMA,
+    document_lengths,
+    row_group_tokens,
+    sequence_count,
+    sequences_table,
+    stream_groups,
+)
+from dlm_pipeline.core.split import content_keys, train_order, validation_order, validation_side
+from dlm_pipeline.core.token_store import TokenStore
+from dlm_pipeline.core.tokenize import LoadedTokenizer
+
+TRAIN, VALIDATION = "train", "validation"
+SPLITS = (TRAIN, VALIDATION)
+MANIFEST = "dataset.json"
+# Special tokens that end a document in common tokenizers, tried in this order when none is named.
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
+STALE_TEMP_SECONDS = 3600.0
+# Snappy (pyarrow's default, what `datasets` writes) encodes token ids about twice as fast as zstd
+# for files 1.5x larger; statistics of token ids help no reader and cost a third of the write.
+SEQUENCE_PARQUET_OPTIONS = {"compression": "snappy", "use_dictionary": False, "write_statistics": ["n_tokens"]}
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+CHECK_CHUNK_TOKENS = 1 << 22
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be built as configured; the message says what to change."""
+
+
+def resolve_eos_id(loaded: LoadedTokenizer, name: str = "") -> int:
+    """The id that ends each document: the named token, else the tokenizer's own EOS token
+    (`eos_token` of a tokenizer_config.json beside it, else a well-known special token it has)."""
+    tokenizer = loaded.tokenizer
+    if name:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is None:
+            raise DatasetError(
+                f"EOS token {name!r} is not in the tokenizer {loaded.source} (DLM_EOS_TOKEN / --eos-token)"
+            )
+        return token_id
+    named = _configured_eos(loaded.source)
+    if named is not None and tokenizer.token_to_id(named) is not None:
+        return tokenizer.token_to_id(named)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    for candidate in EOS_CANDIDATES:
+        if candidate in specials:
+            return tokenizer.token_to_id(candidate)
+    raise DatasetError(
+        f"the tokenizer {loaded.source} has no end-of-document token we recognise ({', '.join(EOS_CANDIDATES)}); "
+        "name one with DLM_EOS_TOKEN or --eos-token"
+    )
+
+
+def _configured_eos(source: str) -> str | None:
+    """`eos_token` of the tokenizer_config.json beside a local tokenizer, if there is one."""
+    path = Path(source).expanduser()
+    try:
+        config = json.loads(
+            ((path if path.is_dir() else path.parent) / "tokenizer_config.json").read_text(encoding="utf-8")
+        )
+        named = config.get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    named = named.get("content") if isinstance(named, dict) else named
+    return named if isinstance(named, str) else None
+
+
+def full_token_ids(
+    store: TokenStore, loaded: LoadedTokenizer, keys: Sequence[str], texts: Sequence[str], progress=None
+) -> pa.Array:
+    """Full ids (never truncated, no post-processor special tokens) per unique content key, from the
+    content-keyed token store (the namespace `tokenized_cache` fills, so a warm run tokenizes
+    nothing); misses are tokenized."""
+    plain = dataclasses.replace(loaded, add_special_tokens=False)
+    lookup = store.get_or_compute(plain.cache_namespace, keys, texts, lambda t: plain.encode(t, progress))
+    return one_chunk(lookup.table["input_ids"])
+
+
+class RowTexts(Sequence):
+    """Texts of chosen rows, converted to Python only when asked for (the store asks for misses)."""
+
+    def __init__(self, texts: pa.Array, rows: np.ndarray):
+        self.texts, self.rows = texts, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.texts[int(self.rows[i])].as_py()
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Which raw rows become which documents, in order; ids are looked up per unique text."""
+
+    content_keys: list[str]  # per raw row
+    validation: np.ndarray  # bool per raw row
+    text_index: np.ndarray  # int64 per raw row: its unique text
+    unique_keys: list[str]  # per unique text
+    unique_rows: np.ndarray  # int64 per unique text: a raw row holding it
+    train_rows: np.ndarray  # int64 raw row per train document, in order
+    validation_rows: np.ndarray  # int64 raw row per validation document, in order
+
+    def documents(self, split: str) -> np.ndarray:
+        """Unique-text index per document of `split`, in order."""
+        return self.text_index[self.train_rows if split == TRAIN else self.validation_rows]
+
+
+def plan_dataset(
+    raw: pa.Table,
+    expanded: pa.Table,
+    weights: np.ndarray,
+    *,
+    seed: int,
+    split_seed: int,
+    val_fraction: float,
+) -> DatasetPlan:
+    """Split raw rows by content key, keep the train side's expanded rows and the validation side's
+    rows of positive weight, and order both (§7)."""
+    keys = content_keys(one_chunk(raw["text"]))
+    validation = validation_side(keys, split_seed, val_fraction)
+    encoded = pc.dictionary_encode(pa.array(keys, pa.string()))
+    text_index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    unique_rows = representative_rows(text_index, len(encoded.dictionary))
+
+    raw_ids = one_chunk(raw["section_id"])
+    source = pc.index_in(expanded["section_id"], value_set=raw_ids)
+    if source.null_count:
+        raise DatasetError("expanded_corpus holds a section_id that raw_corpus lacks: re-materialize the seed")
+    source = one_chunk(source).to_numpy(zero_copy_only=False).astype(np.int64)
+    copies = one_chunk(expanded["copy"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    train = np.flatnonzero(~validation[source])
+    train = train[train_order(seed, raw_ids.take(pa.array(source[train])), copies[train])]
+
+    held_out = np.flatnonzero(validation & (weights > 0.0))
+    held_out = held_out[validation_order([keys[i] for i in held_out], raw_ids.take(pa.array(held_out, pa.int64())))]
+    return DatasetPlan(
+        keys, validation, text_index, encoded.dictionary.to_pylist(), unique_rows, source[train], held_out
+    )
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    documents: int
+    tokens: int
+    sequences: int
+    last_padding: int  # ids missing from the last sequence to reach seq_len (0 when full or empty)
+
+    def counts(self) -> dict[str, int]:
+        return {"documents": self.documents, "tokens": self.tokens, "sequences": self.sequences}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:  # a fresh file in our own temp folder: permissions follow the umask
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_split(
+    folder: Path, split: str, ids: pa.Array, documents: np.ndarray, eos_id: int, seq_len: int, dtype: np.dtype
+) -> SplitSummary:
+    """`<split>.parquet`, `<split>.bin` and `<split>.idx`, written in one pass over the token stream."""
+    lengths = document_lengths(ids, documents)
+    limit = np.iinfo(dtype).max
+    with open(folder / f"{split}.bin", "wb") as bin_file, open(folder / f"{split}.parquet", "wb") as parquet_file:
+        # Row groups are encoded on another thread (Arrow releases the GIL), one at a time, while the
+        # next one is gathered.
+        with (
+            pq.ParquetWriter(parquet_file, SEQUENCE_SCHEMA, **SEQUENCE_PARQUET_OPTIONS) as writer,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            pending = None
+            for tokens, starts in stream_groups(ids, documents, eos_id, row_group_tokens(seq_len)):
+                if tokens.min() < 0 or tokens.max() > limit:
+                    raise DatasetError(
+                        f"the token store holds an id outside 0..{limit}: run `dlm-pipeline cache clear`"
+                    )
+                bin_file.write(memoryview(tokens.astype(dtype.newbyteorder("<"), copy=False)))
+                group = sequences_table(tokens, starts, seq_len)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_table, group)
+            if pending is not None:
+                pending.result()
+        for fh in (bin_file, parquet_file):
+            fh.flush()
+            os.fsync(fh.fileno())
+    _write_bytes(folder / f"{split}.idx", index_bytes(lengths, dtype))
+    tokens = int(lengths.sum())
+    sequences = sequence_count(tokens, seq_len)
+    return SplitSummary(len(documents), tokens, sequences, sequences * seq_len - tokens)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never followed) or a folder we wrote."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def publish_folder(target: Path, build: Callable[[Path], None], stale_after: float = STALE_TEMP_SECONDS) -> None:
+    """Build the folder's content in a temp folder beside it, then put it in place of `target` (an
+    atomic exchange where the OS has one): a failed build leaves the old dataset untouched."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for leftover in parent.glob(f".{target.name}.*"):  # from killed runs
+        try:
+            if now - leftover.lstat().st_mtime >= stale_after:
+                _remove(leftover)
+        except FileNotFoundError:
+            pass
+    temp = parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    os.mkdir(temp)  # mode 0o777 & ~umask, like every folder a user creates
+    try:
+        build(temp)
+        _fsync_dir(temp)
+        old = parent / f".{target.name}.old-{uuid.uuid4().hex}"
+        if target.is_dir() and not target.is_symlink() and _exchange(temp, target):
+            os.rename(temp, old)  # temp now holds the previous dataset
+        else:  # no folder yet, something else in its place, or no atomic exchange here
+            if target.is_symlink() or target.exists():
+                os.rename(target, old)
+            os.rename(temp, target)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if old.is_symlink() or old.exists():
+        _remove(old)
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    seed: int
+    split_seed: int
+    val_fraction: float
+    seq_len: int
+    expansion_mode: str
+    tokenizer_fingerprint: str
+    eos_id: int
+    vocab_size: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return dtype_for_vocab(self.vocab_size)
+
+
+def write_dataset(
+    target: Path, plan: DatasetPlan, ids: pa.Array, settings: DatasetSettings
+) -> tuple[dict, dict[str, SplitSummary]]:
+    """Every file of the dataset into `target` (replaced whole); returns (dataset.json content, summaries)."""
+    summaries: dict[str, SplitSummary] = {}
+    manifest: dict = {}
+
+    def build(folder: Path) -> None:
+        for split in SPLITS:
+            summaries[split] = write_split(
+                folder, split, ids, plan.documents(split), settings.eos_id, settings.seq_len, settings.dtype
+            )
+        manifest.update(
+            {
+                "seed": settings.seed,
+                "split_seed": settings.split_seed,
+                "val_fraction": settings.val_fraction,
+                "seq_len": settings.seq_len,
+                "expansion_mode": settings.expansion_mode,
+                "tokenizer_fingerprint": settings.tokenizer_fingerprint,
+                "eos_id": settings.eos_id,
+                "dtype": settings.dtype.name,
+                "splits": {split: summaries[split].counts() for split in SPLITS},
+                "files": {p.name: _sha256(p) for p in sorted(folder.iterdir())},
+            }
+        )
+        _write_bytes(folder / MANIFEST, manifest_bytes(manifest))
+
+    publish_folder(target, build)
+    return manifest, summaries
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{folder / MANIFEST} cannot be read ({exc}): materialize training_dataset first") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DatasetError(f"{folder / MANIFEST} is not a dataset manifest: re-materialize training_dataset")
+    return manifest
+
+
+def train_tag_tokens(
+    tags: pa.ChunkedArray | pa.Array, train_rows: np.ndarray, ids: pa.Array, text_index: np.ndarray
+) -> pa.Table:
+    """Per (tag_key, tag_value): the train tokens of rows holding that tag, and their share of all train tokens."""
+    row_tokens = np.bincount(
+        train_rows, weights=document_lengths(ids, text_index[train_rows]).astype(np.float64), minlength=len(text_index)
+    ).astype(np.int64)
+    total = int(row_tokens.sum())
+    entries = TagEntries.of(tags)
+    long = pa.table(
+        {"tag_key": entries.keys, "tag_value": entries.values, "train_tokens": pa.array(row_tokens[entries.row])}
+    )
+    grouped = long.group_by(["tag_key", "tag_value"]).aggregate([("train_tokens", "sum")])
+    tokens = grouped["train_tokens_sum"].cast(pa.int64())
+    share = (
+        pc.divide(pc.cast(tokens, pa.float64()), float(total))
+        if total
+        else pc.multiply(pc.cast(tokens, pa.float64()), 0.0)
+    )
+    table = pa.table(
+        {"tag_key": grouped["tag_key"], "tag_value": grouped["tag_value"], "train_tokens": tokens, "share": share}
+    )
+    return table.sort_by([("tag_key", "ascending"), ("tag_value", "ascending")])
+
+
+# -- verification (the asset checks) ------------------------------------------------------------
+def _digest(tokens: np.ndarray) -> bytes:
+    return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+
+
+def leak_report(folder: Path, plan: DatasetPlan, ids: pa.Array, eos_id: int, dtype: np.dtype) -> dict[str, int]:
+    """Reads the Megatron documents of both splits back and finds, by their ids, which text each is:
+    `leaked` texts appear on both sides, `misplaced` documents sit on a side the split rule does
+    not give their text, `unknown` documents match no text of the corpus."""
+    sides: dict[bytes, set[str]] = {}
+    offsets = ids.offsets.to_numpy(zero_copy_only=False)
+    values = ids.values.to_numpy(zero_copy_only=False)
+    little = dtype.newbyteorder("<")
+    for text, row in enumerate(plan.unique_rows.tolist()):
+        document = np.append(values[offsets[text] : offsets[text + 1]], eos_id).astype(little)
+        sides.setdefault(_digest(document), set()).add(VALIDATION if plan.validation[row] else TRAIN)
+    seen: dict[str, set[bytes]] = {}
+    report = {"misplaced": 0, "unknown": 0}
+    for split in SPLITS:
+        dataset = read_indexed(folder / split)
+        seen[split] = set()
+        for i in range(len(dataset)):
+            digest = _digest(np.asarray(dataset[i]))
+            seen[split].add(digest)
+            expected = sides.get(digest)
+            if expected is None:
+                report["unknown"] += 1
+            elif split not in expected:
+                report["misplaced"] += 1
+        report[f"{split}_documents"] = len(dataset)
+    report["leaked"] = len(seen[TRAIN] & seen[VALIDATION])
+    return report
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+    if len(a) != len(b):
+        return min(len(a), len(b))
+    differs = np.flatnonzero(a != b)
+    return int(differs[0]) if len(differs) else None
+
+
+def _check_megatron(dataset: IndexedDataset, ids: pa.Array, documents: np.ndarray, eos_id: int) -> list[str]:
+    problems = []
+    lengths = document_lengths(ids, documents)
+    if not np.array_equal(dataset.lengths, lengths) or not np.array_equal(
+        dataset.document_indices, np.arange(len(lengths) + 1)
+    ):
+        return [f"{len(dataset)} Megatron documents, the token store gives {len(lengths)} of other lengths"]
+    position = 0
+    for tokens, _ in stream_groups(ids, documents, eos_id, CHECK_CHUNK_TOKENS):
+        stored = np.asarray(dataset.tokens[position : position + len(tokens)], dtype=np.int64)
+        first = _first_difference(stored, tokens.astype(np.int64))
+        if first is not None:
+            problems.append(f"Megatron id {position + first} differs from the token store")
+            break
+        position += len(tokens)
+    return problems
+
+
+def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[str]:
+    """Sequences equal the Megatron stream cut at seq_len, and doc_starts mark its documents."""
+    stream = dataset.tokens
+    starts = np.cumsum(dataset.lengths.astype(np.int64)) - dataset.lengths
+    position, sequence, previous_short, starts_seen = 0, 0, False, []
+    for batch in pq.ParquetFile(path).iter_batches(columns=["input_ids", "n_tokens", "doc_starts"]):
+        lists = batch.column("input_ids")
+        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        if not np.array_equal(lengths, batch.column("n_tokens").to_numpy(zero_copy_only=False)):
+            return [f"{path.name}: n_tokens differs from the length of input_ids near sequence {sequence}"]
+        if previous_short or np.any(lengths[:-1] != seq_len) or not 0 < lengths[-1] <= seq_len:
+            return [f"{path.name}: a sequence other than the last is not {seq_len} ids long near sequence {sequence}"]
+        previous_short = lengths[-1] != seq_len
+        flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        first = _first_difference(flat, np.asarray(stream[position : position + len(flat)], dtype=np.int64))
+        if first is not None:
+            return [f"{path.name}: id {position + first} differs from the Megatron documents"]
+        doc_starts = batch.column("doc_starts")
+        counts = pc.list_value_length(doc_starts).to_numpy(zero_copy_only=False)
+        bases = position + np.repeat(np.cumsum(lengths) - lengths, counts)
+        starts_seen.append(doc_starts.flatten().to_numpy(zero_copy_only=False) + bases)
+        position += len(flat)
+        sequence += len(lengths)
+    if position != len(stream):
+        return [f"{path.name} holds {position} ids, the Megatron documents {len(stream)}"]
+    found = np.concatenate(starts_seen) if starts_seen else np.zeros(0, np.int64)
+    if not np.array_equal(found, starts):
+        return [f"{path.name}: doc_starts do not mark where the documents begin"]
+    return []
+
+
+def conservation_problems(folder: Path, plan: DatasetPlan, ids: pa.Array, eos_id: int, seq_len: int) -> list[str]:
+    """The Parquet sequences, the Megatron documents and the token store agree id for id, per split."""
+    problems = []
+    for split in SPLITS:
+        dataset = read_indexed(folder / split)
+        found = _check_megatron(dataset, ids, plan.documents(split), eos_id)
+        found = found or _check_parquet(folder / f"{split}.parquet", dataset, seq_len)
+        problems += [f"{split}: {p}" for p in found]
+    return problems

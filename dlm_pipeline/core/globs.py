@@ -1,0 +1,87 @@
+"""Gitignore-style glob sets matched in linear time, however many patterns and however hostile.
+
+pathspec's own default engine is Python's backtracking `re` (or re2 only when it happens to be
+installed): `*a*a*a*a*a*b` against a long name of `a`s then never finishes. We always ask for the
+re2 backend (google-re2, a dependency), whose matching is linear in the path and pattern.
+
+One re2 set cannot hold a 20,000-line ignore file (re2's memory budget is exceeded, and a huge set
+matches slowly), so the patterns are compiled in sets of `CHUNK` and the matches of all sets are
+combined with the rule of pathspec's reference (pure Python) gitignore backend: the last pattern
+that matches the file itself wins; only when none does, the last one that matches a parent folder.
+This is order-free, so splitting into sets cannot change a verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+import pathspec
+from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
+
+BACKEND = "re2"
+CHUNK = 256
+
+
+def glob_errors(lines: Sequence[str]) -> list[tuple[int, str]]:
+    """(0-based line index, reason) for each pattern pathspec or re2 refuses. The whole list is
+    compiled once (and kept: the rules reuse it); line by line only when that fails."""
+    try:
+        glob_set(tuple(lines))
+        return []
+    except Exception:  # pathspec and re2 raise several types for bad patterns
+        pass
+    errors = []
+    for index, line in enumerate(lines):
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line], backend=BACKEND)
+        except Exception as exc:
+            errors.append((index, str(exc) or type(exc).__name__))
+    if not errors:  # each pattern compiles alone, yet a set of them exceeds re2's memory budget
+        start = next(i for i in range(0, len(lines), CHUNK) if not _compiles(lines[i : i + CHUNK]))
+        errors.append((start, f"patterns from here on are too large together for re2 (sets of {CHUNK}); simplify them"))
+    return errors
+
+
+def _compiles(lines: Sequence[str]) -> bool:
+    try:
+        GlobSet(lines)
+    except Exception:  # pathspec and re2 raise several types for bad patterns
+        return False
+    return True
+
+
+class GlobSet:
+    """Patterns in gitignore syntax (`!` negation, last match wins), matched by re2 sets."""
+
+    def __init__(self, lines: Iterable[str]):
+        patterns = [GitIgnoreSpecPattern(line) for line in lines]
+        self._sets = [
+            (start, pathspec.GitIgnoreSpec(patterns[start : start + CHUNK], backend=BACKEND)._backend)
+            for start in range(0, len(patterns), CHUNK)
+        ]
+
+    def check(self, path: str) -> bool | None:
+        """True: a pattern selects `path`; False: a `!pattern` re-includes it; None: no pattern matches."""
+        matched: dict[int, tuple[bool, bool]] = {}  # pattern index -> (include, matched only as a folder)
+        for start, backend in self._sets:
+            for regex_id in backend._set.Match(path) or ():
+                data = backend._regex_data[regex_id]
+                index = start + data.index
+                include, only_dir = matched.get(index, (data.include, True))
+                matched[index] = (include, only_dir and data.is_dir_pattern)
+        if not matched:
+            return None
+        # The last pattern that matches the file itself wins; failing that, the last that matches
+        # one of its parent folders.
+        winner = max(matched, key=lambda index: (not matched[index][1], index))
+        return matched[winner][0]
+
+    def matches(self, path: str) -> bool:
+        return bool(self.check(path))
+
+
+@lru_cache(maxsize=256)
+def glob_set(lines: tuple[str, ...]) -> GlobSet:
+    """The compiled set for `lines`, shared by validation and matching within a process."""
+    return GlobSet(lines)

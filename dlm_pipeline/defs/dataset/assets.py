@@ -1,0 +1,214 @@
+"""`training_dataset`: what a trainer reads, per seed (SPEC §7).
+
+Files under `<output_dir>/training_dataset/<seed>/`, written by the asset itself (a folder of
+Parquet, Megatron and JSON files is not one table for the IO manager).
+"""
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+
+from dlm_pipeline import settings
+from dlm_pipeline.core.dataset import (
+    SPLITS,
+    TRAIN,
+    VALIDATION,
+    DatasetError,
+    DatasetPlan,
+    DatasetSettings,
+    RowTexts,
+    full_token_ids,
+    manifest_bytes,
+    plan_dataset,
+    resolve_eos_id,
+    train_tag_tokens,
+    write_dataset,
+)
+from dlm_pipeline.core.expansion import composed_row_weights
+from dlm_pipeline.core.tokenize import LoadedTokenizer
+from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, input_fingerprints, table_metadata
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
+from dlm_pipeline.defs.resources import (
+    DatasetResource,
+    ParquetIOManager,
+    SourceTree,
+    TokenCacheResource,
+    TokenizerResource,
+)
+
+GROUP = "dataset"
+ASSET = "training_dataset"
+INS = {
+    "raw_corpus": dg.AssetIn("raw_corpus"),
+    # Only the row identity is needed from the (large, text-carrying) expanded corpus.
+    "expanded_corpus": dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]}),
+    "weights_map": dg.AssetIn("weights_map"),
+}
+
+
+def dataset_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance, partition_key: str) -> Path:
+    return io_manager.root(instance) / ASSET / partition_key
+
+
+@dataclass(frozen=True)
+class Prepared:
+    loaded: LoadedTokenizer
+    plan: DatasetPlan
+    ids: pa.Array  # full ids per unique text of the plan
+
+
+def prepare(
+    context,
+    *,
+    seed: int,
+    split_seed: int,
+    val_fraction: float,
+    tokenizer: TokenizerResource,
+    token_cache: TokenCacheResource,
+    raw_corpus: pa.Table,
+    expanded_corpus: pa.Table,
+    weights_map: pa.Table,
+) -> Prepared:
+    """The split and order of the documents, and the full ids of every text (the store is shared by all seeds)."""
+    loaded = tokenizer.load()
+    try:
+        plan = plan_dataset(
+            raw_corpus,
+            expanded_corpus,
+            composed_row_weights(raw_corpus, weights_map),
+            seed=seed,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+        )
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    texts = RowTexts(raw_corpus["text"], plan.unique_rows)
+    ids = full_token_ids(
+        token_cache.store(context.instance), loaded, plan.unique_keys, texts, ProgressLog(context, "texts tokenized")
+    )
+    return Prepared(loaded, plan, ids)
+
+
+def _checked_settings(dataset: DatasetResource) -> tuple[float, int]:
+    """The resource's values, checked as the DLM_* variables are (it can be configured in code or the UI)."""
+    try:
+        val_fraction = settings.check_val_fraction(float(dataset.val_fraction))
+    except settings.SettingsError as exc:
+        raise dg.Failure(description=f"{exc} (DLM_VAL_FRACTION / --val-fraction)") from None
+    try:
+        split_seed = settings.check_seed_text("the split seed", str(dataset.split_seed))
+    except settings.SettingsError as exc:
+        raise dg.Failure(description=f"{exc} (DLM_SPLIT_SEED / --split-seed)") from None
+    return val_fraction, split_seed
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+@dg.asset(
+    partitions_def=seeds_partitions,
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    code_version="1",
+    ins=INS,
+    deps=["tokenized_cache"],  # after it, so the shared token store is warm and nothing is tokenized twice
+)
+def training_dataset(
+    context: dg.AssetExecutionContext,
+    source: SourceTree,
+    tokenizer: TokenizerResource,
+    token_cache: TokenCacheResource,
+    dataset: DatasetResource,
+    io_manager: dg.ResourceParam[ParquetIOManager],
+    raw_corpus: pa.Table,
+    expanded_corpus: pa.Table,
+    weights_map: pa.Table,
+) -> dg.MaterializeResult:
+    """Train/validation split by content before expansion; whole documents ended by EOS, packed into
+    max_seq_len sequences (Parquet) and one sequence per document (Megatron .bin/.idx); dataset.json."""
+    seed = parse_seed_or_fail(context)
+    val_fraction, split_seed = _checked_settings(dataset)
+    prepared = prepare(
+        context,
+        seed=seed,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+        tokenizer=tokenizer,
+        token_cache=token_cache,
+        raw_corpus=raw_corpus,
+        expanded_corpus=expanded_corpus,
+        weights_map=weights_map,
+    )
+    loaded, plan, ids = prepared.loaded, prepared.plan, prepared.ids
+    try:
+        eos_id = resolve_eos_id(loaded, dataset.eos_token)
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    options = DatasetSettings(
+        seed=seed,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+        seq_len=loaded.max_seq_len,
+        expansion_mode=source.mode(),
+        tokenizer_fingerprint=loaded.fingerprint,
+        eos_id=eos_id,
+        vocab_size=loaded.tokenizer.get_vocab_size(with_added_tokens=True),
+    )
+    folder = dataset_folder(io_manager, context.instance, context.partition_key)
+    try:
+        manifest, summaries = write_dataset(folder, plan, ids, options)
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    train, validation = summaries[TRAIN], summaries[VALIDATION]
+    fingerprint = hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+    context.log.info(
+        f"{train.documents:,} train documents ({train.tokens:,} tokens), {validation.documents:,} validation "
+        f"documents ({validation.tokens:,} tokens) in {folder}"
+    )
+    base = base_metadata(
+        seed,
+        pa.table({}),
+        fingerprint,
+        input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map),
+    )
+    base["dagster/row_count"] = dg.MetadataValue.int(train.sequences + validation.sequences)
+    split_numbers = {
+        f"{split}/{name}": dg.MetadataValue.int(value)
+        for split in SPLITS
+        for name, value in {**summaries[split].counts(), "last_sequence_padding": summaries[split].last_padding}.items()
+    }
+    metadata = {
+        "seed": base.pop("seed"),
+        "path": dg.MetadataValue.path(str(folder)),
+        **split_numbers,
+        "validation_fraction/documents": dg.MetadataValue.float(
+            _share(validation.documents, train.documents + validation.documents)
+        ),
+        "validation_fraction/tokens": dg.MetadataValue.float(
+            _share(validation.tokens, train.tokens + validation.tokens)
+        ),
+        "train_tokens_by_tag": table_metadata(
+            train_tag_tokens(raw_corpus["tags"], plan.train_rows, ids, plan.text_index)
+        ),
+        "unique_texts": dg.MetadataValue.int(len(plan.unique_keys)),
+        "validation_side_texts": dg.MetadataValue.int(int(np.count_nonzero(plan.validation[plan.unique_rows]))),
+        "seq_len": dg.MetadataValue.int(options.seq_len),
+        "val_fraction": dg.MetadataValue.float(val_fraction),
+        "split_seed": dg.MetadataValue.int(split_seed),
+        "expansion_mode": dg.MetadataValue.text(options.expansion_mode),
+        "eos_id": dg.MetadataValue.int(eos_id),
+        "dtype": dg.MetadataValue.text(options.dtype.name),
+        "tokenizer_fingerprint": dg.MetadataValue.text(loaded.fingerprint),
+        "dataset_json": dg.MetadataValue.json(manifest),
+        **config_lineage(context),
+        **base,
+    }
+    with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fingerprint))
