@@ -225,6 +225,16 @@ def test_cli_compute_flag_fails_at_once_on_an_unreachable_address(tmp_path):
         check=False,
     )
     assert run.returncode != 0 and address in run.stderr and "Traceback" not in run.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "materialize"],
+        env={**env, "DLM_COMPUTE": "spark"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert bad.returncode != 0 and "DLM_COMPUTE must be one of local, ray" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_compute_setting_defaults_to_local(monkeypatch):
