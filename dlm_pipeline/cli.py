@@ -73,6 +73,8 @@ _FLAG_VARIABLES = [
     ("split_seed", settings.ENV_SPLIT_SEED),
     ("expansion_mode", settings.ENV_EXPANSION_MODE),
     ("eos_token", settings.ENV_EOS_TOKEN),
+    ("compute", settings.ENV_COMPUTE),
+    ("ray_address", settings.ENV_RAY_ADDRESS),
 ]
 
 
@@ -406,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("--eos-token", help="end-of-document token (default: the tokenizer's EOS token)")
     materialize.add_argument(
         "--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)"
+    )
+    materialize.add_argument(
+        "--compute", choices=settings.COMPUTE_BACKENDS,
+        help="where misses are tokenized (default: $DLM_COMPUTE or local)",
+    )
+    materialize.add_argument(
+        "--ray-address", help="Ray cluster for --compute ray (default: $DLM_RAY_ADDRESS, or LocalRay)",
     )
     materialize.set_defaults(func=cmd_materialize)
 

@@ -16,6 +16,7 @@ from dlm_pipeline import settings
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
 from dlm_pipeline.defs.automation import build_config_change_sensor, build_nightly_schedule
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
+from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CORPUS_JOB
 from dlm_pipeline.defs.dataset import packing_conserves_tokens, split_is_leak_free, training_dataset
 from dlm_pipeline.defs.resources import (
@@ -66,6 +67,7 @@ def default_resources() -> dict:
         "io_manager": ParquetIOManager(output_dir=settings.output_dir()),
         "tokenizer": TokenizerResource.from_env(),
         "token_cache": TokenCacheResource.from_env(),
+        "compute": ComputeResource.from_env(),
         "dataset": DatasetResource.from_env(),
     }
 

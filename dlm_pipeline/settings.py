@@ -9,6 +9,8 @@ import math
 import os
 from pathlib import Path
 
+from dlm_pipeline.core.compute import BACKENDS as COMPUTE_BACKENDS
+from dlm_pipeline.core.compute import DEFAULT_BATCH_BYTES as DEFAULT_RAY_BATCH_BYTES
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.expansion import (  # noqa: F401
@@ -253,11 +255,34 @@ def max_expanded_bytes() -> int:
     return _positive_int(ENV_MAX_EXPANDED_BYTES, DEFAULT_MAX_EXPANDED_BYTES)
 
 
+ENV_COMPUTE = "DLM_COMPUTE"
+ENV_RAY_ADDRESS = "DLM_RAY_ADDRESS"
+ENV_RAY_BATCH_BYTES = "DLM_RAY_BATCH_BYTES"
+
+
+def compute() -> str:
+    """Where the token store's misses are tokenized (SPEC §6, `--compute local|ray`)."""
+    raw = os.environ.get(ENV_COMPUTE) or COMPUTE_BACKENDS[0]
+    if raw not in COMPUTE_BACKENDS:
+        raise SettingsError(f"{ENV_COMPUTE} must be one of {', '.join(COMPUTE_BACKENDS)}, got {raw[:40]!r}")
+    return raw
+
+
+def ray_address() -> str:
+    """"" means LocalRay: a Ray cluster on this machine (or the one RAY_ADDRESS names)."""
+    return os.environ.get(ENV_RAY_ADDRESS, "")
+
+
+def ray_batch_bytes() -> int:
+    return _positive_int(ENV_RAY_BATCH_BYTES, DEFAULT_RAY_BATCH_BYTES)
+
+
 def check_all() -> None:
     """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
     The cron check comes last: it is the one that needs Dagster's validator."""
     for parse in (
         weights_scope, max_file_bytes, max_weight, deployment, max_seq_len, cache_max_bytes,
-        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, sensor_interval, nightly_cron,
+        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, compute, ray_batch_bytes,
+        sensor_interval, nightly_cron,
     ):
         parse()

@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 from dlm_pipeline.defs.resources import (
     DatasetResource,
@@ -71,6 +72,7 @@ class Pipeline:
         tokenizer: str = "",
         max_seq_len: int = 2048,
         dataset: DatasetResource | None = None,
+        compute: ComputeResource | None = None,
         **limits,
     ):
         self.instance, self.root, self.out = instance, root, out
@@ -81,6 +83,7 @@ class Pipeline:
                 "io_manager": ParquetIOManager(output_dir=str(out)),
                 "tokenizer": TokenizerResource(tokenizer=tokenizer, max_seq_len=max_seq_len),
                 "token_cache": TokenCacheResource(cache_dir=str(self.cache)),
+                "compute": compute or ComputeResource(),
                 "dataset": dataset or DatasetResource(),
             }
         )

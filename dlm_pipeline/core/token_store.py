@@ -73,6 +73,8 @@ STORE_SCHEMA = pa.schema(
 )
 
 Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids (full), n_tokens
+# (namespace, keys, texts) -> ((shard name, manifest entry) written by workers, encode seconds, tokens)
+RemoteWriter = Callable[[str, Sequence[str], Sequence[str]], tuple[Sequence[tuple[str, dict]], float, int]]
 
 
 class TokenStoreError(ValueError):
@@ -418,15 +420,50 @@ class TokenStore:
                 names.append(name)
         return names
 
+    def write_unlisted(self, namespace: str, table: pa.Table) -> list[tuple[str, dict]]:
+        """A worker's part (SPEC §6, `--compute ray`): store rows as immutable shards named by the
+        sha256 of their bytes, without touching the manifest; (name, entry) pairs for `commit`.
+        A retried task writes the same bytes under the same name, so a rerun replaces nothing."""
+        table = table.cast(STORE_SCHEMA)
+        lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        with self._namespace_fd(namespace, create=True) as fd:
+            return [
+                self._put_shard(fd, namespace, table.slice(start, end - start), time.time(), content_named=True)
+                for start, end in chunk_bounds(lengths, SHARD_MAX_IDS)
+            ]
+
+    def commit(self, written: Sequence[tuple[str, dict]]) -> dict[str, dict]:
+        """The driver's part: list shards that workers wrote in the manifest, in one locked update.
+        Only entries the store could have written, for a current namespace, whose file is a regular
+        file of the stated size, are listed (the sha256 is checked when a shard is read); the
+        listed ones are returned."""
+        committed, now = {}, time.time()
+        with self._locked() as manifest:
+            for name, entry in written:
+                entry = {**entry, "last_used": now} if isinstance(entry, dict) else entry
+                if not valid_entry(name, entry) or NAMESPACE.fullmatch(name.split("/")[0]) is None:
+                    continue
+                namespace, shard = name.split("/")
+                try:
+                    with self._namespace_fd(namespace) as fd:
+                        info = os.stat(shard, dir_fd=fd, follow_symlinks=False)
+                except (OSError, TokenStoreError):
+                    continue
+                if stat.S_ISREG(info.st_mode) and info.st_size == entry["bytes"]:
+                    manifest["shards"][name] = committed[name] = entry
+        return committed
+
     @staticmethod
-    def _put_shard(fd: int, namespace: str, table: pa.Table, last_used: float) -> tuple[str, dict]:
-        """Write one shard into the namespace folder `fd`; (its name, its manifest entry)."""
+    def _put_shard(fd: int, namespace: str, table: pa.Table, last_used: float, content_named: bool = False) -> tuple[str, dict]:
+        """Write one shard into the namespace folder `fd`; (its name, its manifest entry). Named by a
+        random id, or by its content (`content_named`: the same bytes always get the same name)."""
         sink = io.BytesIO()
         pq.write_table(table, sink, use_dictionary=["content_key"], **PARQUET_OPTIONS)
         data = sink.getvalue()
-        shard = f"shard-{uuid.uuid4().hex}.parquet"
+        digest = hashlib.sha256(data).hexdigest()
+        shard = f"shard-{digest[:32] if content_named else uuid.uuid4().hex}.parquet"
         write_bytes_atomic(fd, shard, lambda fh: fh.write(data))
-        entry = {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "last_used": last_used}
+        entry = {"rows": table.num_rows, "bytes": len(data), "sha256": digest, "last_used": last_used}
         return f"{namespace}/{shard}", entry
 
     def _drop_corrupt(self, name: str, info: dict) -> bool:
@@ -483,22 +520,17 @@ class TokenStore:
                 if isinstance(manifest["shards"].get(name), dict):
                     manifest["shards"][name]["last_used"] = now
 
-    def get_or_compute(self, namespace: str, keys: Sequence[str], texts: Sequence[str], encode: Encoder) -> Lookup:
-        """Full token rows for unique content `keys` (texts aligned): read what the store has,
-        encode and store the rest. Shards are read one at a time and verified; a corrupt one is
-        deleted and its keys are encoded again."""
-        report = self.repair()
-        good, _ = self._entries(self._read_manifest())
-        wanted = pa.array(list(keys), pa.string())
-        pending = np.arange(len(wanted), dtype=np.int64)  # positions not found yet
-        parts, positions, used, repaired = [], [], set(), list(report["corrupt"])
-        for name in sorted(n for n in good if n.split("/")[0] == namespace):
+    def _gather(self, names: dict[str, dict], wanted: pa.Array, pending: np.ndarray, found_rows: list, used: set, repaired: list) -> np.ndarray:
+        """Read the shards `names` (one at a time, verified) for the keys at `pending` positions of
+        `wanted`; appends (positions, rows) to `found_rows`; returns the positions still missing. A
+        corrupt shard is deleted and its keys stay missing."""
+        for name in sorted(names):
             if not len(pending):
                 break
             try:
-                shard = self._read_shard(name, good[name])
+                shard = self._read_shard(name, names[name])
             except CorruptShard:
-                if self._drop_corrupt(name, good[name]):
+                if self._drop_corrupt(name, names[name]):
                     repaired.append(name)
                 continue
             rows = pc.index_in(wanted.take(pa.array(pending)), value_set=shard["content_key"])
@@ -506,35 +538,62 @@ class TokenStore:
             if not found.any():
                 continue
             used.add(name)
-            parts.append(shard.take(rows.filter(pa.array(found))))
-            positions.append(pending[found])
+            found_rows.append((pending[found], shard.take(rows.filter(pa.array(found)))))
             pending = pending[~found]
-        hits = len(wanted) - len(pending)
+        return pending
+
+    def get_or_compute(
+        self, namespace: str, keys: Sequence[str], texts: Sequence[str], encode: Encoder, write_elsewhere: RemoteWriter | None = None
+    ) -> Lookup:
+        """Full token rows for unique content `keys` (texts aligned): read what the store has,
+        encode and store the rest. Shards are read one at a time and verified; a corrupt one is
+        deleted and its keys are encoded again. With `write_elsewhere` (SPEC §6, `--compute ray`)
+        the misses are tokenized and written as shards by workers, this process only commits them
+        to the manifest and reads them back; whatever that leaves missing is encoded here."""
+        report = self.repair()
+        good, _ = self._entries(self._read_manifest())
+        wanted = pa.array(list(keys), pa.string())
+        found_rows: list[tuple[np.ndarray, pa.Table]] = []
+        used, repaired = set(), list(report["corrupt"])
+        everything = np.arange(len(wanted), dtype=np.int64)
+        pending = self._gather({n: i for n, i in good.items() if n.split("/")[0] == namespace}, wanted, everything, found_rows, used, repaired)
+        misses = len(pending)
         encode_seconds, encoded_tokens = 0.0, 0
+        if len(pending) and write_elsewhere is not None:
+            written, encode_seconds, encoded_tokens = write_elsewhere(
+                namespace, wanted.take(pa.array(pending)).to_pylist(), [texts[p] for p in pending.tolist()]
+            )
+            pending = self._gather(self.commit(written), wanted, pending, found_rows, used, repaired)
         if len(pending):
             start = time.perf_counter()
             encoded = encode([texts[p] for p in pending.tolist()])
-            encode_seconds = time.perf_counter() - start
-            encoded_tokens = int(pc.sum(encoded["n_tokens"]).as_py() or 0)
+            encode_seconds += time.perf_counter() - start
+            encoded_tokens += int(pc.sum(encoded["n_tokens"]).as_py() or 0)
             fresh = pa.table(
                 {"content_key": wanted.take(pa.array(pending)), "input_ids": encoded["input_ids"], "n_tokens": encoded["n_tokens"]},
                 schema=STORE_SCHEMA,
             )
             used.update(self._write_shards(namespace, fresh))
-            parts.append(fresh)
-            positions.append(pending)
-        combined = pa.concat_tables(parts) if parts else STORE_SCHEMA.empty_table()
-        order = np.argsort(np.concatenate(positions) if positions else np.zeros(0, np.int64), kind="stable")
+            found_rows.append((pending, fresh))
+        combined = pa.concat_tables([rows for _, rows in found_rows]) if found_rows else STORE_SCHEMA.empty_table()
+        positions = np.concatenate([p for p, _ in found_rows]) if found_rows else np.zeros(0, np.int64)
+        order = np.argsort(positions, kind="stable")
         table = combined.take(pa.array(order, pa.int64())) if len(order) else combined
         self._touch(used)
         self.evict(protect=used)
-        if len(pending):
+        if misses:
             self.compact(namespace)
-        return Lookup(table, hits, len(pending), used, encode_seconds, encoded_tokens, repaired, report["ignored"])
+        return Lookup(table, len(wanted) - misses, misses, used, encode_seconds, encoded_tokens, repaired, report["ignored"])
 
 
 def tokenized_rows(
-    store: TokenStore, loaded: LoadedTokenizer, raw: pa.Table, section_ids: pa.ChunkedArray, copies: pa.ChunkedArray, progress=None
+    store: TokenStore,
+    loaded: LoadedTokenizer,
+    raw: pa.Table,
+    section_ids: pa.ChunkedArray,
+    copies: pa.ChunkedArray,
+    progress=None,
+    write_elsewhere: RemoteWriter | None = None,
 ) -> tuple[pa.Table, Lookup]:
     """SPEC §4 rows (section_id, copy, input_ids cut to max_seq_len, n_tokens, truncated) for the
     given rows. Every distinct text of `raw` (section_id, text) is looked up once by content key,
@@ -551,7 +610,7 @@ def tokenized_rows(
             key_index[key] = len(texts)
             texts.append(text)
         key_of_raw[row] = key_index[key]
-    lookup = store.get_or_compute(loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress))
+    lookup = store.get_or_compute(loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress), write_elsewhere)
     rows = key_of_raw[raw_row.to_numpy(zero_copy_only=False)]
     per_row = cut(lookup.table, loaded.max_seq_len).take(pa.array(rows, pa.int64()))
     table = pa.table({"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}})

@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dlm_pipeline.core.compute import RunStats
 from dlm_pipeline.core.token_store import tokenized_rows
 from dlm_pipeline.core.tokenize import mismatched_sections
+from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
@@ -54,6 +56,7 @@ def tokenized_cache(
     context: dg.AssetExecutionContext,
     tokenizer: TokenizerResource,
     token_cache: TokenCacheResource,
+    compute: ComputeResource,
     raw_corpus: pa.Table,
     expanded_corpus: pa.Table,
 ) -> dg.Output:
@@ -63,9 +66,11 @@ def tokenized_cache(
     loaded = tokenizer.load()
     store = token_cache.store(context.instance)
     progress = ProgressLog(context, "texts tokenized")
-    table, lookup = tokenized_rows(
-        store, loaded, raw_corpus, expanded_corpus["section_id"], expanded_corpus["copy"], progress
-    )
+    compute_stats = RunStats()
+    with compute.writer(context, store, loaded, compute_stats) as write_elsewhere:
+        table, lookup = tokenized_rows(
+            store, loaded, raw_corpus, expanded_corpus["section_id"], expanded_corpus["copy"], progress, write_elsewhere
+        )
     n_tokens = table["n_tokens"].to_numpy(zero_copy_only=False)
     tokens_total = int(n_tokens.sum())
     unique_texts = lookup.hits + lookup.misses
@@ -102,6 +107,8 @@ def tokenized_cache(
             "tokenizer_truncation_disabled": dg.MetadataValue.bool(loaded.truncation_disabled),
             "tokenizer_padding_disabled": dg.MetadataValue.bool(loaded.padding_disabled),
             "sequence_lengths": table_metadata(length_histogram(n_tokens, loaded.max_seq_len)),
+            "compute": dg.MetadataValue.text(compute.backend),
+            **(ComputeResource.metadata(compute_stats) if compute_stats.tasks else {}),
         },
     )
 
