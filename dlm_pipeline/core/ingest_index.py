@@ -180,9 +180,10 @@ class IngestIndex:
         if (table.schema.metadata or {}).get(SETTINGS_KEY) != self.settings.encode():
             return "ignored (settings, tools or source root changed), rebuilt"
         columns = {name: table[name].to_pylist() for name in SCHEMA.names}
-        stats = zip(*(columns[name] for name in _STAT_COLUMNS))
+        stats = zip(*(columns[name] for name in _STAT_COLUMNS), strict=True)
         for path, stat, outcome, text, key, secret in zip(
-            columns["path"], stats, columns["outcome"], columns["text"], columns["content_key"], columns["secret"]
+            columns["path"], stats, columns["outcome"], columns["text"], columns["content_key"], columns["secret"],
+            strict=True,
         ):
             if (
                 path is None
@@ -206,7 +207,7 @@ class IngestIndex:
         columns = [[p for p, _ in kept]] + [[e.stat[i] for _, e in kept] for i in range(len(_STAT_COLUMNS))]
         columns += [[getattr(e, name) for _, e in kept] for name in ("outcome", "text", "key", "secret")]
         table = pa.Table.from_arrays(
-            [pa.array(values, field.type) for values, field in zip(columns, SCHEMA)], schema=SCHEMA
+            [pa.array(values, field.type) for values, field in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
         ).replace_schema_metadata({SETTINGS_KEY: self.settings})
         try:
             fd = self._open_dir(create=True)
@@ -260,7 +261,8 @@ class IngestIndex:
         if scanner is not None:
             if entry.secret is None:
                 found = bool(scanner.findings(entry.text, file.path))
-                entry = replace(entry, secret=SECRET_FOUND if found else SECRET_CLEAN, text=None if found else entry.text)
+                verdict = SECRET_FOUND if found else SECRET_CLEAN
+                entry = replace(entry, secret=verdict, text=None if found else entry.text)
                 if file.stat is not None:
                     self.fresh[file.path] = entry
                 self.changed = True

@@ -34,14 +34,17 @@ def ingest(root, home, **options):
     """A run through the index, checked against a full read of the same tree."""
     scan = scan_tree(root)
     anchors = anchors_from_table(records_table(load_configs(scan)))
-    index = IngestIndex(home, scan.root, max_file_bytes=options.get("max_file_bytes", 1 << 20),
-                        secret_entropy=options.get("secret_entropy", False), full_rescan=options.pop("full_rescan", False))
+    index = IngestIndex(
+        home, scan.root, max_file_bytes=options.get("max_file_bytes", 1 << 20),
+        secret_entropy=options.get("secret_entropy", False), full_rescan=options.pop("full_rescan", False),
+    )
     result = build_raw_corpus(scan, anchors, index=index, **options)
     full = build_raw_corpus(scan_tree(root), anchors, **options)
     assert result.table.equals(full.table, check_metadata=True)
     assert _parquet_bytes(result.table) == _parquet_bytes(full.table)
     assert (result.skips, result.skipped) == (full.skips, full.skipped)
-    assert result.files_read + result.files_from_index == len(result.skipped) - len(scan.skipped) + result.table.num_rows
+    looked_up = len(result.skipped) - len(scan.skipped) + result.table.num_rows
+    assert result.files_read + result.files_from_index == looked_up
     result.status = index.status
     return result
 
@@ -180,7 +183,8 @@ def test_hostile_index_is_ignored_reported_and_rebuilt(tree, home, monkeypatch):
     settle()
     ingest(root, home)
     table = pq.read_table(path)  # a text altered behind its content key is not trusted
-    texts = ["tampered\n" if p == "a.txt" else t for p, t in zip(table["path"].to_pylist(), table["text"].to_pylist())]
+    texts = ["tampered\n" if p == "a.txt" else t
+             for p, t in zip(table["path"].to_pylist(), table["text"].to_pylist(), strict=True)]
     pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)), path)
     tampered = ingest(root, home)
     assert tampered.files_read == 1 and tampered.table["text"].to_pylist() == ["alpha\n", "beta\n"]
@@ -244,7 +248,8 @@ def test_permission_changes_are_seen(tree, home):
         prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
     root = tree({"a.txt": "alpha\n", "b.txt": "beta\n"})
     settle()
-    done = subprocess.run([*prefix, sys.executable, "-c", PERMISSION_RUNS, str(root), str(home)], capture_output=True, text=True)
+    command = [*prefix, sys.executable, "-c", PERMISSION_RUNS, str(root), str(home)]
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [
         [["a.txt", "b.txt"], {}, 2],
