@@ -7,4 +7,5 @@ TOKENS_MATCH_TOKENIZER = "tokens_match_tokenizer"
 
 CORPUS_JOB = "corpus_job"
 CONFIG_CHANGE_SENSOR = "config_change_sensor"
+SOURCE_CHANGE_SENSOR = "source_change_sensor"
 NIGHTLY_SCHEDULE = "nightly_all_seeds"

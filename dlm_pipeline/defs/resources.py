@@ -19,7 +19,6 @@ from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, Tok
 from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
 
-
 TOKEN_CACHE_DIR = "token_cache"
 
 
