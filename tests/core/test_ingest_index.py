@@ -280,3 +280,44 @@ def test_concurrent_runs_leave_a_whole_index(tree, home):
     assert [child.exitcode for child in children] == [0] * 4
     after = ingest(root, home)
     assert after.status == "used (200 entries)" and after.files_read == 0
+
+
+def test_raw_corpus_asset_reads_only_changes_and_full_rescan_gives_the_same_bytes(pipeline, tree):
+    root = tree({"a.txt": "alpha\n", "b.md": "beta\n", "c.txt": "gamma\n"})
+    settle()
+    pipe = pipeline(root)
+    assert pipe.run("1").success
+    assert (pipe.metadata("raw_corpus", "1")["files_read"], pipe.metadata("raw_corpus", "1")["files_from_index"]) == (3, 0)
+    assert pipe.run("1").success
+    metadata = pipe.metadata("raw_corpus", "1")
+    assert (metadata["files_read"], metadata["files_from_index"]) == (0, 3)
+    assert metadata["ingest_index"] == "used (3 entries)"
+    incremental = pipe.output("raw_corpus", "1").read_bytes()
+    assert pipeline(root, full_rescan=True).run("1").success
+    assert pipe.metadata("raw_corpus", "1")["files_read"] == 3
+    assert pipe.output("raw_corpus", "1").read_bytes() == incremental
+
+
+def test_cli_full_rescan_flag_and_variable(tree, tmp_path, monkeypatch):
+    """The second materialize reads every file again only because of --full-rescan (else none)."""
+    import dagster as dg
+
+    from dlm_pipeline import settings
+    from dlm_pipeline.cli import main
+
+    root = tree({"a.txt": "alpha\n", "b.txt": "beta\n"})
+    settle()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    for name in [v for v in os.environ if v.startswith("DLM_")] + [settings.ENV_FULL_RESCAN]:
+        monkeypatch.setenv(name, "")  # monkeypatch then also removes what the CLI's flags set
+        monkeypatch.delenv(name)
+    for flags in ([], ["--full-rescan"]):
+        assert main(["materialize", "--source", str(root), *flags]) == 0
+    with dg.DagsterInstance.get() as instance:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_corpus"), asset_partitions=["0"]), limit=2
+        ).records
+        assert [r.asset_materialization.metadata["files_read"].value for r in records] == [2, 2]  # else [0, 2]
+    monkeypatch.setenv(settings.ENV_FULL_RESCAN, "maybe")
+    assert main(["materialize", "--source", str(root)]) == 2
