@@ -287,7 +287,8 @@ def test_raw_corpus_asset_reads_only_changes_and_full_rescan_gives_the_same_byte
     settle()
     pipe = pipeline(root)
     assert pipe.run("1").success
-    assert (pipe.metadata("raw_corpus", "1")["files_read"], pipe.metadata("raw_corpus", "1")["files_from_index"]) == (3, 0)
+    cold = pipe.metadata("raw_corpus", "1")
+    assert (cold["files_read"], cold["files_from_index"]) == (3, 0)
     assert pipe.run("1").success
     metadata = pipe.metadata("raw_corpus", "1")
     assert (metadata["files_read"], metadata["files_from_index"]) == (0, 3)
