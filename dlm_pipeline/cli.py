@@ -75,6 +75,7 @@ _FLAG_VARIABLES = [
     ("eos_token", settings.ENV_EOS_TOKEN),
     ("compute", settings.ENV_COMPUTE),
     ("ray_address", settings.ENV_RAY_ADDRESS),
+    ("full_rescan", settings.ENV_FULL_RESCAN),
 ]
 
 
@@ -406,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
     )
     materialize.add_argument("--eos-token", help="end-of-document token (default: the tokenizer's EOS token)")
+    materialize.add_argument(
+        "--full-rescan", action="store_const", const=1,
+        help="read every source file again instead of trusting the ingest index (DLM_FULL_RESCAN=1)",
+    )
     materialize.add_argument(
         "--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)"
     )

@@ -14,7 +14,7 @@ import dagster as dg
 
 from dlm_pipeline import settings
 from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
-from dlm_pipeline.defs.automation import build_config_change_sensor, build_nightly_schedule
+from dlm_pipeline.defs.automation import build_config_change_sensor, build_nightly_schedule, build_source_change_sensor
 from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
 from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CORPUS_JOB
@@ -79,7 +79,10 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         assets=ASSETS,
         asset_checks=CHECKS,
         jobs=[corpus_job],
-        sensors=[build_config_change_sensor(settings.sensor_interval())],
+        sensors=[
+            build_config_change_sensor(settings.sensor_interval()),
+            build_source_change_sensor(settings.sensor_interval()),
+        ],
         schedules=[build_nightly_schedule(settings.nightly_cron())],
         resources=resources if resources is not None else default_resources(),
         executor=_EXECUTORS[settings.deployment()](),

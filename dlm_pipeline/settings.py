@@ -239,12 +239,7 @@ ENV_SECRET_ENTROPY = "DLM_SECRET_ENTROPY"
 def secret_entropy() -> bool:
     """Whether the credential scan also runs detect-secrets' high-entropy plugins (off by default:
     they flag hashes, test vectors and base64 data in ordinary code)."""
-    raw = os.environ.get(ENV_SECRET_ENTROPY, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise SettingsError(f"{ENV_SECRET_ENTROPY} must be 1 or 0, got {raw!r}")
+    return _switch(ENV_SECRET_ENTROPY)
 
 
 ENV_MAX_EXPANDED_BYTES = "DLM_MAX_EXPANDED_BYTES"
@@ -277,12 +272,30 @@ def ray_batch_bytes() -> int:
     return _positive_int(ENV_RAY_BATCH_BYTES, DEFAULT_RAY_BATCH_BYTES)
 
 
+ENV_FULL_RESCAN = "DLM_FULL_RESCAN"
+
+
+def full_rescan() -> bool:
+    """Whether raw_corpus reads every file again instead of trusting the ingest index (and rebuilds it)."""
+    return _switch(ENV_FULL_RESCAN)
+
+
+def _switch(name: str) -> bool:
+    """An on/off variable: unset, 0, false, no or off is off; 1, true, yes or on is on."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 def check_all() -> None:
     """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
     The cron check comes last: it is the one that needs Dagster's validator."""
     for parse in (
         weights_scope, max_file_bytes, max_weight, deployment, max_seq_len, cache_max_bytes,
-        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, compute, ray_batch_bytes,
-        sensor_interval, nightly_cron,
+        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, full_rescan, compute,
+        ray_batch_bytes, sensor_interval, nightly_cron,
     ):
         parse()

@@ -9,6 +9,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -16,6 +17,9 @@ from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.secrets import secret_scanner
 from dlm_pipeline.core.tree import FileEntry, TreeScan
+
+if TYPE_CHECKING:
+    from dlm_pipeline.core.ingest_index import IngestIndex
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20
 BINARY_SNIFF_BYTES = 8192
@@ -88,6 +92,8 @@ class RawCorpus:
     files_seen: int = 0
     files_excluded: int = 0
     bytes_read: int = 0
+    files_read: int = 0  # opened and read in this run
+    files_from_index: int = 0  # taken from the ingest index, not opened
 
 
 def rows_table(section_ids: list[str], paths: list[str], texts: list[str], tags: list[dict[str, str]]) -> pa.Table:
@@ -109,12 +115,18 @@ def build_raw_corpus(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     secret_entropy: bool = False,
     progress: Progress | None = None,
+    index: IngestIndex | None = None,
 ) -> RawCorpus:
     """Apply the path rules and content rules to a tree scan; rows come out ordered by path.
 
     A file in which a credential is found is skipped as `secret` (unless its nearest anchor says
-    `scan_secrets: false`); only its path is kept, never what was found.
+    `scan_secrets: false`); only its path is kept, never what was found. With an `index` (built
+    with the same limits), files whose stat did not change are not read again.
     """
+    from dlm_pipeline.core.ingest_index import IngestIndex  # it builds on this module
+
+    if index is None:
+        index = IngestIndex(None, scan.root, max_file_bytes=max_file_bytes, secret_entropy=secret_entropy)
     rules = PathRules(anchors)
     scanner = secret_scanner(secret_entropy)
     result = RawCorpus(table=rows_table([], [], [], []), skips=Counter(scan.skips), skipped=list(scan.skipped))
@@ -126,13 +138,7 @@ def build_raw_corpus(
     result.files_excluded = len(scan.files) - len(included)
     ids, paths, texts, tags = [], [], [], []
     for done, entry in enumerate(included, start=1):
-        outcome = read_text(entry.abspath, max_file_bytes)
-        if (
-            not isinstance(outcome, tuple)
-            and rules.scans_secrets(parent_dir(entry.path))
-            and scanner.findings(outcome, entry.path)
-        ):
-            outcome = ("secret", "")
+        outcome = index.read(entry, scanner if rules.scans_secrets(parent_dir(entry.path)) else None)
         if isinstance(outcome, tuple):
             result.skips[outcome[0]] += 1
             result.skipped.append((entry.path, outcome[0]))
@@ -147,4 +153,6 @@ def build_raw_corpus(
     order = sorted(range(len(paths)), key=lambda i: paths[i].encode())
     result.table = rows_table(*([column[i] for i in order] for column in (ids, paths, texts, tags)))
     result.skipped.sort()
+    result.files_read, result.files_from_index = index.files_read, index.files_from_index
+    index.save(scan.started_ns)
     return result

@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import stat
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,10 +39,20 @@ class ConfigFile:
     problem: str | None = None  # set when the file cannot be a valid config whatever it holds
 
 
+# What the incremental ingest compares (core/ingest_index.py): a change in any of these means
+# the file may have changed. `link` tells a symlink from the file it points at.
+StatKey = tuple[int, int, int, int, int, int, bool]  # size, mtime_ns, ctime_ns, inode, device, mode, link
+
+
+def stat_key(info: os.stat_result, link: bool) -> StatKey:
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev, info.st_mode, link)
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the root, POSIX
     abspath: str  # what to open (a symlink's path; its target was checked to stay inside)
+    stat: StatKey | None = None  # of what is read (a symlink's target), taken during the walk
     target: str | None = None  # a symlink's target, relative to the root, POSIX (None: not a symlink)
 
 
@@ -53,6 +64,7 @@ class TreeScan:
     skips: Counter = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     own_dirs: list[str] = field(default_factory=list)  # the pipeline's own folders, passed over whole
+    started_ns: int = field(default_factory=time.time_ns)  # wall clock when the walk began (racy entries)
 
     def skip(self, path: str, reason: str) -> None:
         self.skips[reason] += 1
@@ -159,7 +171,7 @@ def scan_tree(
                 elif entry.name == ANCHOR_DIR:
                     scan.config_files.append(ConfigFile(rel_dir, "unknown", rel, _ANCHOR_NOT_DIR))
                 elif entry.is_file(follow_symlinks=False):
-                    scan.files.append(FileEntry(rel, entry.path))
+                    scan.files.append(FileEntry(rel, entry.path, stat_key(entry.stat(follow_symlinks=False), False)))
                 else:
                     scan.skip(rel, "not_regular")
             except OSError:
@@ -225,15 +237,16 @@ def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> 
         return
     target = os.path.realpath(entry.path)
     try:
-        mode = os.stat(target).st_mode
+        info = os.stat(target)
     except OSError:
         scan.skip(rel, "broken_symlink")
         return
+    mode = info.st_mode
     if stat.S_ISDIR(mode):
         scan.skip(rel, "symlink_dir")
     elif not is_inside(root, target):
         scan.skip(rel, "symlink_escape")
     elif stat.S_ISREG(mode):
-        scan.files.append(FileEntry(rel, entry.path, Path(target).relative_to(root).as_posix()))
+        scan.files.append(FileEntry(rel, entry.path, stat_key(info, True), Path(target).relative_to(root).as_posix()))
     else:
         scan.skip(rel, "not_regular")

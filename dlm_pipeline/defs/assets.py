@@ -118,13 +118,16 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source)
+    index = source.ingest_index(context.instance, scan)
     corpus = build_raw_corpus(
         scan,
         anchors_from_table(training_configs),
         max_file_bytes=source.max_file_bytes,
         secret_entropy=source.secret_entropy,
         progress=ProgressLog(context, "raw_corpus files read"),
+        index=index,
     )
+    context.log.info(f"ingest index {index.status}: {corpus.files_read:,} file(s) read, {corpus.files_from_index:,} from the index")
     skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
     # The counts travel with the file too (schema metadata), for readers outside Dagster.
     rows = corpus.table.replace_schema_metadata({SKIP_COUNTS_KEY: json.dumps(skips, sort_keys=True)})
@@ -140,6 +143,9 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
             **config_lineage(context),
             "files_seen": dg.MetadataValue.int(corpus.files_seen),
             "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
+            "files_read": dg.MetadataValue.int(corpus.files_read),
+            "files_from_index": dg.MetadataValue.int(corpus.files_from_index),
+            "ingest_index": dg.MetadataValue.text(index.status),
             "text_bytes": dg.MetadataValue.int(corpus.bytes_read),
             "skipped_total": dg.MetadataValue.int(sum(corpus.skips.values())),
             "skip_counts": dg.MetadataValue.json(skips),

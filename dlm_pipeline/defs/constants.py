@@ -9,4 +9,5 @@ PACKING_CONSERVES_TOKENS = "packing_conserves_tokens"
 
 CORPUS_JOB = "corpus_job"
 CONFIG_CHANGE_SENSOR = "config_change_sensor"
+SOURCE_CHANGE_SENSOR = "source_change_sensor"
 NIGHTLY_SCHEDULE = "nightly_all_seeds"

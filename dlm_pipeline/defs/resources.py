@@ -11,6 +11,7 @@ import pyarrow as pa
 from dlm_pipeline import settings
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.ingest_index import IngestIndex
 from dlm_pipeline.core.parquet_io import read_parquet, write_parquet_atomic
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
@@ -29,6 +30,7 @@ class SourceTree(dg.ConfigurableResource):
     expansion_mode: str = settings.EXPANSION_BERNOULLI
     secret_entropy: bool = False
     max_expanded_bytes: int = settings.DEFAULT_MAX_EXPANDED_BYTES
+    full_rescan: bool = False  # read every file, ignoring (and rebuilding) the ingest index
 
     @classmethod
     def from_env(cls) -> "SourceTree":
@@ -40,6 +42,7 @@ class SourceTree(dg.ConfigurableResource):
             expansion_mode=settings.expansion_mode(),
             secret_entropy=settings.secret_entropy(),
             max_expanded_bytes=settings.max_expanded_bytes(),
+            full_rescan=settings.full_rescan(),
         )
 
     def scope(self) -> str:
@@ -51,6 +54,13 @@ class SourceTree(dg.ConfigurableResource):
     def scan(self, instance: dg.DagsterInstance | None = None, files: bool = True) -> TreeScan:
         """Walk the tree; with `instance`, the pipeline's own folders in it are passed over."""
         return scan_tree(self.root, files=files, exclude_dirs=own_dirs(instance) if instance is not None else ())
+
+    def ingest_index(self, instance: dg.DagsterInstance, scan: TreeScan) -> IngestIndex:
+        """The incremental-ingest index of this tree, kept under $DAGSTER_HOME (a folder the pipeline owns)."""
+        return IngestIndex(
+            instance.root_directory, scan.root, max_file_bytes=self.max_file_bytes,
+            secret_entropy=self.secret_entropy, full_rescan=self.full_rescan,
+        )
 
 
 def own_dirs(instance: dg.DagsterInstance) -> list[str]:

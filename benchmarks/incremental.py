@@ -1,0 +1,126 @@
+"""Cost follows change: `dlm-pipeline materialize` on a generated tree beside a plain script, same run.
+
+    python benchmarks/incremental.py [--files 5000] [--keep DIR]
+
+The tree: `--files` text files (about 4 KiB each) under five anchors with tags and weights. The
+plain script is what a user would write without the pipeline: walk, read, expand by the weights,
+tokenize with the same bundled tokenizer, write one Parquet file, in one fresh process. The CLI
+runs, on one fresh DAGSTER_HOME: cold (seed 1), nothing changed, one file edited, a new seed (2),
+and a weights edit. Each line gives the wall time (process start to exit), the ratio to the plain
+script, and how many files raw_corpus read (its `files_read` metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "def return import class self value index tree file seed weight token corpus path text for in if else".split()
+ANCHORS = {"": "core", "docs": "docs", "src": "src", "tests": "tests", "notes": "notes"}
+
+PLAIN = r"""
+import os, sys, pyarrow as pa, pyarrow.parquet as pq
+from tokenizers import Tokenizer
+root, out, weights = sys.argv[1], sys.argv[2], {"docs": 2, "src": 1, "tests": 1, "notes": 1, "": 1}
+texts = []
+for folder, dirs, files in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d != ".dlm")
+    top = os.path.relpath(folder, root).split(os.sep)[0]
+    for name in sorted(files):
+        with open(os.path.join(folder, name), "rb") as fh:
+            text = fh.read().decode("utf-8").replace("\r\n", "\n")
+        texts += [text] * weights.get(top if top != "." else "", 1)
+tokenizer = Tokenizer.from_file(sys.argv[3])
+ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+pq.write_table(pa.table({"text": texts, "input_ids": ids}), out)
+"""
+
+
+def generate(root: Path, n_files: int) -> Path:
+    rng = random.Random(11)
+    for anchor, kind in ANCHORS.items():
+        weight = "2.0" if kind == "docs" else "1.0"
+        config = f"dlm_training_version: 1\nmetadata: {{kind: {kind}}}\nweights: {{kind: {{{kind}: {weight}}}}}\n"
+        (root / anchor / ".dlm").mkdir(parents=True, exist_ok=True)
+        (root / anchor / ".dlm" / "training.yaml").write_text(config)
+    tops = [a for a in ANCHORS if a]
+    for i in range(n_files):
+        folder = root / tops[i % len(tops)] / f"pkg{i % 50:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = (" ".join(rng.choices(WORDS, k=8)) for _ in range(100))
+        (folder / f"m{i:05d}.py").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def timed(args: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:4])} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def raw_corpus_runs(home: Path) -> list[tuple[int, float]]:
+    """(files_read, step seconds) of raw_corpus in every run so far, oldest first."""
+    sys.path.insert(0, str(REPO))
+    os.environ["DAGSTER_HOME"] = str(home)
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        records = instance.fetch_materializations(dg.AssetKey("raw_corpus"), limit=100).records
+        out = []
+        for record in reversed(records):
+            stats = instance.get_run_step_stats(record.run_id, step_keys=["raw_corpus"])
+            seconds = stats[0].end_time - stats[0].start_time if stats else float("nan")
+            out.append((record.asset_materialization.metadata["files_read"].value, seconds))
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--keep", type=Path, help="build the tree and DAGSTER_HOME here (default: a temp folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.keep or Path(tmp)
+        root, home = generate(base / "tree", args.files), base / "dagster_home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "dagster.yaml").touch()
+        time.sleep(0.1)  # past the racy window of the files just written
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+        env.update(DAGSTER_HOME=str(home), PYTHONPATH=str(REPO))
+        tokenizer = REPO / "dlm_pipeline" / "data" / "dlm-bpe-8k.json"
+        plain = timed([sys.executable, "-c", PLAIN, str(root), str(base / "plain.parquet"), str(tokenizer)], env)
+        materialize = [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--source", str(root), "--seed"]
+        edited = root / "src" / "pkg01" / "m00001.py"
+        config = root / ".dlm" / "training.yaml"
+        steps = [
+            ("cold run, seed 1", lambda: None, "1"),
+            ("nothing changed", lambda: None, "1"),
+            ("one file edited", lambda: edited.write_text(edited.read_text() + "one more line\n"), "1"),
+            ("new seed 2", lambda: None, "2"),
+            ("weights edit", lambda: config.write_text(config.read_text().replace("core: 1.0", "core: 1.5")), "1"),
+        ]
+        times = []
+        for _, change, seed in steps:
+            change()
+            time.sleep(0.1)
+            times.append(timed([*materialize, seed], env))
+        runs = raw_corpus_runs(home)
+        print(f"{args.files:,} files; plain script (read + expand + tokenize): {plain:.2f} s")
+        for (name, _, _), seconds, (n_read, step) in zip(steps, times, runs, strict=True):
+            print(
+                f"  {name:18s} {seconds:6.2f} s  {seconds / plain:5.2f}x plain   "
+                f"raw_corpus {step:5.2f} s, read {n_read:,} file(s)"
+            )
+
+
+if __name__ == "__main__":
+    main()
