@@ -31,6 +31,7 @@ OBJECTS_DIR = ".objects"
 OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
 # Errors that mean "no hard link here", not "something is wrong": fall back to a copy.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+_CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # a new file, never through a symlink
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HASH_CHUNK = 1 << 20
 _RETRIES = 3
@@ -143,7 +144,7 @@ class BlobStore:
             folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
             try:
                 tmp = _temp_name(name)
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
+                fd = os.open(tmp, os.O_RDWR | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
                 try:
                     with os.fdopen(os.dup(fd), "wb") as fh:
                         writer = _HashingWriter(fh)
@@ -194,7 +195,7 @@ class BlobStore:
 
     def _copy_from(self, folder: str, folder_fd: int, src_fd: int, name: str, sha256: str) -> Stored:
         tmp = _temp_name(name)
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
+        out = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
         try:
             size = os.fstat(src_fd).st_size
             offset = 0

@@ -10,16 +10,15 @@ import dagster as dg
 import pyarrow as pa
 
 from dlm_pipeline import settings
+from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore, BlobStoreError
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
-from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore, BlobStoreError
 from dlm_pipeline.core.parquet_io import read_parquet, write_parquet
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
 from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
-
 
 TOKEN_CACHE_DIR = "token_cache"
 

@@ -119,8 +119,8 @@ def raw_corpus_reuse(
         "seed": dg.MetadataValue.int(seed),
         REUSED_FROM_SEED: dg.MetadataValue.int(int(source_seed)),
         "reuse": dg.MetadataValue.text(
-            f"reused from seed {source_seed}: same configs, settings and file stats ({signature.entries:,} files stat'ed, "
-            "none read)"
+            f"reused from seed {source_seed}: same configs, settings and file stats "
+            f"({signature.entries:,} files stat'ed, none read)"
         ),
         **{name: value for name, value in recorded.items() if name not in _NOT_COPIED and name != REUSED_FROM_SEED},
         **config_lineage(context),
