@@ -251,6 +251,9 @@ class BlobStore:
                 self._replace_object(folder_fd, tmp, objects_fd, obj)
                 return None
             try:
+                ours = os.stat(tmp, dir_fd=folder_fd, follow_symlinks=False)
+                if _same_file(os.fstat(existing), ours):  # reusing a seed's file: the bytes were just hashed
+                    return None
                 if not stat.S_ISREG(os.fstat(existing).st_mode) or _hash_fd(existing) != sha256:
                     self._replace_object(folder_fd, tmp, objects_fd, obj)
                     return None

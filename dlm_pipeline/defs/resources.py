@@ -130,6 +130,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> pa.Table:
         """The whole table, or only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`)."""
         path = self._path(context, context.asset_partition_key)
+        if path.is_symlink():
+            raise dg.Failure(description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize")
         if not path.exists():
             raise dg.Failure(
                 description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "

@@ -233,3 +233,15 @@ def test_reuse_across_file_systems_falls_back_to_a_copy(tmp_path):
         assert copied is not None and not copied.linked
         assert Path(copied.path).read_bytes() == Path(source.path).read_bytes()
         assert BlobStore(tmp_path / "out").link_from(source.path, "raw_corpus", "3.parquet", "0" * 64) is None
+
+
+def test_a_symlink_planted_at_an_output_path_is_not_read(pipeline, example, tmp_path):
+    p = pipeline(example)
+    p.run("1")
+    elsewhere = tmp_path / "elsewhere.parquet"
+    shutil.copyfile(p.output("raw_corpus", "1"), elsewhere)
+    p.output("raw_corpus", "1").unlink()
+    p.output("raw_corpus", "1").symlink_to(elsewhere)
+    result = p.run_checks("1", "expansion_matches_weights")
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and "is a symlink" in failures[0].event_specific_data.error.message
