@@ -118,8 +118,12 @@ class BlobStore:
         self.root = os.fspath(root)
 
     def _open_root(self) -> int:
-        os.makedirs(self.root, exist_ok=True)
-        return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """The output directory itself (the user's choice, so a symlink to it is followed)."""
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            os.makedirs(self.root, exist_ok=True)
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def path(self, folder: str, name: str) -> str:
         return os.path.join(self.root, folder, name)
