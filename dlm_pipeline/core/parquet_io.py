@@ -50,17 +50,18 @@ def write_bytes_atomic(dir_fd: int, name: str, write: Callable[[BinaryIO], objec
         raise
 
 
+def write_parquet(table: pa.Table, fh: BinaryIO) -> None:
+    """The table's Parquet bytes: the same table gives the same bytes (outputs are deduplicated on them)."""
+    pq.write_table(table, fh, use_dictionary=_dictionary_columns(table.schema), **PARQUET_OPTIONS)
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Readers see the old file or the new one, never a torn one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        write_bytes_atomic(
-            dir_fd,
-            target.name,
-            lambda fh: pq.write_table(table, fh, use_dictionary=_dictionary_columns(table.schema), **PARQUET_OPTIONS),
-        )
+        write_bytes_atomic(dir_fd, target.name, lambda fh: write_parquet(table, fh))
     finally:
         os.close(dir_fd)
     return target

@@ -32,6 +32,7 @@ from dlm_pipeline.defs.metadata import (
 )
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import SourceTree
+from dlm_pipeline.defs.reuse import raw_corpus_reuse
 
 GROUP = "corpus"
 SKIP_COUNTS_KEY = b"dlm.skip_counts"
@@ -118,10 +119,14 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source)
+    anchors, inputs = anchors_from_table(training_configs), input_fingerprints(context, training_configs=training_configs)
+    reuse = raw_corpus_reuse(context, source, scan, anchors, inputs, seed)
+    if reuse.output is not None:
+        return reuse.output
     index = source.ingest_index(context.instance, scan)
     corpus = build_raw_corpus(
         scan,
-        anchors_from_table(training_configs),
+        anchors,
         max_file_bytes=source.max_file_bytes,
         secret_entropy=source.secret_entropy,
         progress=ProgressLog(context, "raw_corpus files read"),
@@ -138,9 +143,10 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     return versioned_output(
         rows,
         seed,
-        input_fingerprints(context, training_configs=training_configs),
+        inputs,
         {
             **config_lineage(context),
+            **reuse.metadata,
             "files_seen": dg.MetadataValue.int(corpus.files_seen),
             "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
             "files_read": dg.MetadataValue.int(corpus.files_read),

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 
 from dlm_pipeline import settings
+from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore, BlobStoreError
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.ingest_index import IngestIndex
-from dlm_pipeline.core.parquet_io import read_parquet, write_parquet_atomic
+from dlm_pipeline.core.parquet_io import read_parquet, write_parquet
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
@@ -68,10 +70,24 @@ def own_dirs(instance: dg.DagsterInstance) -> list[str]:
     return settings.pipeline_dirs(instance.root_directory) + [instance.storage_directory()]
 
 
+SEED_INDEPENDENT_ASSETS = frozenset({"training_configs", "weights_map", "raw_corpus"})
+
+
+@dataclass(frozen=True)
+class ReusedOutput:
+    """What a seed-independent asset returns instead of a table when another seed's stored file
+    (`path`, bytes hashing to `sha256`, verified by the asset) is its output too."""
+
+    path: str
+    sha256: str
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     """Tables at `<output_dir>/<asset_key>/<seed>.parquet`, written atomically.
 
-    An empty `output_dir` means the instance's storage directory ($DAGSTER_HOME/storage).
+    An empty `output_dir` means the instance's storage directory ($DAGSTER_HOME/storage). The
+    seed-independent assets are stored once: each seed's file is a hard link to
+    `<output_dir>/.objects/<sha256>.parquet` (core/blob_store.py).
     """
 
     output_dir: str = ""
@@ -86,13 +102,40 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
         return self._base(context) / context.asset_key.path[-1] / f"{partition}.parquet"
 
-    def handle_output(self, context: dg.OutputContext, obj: pa.Table) -> None:
-        path = write_parquet_atomic(obj, self._path(context, context.asset_partition_key))
-        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+    def handle_output(self, context: dg.OutputContext, obj: pa.Table | ReusedOutput) -> None:
+        asset, name = context.asset_key.path[-1], f"{context.asset_partition_key}.parquet"
+        store = BlobStore(self._base(context))
+        try:
+            if asset not in SEED_INDEPENDENT_ASSETS:
+                path = store.write(asset, name, lambda fh: write_parquet(obj, fh))
+                context.add_output_metadata({"path": dg.MetadataValue.path(path)})
+                return
+            if isinstance(obj, ReusedOutput):
+                stored = store.link_from(obj.path, asset, name, obj.sha256)
+                if stored is None:
+                    raise dg.Failure(description=f"{obj.path} changed while it was being reused; re-run this seed")
+            else:
+                stored = store.put(asset, name, lambda fh: write_parquet(obj, fh))
+        except BlobStoreError as exc:
+            raise dg.Failure(description=str(exc)) from None
+        if not stored.linked:
+            context.log.warning(f"{stored.path} is a full copy: hard links are not possible in {store.root}")
+        context.add_output_metadata(
+            {
+                "path": dg.MetadataValue.path(stored.path),
+                "file_sha256": dg.MetadataValue.text(stored.sha256),
+                "file_bytes": dg.MetadataValue.int(stored.size),
+                "storage": dg.MetadataValue.text(
+                    f"hard link to {OBJECTS_DIR}/{stored.sha256}.parquet" if stored.linked else "copy"
+                ),
+            }
+        )
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
         """The whole table, or only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`)."""
         path = self._path(context, context.asset_partition_key)
+        if path.is_symlink():
+            raise dg.Failure(description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize")
         if not path.exists():
             raise dg.Failure(
                 description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "

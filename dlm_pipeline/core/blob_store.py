@@ -1,0 +1,304 @@
+"""Seed-independent outputs stored once: content-addressed objects, per-seed hard links.
+
+    <output_dir>/.objects/<sha256 of the bytes>.parquet    the bytes, once
+    <output_dir>/<asset>/<seed>.parquet                     a hard link to the object (SPEC §4 path)
+
+Readers of the per-seed path see an ordinary file. A publish is atomic: the bytes go to a temp
+file beside the target, the temp file is linked into `.objects` (or an identical object already
+there is linked instead, after its bytes were re-hashed), then renamed over the target. Where hard
+links are impossible (another file system, a file system without them, too many links) the
+per-seed file stays a full copy and `Stored.linked` says so. An object whose only name left is its
+own (st_nlink == 1) belongs to no seed: `prune` removes it, and every publish calls it; a publish
+that loses its object to a concurrent prune retries. Entries under the output directory are never
+followed through symlinks (the directory itself, chosen by the user, may be one).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from dlm_pipeline.core.parquet_io import write_bytes_atomic
+
+OBJECTS_DIR = ".objects"
+OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
+# Errors that mean "no hard link here", not "something is wrong": fall back to a copy.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+_CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # a new file, never through a symlink
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HASH_CHUNK = 1 << 20
+_RETRIES = 3
+
+
+class BlobStoreError(Exception):
+    """Something in the output directory is not what the pipeline wrote there (e.g. a symlink)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    path: str  # the per-seed file
+    sha256: str  # of its bytes
+    size: int
+    linked: bool  # a hard link to .objects/<sha256>.parquet; False: a full copy
+
+
+class _HashingWriter:
+    """A binary file that hashes what goes through it (Parquet writers only call write/flush/tell)."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(memoryview(data))
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    @property
+    def closed(self) -> bool:
+        return self.fh.closed
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.{secrets.token_hex(8)}.tmp"
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _hash_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, _HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def open_subdir(parent_fd: int, name: str, shown: str) -> int:
+    """`name` inside `parent_fd`, created if missing (mode 0777 & ~umask), never through a symlink."""
+    try:
+        os.mkdir(name, 0o777, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise BlobStoreError(
+                f"{shown} is not a plain folder (a symlink or a file); the output directory holds only what "
+                "the pipeline writes: remove it and re-run"
+            ) from None
+        raise
+
+
+class BlobStore:
+    """The output directory of one IO manager: per-asset folders and the shared `.objects` folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+
+    def _open_root(self) -> int:
+        """The output directory itself (the user's choice, so a symlink to it is followed)."""
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            os.makedirs(self.root, exist_ok=True)
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def path(self, folder: str, name: str) -> str:
+        return os.path.join(self.root, folder, name)
+
+    def write(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> str:
+        """Write `folder/name` atomically, as a file of its own (outputs that differ per seed)."""
+        root_fd = self._open_root()
+        try:
+            folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
+            try:
+                write_bytes_atomic(folder_fd, name, write)
+            finally:
+                os.close(folder_fd)
+        finally:
+            os.close(root_fd)
+        return self.path(folder, name)
+
+    def put(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> Stored:
+        """Write `folder/name` through `write(fh)`, storing its bytes once across all names."""
+        root_fd = self._open_root()
+        try:
+            folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
+            try:
+                tmp = _temp_name(name)
+                fd = os.open(tmp, os.O_RDWR | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
+                try:
+                    with os.fdopen(os.dup(fd), "wb") as fh:
+                        writer = _HashingWriter(fh)
+                        write(writer)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    return self._publish(root_fd, folder, folder_fd, tmp, fd, name, writer.digest.hexdigest())
+                finally:
+                    os.close(fd)
+                    _unlink_quietly(tmp, folder_fd)
+            finally:
+                os.close(folder_fd)
+        finally:
+            os.close(root_fd)
+
+    def link_from(self, source: str | os.PathLike, folder: str, name: str, sha256: str) -> Stored | None:
+        """`folder/name` as the same bytes as the file `source` (another seed's output), if those
+        still hash to `sha256`; None when they do not, or `source` is gone (the caller recomputes)."""
+        source = os.fspath(source)
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or _hash_fd(fd) != sha256:
+                return None
+            root_fd = self._open_root()
+            try:
+                folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
+                tmp = _temp_name(name)
+                try:
+                    try:
+                        os.link(source, tmp, dst_dir_fd=folder_fd, follow_symlinks=False)
+                    except OSError as exc:
+                        if exc.errno not in _NO_LINK:
+                            return None
+                        return self._copy_from(folder, folder_fd, fd, name, sha256)
+                    if not _same_file(os.stat(tmp, dir_fd=folder_fd, follow_symlinks=False), os.fstat(fd)):
+                        return None  # replaced between the hash and the link
+                    return self._publish(root_fd, folder, folder_fd, tmp, fd, name, sha256)
+                finally:
+                    _unlink_quietly(tmp, folder_fd)
+                    os.close(folder_fd)
+            finally:
+                os.close(root_fd)
+        finally:
+            os.close(fd)
+
+    def _copy_from(self, folder: str, folder_fd: int, src_fd: int, name: str, sha256: str) -> Stored:
+        tmp = _temp_name(name)
+        out = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
+        try:
+            size = os.fstat(src_fd).st_size
+            offset = 0
+            while offset < size and (sent := os.sendfile(out, src_fd, offset, size - offset)):
+                offset += sent
+            os.fsync(out)
+            os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        finally:
+            os.close(out)
+            _unlink_quietly(tmp, folder_fd)
+        return Stored(self.path(folder, name), sha256, size, linked=False)
+
+    def _publish(self, root_fd: int, folder: str, folder_fd: int, tmp: str, fd: int, name: str, sha256: str) -> Stored:
+        """Make `tmp` (open as `fd`, bytes hashing to `sha256`) the file `name`, sharing its object."""
+        size = os.fstat(fd).st_size
+        try:
+            objects_fd = open_subdir(root_fd, OBJECTS_DIR, self.path(OBJECTS_DIR, ""))
+        except OSError as exc:
+            if exc.errno not in _NO_LINK and exc.errno not in (errno.EACCES, errno.EROFS):
+                raise
+            os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            return Stored(self.path(folder, name), sha256, size, linked=False)
+        try:
+            linked = self._link_object(folder_fd, tmp, objects_fd, f"{sha256}.parquet", sha256)
+            os.rename(linked or tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            # Renaming onto another name of the same file is a no-op that keeps both names.
+            for leftover in {linked or tmp, tmp}:
+                _unlink_quietly(leftover, folder_fd)
+            prune_objects(objects_fd)
+            is_linked = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_nlink > 1
+            return Stored(self.path(folder, name), sha256, size, linked=is_linked)
+        finally:
+            os.close(objects_fd)
+
+    def _link_object(self, folder_fd: int, tmp: str, objects_fd: int, obj: str, sha256: str) -> str | None:
+        """Give `tmp` its object: link it as the object (None: rename `tmp` itself), or return a new
+        temp name in the folder linked to an identical object already stored (its bytes re-hashed)."""
+        for _ in range(_RETRIES):
+            try:
+                os.link(tmp, obj, src_dir_fd=folder_fd, dst_dir_fd=objects_fd, follow_symlinks=False)
+                return None
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                if exc.errno in _NO_LINK:
+                    return None  # stays a copy
+                raise
+            try:
+                existing = os.open(obj, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=objects_fd)
+            except FileNotFoundError:
+                continue  # pruned meanwhile: link ours
+            except OSError:  # a symlink or worse where an object belongs: replace it with ours
+                self._replace_object(folder_fd, tmp, objects_fd, obj)
+                return None
+            try:
+                ours = os.stat(tmp, dir_fd=folder_fd, follow_symlinks=False)
+                if _same_file(os.fstat(existing), ours):  # reusing a seed's file: the bytes were just hashed
+                    return None
+                if not stat.S_ISREG(os.fstat(existing).st_mode) or _hash_fd(existing) != sha256:
+                    self._replace_object(folder_fd, tmp, objects_fd, obj)
+                    return None
+                alias = _temp_name(obj)
+                try:
+                    os.link(obj, alias, src_dir_fd=objects_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in _NO_LINK:
+                        return None
+                    raise
+                if _same_file(os.stat(alias, dir_fd=folder_fd, follow_symlinks=False), os.fstat(existing)):
+                    return alias
+                _unlink_quietly(alias, folder_fd)  # pruned and re-created between hash and link: again
+            finally:
+                os.close(existing)
+        return None  # keep our own bytes as a copy rather than loop
+
+    @staticmethod
+    def _replace_object(folder_fd: int, tmp: str, objects_fd: int, obj: str) -> None:
+        """An object whose bytes no longer match its name (edited in place) is replaced, not reused."""
+        staged = _temp_name(obj)
+        os.link(tmp, staged, src_dir_fd=folder_fd, dst_dir_fd=objects_fd, follow_symlinks=False)
+        try:
+            os.rename(staged, obj, src_dir_fd=objects_fd, dst_dir_fd=objects_fd)
+        finally:
+            _unlink_quietly(staged, objects_fd)
+
+
+def prune_objects(objects_fd: int) -> int:
+    """Remove objects no per-seed file links to any more (st_nlink == 1); returns how many."""
+    removed = 0
+    for name in os.listdir(objects_fd):
+        if not OBJECT_NAME.fullmatch(name):
+            continue
+        try:
+            info = os.stat(name, dir_fd=objects_fd, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                os.unlink(name, dir_fd=objects_fd)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

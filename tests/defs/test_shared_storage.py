@@ -1,0 +1,247 @@
+"""Seed-independent work done once (issue 11 item 2): `training_configs`, `weights_map` and
+`raw_corpus` are stored once (per-seed hard links to content-addressed objects), and `raw_corpus`
+is reused from any seed whose inputs (configs, settings, file stats) match, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+import dlm_pipeline.core.tree_signature as tree_signature_module
+from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore
+from dlm_pipeline.core.parquet_io import write_parquet, write_parquet_atomic
+from dlm_pipeline.core.tree import scan_tree
+from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
+from tests.conftest import EXAMPLE, Pipeline
+
+SHARED = ("training_configs", "weights_map", "raw_corpus")
+
+
+@pytest.fixture
+def example(tmp_path) -> Path:
+    return shutil.copytree(EXAMPLE, tmp_path / "corpus", symlinks=True)
+
+
+@pytest.fixture
+def trusted_timestamps(monkeypatch):
+    """Files written by the test just before a run count as settled (the racy rule has its own tests)."""
+    monkeypatch.setattr(tree_signature_module, "RACY_WINDOW_NS", 0)
+
+
+def disk_usage(*paths: Path) -> int:
+    """Bytes allocated under `paths`, each inode counted once (what `du` reports)."""
+    seen, total = set(), 0
+    for folder in paths:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            for name in [".", *dirnames, *filenames]:
+                info = os.lstat(os.path.join(dirpath, name))
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+    return total
+
+
+def recomputed(root: Path, seed: str, tmp_path: Path) -> bytes:
+    """raw_corpus for `seed` from a fresh instance and output folder: nothing to reuse."""
+    with dg.DagsterInstance.ephemeral() as fresh:
+        other = Pipeline(fresh, root, Path(tempfile.mkdtemp(dir=tmp_path)) / "out")
+        other.run(seed)
+        assert "reused_from_seed" not in other.metadata("raw_corpus", seed)
+        return other.output("raw_corpus", seed).read_bytes()
+
+
+def test_eight_seeds_cost_less_than_twice_one_seed(pipeline, example, tmp_path):
+    """The seed-independent assets cost the same for 8 seeds as for one. (The whole output folder
+    grows by each seed's own expanded_corpus and tokenized_cache, which differ per seed.)"""
+    p = pipeline(example)
+
+    def usage() -> tuple[int, int]:
+        return disk_usage(*(p.out / name for name in (*SHARED, OBJECTS_DIR))), disk_usage(p.out)
+
+    p.run("0")
+    one_seed, one_seed_all = usage()
+    for seed in range(1, 8):
+        p.run(str(seed))
+    eight_seeds, eight_seeds_all = usage()
+    print(f"seed-independent: 1 seed {one_seed:,} B, 8 seeds {eight_seeds:,} B; "
+          f"whole output: 1 seed {one_seed_all:,} B, 8 seeds {eight_seeds_all:,} B")
+    assert eight_seeds < 2 * one_seed
+    assert eight_seeds_all - one_seed_all < 7 * (one_seed_all - one_seed)  # no seed pays for shared bytes
+    for asset in SHARED:
+        inodes = {os.stat(p.output(asset, str(s))).st_ino for s in range(8)}
+        assert len(inodes) == 1, asset
+        metadata = p.metadata(asset, "5")
+        assert metadata["storage"] == f"hard link to {OBJECTS_DIR}/{metadata['file_sha256']}.parquet"
+    assert len(os.listdir(p.out / OBJECTS_DIR)) == 3
+
+
+def test_every_seed_keeps_its_own_materialization_metadata_and_data_version(pipeline, example, trusted_timestamps):
+    p = pipeline(example)
+    p.run("1")
+    p.run("2")
+    for asset in SHARED:
+        records = {
+            seed: p.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[seed]), limit=1
+            ).records[0]
+            for seed in ("1", "2")
+        }
+        one, two = (records[s].asset_materialization for s in ("1", "2"))
+        assert records["1"].storage_id != records["2"].storage_id
+        assert (one.partition, two.partition) == ("1", "2")
+        assert one.metadata["seed"].value == 1 and two.metadata["seed"].value == 2
+        assert one.metadata["fingerprint"] == two.metadata["fingerprint"]
+        assert one.tags["dagster/data_version"] == two.tags["dagster/data_version"] == one.metadata["fingerprint"].value
+        assert one.metadata["dagster/row_count"] == two.metadata["dagster/row_count"]
+    assert p.metadata("raw_corpus", "2")["reused_from_seed"] == 1
+
+
+def test_a_new_seed_reuses_raw_corpus_byte_identical_to_a_recompute(pipeline, example, tmp_path, trusted_timestamps):
+    p = pipeline(example)
+    p.run("1")
+    first = p.metadata("raw_corpus", "1")
+    assert "reused_from_seed" not in first and first["reuse_key"]
+    p.run("2")
+    second = p.metadata("raw_corpus", "2")
+    assert second["reused_from_seed"] == 1
+    assert second["reuse"].startswith("reused from seed 1")
+    assert second["skip_counts"] == first["skip_counts"] and second["files_seen"] == first["files_seen"]
+    assert p.output("raw_corpus", "2").read_bytes() == recomputed(example, "2", tmp_path)
+    p.run("1")  # an unchanged re-run reuses the seed's own result
+    assert p.metadata("raw_corpus", "1")["reused_from_seed"] in (1, 2)
+
+
+def test_an_edit_is_read_again_not_reused(pipeline, example, tmp_path, trusted_timestamps):
+    p = pipeline(example)
+    p.run("1")
+    target = example / "src" / "acme" / "core.py"
+    target.write_text(target.read_text() + "\n# an edit\n")
+    p.run("2")
+    metadata = p.metadata("raw_corpus", "2")
+    assert "reused_from_seed" not in metadata
+    assert metadata["fingerprint"] != p.metadata("raw_corpus", "1")["fingerprint"]
+    assert p.output("raw_corpus", "2").read_bytes() == recomputed(example, "2", tmp_path)
+
+
+def test_a_same_size_rewrite_within_one_mtime_tick_is_read_again(pipeline, example, tmp_path, trusted_timestamps):
+    p = pipeline(example)
+    target = example / "src" / "acme" / "core.py"
+    p.run("1")
+    before = os.stat(target)
+    text = target.read_text()
+    with open(target, "r+", encoding="utf-8") as fh:  # same inode, same size, other bytes
+        fh.write("X" + text[1:])
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same mtime, as within one tick
+    after = os.stat(target)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    p.run("2")
+    assert "reused_from_seed" not in p.metadata("raw_corpus", "2")  # the ctime moved
+    stored = p.output("raw_corpus", "2").read_bytes()
+    assert stored == recomputed(example, "2", tmp_path)
+    assert stored != p.output("raw_corpus", "1").read_bytes()
+
+
+def test_files_changed_too_recently_are_not_trusted(pipeline, example):
+    """With the real window: a tree written just now records no reuse key, so nothing reuses it."""
+    p = pipeline(example)
+    p.run("1")
+    first = p.metadata("raw_corpus", "1")
+    assert first["reuse_key"] == "" and "too recently" in first["reuse"]
+    p.run("2")
+    assert "reused_from_seed" not in p.metadata("raw_corpus", "2")
+
+
+def test_racy_rule_on_the_signature(tree):
+    root = tree({"a.txt": "a", "sub/b.txt": "b"})
+    scan = scan_tree(root)
+    now = time.time_ns()
+    assert tree_signature(scan, scan.files, now).racy == ["a.txt", "sub/b.txt"]
+    later = tree_signature(scan, scan.files, now + RACY_WINDOW_NS + 10**9)
+    assert later.racy == [] and later.digest == tree_signature(scan, scan.files, now).digest
+    os.chmod(root / "a.txt", 0o600)  # a permission change alone changes the signature (ctime, mode)
+    assert tree_signature(scan, scan.files, now).digest != later.digest
+
+
+def test_a_tampered_source_file_is_not_reused(pipeline, example, tmp_path, trusted_timestamps):
+    p = pipeline(example)
+    p.run("1")
+    stored = p.output("raw_corpus", "1")
+    write_parquet_atomic(pa.Table.from_batches([], schema=pa.schema([("x", pa.int8())])), stored)
+    p.run("2")
+    assert "reused_from_seed" not in p.metadata("raw_corpus", "2")
+    assert p.output("raw_corpus", "2").read_bytes() == recomputed(example, "2", tmp_path)
+
+
+def test_objects_no_seed_links_to_are_pruned(pipeline, example, trusted_timestamps):
+    p = pipeline(example)
+    p.run("1")
+    p.run("2")
+    objects = p.out / OBJECTS_DIR
+    before = set(os.listdir(objects))
+    (example / "added.md").write_text("# new\n")
+    p.run("1")
+    p.run("2")
+    after = set(os.listdir(objects))
+    assert len(before) == len(after) == 3  # configs, weights map, raw corpus: the old raw corpus is gone
+    assert len(after - before) == 1
+    assert all(os.stat(objects / name).st_nlink == 3 for name in after)  # the object + two seeds
+
+
+def test_a_symlink_in_the_output_folder_is_refused_not_followed(pipeline, example, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    p = pipeline(example)
+    p.out.mkdir(parents=True)
+    (p.out / OBJECTS_DIR).symlink_to(outside)
+    result = p.run("1", raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "is not a plain folder" in failures[0].event_specific_data.error.message
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_objects_and_links_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        store = BlobStore(tmp_path / "out")
+        first = store.put("raw_corpus", "1.parquet", lambda fh: write_parquet(pa.table({"a": [1]}), fh))
+        second = store.put("raw_corpus", "2.parquet", lambda fh: write_parquet(pa.table({"a": [1]}), fh))
+    finally:
+        os.umask(old)
+    assert first.sha256 == second.sha256 and first.linked and second.linked
+    for path in (first.path, second.path, tmp_path / "out" / OBJECTS_DIR / f"{first.sha256}.parquet"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / OBJECTS_DIR).st_mode) == 0o777 & ~umask
+
+
+def test_reuse_across_file_systems_falls_back_to_a_copy(tmp_path):
+    other_fs = Path("/dev/shm")
+    if not other_fs.is_dir() or os.stat(other_fs).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    with tempfile.TemporaryDirectory(dir=other_fs) as elsewhere:
+        source = BlobStore(elsewhere).put("raw_corpus", "1.parquet", lambda fh: write_parquet(pa.table({"a": [1]}), fh))
+        copied = BlobStore(tmp_path / "out").link_from(source.path, "raw_corpus", "2.parquet", source.sha256)
+        assert copied is not None and not copied.linked
+        assert Path(copied.path).read_bytes() == Path(source.path).read_bytes()
+        assert BlobStore(tmp_path / "out").link_from(source.path, "raw_corpus", "3.parquet", "0" * 64) is None
+
+
+def test_a_symlink_planted_at_an_output_path_is_not_read(pipeline, example, tmp_path):
+    p = pipeline(example)
+    p.run("1")
+    elsewhere = tmp_path / "elsewhere.parquet"
+    shutil.copyfile(p.output("raw_corpus", "1"), elsewhere)
+    p.output("raw_corpus", "1").unlink()
+    p.output("raw_corpus", "1").symlink_to(elsewhere)
+    result = p.run_checks("1", "expansion_matches_weights")
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and "is a symlink" in failures[0].event_specific_data.error.message
