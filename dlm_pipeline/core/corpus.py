@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
-from dlm_pipeline.core.secrets import secret_scanner
+from dlm_pipeline.core.secrets import SecretScanner, secret_scanner
 from dlm_pipeline.core.tree import FileEntry, TreeScan
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20
@@ -80,6 +80,17 @@ def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
         return "encoding", f"invalid UTF-8 at byte {exc.start}"
 
 
+def content_outcome(entry: FileEntry, rules: PathRules, scanner: SecretScanner, max_file_bytes: int) -> str | tuple[str, str]:
+    """The content rules for one included file: its text, or (skip reason, detail). For a
+    credential the detail names the detectors, never what they found."""
+    outcome = read_text(entry.abspath, max_file_bytes)
+    if not isinstance(outcome, tuple) and rules.scans_secrets(parent_dir(entry.path)):
+        found = scanner.findings(outcome, entry.path)
+        if found:
+            return "secret", ", ".join(found)
+    return outcome
+
+
 @dataclass
 class RawCorpus:
     table: pa.Table
@@ -123,13 +134,7 @@ def build_raw_corpus(
     result.files_excluded = len(scan.files) - len(included)
     ids, paths, texts, tags = [], [], [], []
     for done, entry in enumerate(included, start=1):
-        outcome = read_text(entry.abspath, max_file_bytes)
-        if (
-            not isinstance(outcome, tuple)
-            and rules.scans_secrets(parent_dir(entry.path))
-            and scanner.findings(outcome, entry.path)
-        ):
-            outcome = ("secret", "")
+        outcome = content_outcome(entry, rules, scanner, max_file_bytes)
         if isinstance(outcome, tuple):
             result.skips[outcome[0]] += 1
             result.skipped.append((entry.path, outcome[0]))
