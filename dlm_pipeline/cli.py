@@ -366,6 +366,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def _own_dirs_from_env() -> tuple[str, ...]:
+    """The folders `own_dirs` passes over, found from the environment alone (no instance opened)."""
+    home = os.environ.get("DAGSTER_HOME")
+    found = [home, settings.output_dir(), settings.cache_dir()]
+    if home:
+        found += [os.path.join(home, "storage"), os.path.join(home, "token_cache")]
+    return tuple(d for d in found if d)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from dlm_pipeline.core.explain import ExplainError, explain
+
+    _apply_source_flags(args)
+    seed = _seeds([args.seed])[0] if args.seed is not None else None
+    try:
+        settings.check_all()
+        result = explain(
+            settings.source_root(),
+            args.path,
+            int(seed) if seed is not None else None,
+            scope=settings.weights_scope(),
+            mode=settings.expansion_mode(),
+            max_file_bytes=settings.max_file_bytes(),
+            max_weight=settings.max_weight(),
+            secret_entropy=settings.secret_entropy(),
+            exclude_dirs=_own_dirs_from_env(),
+        )
+    except (ExplainError, SourceTreeError, settings.SettingsError) as exc:
+        raise CliError(str(exc)) from None
+    sys.stdout.write(result.text())
+    return EXIT_OK if result.in_raw_corpus else EXIT_FAILED
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (the full usage is one --help away)."""
 
@@ -434,6 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check every config under the source root; exit 1 on any error")
     validate.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
     validate.set_defaults(func=cmd_validate)
+
+    explain = sub.add_parser(
+        "explain", help="why a file is in the corpus or not, and what happens to it; exit 0 in raw_corpus, 1 not"
+    )
+    explain.add_argument("path", help="the file: absolute, or relative to the source root (else to the current folder)")
+    explain.add_argument("--seed", metavar="N", help="the seed whose copies to show (default 0)")
+    explain.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
+    explain.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
+    explain.add_argument(
+        "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
+    )
+    explain.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -235,7 +235,7 @@ def _explain_weights(result, root, anchors, scan, path, text, tags, seed, scope,
     result.add(f"  composed weight {weight:g}")
     label = f"seed {shown_seed}" + (" (default; --seed N for another)" if seed is None else "")
     if fraction == 0.0:
-        result.add(f"{label}, {mode}: {copies} cop{'y' if copies == 1 else 'ies'} (no fractional part, no roll)")
+        result.add(f"{label}, {mode}: {int(whole)} whole, no fractional part, no roll -> {copies} cop{'y' if copies == 1 else 'ies'}")
         return
     roll = float(section_rolls(shown_seed, [sid])[0])
     if mode == EXPANSION_EXACT:
