@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from dlm_pipeline import settings
@@ -248,6 +249,36 @@ def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
     return seed, True, result.run_id, lines
 
 
+@contextmanager
+def _progress_bars():
+    """On a terminal, the progress of runs executed in this process as bars on stderr (one per
+    seed and step: files read, texts tokenized, ...); elsewhere nothing changes. Yields a one-item
+    list: the seed whose run is under way, set by the caller."""
+    from rich.console import Console
+
+    current_seed = [""]
+    console = Console(stderr=True)
+    if not console.is_terminal or console.is_dumb_terminal:
+        yield current_seed
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from dlm_pipeline.defs.metadata import progress_display
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    tasks: dict[tuple[str, str], int] = {}
+    with Progress(*columns, console=console) as bars:
+
+        def show(what: str, done: int, total: int) -> None:
+            key = (current_seed[0], what)
+            if key not in tasks:
+                tasks[key] = bars.add_task(f"seed {key[0]}: {what}", total=total)
+            bars.update(tasks[key], completed=done, total=total)
+
+        with progress_display(show):
+            yield current_seed
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     try:
@@ -272,7 +303,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             results = list(pool.map(_materialize_seed, seeds))
     else:
         _worker_start()
-        results = [_materialize_seed(seed) for seed in seeds]
+        results = []
+        with _progress_bars() as current_seed:
+            for seed in seeds:
+                current_seed[0] = seed
+                results.append(_materialize_seed(seed))
     failed = 0
     for seed, success, run_id, lines in results:
         if success:
