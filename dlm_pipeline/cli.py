@@ -434,6 +434,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if result.in_raw_corpus else EXIT_FAILED
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    _apply_source_flags(args)
+    try:
+        settings.check_all()
+        from dlm_pipeline.definitions import build_defs
+        from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
+
+        graph = build_defs().resolve_asset_graph()
+    except settings.SettingsError as exc:
+        raise CliError(str(exc)) from None
+    instance = _instance()
+    seeds = _seeds(args.seed or []) or _registered(instance)
+    if not seeds:
+        print("no seeds registered: nothing materialized (dlm-pipeline materialize)")
+        return EXIT_OK
+    try:
+        fingerprint = current_config_fingerprint(instance)
+    except SourceTreeError as exc:
+        raise CliError(str(exc)) from None
+    for seed in seeds:
+        print("\n".join(status_lines(seed, seed_status(instance, graph, seed, fingerprint))))
+    return EXIT_OK
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (the full usage is one --help away)."""
 
@@ -514,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
     )
     explain.set_defaults(func=cmd_explain)
+
+    status = sub.add_parser("status", help="per seed: what is materialized, when, row counts, checks, and what is stale")
+    status.add_argument("--seed", action="extend", nargs="+", metavar="N", help="seeds to show (default: every registered seed)")
+    status.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
