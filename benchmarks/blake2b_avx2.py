@@ -42,8 +42,9 @@ def seed_run(root: str, store_dir: str, seed: int) -> int:
 
 
 def child(root: str, store_dir: str, rows: int) -> None:
-    from dlm_pipeline.core import _blake2b
     from expansion import make_rows, ours
+
+    from dlm_pipeline.core import _blake2b
     from dlm_pipeline.core.corpus import rows_table
 
     t0 = time.perf_counter()
@@ -88,7 +89,9 @@ def main() -> None:
         (root / ".dlm" / "training.yaml").write_text(f"dlm_training_version: 1\nweights: {{pkg: {{{weights}}}}}\n")
         for i in range(50):
             (root / f"pkg{i:02d}" / ".dlm").mkdir()
-            (root / f"pkg{i:02d}" / ".dlm" / "training.yaml").write_text(f"dlm_training_version: 1\nmetadata: {{pkg: pkg{i:02d}}}\n")
+            (root / f"pkg{i:02d}" / ".dlm" / "training.yaml").write_text(
+                f"dlm_training_version: 1\nmetadata: {{pkg: pkg{i:02d}}}\n"
+            )
         store = str(Path(tmp) / "store")
         seed_run(str(root), store, 7)  # warm the token store: tokenization must not dominate
         results: dict[str, list[dict]] = {"avx2": [], "scalar": []}
@@ -100,19 +103,26 @@ def main() -> None:
                     env["DLM_BLAKE2B_SCALAR"] = "1"
                 out = subprocess.run(
                     [sys.executable, __file__, "--rows", str(args.rows), "--child", str(root), store],
-                    env=env, capture_output=True, text=True, check=True,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 ).stdout
                 results[name].append(json.loads(out))
-    for i, (a, b) in enumerate(zip(results["avx2"], results["scalar"]), start=1):
-        print(f"round {i}: seed avx2 {a['seed_s']:.2f}s scalar {b['seed_s']:.2f}s | expand avx2 {a['expand_s']:.3f}s "
-              f"scalar {b['expand_s']:.3f}s | hash {args.rows:,} ids avx2 {a['hash_s']:.3f}s scalar {b['hash_s']:.3f}s")
+    for i, (a, b) in enumerate(zip(results["avx2"], results["scalar"], strict=True), start=1):
+        print(
+            f"round {i}: seed avx2 {a['seed_s']:.2f}s scalar {b['seed_s']:.2f}s | expand avx2 {a['expand_s']:.3f}s "
+            f"scalar {b['expand_s']:.3f}s | hash {args.rows:,} ids avx2 {a['hash_s']:.3f}s scalar {b['hash_s']:.3f}s"
+        )
     for name, runs in results.items():
         seeds = sorted(r["seed_s"] for r in runs)
         expands = sorted(r["expand_s"] for r in runs)
-        print(f"{name:<7} vectorised={runs[0]['vectorised']!s:<5} seed {seeds[0]:.2f}-{seeds[-1]:.2f}s "
-              f"(median {seeds[len(seeds) // 2]:.2f})  expand {args.rows:,} rows {expands[0]:.3f}-{expands[-1]:.3f}s "
-              f"(median {expands[len(expands) // 2]:.3f})  "
-              f"hash {min(r['hash_s'] for r in runs):.3f}-{max(r['hash_s'] for r in runs):.3f}s")
+        print(
+            f"{name:<7} vectorised={runs[0]['vectorised']!s:<5} seed {seeds[0]:.2f}-{seeds[-1]:.2f}s "
+            f"(median {seeds[len(seeds) // 2]:.2f})  expand {args.rows:,} rows {expands[0]:.3f}-{expands[-1]:.3f}s "
+            f"(median {expands[len(expands) // 2]:.3f})  "
+            f"hash {min(r['hash_s'] for r in runs):.3f}-{max(r['hash_s'] for r in runs):.3f}s"
+        )
 
 
 if __name__ == "__main__":

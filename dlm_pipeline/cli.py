@@ -261,11 +261,20 @@ def _progress_bars():
     if not console.is_terminal or console.is_dumb_terminal:
         yield current_seed
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from dlm_pipeline.defs.metadata import progress_display
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    )
     tasks: dict[tuple[str, str], int] = {}
     with Progress(*columns, console=console) as bars:
 
@@ -539,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.set_defaults(func=cmd_explain)
 
-    status = sub.add_parser("status", help="per seed: what is materialized, when, row counts, checks, and what is stale")
-    status.add_argument("--seed", action="extend", nargs="+", metavar="N", help="seeds to show (default: every registered seed)")
+    status = sub.add_parser("status", help="per seed: what is materialized, when, rows, checks, and what is stale")
+    status.add_argument(
+        "--seed", action="extend", nargs="+", metavar="N", help="seeds to show (default: every registered seed)"
+    )
     status.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
     status.set_defaults(func=cmd_status)
     return parser

@@ -64,8 +64,18 @@ def test_every_path_agrees_with_raw_corpus_and_copies(example, pipeline):
     assert raw_paths <= set(paths)
     # The tree exercises every kind of verdict explain reports.
     everything = "\n".join(excluded_texts)
-    for kind in ("built-in default exclude", "ignore '", "exclude '", "skipped: secret", "skipped: too_large",
-                 "skipped: binary", "skipped: encoding", "symlink_escape", "broken_symlink", "symlink_dir"):
+    for kind in (
+        "built-in default exclude",
+        "ignore '",
+        "exclude '",
+        "skipped: secret",
+        "skipped: too_large",
+        "skipped: binary",
+        "skipped: encoding",
+        "symlink_escape",
+        "broken_symlink",
+        "symlink_dir",
+    ):
         assert kind in everything, kind
 
 
@@ -110,7 +120,10 @@ def test_cli_output_and_exit_codes(example):
 
     exact = cli("notes/ideas.md", "--expansion-mode", "exact", "--source", str(example))
     assert exact.returncode == 0
-    assert re.search(r"exact: 0 whole \+ roll 0\.\d+ ranks \d of 3 rows of weight 0\.5; the 2 lowest get one more -> [01] cop", exact.stdout)
+    assert re.search(
+        r"exact: 0 whole \+ roll 0\.\d+ ranks \d of 3 rows of weight 0\.5; the 2 lowest get one more -> [01] cop",
+        exact.stdout,
+    )
 
     relative = cli("core.py", "--source", str(example), cwd=example / "src" / "acme")
     assert relative.returncode == 0 and relative.stdout.startswith("src/acme/core.py")

@@ -21,7 +21,9 @@ def _materialize_args(tmp_path) -> list[str]:
 
 def test_bars_on_a_terminal(tmp_path):
     master, slave = pty.openpty()
-    proc = subprocess.Popen(_materialize_args(tmp_path), stdin=slave, stdout=slave, stderr=slave, env=_env(tmp_path / "home"))
+    proc = subprocess.Popen(
+        _materialize_args(tmp_path), stdin=slave, stdout=slave, stderr=slave, env=_env(tmp_path / "home")
+    )
     os.close(slave)
     chunks = []
     while True:

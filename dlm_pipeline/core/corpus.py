@@ -80,7 +80,9 @@ def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
         return "encoding", f"invalid UTF-8 at byte {exc.start}"
 
 
-def content_outcome(entry: FileEntry, rules: PathRules, scanner: SecretScanner, max_file_bytes: int) -> str | tuple[str, str]:
+def content_outcome(
+    entry: FileEntry, rules: PathRules, scanner: SecretScanner, max_file_bytes: int
+) -> str | tuple[str, str]:
     """The content rules for one included file: its text, or (skip reason, detail). For a
     credential the detail names the detectors, never what they found."""
     outcome = read_text(entry.abspath, max_file_bytes)

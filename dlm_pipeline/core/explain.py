@@ -33,7 +33,16 @@ from dlm_pipeline.core.expansion import (
     split_weights,
 )
 from dlm_pipeline.core.fraction_hash import section_rolls
-from dlm_pipeline.core.rules import DEFAULT_EXCLUDES, DEFAULTS, IGNORE, Anchor, PathRules, RuleHit, ancestor_dirs, parent_dir
+from dlm_pipeline.core.rules import (
+    DEFAULT_EXCLUDES,
+    DEFAULTS,
+    IGNORE,
+    Anchor,
+    PathRules,
+    RuleHit,
+    ancestor_dirs,
+    parent_dir,
+)
 from dlm_pipeline.core.safe_read import read_regular_file
 from dlm_pipeline.core.secrets import secret_scanner
 from dlm_pipeline.core.tree import resolve_root, scan_tree
@@ -94,7 +103,9 @@ def _config_path(directory: str, name: str) -> str:
 def _yaml_line(root: Path, directory: str, loc: tuple) -> int | None:
     """1-based line of `loc` in the anchor's training.yaml (None when it cannot be read again)."""
     try:
-        text = decode_config_bytes(read_regular_file(str(root / _config_path(directory, TRAINING_FILE)), MAX_CONFIG_BYTES), "")
+        text = decode_config_bytes(
+            read_regular_file(str(root / _config_path(directory, TRAINING_FILE)), MAX_CONFIG_BYTES), ""
+        )
         loader = yaml.SafeLoader(text)
         try:
             return _line_of(loader.get_single_node(), loc, loader)
@@ -113,7 +124,11 @@ def _rule_line(root: Path, anchors: dict[str, Anchor], hit: RuleHit) -> str:
         where, pattern = f"{_config_path(hit.anchor, IGNORE_FILE)}:{hit.index + 1}", anchor.ignore[hit.index]
     else:
         patterns = anchor.config.include if hit.kind == "include" else anchor.config.exclude
-        line = _yaml_line(root, hit.anchor, (hit.kind, hit.index)) if hit.index is not None else _yaml_line(root, hit.anchor, (hit.kind,))
+        line = (
+            _yaml_line(root, hit.anchor, (hit.kind, hit.index))
+            if hit.index is not None
+            else _yaml_line(root, hit.anchor, (hit.kind,))
+        )
         where = f"{_config_path(hit.anchor, TRAINING_FILE)}:{line or '?'}"
         if hit.index is None:
             return f"  {where}  {hit.kind}: no pattern matches -> {effect}"
@@ -190,7 +205,9 @@ def explain(
     tags = rules.tags(directory)
     result.add("tags:" if tags else "tags: none")
     result.lines += [f"  {key}={value}  (from {_label(sources[key][1])})" for key, value in tags.items()]
-    _explain_weights(result, root_path, anchors, scan, path, outcome, tags, seed, scope, mode, max_file_bytes, secret_entropy)
+    _explain_weights(
+        result, root_path, anchors, scan, path, outcome, tags, seed, scope, mode, max_file_bytes, secret_entropy
+    )
     result.add("in raw_corpus")
     return result
 
@@ -234,8 +251,9 @@ def _explain_weights(result, root, anchors, scan, path, text, tags, seed, scope,
     whole, fraction = (float(v[0]) for v in split_weights(np.array([weight])))
     result.add(f"  composed weight {weight:g}")
     label = f"seed {shown_seed}" + (" (default; --seed N for another)" if seed is None else "")
+    outcome = f"{copies} cop{'y' if copies == 1 else 'ies'}"
     if fraction == 0.0:
-        result.add(f"{label}, {mode}: {int(whole)} whole, no fractional part, no roll -> {copies} cop{'y' if copies == 1 else 'ies'}")
+        result.add(f"{label}, {mode}: {int(whole)} whole, no fractional part, no roll -> {outcome}")
         return
     roll = float(section_rolls(shown_seed, [sid])[0])
     if mode == EXPANSION_EXACT:
@@ -243,8 +261,11 @@ def _explain_weights(result, root, anchors, scan, path, text, tags, seed, scope,
         quota = int(exact_quotas(np.array([len(peers)]), np.array([fraction]))[0])
         peer_ids = raw["section_id"].take(pa.array(peers)).to_pylist()
         rolls = section_rolls(shown_seed, peer_ids)
-        rank = sum(1 for r, i in zip(rolls.tolist(), peer_ids) if (r, i) < (roll, sid))
-        decision = f"roll {roll:.6f} ranks {rank + 1} of {len(peers)} rows of weight {weight:g}; the {quota} lowest get one more"
+        rank = sum(1 for r, i in zip(rolls.tolist(), peer_ids, strict=True) if (r, i) < (roll, sid))
+        decision = (
+            f"roll {roll:.6f} ranks {rank + 1} of {len(peers)} rows of weight {weight:g}; "
+            f"the {quota} lowest get one more"
+        )
     else:
         decision = f"roll {roll:.6f} {'<' if roll < fraction else '>='} fraction {fraction:g}"
-    result.add(f"{label}, {mode}: {int(whole)} whole + {decision} -> {copies} cop{'y' if copies == 1 else 'ies'}")
+    result.add(f"{label}, {mode}: {int(whole)} whole + {decision} -> {outcome}")

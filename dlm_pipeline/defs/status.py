@@ -57,7 +57,9 @@ def current_config_fingerprint(instance: dg.DagsterInstance) -> str:
 
 
 def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, seed: str) -> dg.EventLogRecord | None:
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[seed]), limit=1).records
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[seed]), limit=1
+    ).records
     return records[0] if records else None
 
 
@@ -76,9 +78,13 @@ def seed_status(instance: dg.DagsterInstance, graph, seed: str, fingerprint: str
     records: dict[dg.AssetKey, dg.EventLogRecord | None] = {}
     result: dict[dg.AssetKey, AssetStatus] = {}
     check_keys = list(graph.asset_check_keys)
-    executions = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        check_keys, partition_filter=PartitionKeyFilter(key=seed)
-    ) if check_keys else {}
+    executions = (
+        instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            check_keys, partition_filter=PartitionKeyFilter(key=seed)
+        )
+        if check_keys
+        else {}
+    )
     for key in graph.toposorted_asset_keys:
         status = result[key] = AssetStatus(key.to_user_string())
         record = records[key] = _latest(instance, key, seed)
@@ -115,7 +121,7 @@ def seed_status(instance: dg.DagsterInstance, graph, seed: str, fingerprint: str
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def status_lines(seed: str, statuses: list[AssetStatus]) -> list[str]:
