@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from dlm_pipeline import settings
@@ -251,6 +252,45 @@ def _materialize_seed(seed: str) -> tuple[str, bool, str, list[str]]:
     return seed, True, result.run_id, lines
 
 
+@contextmanager
+def _progress_bars():
+    """On a terminal, the progress of runs executed in this process as bars on stderr (one per
+    seed and step: files read, texts tokenized, ...); elsewhere nothing changes. Yields a one-item
+    list: the seed whose run is under way, set by the caller."""
+    from rich.console import Console
+
+    current_seed = [""]
+    console = Console(stderr=True)
+    if not console.is_terminal or console.is_dumb_terminal:
+        yield current_seed
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from dlm_pipeline.defs.metadata import progress_display
+
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    )
+    tasks: dict[tuple[str, str], int] = {}
+    with Progress(*columns, console=console) as bars:
+
+        def show(what: str, done: int, total: int) -> None:
+            key = (current_seed[0], what)
+            if key not in tasks:
+                tasks[key] = bars.add_task(f"seed {key[0]}: {what}", total=total)
+            bars.update(tasks[key], completed=done, total=total)
+
+        with progress_display(show):
+            yield current_seed
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     try:
@@ -275,7 +315,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             results = list(pool.map(_materialize_seed, seeds))
     else:
         _worker_start()
-        results = [_materialize_seed(seed) for seed in seeds]
+        results = []
+        with _progress_bars() as current_seed:
+            for seed in seeds:
+                current_seed[0] = seed
+                results.append(_materialize_seed(seed))
     failed = 0
     for seed, success, run_id, lines in results:
         if success:
@@ -369,6 +413,63 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def _own_dirs_from_env() -> tuple[str, ...]:
+    """The folders `own_dirs` passes over, found from the environment alone (no instance opened)."""
+    home = os.environ.get("DAGSTER_HOME")
+    found = [home, settings.output_dir(), settings.cache_dir()]
+    if home:
+        found += [os.path.join(home, "storage"), os.path.join(home, "token_cache")]
+    return tuple(d for d in found if d)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from dlm_pipeline.core.explain import ExplainError, explain
+
+    _apply_source_flags(args)
+    seed = _seeds([args.seed])[0] if args.seed is not None else None
+    try:
+        settings.check_all()
+        result = explain(
+            settings.source_root(),
+            args.path,
+            int(seed) if seed is not None else None,
+            scope=settings.weights_scope(),
+            mode=settings.expansion_mode(),
+            max_file_bytes=settings.max_file_bytes(),
+            max_weight=settings.max_weight(),
+            secret_entropy=settings.secret_entropy(),
+            exclude_dirs=_own_dirs_from_env(),
+        )
+    except (ExplainError, SourceTreeError, settings.SettingsError) as exc:
+        raise CliError(str(exc)) from None
+    sys.stdout.write(result.text())
+    return EXIT_OK if result.in_raw_corpus else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _apply_source_flags(args)
+    try:
+        settings.check_all()
+        from dlm_pipeline.definitions import build_defs
+        from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
+
+        graph = build_defs().resolve_asset_graph()
+    except settings.SettingsError as exc:
+        raise CliError(str(exc)) from None
+    instance = _instance()
+    seeds = _seeds(args.seed or []) or _registered(instance)
+    if not seeds:
+        print("no seeds registered: nothing materialized (dlm-pipeline materialize)")
+        return EXIT_OK
+    try:
+        fingerprint = current_config_fingerprint(instance)
+    except SourceTreeError as exc:
+        raise CliError(str(exc)) from None
+    for seed in seeds:
+        print("\n".join(status_lines(seed, seed_status(instance, graph, seed, fingerprint))))
+    return EXIT_OK
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (the full usage is one --help away)."""
 
@@ -448,6 +549,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check every config under the source root; exit 1 on any error")
     validate.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
     validate.set_defaults(func=cmd_validate)
+
+    explain = sub.add_parser(
+        "explain", help="why a file is in the corpus or not, and what happens to it; exit 0 in raw_corpus, 1 not"
+    )
+    explain.add_argument("path", help="the file: absolute, or relative to the source root (else to the current folder)")
+    explain.add_argument("--seed", metavar="N", help="the seed whose copies to show (default 0)")
+    explain.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
+    explain.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
+    explain.add_argument(
+        "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
+    )
+    explain.set_defaults(func=cmd_explain)
+
+    status = sub.add_parser("status", help="per seed: what is materialized, when, rows, checks, and what is stale")
+    status.add_argument(
+        "--seed", action="extend", nargs="+", metavar="N", help="seeds to show (default: every registered seed)"
+    )
+    status.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

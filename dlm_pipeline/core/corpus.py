@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
-from dlm_pipeline.core.secrets import secret_scanner
+from dlm_pipeline.core.secrets import SecretScanner, secret_scanner
 from dlm_pipeline.core.tree import FileEntry, TreeScan
 
 if TYPE_CHECKING:
@@ -82,6 +82,19 @@ def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
         return normalise_text(data)
     except UnicodeDecodeError as exc:
         return "encoding", f"invalid UTF-8 at byte {exc.start}"
+
+
+def content_outcome(
+    entry: FileEntry, rules: PathRules, scanner: SecretScanner, max_file_bytes: int
+) -> str | tuple[str, str]:
+    """The content rules for one included file: its text, or (skip reason, detail). For a
+    credential the detail names the detectors, never what they found."""
+    outcome = read_text(entry.abspath, max_file_bytes)
+    if not isinstance(outcome, tuple) and rules.scans_secrets(parent_dir(entry.path)):
+        found = scanner.findings(outcome, entry.path)
+        if found:
+            return "secret", ", ".join(found)
+    return outcome
 
 
 @dataclass

@@ -80,6 +80,11 @@ class GlobSet:
 
     def check(self, path: str) -> bool | None:
         """True: a pattern selects `path`; False: a `!pattern` re-includes it; None: no pattern matches."""
+        decided = self.decide(path)
+        return None if decided is None else decided[1]
+
+    def decide(self, path: str) -> tuple[int, bool] | None:
+        """(index of the pattern that decides `path`, what `check` answers), or None: no pattern matches."""
         matched: dict[int, tuple[bool, bool]] = {}  # pattern index -> (include, matched only as a folder)
         for start, backend in self._sets:
             for regex_id in backend._set.Match(path) or ():
@@ -92,7 +97,7 @@ class GlobSet:
         # The last pattern that matches the file itself wins; failing that, the last that matches
         # one of its parent folders.
         winner = max(matched, key=lambda index: (not matched[index][1], index))
-        return matched[winner][0]
+        return winner, matched[winner][0]
 
     def matches(self, path: str) -> bool:
         return bool(self.check(path))

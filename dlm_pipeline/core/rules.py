@@ -47,6 +47,21 @@ def is_default_excluded(path: str) -> bool:
     return _DEFAULT_SPEC.matches(path)
 
 
+DEFAULTS, INCLUDE, EXCLUDE, IGNORE = "default excludes", "include", "exclude", "ignore"
+
+
+@dataclass(frozen=True)
+class RuleHit:
+    """One rule that touched a path's verdict: which anchor ("" root; None for the default
+    excludes), which list, the index of the deciding pattern in it (None: an include list that
+    no pattern matched), and the verdict after it."""
+
+    anchor: str | None
+    kind: str
+    index: int | None
+    included: bool
+
+
 @dataclass(frozen=True)
 class Anchor:
     """A directory with a `.dlm/` folder ("" is the root) and what it configures."""
@@ -78,17 +93,27 @@ class Anchor:
     def ignore_spec(self) -> GlobSet | None:
         return glob_set(tuple(self.ignore)) if self.ignore else None
 
-    def verdict(self, path: str, included: bool) -> bool:
-        """Apply this anchor's rules to the running verdict for `path` (relative to the root)."""
+    def verdict(self, path: str, included: bool, trace: list[RuleHit] | None = None) -> bool:
+        """Apply this anchor's rules to the running verdict for `path` (relative to the root);
+        each rule that touched it is appended to `trace` (what `explain` prints)."""
         rel = self.relative(path)
         if self.include_spec is not None:
-            included = self.include_spec.matches(rel)
-        if self.exclude_spec is not None and self.exclude_spec.matches(rel):
-            included = False
+            decided = self.include_spec.decide(rel)
+            included = decided is not None and decided[1]
+            if trace is not None:
+                trace.append(RuleHit(self.dir, INCLUDE, decided[0] if decided else None, included))
+        if self.exclude_spec is not None:
+            decided = self.exclude_spec.decide(rel)
+            if decided is not None and decided[1]:
+                included = False
+                if trace is not None:
+                    trace.append(RuleHit(self.dir, EXCLUDE, decided[0], included))
         if self.ignore_spec is not None:
-            result = self.ignore_spec.check(rel)
-            if result is not None:
-                included = not result
+            decided = self.ignore_spec.decide(rel)
+            if decided is not None:
+                included = not decided[1]
+                if trace is not None:
+                    trace.append(RuleHit(self.dir, IGNORE, decided[0], included))
         return included
 
 
@@ -116,11 +141,15 @@ class PathRules:
         return tuple(self._anchors[d] for d in ancestor_dirs(directory) if d in self._anchors)
 
     def _tags(self, directory: str) -> dict[str, str]:
-        merged: dict[str, str] = {}
+        return {key: value for key, (value, _) in sorted(self.tag_sources(directory).items())}
+
+    def tag_sources(self, directory: str) -> dict[str, tuple[str, str]]:
+        """{tag key: (value, anchor that set it)}: deeper anchors override shallower ones."""
+        merged: dict[str, tuple[str, str]] = {}
         for anchor in self.chain(directory):
             if anchor.config is not None:
-                merged.update(anchor.config.metadata)
-        return dict(sorted(merged.items()))
+                merged.update((key, (value, anchor.dir)) for key, value in anchor.config.metadata.items())
+        return merged
 
     @staticmethod
     def _nearest_setting(chain: tuple[Anchor, ...], name: str) -> bool:
@@ -138,11 +167,16 @@ class PathRules:
         """Whether a default exclude drops `path` (unless its nearest `exclude_defaults` says false)."""
         return self._nearest_setting(self.chain(parent_dir(path)), "exclude_defaults") and is_default_excluded(path)
 
-    def is_included(self, path: str) -> bool:
-        if self.is_default_excluded(path):
-            return False
+    def is_included(self, path: str, trace: list[RuleHit] | None = None) -> bool:
+        """The path rules' verdict; with `trace`, every rule that touched it is appended there."""
         chain = self.chain(parent_dir(path))
+        if self._nearest_setting(chain, "exclude_defaults"):
+            decided = _DEFAULT_SPEC.decide(path)
+            if decided is not None and decided[1]:
+                if trace is not None:
+                    trace.append(RuleHit(None, DEFAULTS, decided[0], False))
+                return False
         included = True
         for anchor in chain:
-            included = anchor.verdict(path, included)
+            included = anchor.verdict(path, included, trace)
         return included

@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import dagster as dg
 import pyarrow as pa
@@ -135,14 +136,33 @@ def config_lineage(context: dg.AssetExecutionContext) -> dict:
     return {"config_fingerprint": dg.MetadataValue.text(", ".join(found))}
 
 
+# Where progress also goes in this process: the CLI installs a terminal display (progress bars)
+# around the runs it executes in process. A run elsewhere (a forked --parallel worker, a step
+# process, the UI's run) has none and keeps the plain log lines.
+_displays: list[Callable[[str, int, int], None]] = []
+
+
+@contextmanager
+def progress_display(display: Callable[[str, int, int], None]):
+    """Send every ProgressLog update of this process to `display(what, done, total)` meanwhile."""
+    _displays.append(display)
+    try:
+        yield display
+    finally:
+        _displays.remove(display)
+
+
 class ProgressLog:
-    """Logs `done/total` at most every few seconds, with a rate."""
+    """Logs `done/total` at most every few seconds, with a rate; every update also reaches the
+    displays installed in this process (`progress_display`)."""
 
     def __init__(self, context: dg.AssetExecutionContext, what: str):
         self.context, self.what = context, what
         self.start = self.last = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
+        for display in _displays:
+            display(self.what, done, total)
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_SECONDS or done == total:
             self.last = now

@@ -215,29 +215,3 @@ def test_global_map_orders_by_depth_then_path(reference):
         {"k": {"v": 2.0, "w": 0.5}},
     ]
 
-
-def test_scalar_and_vectorised_kernels_agree():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import json, random; from dlm_pipeline.core.fraction_hash import section_digests; "
-        "from dlm_pipeline.core import _blake2b; r = random.Random(9); "
-        "items = [''.join(r.choice('0123456789abcdef') for _ in range(r.randint(0, 140))) for _ in range(4001)]; "
-        "print(json.dumps([_blake2b.vectorised(), [str(x) for x in section_digests(77, items).tolist()]]))"
-    )
-    runs = []
-    for scalar in (False, True):
-        env = dict(os.environ)
-        env.pop("DLM_BLAKE2B_SCALAR", None)
-        if scalar:
-            env["DLM_BLAKE2B_SCALAR"] = "1"
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-        runs.append(json.loads(out))
-    assert runs[1][0] is False
-    assert runs[0][1] == runs[1][1]
-    r = random.Random(9)
-    items = ["".join(r.choice("0123456789abcdef") for _ in range(r.randint(0, 140))) for _ in range(4001)]
-    assert runs[0][1] == [str(int.from_bytes(hashlib.blake2b(f"77:{s}".encode(), digest_size=8).digest(), "big")) for s in items]
