@@ -6,15 +6,16 @@ them instead of re-reading the tree, so one run sees one consistent set of confi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 
 import pyarrow as pa
 
 from dlm_pipeline.core.config import (
     DEFAULT_MAX_WEIGHT,
+    MAX_METADATA_KEYS,
     ConfigInvalid,
     ConfigIssue,
     TrainingConfig,
@@ -22,7 +23,7 @@ from dlm_pipeline.core.config import (
     parse_ignore_file,
     parse_training_config,
 )
-from dlm_pipeline.core.rules import Anchor
+from dlm_pipeline.core.rules import Anchor, ancestor_dirs
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, is_inside
 
@@ -43,7 +44,7 @@ CONFIGS_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ConfigRecord:
     anchor: str  # "." for the root, else the directory relative to the root
     path: str
@@ -102,7 +103,31 @@ def load_config(root: str, file: ConfigFile, *, max_weight: float = DEFAULT_MAX_
 
 
 def load_configs(scan: TreeScan, *, max_weight: float = DEFAULT_MAX_WEIGHT) -> list[ConfigRecord]:
-    return [load_config(str(scan.root), f, max_weight=max_weight) for f in scan.config_files]
+    records = [load_config(str(scan.root), f, max_weight=max_weight) for f in scan.config_files]
+    return _cap_merged_tags(records)
+
+
+def _cap_merged_tags(records: list[ConfigRecord]) -> list[ConfigRecord]:
+    """Tags merge down the tree and are stored on every row, so the cap holds for the merged set, not
+    only per file: nested anchors of 64 tags each would otherwise give every row 64 × depth tags."""
+    keys = {
+        anchor_dir(r.anchor): set(json.loads(r.config).get("metadata") or ())
+        for r in records
+        if r.kind == TRAINING_KIND and r.status == STATUS_OK
+    }
+    capped = []
+    for record in records:
+        directory = anchor_dir(record.anchor)
+        if directory in keys:
+            merged = set().union(*(keys.get(d, ()) for d in ancestor_dirs(directory)))
+            if len(merged) > MAX_METADATA_KEYS:
+                error = (
+                    f"{record.path}: metadata: with its ancestors' tags, files below here would carry "
+                    f"{len(merged)} tags; at most {MAX_METADATA_KEYS} per file are allowed (drop or merge tags)"
+                )
+                record = dataclasses.replace(record, status=STATUS_ERROR, error=error, config=None)
+        capped.append(record)
+    return capped
 
 
 def records_table(records: list[ConfigRecord]) -> pa.Table:
