@@ -413,17 +413,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
-def _own_dirs_from_env() -> tuple[str, ...]:
-    """The folders `own_dirs` passes over, found from the environment alone (no instance opened)."""
-    home = os.environ.get("DAGSTER_HOME")
-    found = [home, settings.output_dir(), settings.cache_dir()]
-    if home:
-        found += [os.path.join(home, "storage"), os.path.join(home, "token_cache")]
-    return tuple(d for d in found if d)
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.explain import ExplainError, explain
+    from dlm_pipeline.core.tokenize import TokenizerError, load_tokenizer
 
     _apply_source_flags(args)
     seed = _seeds([args.seed])[0] if args.seed is not None else None
@@ -438,9 +430,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             max_file_bytes=settings.max_file_bytes(),
             max_weight=settings.max_weight(),
             secret_entropy=settings.secret_entropy(),
-            exclude_dirs=_own_dirs_from_env(),
+            exclude_dirs=settings.pipeline_dirs(os.environ.get("DAGSTER_HOME")),
+            split_seed=settings.split_seed(),
+            val_fraction=settings.val_fraction(),
+            tokenizer=load_tokenizer(settings.tokenizer(), max_seq_len=settings.max_seq_len()),
         )
-    except (ExplainError, SourceTreeError, settings.SettingsError) as exc:
+    except (ExplainError, SourceTreeError, settings.SettingsError, TokenizerError) as exc:
         raise CliError(str(exc)) from None
     sys.stdout.write(result.text())
     return EXIT_OK if result.in_raw_corpus else EXIT_FAILED

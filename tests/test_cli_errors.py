@@ -98,7 +98,7 @@ def test_a_bad_flag_is_one_line_and_exit_2(tmp_path, flags, message):
     [
         ("DLM_SOURCE_ROOT", "/nonexistent/tree", ["does not exist"]),
         ("DLM_TOKENIZER", "/nonexistent/tokenizer.json", ["tokenizer file"]),
-        ("DLM_CACHE_DIR", "/dev/null", ["tokenized_cache", "File exists: '/dev/null'"]),
+        ("DLM_CACHE_DIR", "/dev/null", ["tokenized_cache", "/dev/null", "DLM_CACHE_DIR"]),
     ],
 )
 def test_a_setting_that_fails_the_run_names_the_cause(tmp_path, variable, value, phrases):

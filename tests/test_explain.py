@@ -34,6 +34,7 @@ def example(tmp_path) -> Path:
     os.symlink(root / "docs", root / "docs_link")
     (root / "src" / "inside.py").write_text("print('inside')\n")
     os.symlink(root / "src" / "inside.py", root / "src" / "inside_link.py")
+    os.symlink("../.env", root / "notes" / "env_link.txt")  # a link never re-admits a default-excluded target
     return root
 
 
@@ -112,6 +113,8 @@ def test_cli_output_and_exit_codes(example):
     assert "lang=python  x1.5  (src/acme/.dlm/training.yaml:4)" in included.stdout
     assert "composed weight 1.5" in included.stdout
     assert re.search(r"seed 5, bernoulli: 1 whole \+ roll 0\.\d+ [<>=]+ fraction 0\.5 -> [12] cop", included.stdout)
+    assert re.search(r"split \(split seed 0, validation fraction 0\.1\): (train|validation)", included.stdout)
+    assert re.search(r"tokens: \d+ \+ 1 EOS per document", included.stdout)
     assert included.stdout.rstrip().endswith("in raw_corpus")
 
     ignored = cli("docs/drafts/wip.md", "--source", str(example))

@@ -84,6 +84,18 @@ def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
         return "encoding", f"invalid UTF-8 at byte {exc.start}"
 
 
+def admitted(rules: PathRules, entry: FileEntry, trace: list | None = None) -> bool:
+    """The path rules' verdict on a walked file; a symlink never re-admits what a default exclude
+    drops at its target (`notes.txt -> .netrc`, `x -> .git/config`)."""
+    if not rules.is_included(entry.path, trace):
+        return False
+    if entry.target and rules.is_default_excluded(entry.target):
+        if trace is not None:
+            trace.append(f"symlink to {entry.target}: a default exclude drops its target")
+        return False
+    return True
+
+
 def content_outcome(
     entry: FileEntry, rules: PathRules, scanner: SecretScanner, max_file_bytes: int
 ) -> str | tuple[str, str]:
@@ -143,10 +155,7 @@ def build_raw_corpus(
     rules = PathRules(anchors)
     scanner = secret_scanner(secret_entropy)
     result = RawCorpus(table=rows_table([], [], [], []), skips=Counter(scan.skips), skipped=list(scan.skipped))
-    # A symlink never re-admits what a default exclude drops (`notes.txt -> .netrc`, `x -> .git/config`).
-    included: list[FileEntry] = [
-        f for f in scan.files if rules.is_included(f.path) and not (f.target and rules.is_default_excluded(f.target))
-    ]
+    included: list[FileEntry] = [f for f in scan.files if admitted(rules, f)]
     result.files_seen = len(scan.files)
     result.files_excluded = len(scan.files) - len(included)
     ids, paths, texts, tags = [], [], [], []

@@ -20,7 +20,9 @@ from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_con
 from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE, _line_of, decode_config_bytes
 from dlm_pipeline.core.corpus import (
     DEFAULT_MAX_FILE_BYTES,
+    admitted,
     build_raw_corpus,
+    content_key,
     content_outcome,
     rows_table,
     section_id,
@@ -45,6 +47,7 @@ from dlm_pipeline.core.rules import (
 )
 from dlm_pipeline.core.safe_read import read_regular_file
 from dlm_pipeline.core.secrets import secret_scanner
+from dlm_pipeline.core.split import validation_side
 from dlm_pipeline.core.tree import resolve_root, scan_tree
 from dlm_pipeline.core.weights import (
     SCOPE_GLOBAL,
@@ -157,8 +160,11 @@ def explain(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_weight: float | None = None,
     secret_entropy: bool = False,
-    exclude_dirs: tuple[str, ...] = (),
+    exclude_dirs: tuple[str, ...] | list[str] = (),
     cwd: str | None = None,
+    split_seed: int = 0,
+    val_fraction: float = 0.0,
+    tokenizer=None,
 ) -> Explanation:
     """What ingestion does with `given`; ExplainError when it is not a file under the root."""
     root_path = resolve_root(root)
@@ -185,10 +191,12 @@ def explain(
     anchors = anchors_from_table(records_table(records))
     rules = PathRules(anchors)
     trace: list[RuleHit] = []
-    included = rules.is_included(path, trace)
+    included = admitted(rules, entry, trace)
     result.add("rules:")
     by_dir = {a.dir: a for a in anchors}
-    result.lines += [_rule_line(root_path, by_dir, hit) for hit in trace] or ["  no rule touched it -> included"]
+    result.lines += [
+        f"  {hit}" if isinstance(hit, str) else _rule_line(root_path, by_dir, hit) for hit in trace
+    ] or ["  no rule touched it -> included"]
     if not included:
         result.add("not in raw_corpus")
         return result
@@ -208,8 +216,20 @@ def explain(
     _explain_weights(
         result, root_path, anchors, scan, path, outcome, tags, seed, scope, mode, max_file_bytes, secret_entropy
     )
+    _explain_dataset(result, outcome, split_seed, val_fraction, tokenizer)
     result.add("in raw_corpus")
     return result
+
+
+def _explain_dataset(result, text: str, split_seed: int, val_fraction: float, tokenizer) -> None:
+    """The training_dataset side (SPEC §7: by content, whatever the seed) and the document's length."""
+    key = content_key(text)
+    side = "validation" if validation_side([key], split_seed, val_fraction)[0] else "train"
+    held = " (held out once when its composed weight is > 0)" if side == "validation" else ""
+    result.add(f"split (split seed {split_seed}, validation fraction {val_fraction:g}): {side}{held}, content key {key[:16]}")
+    if tokenizer is not None:
+        n_tokens = int(tokenizer.encode([text])["n_tokens"][0].as_py())
+        result.add(f"tokens: {n_tokens:,} + 1 EOS per document")
 
 
 def _factor_origin(anchors: list[Anchor], maps: dict, directory: str, scope: str, key: str, value: str) -> str | None:
