@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus
 from dlm_pipeline.core.globs import glob_set
 from dlm_pipeline.core.tree import scan_tree

@@ -40,7 +40,7 @@ import time, tempfile
 start = time.perf_counter()
 import numpy as np
 from dlm_pipeline import settings
-from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus
 from dlm_pipeline.core.expansion import expand_rows
 from dlm_pipeline.core.parquet_io import write_parquet_atomic

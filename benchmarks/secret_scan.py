@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenization import corpus_files
 
-from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus
 from dlm_pipeline.core.secrets import secret_scanner
 from dlm_pipeline.core.tokenize import load_tokenizer

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.tree import SourceTreeError, scan_tree
 from dlm_pipeline.core.weights import SCOPES, unmatched_weights
 

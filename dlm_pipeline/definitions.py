@@ -13,11 +13,17 @@ from __future__ import annotations
 import dagster as dg
 
 from dlm_pipeline import settings
-from dlm_pipeline.defs.assets import expanded_corpus, raw_corpus, training_configs, weights_map
 from dlm_pipeline.defs.automation import build_config_change_sensor, build_nightly_schedule, build_source_change_sensor
-from dlm_pipeline.defs.checks import expansion_deterministic, expansion_matches_weights
 from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CORPUS_JOB
+from dlm_pipeline.defs.corpus import (
+    expanded_corpus,
+    expansion_deterministic,
+    expansion_matches_weights,
+    raw_corpus,
+    training_configs,
+    weights_map,
+)
 from dlm_pipeline.defs.dataset import packing_conserves_tokens, split_is_leak_free, training_dataset
 from dlm_pipeline.defs.resources import (
     DatasetResource,

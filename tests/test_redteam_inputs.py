@@ -124,7 +124,7 @@ def test_merged_tags_up_to_the_cap_are_valid(tree):
 
 def test_a_symlink_never_readmits_a_default_excluded_file(tmp_path):
     """`notes.txt -> .netrc` put the credential file into the corpus under the link's name."""
-    from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+    from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
     from dlm_pipeline.core.corpus import build_raw_corpus
     from dlm_pipeline.core.tree import scan_tree
 

@@ -111,7 +111,7 @@ def test_partition_metadata_shows_the_weight_distribution(page, webserver):
     page.screenshot(path=str(ARTIFACTS / "partition_metadata.png"), full_page=True)
 
 
-def test_automation_page_lists_the_sensor_running_and_the_schedule(page, webserver):
+def test_corpus_checks_page_lists_the_sensor_running_and_the_schedule(page, webserver):
     page.goto(f"{webserver}/automation")
     page.get_by_text("config_change_sensor").first.wait_for()
     page.get_by_text("nightly_all_seeds").first.wait_for()

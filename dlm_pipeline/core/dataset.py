@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
+from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.expansion import TagEntries
 from dlm_pipeline.core.megatron import IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
 from dlm_pipeline.core.packing import (

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import (
+from dlm_pipeline.core.arrow_utils import (
     map_as_list,
     map_entries,
     one_chunk,

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from dlm_pipeline.core.anchors import STATUS_ERROR, anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE, _line_of, decode_config_bytes
 from dlm_pipeline.core.corpus import (
     DEFAULT_MAX_FILE_BYTES,

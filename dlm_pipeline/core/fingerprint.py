@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import map_as_list, one_chunk, string_offsets
+from dlm_pipeline.core.arrow_utils import map_as_list, one_chunk, string_offsets
 
 FINGERPRINT_VERSION = b"dlm-fingerprint-v1\n"
 

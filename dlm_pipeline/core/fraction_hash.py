@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from dlm_pipeline.core.arrow_maps import one_chunk, string_offsets
+from dlm_pipeline.core.arrow_utils import one_chunk, string_offsets
 
 try:
     from dlm_pipeline.core import _blake2b

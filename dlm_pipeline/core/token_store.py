@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dlm_pipeline.core.arrow_maps import one_chunk, representative_rows
+from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS, write_bytes_atomic
 from dlm_pipeline.core.safe_read import read_regular_file

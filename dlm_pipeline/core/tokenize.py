@@ -205,3 +205,14 @@ def mismatched_sections(loaded: LoadedTokenizer, tokens: pa.Table, texts: dict[s
         if old != new or old_cut != new_cut:
             bad.add(ids[i])
     return len(sample), sorted(bad)
+
+
+LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
+
+
+def length_histogram(n_tokens: np.ndarray, max_seq_len: int) -> pa.Table:
+    """Rows per token-count bucket, the last bucket being rows cut at `max_seq_len` (for the UI)."""
+    edges = [b for b in LENGTH_BUCKETS if b < max_seq_len] + [max_seq_len, max_seq_len + 1]
+    counts, _ = np.histogram(n_tokens, bins=edges)
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])] + [f"{max_seq_len} (full)"]
+    return pa.table({"tokens": labels, "rows": counts.astype(np.int64)})

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.arrow_maps import one_chunk
+from dlm_pipeline.core.arrow_utils import one_chunk
 from dlm_pipeline.core.rules import Anchor, ancestor_dirs
 
 WeightsMap = dict[str, dict[str, float]]

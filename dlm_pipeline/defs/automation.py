@@ -8,7 +8,7 @@ built, never at import: `config_change_sensor`, `source_change_sensor` and `nigh
 import dagster as dg
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table, tree_configs_fingerprint
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table, tree_configs_fingerprint
 from dlm_pipeline.core.ingest_index import source_fingerprint
 from dlm_pipeline.core.rules import PathRules
 from dlm_pipeline.core.tree import SourceTreeError

@@ -22,7 +22,7 @@ import dagster as dg
 from dagster._core.event_api import PartitionKeyFilter
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.anchors import tree_configs_fingerprint
+from dlm_pipeline.core.config_records import tree_configs_fingerprint
 from dlm_pipeline.core.tree import scan_tree
 from dlm_pipeline.defs.metadata import DATA_VERSION_TAG, _same_version
 from dlm_pipeline.defs.resources import own_dirs

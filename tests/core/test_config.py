@@ -228,8 +228,8 @@ def test_long_tags_are_refused_with_file_line_field(where):
 
 def test_many_keys_on_many_files_stay_bounded(tree):
     """Memory grows with files x keys: the cap bounds the keys, so tags cost at most files x cap."""
-    from dlm_pipeline.core.anchors import load_configs, records_table
     from dlm_pipeline.core.config import MAX_METADATA_KEYS
+    from dlm_pipeline.core.config_records import load_configs, records_table
     from dlm_pipeline.core.tree import scan_tree
 
     keys = ", ".join(f"k{i}: v" for i in range(2000))

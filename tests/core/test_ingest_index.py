@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dlm_pipeline.core import ingest_index
-from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus
 from dlm_pipeline.core.ingest_index import FINE_SLACK_NS, INDEX_FILE, IngestIndex, index_dir
 from dlm_pipeline.core.tree import scan_tree

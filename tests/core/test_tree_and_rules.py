@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dlm_pipeline.core.anchors import anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus, normalise_text, section_id
 from dlm_pipeline.core.tree import SourceTreeError, scan_tree
 

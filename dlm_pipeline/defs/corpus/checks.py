@@ -4,7 +4,8 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from dlm_pipeline.core.anchors import anchors_from_table
+from dlm_pipeline.core.arrow_utils import first_difference
+from dlm_pipeline.core.config_records import anchors_from_table
 from dlm_pipeline.core.expansion import (
     EXPANSION_EXACT,
     apply_plan,
@@ -17,11 +18,11 @@ from dlm_pipeline.core.expansion import (
 )
 from dlm_pipeline.core.fingerprint import table_fingerprint
 from dlm_pipeline.core.weights import unmatched_weights
-from dlm_pipeline.defs.assets import expanded_corpus
 from dlm_pipeline.defs.constants import (
     EXPANSION_DETERMINISTIC,
     EXPANSION_MATCHES_WEIGHTS,
 )
+from dlm_pipeline.defs.corpus.assets import expanded_corpus
 from dlm_pipeline.defs.metadata import table_metadata, text_block
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check
 from dlm_pipeline.defs.resources import SourceTree
@@ -32,15 +33,6 @@ PLAIN_RECOMPUTE_MAX_ROWS = 200_000
 WEIGHTS_MAP = dg.AssetIn("weights_map")
 # The weights check needs no text: load only what identifies and tags a row.
 RAW_WITHOUT_TEXT = dg.AssetIn("raw_corpus", metadata={"columns": ["section_id", "path", "tags"]})
-
-
-def _first_difference(a: pa.Table, b: pa.Table) -> int | None:
-    """First row where (section_id, copy) differ, or where the shorter table ends."""
-    pairs = zip(zip(a["section_id"].to_pylist(), a["copy"].to_pylist()), zip(b["section_id"].to_pylist(), b["copy"].to_pylist()))
-    for i, (x, y) in enumerate(pairs):
-        if x != y:
-            return i
-    return None if a.num_rows == b.num_rows else min(a.num_rows, b.num_rows)
 
 
 def _recorded(context, limit: int = 2) -> list[dict]:
@@ -83,7 +75,7 @@ def expansion_deterministic(
     }
     problems = []
     if stored_fp != recomputed_fp:
-        first = _first_difference(expanded_corpus, recomputed)
+        first = first_difference(expanded_corpus, recomputed)
         metadata["first_differing_row"] = -1 if first is None else first
         problems.append(f"stored rows differ from a recomputation (first difference at row {first})")
     if recorded and recorded[0].get("fingerprint") not in (None, stored_fp):

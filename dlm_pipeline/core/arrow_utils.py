@@ -50,3 +50,16 @@ def string_offsets(array: pa.Array) -> np.ndarray:
     large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int64 if large else np.int32)
     return offsets[array.offset : array.offset + len(array) + 1]
+
+
+def first_difference(a: pa.Table, b: pa.Table) -> int | None:
+    """First row where (section_id, copy) differ, or where the shorter table ends (None: equal)."""
+    pairs = zip(
+        zip(a["section_id"].to_pylist(), a["copy"].to_pylist(), strict=True),
+        zip(b["section_id"].to_pylist(), b["copy"].to_pylist(), strict=True),
+        strict=False,
+    )
+    for i, (x, y) in enumerate(pairs):
+        if x != y:
+            return i
+    return None if a.num_rows == b.num_rows else min(a.num_rows, b.num_rows)

@@ -6,15 +6,13 @@ weights edit, a new seed, a renamed or copied file or a new `max_seq_len` tokeni
 """
 
 import dagster as dg
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.compute import RunStats
 from dlm_pipeline.core.token_store import tokenized_rows
-from dlm_pipeline.core.tokenize import mismatched_sections
+from dlm_pipeline.core.tokenize import length_histogram
 from dlm_pipeline.defs.compute import ComputeResource
-from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
@@ -22,24 +20,10 @@ from dlm_pipeline.defs.metadata import (
     table_metadata,
     versioned_output,
 )
-from dlm_pipeline.defs.partitions import (
-    parse_seed_or_fail,
-    seed_check,
-    seeds_partitions,
-)
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import TokenCacheResource, TokenizerResource
 
 GROUP = "tokens"
-CHECK_SAMPLE = 64
-LENGTH_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
-
-
-def length_histogram(n_tokens: np.ndarray, max_seq_len: int) -> pa.Table:
-    edges = [b for b in LENGTH_BUCKETS if b < max_seq_len] + [max_seq_len, max_seq_len + 1]
-    counts, _ = np.histogram(n_tokens, bins=edges)
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])] + [f"{max_seq_len} (full)"]
-    return pa.table({"tokens": labels, "rows": counts.astype(np.int64)})
-
 
 # Only the row identity is needed from the (large, text-carrying) expanded corpus.
 EXPANDED_KEYS = dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]})
@@ -109,32 +93,5 @@ def tokenized_cache(
             "sequence_lengths": table_metadata(length_histogram(n_tokens, loaded.max_seq_len)),
             "compute": dg.MetadataValue.text(compute.backend),
             **(ComputeResource.metadata(compute_stats) if compute_stats.tasks else {}),
-        },
-    )
-
-
-@seed_check(
-    asset=tokenized_cache,
-    name=TOKENS_MATCH_TOKENIZER,
-    additional_ins={"raw_corpus": dg.AssetIn("raw_corpus", metadata={"columns": ["section_id", "text"]})},
-    description="A sample of cached token rows, re-tokenized with the live tokenizer, equals what is stored.",
-)
-def tokens_match_tokenizer(
-    context: dg.AssetCheckExecutionContext,
-    tokenizer: TokenizerResource,
-    tokenized_cache: pa.Table,
-    raw_corpus: pa.Table,
-) -> dg.AssetCheckResult:
-    loaded = tokenizer.load()
-    texts = dict(zip(raw_corpus["section_id"].to_pylist(), raw_corpus["text"].to_pylist()))
-    sampled, bad = mismatched_sections(loaded, tokenized_cache, texts, CHECK_SAMPLE)
-    return dg.AssetCheckResult(
-        passed=not bad,
-        description=None if not bad else f"{len(bad)} sampled section(s) differ from the live tokenizer: {', '.join(bad[:10])}",
-        metadata={
-            "sampled": sampled,
-            "mismatched": len(bad),
-            "mismatched_section_ids": dg.MetadataValue.json(bad[:100]),
-            "tokenizer_fingerprint": loaded.fingerprint,
         },
     )

@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlm_pipeline.core.anchors import (
+from dlm_pipeline.core.config_records import (
     STATUS_ERROR,
     anchors_from_table,
     load_configs,
