@@ -122,7 +122,7 @@ def main() -> None:
             del sequences
             before, marks = rss_mib("VmRSS"), {}
             reset_peak()
-            (manifest, summaries), seconds = timed(lambda: ours(marks))
+            (manifest, summaries), seconds = timed(lambda marks=marks: ours(marks))
             our_times.append(seconds)
             peaks.append(max(marks["read_peak"], marks["write_peak"]) - before)
             write_peaks.append(marks["write_peak"] - marks["before_write"])

@@ -100,7 +100,9 @@ def main() -> None:
     reference = load_reference()
     ids, paths, texts, tags = make_rows(args.rows, random.Random(0))
     table = rows_table(ids, paths, texts, tags)
-    ref_rows = [{"_dlm_row_tags": t, "_dlm_section_id": s, "i": i} for i, (t, s) in enumerate(zip(tags, ids))]
+    ref_rows = [
+        {"_dlm_row_tags": t, "_dlm_section_id": s, "i": i} for i, (t, s) in enumerate(zip(tags, ids, strict=False))
+    ]
 
     best_ref = best_plan = best_full = float("inf")
     for _ in range(3):
@@ -123,17 +125,25 @@ def main() -> None:
         peak = json.loads(
             subprocess.run(
                 [sys.executable, __file__, "--child", parquet, "--seed", str(args.seed)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
         )
     print(f"rows in               {args.rows:>12,}   (fractional weight: {fractional:,})")
     print(f"rows out              {len(expected):>12,}")
     print(f"compiled hash kernel  {HAS_COMPILED_KERNEL!s:>12}")
     print(f"reference             {best_ref:>11.3f}s")
-    print(f"ours: decisions       {best_plan:>11.3f}s   ratio {best_ref / best_plan:6.1f}x  (rows to emit, in order: the reference's output)")
-    print(f"ours: + Arrow table   {best_full:>11.3f}s   ratio {best_ref / best_full:6.1f}x  (materialised columns, ready for Parquet)")
+    print(
+        f"ours: decisions       {best_plan:>11.3f}s   ratio {best_ref / best_plan:6.1f}x  (rows to emit, in order: the reference's output)"
+    )
+    print(
+        f"ours: + Arrow table   {best_full:>11.3f}s   ratio {best_ref / best_full:6.1f}x  (materialised columns, ready for Parquet)"
+    )
     print(f"identical output      {identical!s:>12}")
-    print(f"peak RSS (ours only)  {peak['peak_mib']:>10.0f} MiB (after reading the input: {peak['before_mib']:.0f} MiB)")
+    print(
+        f"peak RSS (ours only)  {peak['peak_mib']:>10.0f} MiB (after reading the input: {peak['before_mib']:.0f} MiB)"
+    )
     if not identical:
         sys.exit(1)
 

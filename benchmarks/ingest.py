@@ -78,8 +78,12 @@ def main() -> None:
             if best is None or t2 - t0 < best[0]:
                 best = (t2 - t0, t1 - t0, corpus)
         elapsed, discovery, corpus = best
-        print(f"files on disk      {args.files:>10,}  ({total_bytes / 1e6:.1f} MB, {args.anchors} anchors, {configs.num_rows} config files)")
-        print(f"rows               {corpus.table.num_rows:>10,}  (excluded {corpus.files_excluded:,}, skipped {dict(corpus.skips)})")
+        print(
+            f"files on disk      {args.files:>10,}  ({total_bytes / 1e6:.1f} MB, {args.anchors} anchors, {configs.num_rows} config files)"
+        )
+        print(
+            f"rows               {corpus.table.num_rows:>10,}  (excluded {corpus.files_excluded:,}, skipped {dict(corpus.skips)})"
+        )
         print(f"walk + configs     {discovery:>10.3f}s")
         print(f"total              {elapsed:>10.3f}s")
         print(f"throughput         {args.files / elapsed:>10,.0f} files/s   {total_bytes / 1e6 / elapsed:,.1f} MB/s")

@@ -33,7 +33,9 @@ def timed(fn):
 
 
 def ingest(root: Path, scan_secrets: bool, entropy: bool):
-    (root / ".dlm" / "training.yaml").write_text(f"dlm_training_version: 1\nscan_secrets: {str(scan_secrets).lower()}\n")
+    (root / ".dlm" / "training.yaml").write_text(
+        f"dlm_training_version: 1\nscan_secrets: {str(scan_secrets).lower()}\n"
+    )
     scan = scan_tree(root)
     anchors = anchors_from_table(records_table(load_configs(scan)))
     return build_raw_corpus(scan, anchors, secret_entropy=entropy)
@@ -66,7 +68,9 @@ def main() -> None:
     print(f"corpus             {len(texts):>9,} files  {mb:,.1f} MB  {sum(len(e.ids) for e in encoded):,} tokens")
     print(f"ingest, scan off   {ingest_off:>9.2f}s")
     print(f"ingest, scan on    {ingest_on:>9.2f}s  ({scanned.skips['secret']:,} files skipped as secret)")
-    print(f"scan alone         {scan_only:>9.2f}s  ({candidates:,} candidate lines for the plugins, {flagged:,} files flagged)")
+    print(
+        f"scan alone         {scan_only:>9.2f}s  ({candidates:,} candidate lines for the plugins, {flagged:,} files flagged)"
+    )
     print(f"cold tokenization  {tokenize:>9.2f}s  (encode_batch)")
     print(f"cold run           {cold:>9.2f}s  (ingest without scan + tokenization)")
     print(f"scan / cold run    {scan_only / cold:>9.1%}  (limit 10 %)")

@@ -79,9 +79,13 @@ def core_benchmark(files: dict[str, str]) -> None:
     _, baseline_fast = timed(lambda: loaded.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
 
     renamed_paths = [f"moved/{p}" for p in paths]
-    renamed = rows_table([section_id(p, files[q]) for p, q in zip(renamed_paths, paths)], renamed_paths, texts, tags)
+    renamed = rows_table(
+        [section_id(p, files[q]) for p, q in zip(renamed_paths, paths, strict=False)], renamed_paths, texts, tags
+    )
 
-    def seed_run(store: TokenStore, weights: dict, seed: int, rows: pa.Table = table, tokenizer=loaded) -> tuple[pa.Table, int, int]:
+    def seed_run(
+        store: TokenStore, weights: dict, seed: int, rows: pa.Table = table, tokenizer=loaded
+    ) -> tuple[pa.Table, int, int]:
         expanded, _ = expand_rows(rows, np.zeros(rows.num_rows, np.int32), [weights], seed)
         out, lookup = tokenized_rows(store, tokenizer, rows, expanded["section_id"], expanded["copy"])
         return out, lookup.hits, lookup.misses
@@ -102,11 +106,19 @@ def core_benchmark(files: dict[str, str]) -> None:
         cache_bytes = store.stats()["bytes"]
 
     print(f"corpus             {len(ids):>9,} files  {mb:,.1f} MB  {tokens:,} tokens (bundled dlm-bpe-8k)")
-    print(f"baseline           {baseline:>9.2f}s  encode_batch over the same unique texts ({tokens / baseline:,.0f} tokens/s)")
-    print(f"baseline (fast)    {baseline_fast:>9.2f}s  encode_batch_fast, no offsets ({tokens / baseline_fast:,.0f} tokens/s)")
-    print(f"cold (core)        {cold:>9.2f}s  {cold / baseline:5.2f}x baseline, {cold / baseline_fast:5.2f}x fast baseline  ({cold_miss:,} misses; store {cache_bytes / 1e6:,.1f} MB)")
+    print(
+        f"baseline           {baseline:>9.2f}s  encode_batch over the same unique texts ({tokens / baseline:,.0f} tokens/s)"
+    )
+    print(
+        f"baseline (fast)    {baseline_fast:>9.2f}s  encode_batch_fast, no offsets ({tokens / baseline_fast:,.0f} tokens/s)"
+    )
+    print(
+        f"cold (core)        {cold:>9.2f}s  {cold / baseline:5.2f}x baseline, {cold / baseline_fast:5.2f}x fast baseline  ({cold_miss:,} misses; store {cache_bytes / 1e6:,.1f} MB)"
+    )
     print(f"warm (core)        {warm:>9.2f}s  {cold / warm:5.1f}x faster than cold  ({warm_hits:,} hits)")
-    print(f"weights-only edit  {edit:>9.2f}s  {cold / edit:5.1f}x faster than cold  ({edit_hits:,} hits, 0 tokenized; {edit_out.num_rows:,} rows)")
+    print(
+        f"weights-only edit  {edit:>9.2f}s  {cold / edit:5.1f}x faster than cold  ({edit_hits:,} hits, 0 tokenized; {edit_out.num_rows:,} rows)"
+    )
     print(f"new seed           {new_seed:>9.2f}s  {cold / new_seed:5.1f}x faster than cold  ({seed_hits:,} hits)")
     print(f"max_seq_len 512    {length_change:>9.2f}s  {cold / length_change:5.1f}x faster than cold  (0 tokenized)")
     print(f"every file renamed {rename:>9.2f}s  {cold / rename:5.1f}x faster than cold  (0 tokenized)")
@@ -147,11 +159,13 @@ def dagster_benchmark(files: dict[str, str]) -> None:
 
         def run(seed: str) -> tuple[float, dict]:
             start = time.perf_counter()
-            result = job.execute_in_process(instance=instance, partition_key=seed, run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
-            wall = time.perf_counter() - start
-            step = next(
-                s for s in instance.get_run_step_stats(result.run_id) if s.step_key == "tokenized_cache"
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=seed,
+                run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
             )
+            wall = time.perf_counter() - start
+            step = next(s for s in instance.get_run_step_stats(result.run_id) if s.step_key == "tokenized_cache")
             event = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("tokenized_cache"), asset_partitions=[seed]), limit=1
             ).records[0]

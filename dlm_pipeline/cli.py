@@ -276,7 +276,11 @@ def _progress_bars():
     from dlm_pipeline.defs.metadata import progress_display
 
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     tasks: dict[tuple[str, str], int] = {}
     with Progress(*columns, console=console) as bars:
@@ -379,8 +383,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def _cache_action(store, args: argparse.Namespace) -> None:
     if args.action == "stats":
         stats = store.stats()
-        print(f"{stats['root']}: {stats['rows']:,} entries in {stats['shards']} shard(s), "
-              f"{stats['bytes']:,} bytes (cap {stats['max_bytes']:,})")
+        print(
+            f"{stats['root']}: {stats['rows']:,} entries in {stats['shards']} shard(s), "
+            f"{stats['bytes']:,} bytes (cap {stats['max_bytes']:,})"
+        )
         for namespace, ns in sorted(stats["namespaces"].items()):
             print(f"  {namespace}: {ns['rows']:,} entries, {ns['shards']} shard(s), {ns['bytes']:,} bytes")
     elif args.action == "prune":
@@ -479,7 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     materialize = sub.add_parser("materialize", help="materialize the whole graph for each seed")
     materialize.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
     materialize.add_argument(
-        "--seed", action="extend", nargs="+", metavar="N",
+        "--seed",
+        action="extend",
+        nargs="+",
+        metavar="N",
         help="seeds to materialize: --seed 1 2 or --seed 1 --seed 2 (default: every registered seed, or 0)",
     )
     materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
@@ -487,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)"
     )
     materialize.add_argument(
-        "--max-seq-len", type=_flag(settings.check_max_seq_len, int, "a whole number >= 1"),
+        "--max-seq-len",
+        type=_flag(settings.check_max_seq_len, int, "a whole number >= 1"),
         help="truncate token sequences to this length (default 2048)",
     )
     materialize.add_argument(
@@ -496,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"share of rows on the validation side (default {settings.DEFAULT_VAL_FRACTION}; 0: none)",
     )
     materialize.add_argument(
-        "--split-seed", type=_flag(lambda text: settings.check_seed_text("the split seed", text)),
+        "--split-seed",
+        type=_flag(lambda text: settings.check_seed_text("the split seed", text)),
         help="seed of the train/validation split (default 0)",
     )
     materialize.add_argument(
@@ -504,18 +515,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     materialize.add_argument("--eos-token", help="end-of-document token (default: the tokenizer's EOS token)")
     materialize.add_argument(
-        "--full-rescan", action="store_const", const=1,
+        "--full-rescan",
+        action="store_const",
+        const=1,
         help="read every source file again instead of trusting the ingest index (DLM_FULL_RESCAN=1)",
     )
     materialize.add_argument(
         "--parallel", type=int, default=1, help="seeds run at once, each in a forked worker (default 1)"
     )
     materialize.add_argument(
-        "--compute", choices=settings.COMPUTE_BACKENDS,
+        "--compute",
+        choices=settings.COMPUTE_BACKENDS,
         help="where misses are tokenized (default: $DLM_COMPUTE or local)",
     )
     materialize.add_argument(
-        "--ray-address", help="Ray cluster for --compute ray (default: $DLM_RAY_ADDRESS, or LocalRay)",
+        "--ray-address",
+        help="Ray cluster for --compute ray (default: $DLM_RAY_ADDRESS, or LocalRay)",
     )
     materialize.set_defaults(func=cmd_materialize)
 
@@ -535,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="repair, merge small shards, then evict least-recently-used shards down to the cap"
     )
     prune.add_argument(
-        "--max-bytes", type=_flag(_at_least(0), int, "a whole number >= 0"),
+        "--max-bytes",
+        type=_flag(_at_least(0), int, "a whole number >= 0"),
         help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)",
     )
     cache_sub.add_parser("clear", help="delete every cached entry")

@@ -96,7 +96,7 @@ def max_weight() -> float:
 
 
 def output_dir() -> str:
-    """"" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
+    """ "" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
     return os.environ.get(ENV_OUTPUT_DIR, "")
 
 
@@ -127,7 +127,7 @@ def nightly_cron() -> str:
 
 
 def tokenizer() -> str:
-    """"" means the bundled default tokenizer."""
+    """ "" means the bundled default tokenizer."""
     return os.environ.get(ENV_TOKENIZER, "")
 
 
@@ -153,7 +153,7 @@ def max_seq_len() -> int:
 
 
 def cache_dir() -> str:
-    """"" means $DAGSTER_HOME/token_cache."""
+    """ "" means $DAGSTER_HOME/token_cache."""
     return os.environ.get(ENV_CACHE_DIR, "")
 
 
@@ -229,7 +229,7 @@ def expansion_mode() -> str:
 
 
 def eos_token() -> str:
-    """"" means the tokenizer's own EOS token."""
+    """ "" means the tokenizer's own EOS token."""
     return os.environ.get(ENV_EOS_TOKEN, "")
 
 
@@ -264,7 +264,7 @@ def compute() -> str:
 
 
 def ray_address() -> str:
-    """"" means LocalRay: a Ray cluster on this machine (or the one RAY_ADDRESS names)."""
+    """ "" means LocalRay: a Ray cluster on this machine (or the one RAY_ADDRESS names)."""
     return os.environ.get(ENV_RAY_ADDRESS, "")
 
 
@@ -294,8 +294,21 @@ def check_all() -> None:
     """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
     The cron check comes last: it is the one that needs Dagster's validator."""
     for parse in (
-        weights_scope, max_file_bytes, max_weight, deployment, max_seq_len, cache_max_bytes,
-        val_fraction, split_seed, expansion_mode, secret_entropy, max_expanded_bytes, full_rescan, compute,
-        ray_batch_bytes, sensor_interval, nightly_cron,
+        weights_scope,
+        max_file_bytes,
+        max_weight,
+        deployment,
+        max_seq_len,
+        cache_max_bytes,
+        val_fraction,
+        split_seed,
+        expansion_mode,
+        secret_entropy,
+        max_expanded_bytes,
+        full_rescan,
+        compute,
+        ray_batch_bytes,
+        sensor_interval,
+        nightly_cron,
     ):
         parse()

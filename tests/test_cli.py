@@ -132,7 +132,11 @@ def run_cli(args: list[str], home, hash_seed: str, out_dir) -> subprocess.Comple
     env.update(DAGSTER_HOME=str(home), PYTHONHASHSEED=hash_seed, DLM_OUTPUT_DIR=str(out_dir))
     return subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", *args],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
 
 
@@ -187,7 +191,11 @@ def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(
     env.update(DAGSTER_HOME=str(home), DLM_CACHE_DIR=str(cache), DLM_DEPLOYMENT="shared")
     done = subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--parallel", "2", "--seed", "1", "2"],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert "seed 1: ok" in done.stdout and "seed 2: ok" in done.stdout
@@ -202,7 +210,9 @@ def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(
     from dlm_pipeline.core.corpus import content_key
 
     texts = sorted(set(pq.read_table(home / "storage" / "raw_corpus" / "1.parquet")["text"].to_pylist()))
-    again = TokenStore(cache).get_or_compute(loaded.cache_namespace, [content_key(t) for t in texts], texts, loaded.encode)
+    again = TokenStore(cache).get_or_compute(
+        loaded.cache_namespace, [content_key(t) for t in texts], texts, loaded.encode
+    )
     assert (again.hits, again.misses) == (len(texts), 0)
     expected = [e.ids for e in loaded.tokenizer.encode_batch(texts, add_special_tokens=False)]
     assert again.table["input_ids"].to_pylist() == expected

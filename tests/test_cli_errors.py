@@ -141,9 +141,7 @@ def private_tmpfs(folder: Path, options: str, then: str = "") -> tuple[str, ...]
     return ("unshare", "-r", "-m", "sh", "-c", script, "sh")
 
 
-@pytest.mark.parametrize(
-    "options, cause", [("ro", "Read-only file system"), ("size=64k", "database or disk is full")]
-)
+@pytest.mark.parametrize("options, cause", [("ro", "Read-only file system"), ("size=64k", "database or disk is full")])
 def test_a_read_only_or_full_dagster_home_is_one_line(tmp_path, options, cause):
     home = tmp_path / "home"
     done = dlm(["materialize"], home, prefix=private_tmpfs(home, options))

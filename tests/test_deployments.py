@@ -50,6 +50,8 @@ def _docker_engine() -> bool:
 def test_code_location_image_builds():
     done = subprocess.run(
         ["docker", "build", "-f", str(DEPLOYMENTS / "Dockerfile"), "-t", "dlm-pipeline:test", str(REPO)],
-        capture_output=True, text=True, timeout=1800,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -49,9 +49,15 @@ def postgres():
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "dlm", "--no-sync"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "dlm", "--no-sync"], check=True, capture_output=True
+    )
     options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-w", "-l", str(data / "server.log"), "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-w", "-l", str(data / "server.log"), "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield {"DLM_PG_URL": f"postgresql+psycopg2://dlm@127.0.0.1:{port}/postgres"}
     finally:
@@ -67,7 +73,10 @@ def test_two_seeds_through_a_postgres_instance(postgres, tmp_path, monkeypatch):
     env.update(postgres, DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(tmp_path / "out"))
     done = subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--seed", "1", "--seed", "2"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "seed 1: ok" in done.stdout and "seed 2: ok" in done.stdout

@@ -67,7 +67,11 @@ def _materialize(tmp_path, *args, **env):
     clean.update(DAGSTER_HOME=str(tmp_path / "home"), **env)
     return subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "materialize", *args],
-        env=clean, capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=clean,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
     )
 
 
@@ -102,23 +106,32 @@ def test_merged_tags_of_nested_anchors_are_capped(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     done = subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(tmp_path / "src")],
-        env=clean, capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=clean,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "n0/.dlm/training.yaml: metadata: with its ancestors' tags" in done.stderr
 
 
 def test_merged_tags_up_to_the_cap_are_valid(tree):
-    from dlm_pipeline.core.anchors import load_configs
     from dlm_pipeline.core.config import MAX_METADATA_KEYS
+    from dlm_pipeline.core.config_records import load_configs
     from dlm_pipeline.core.tree import scan_tree
 
     half = MAX_METADATA_KEYS // 2
-    root = tree({
-        ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {" + ", ".join(f"a{i}: v" for i in range(half)) + "}\n",
-        "n/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {"
-        + ", ".join(f"b{i}: v" for i in range(MAX_METADATA_KEYS - half)) + ", a0: w}\n",
-    })
+    root = tree(
+        {
+            ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {"
+            + ", ".join(f"a{i}: v" for i in range(half))
+            + "}\n",
+            "n/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {"
+            + ", ".join(f"b{i}: v" for i in range(MAX_METADATA_KEYS - half))
+            + ", a0: w}\n",
+        }
+    )
     assert [r.status for r in load_configs(scan_tree(root))] == ["ok", "ok"]
 
 

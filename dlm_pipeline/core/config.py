@@ -78,9 +78,9 @@ def canonical_tag(value: Any) -> str:
     if isinstance(value, str):
         return value
     if value is None:
-        raise ValueError("null is not a tag; write a string (quote it: \"null\") or remove the entry")
+        raise ValueError('null is not a tag; write a string (quote it: "null") or remove the entry')
     if isinstance(value, float):
-        raise ValueError(f"{short_repr(value)} is a float; quote it to keep it exact (e.g. \"{value}\")")
+        raise ValueError(f'{short_repr(value)} is a float; quote it to keep it exact (e.g. "{value}")')
     if isinstance(value, (list, dict)):
         raise ValueError(f"tags are strings, got a {type(value).__name__}")
     raise ValueError(f"tags are strings, got {type(value).__name__} {short_repr(value)}; quote it")
@@ -96,9 +96,7 @@ def _check_weight(value: Any, info: ValidationInfo) -> float:
     if weight < 0:
         raise ValueError(f"weight must be >= 0 (0 drops the rows), got {value!r}")
     if weight > max_weight:
-        raise ValueError(
-            f"weight {value!r} is above max_weight {max_weight:g}; lower it or raise DLM_MAX_WEIGHT"
-        )
+        raise ValueError(f"weight {value!r} is above max_weight {max_weight:g}; lower it or raise DLM_MAX_WEIGHT")
     return weight
 
 
@@ -110,7 +108,7 @@ def _canonical_mapping(value: Any) -> Any:
     for key, item in value.items():
         name = canonical_tag(key)
         if name in out:
-            raise ValueError(f"keys {name!r} appear twice once canonicalised (e.g. true and \"true\")")
+            raise ValueError(f'keys {name!r} appear twice once canonicalised (e.g. true and "true")')
         out[name] = item
     return out
 
@@ -217,9 +215,7 @@ def _duplicate_keys(node: yaml.Node | None, loader: yaml.SafeLoader, path: str) 
                     key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
                 field = f"{where}.{key}" if where else key
                 if key in seen:
-                    issues.append(
-                        ConfigIssue(path, key_node.start_mark.line + 1, field, "key appears twice; keep one")
-                    )
+                    issues.append(ConfigIssue(path, key_node.start_mark.line + 1, field, "key appears twice; keep one"))
                 seen.add(key)
                 stack.append((value_node, field))
         elif isinstance(current, yaml.SequenceNode):
@@ -258,9 +254,7 @@ def decode_config_bytes(data: bytes, path: str) -> str:
         ) from None
 
 
-def parse_training_config(
-    text: str, path: str, *, max_weight: float = DEFAULT_MAX_WEIGHT
-) -> TrainingConfig:
+def parse_training_config(text: str, path: str, *, max_weight: float = DEFAULT_MAX_WEIGHT) -> TrainingConfig:
     """Validate one `.dlm/training.yaml`; raise ConfigInvalid listing every problem with its line."""
     loader = yaml.SafeLoader(text)
     try:
@@ -298,7 +292,9 @@ def parse_training_config(
 def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
     """Patterns of a `.dlm/ignore` (gitignore syntax); ConfigInvalid names each line pathspec refuses."""
     lines = tuple(text.splitlines())
-    issues = [ConfigIssue(path, i + 1, None, f"invalid pattern {lines[i]!r}: {reason}") for i, reason in glob_errors(lines)]
+    issues = [
+        ConfigIssue(path, i + 1, None, f"invalid pattern {lines[i]!r}: {reason}") for i, reason in glob_errors(lines)
+    ]
     if issues:
         raise ConfigInvalid(issues)
     return lines

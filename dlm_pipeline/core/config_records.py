@@ -72,7 +72,9 @@ def _read(root: str, file: ConfigFile) -> bytes:
     except NotRegularFile:
         raise ConfigInvalid([_issue(file, "is not a regular file (a directory, FIFO or device)")]) from None
     except FileTooLarge:
-        raise ConfigInvalid([_issue(file, f"is larger than {MAX_CONFIG_BYTES} bytes; is this really a config?")]) from None
+        raise ConfigInvalid(
+            [_issue(file, f"is larger than {MAX_CONFIG_BYTES} bytes; is this really a config?")]
+        ) from None
 
 
 def _issue(file: ConfigFile, message: str) -> ConfigIssue:
@@ -137,12 +139,14 @@ def records_table(records: list[ConfigRecord]) -> pa.Table:
 
 def anchors_from_table(table: pa.Table) -> list[Anchor]:
     """Valid anchors from a `training_configs` table; refuses a table that still holds errors."""
-    errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s != STATUS_OK]
+    errors = [
+        e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist(), strict=False) if s != STATUS_OK
+    ]
     if errors:
         raise ValueError("invalid configs must be fixed first:\n" + "\n".join(errors))
     by_dir: dict[str, dict] = {}
     for label, kind, config in zip(
-        table["anchor"].to_pylist(), table["kind"].to_pylist(), table["config"].to_pylist()
+        table["anchor"].to_pylist(), table["kind"].to_pylist(), table["config"].to_pylist(), strict=False
     ):
         parts = by_dir.setdefault(anchor_dir(label), {})
         if kind == TRAINING_KIND:
@@ -174,4 +178,4 @@ def tree_configs_fingerprint(scan: TreeScan) -> tuple[str, int]:
 
 def table_configs_fingerprint(table: pa.Table) -> str:
     """The same fingerprint, from a `training_configs` table."""
-    return configs_fingerprint(list(zip(table["path"].to_pylist(), table["sha256"].to_pylist())))
+    return configs_fingerprint(list(zip(table["path"].to_pylist(), table["sha256"].to_pylist(), strict=False)))

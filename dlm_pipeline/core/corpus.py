@@ -24,9 +24,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_FILE_BYTES = 1 << 20
 BINARY_SNIFF_BYTES = 8192
 TAGS_TYPE = pa.map_(pa.string(), pa.string())
-ROW_SCHEMA = pa.schema(
-    [("section_id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("tags", TAGS_TYPE)]
-)
+ROW_SCHEMA = pa.schema([("section_id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("tags", TAGS_TYPE)])
 SKIP_REASONS = (
     "secret",
     "binary",

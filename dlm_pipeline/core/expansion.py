@@ -62,7 +62,7 @@ class TagEntries:
     values: pa.Array
 
     @classmethod
-    def of(cls, tags: pa.ChunkedArray | pa.Array) -> "TagEntries":
+    def of(cls, tags: pa.ChunkedArray | pa.Array) -> TagEntries:
         row, keys, values = map_entries(one_chunk(tags))
         return cls(row.to_numpy(zero_copy_only=False).astype(np.int64), keys, values)
 
@@ -141,7 +141,7 @@ def composed_weights(tags: pa.ChunkedArray | pa.Array, row_chain: np.ndarray, ch
     group_weight = np.array(
         [
             weight_of_tags(dict(rep), chains[row_chain[row]]) if row_chain[row] >= 0 else 1.0
-            for rep, row in zip(representatives, first.tolist())
+            for rep, row in zip(representatives, first.tolist(), strict=False)
         ],
         dtype=np.float64,
     )
@@ -189,7 +189,7 @@ def _break_ties_by_id(order: np.ndarray, group: np.ndarray, rolls: np.ndarray, s
         return
     starts = tied[np.r_[True, np.diff(tied) > 1]]
     ends = np.r_[tied[np.r_[np.diff(tied) > 1, False]], tied[-1]] + 2  # exclusive
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=False):
         run = order[start:end]
         ids = section_ids.take(pa.array(run)).to_pylist()
         order[start:end] = run[sorted(range(len(run)), key=ids.__getitem__)]
@@ -243,7 +243,11 @@ class ExpansionPlan:
 
 
 def plan_from_weights(
-    weights: np.ndarray, section_ids: pa.Array, seed: int, mode: str = EXPANSION_BERNOULLI, rolls: np.ndarray | None = None
+    weights: np.ndarray,
+    section_ids: pa.Array,
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    rolls: np.ndarray | None = None,
 ) -> ExpansionPlan:
     return _plan_from_copies(weights, copies_per_row(weights, section_ids, seed, mode, rolls))
 
@@ -324,7 +328,9 @@ def expand_rows(
 
 def with_mode(expanded: pa.Table, mode: str) -> pa.Table:
     """The expansion mode in the schema metadata, so checks and readers know which rule made the rows."""
-    return expanded.replace_schema_metadata({**(expanded.schema.metadata or {}), MODE_METADATA_KEY: check_mode(mode).encode()})
+    return expanded.replace_schema_metadata(
+        {**(expanded.schema.metadata or {}), MODE_METADATA_KEY: check_mode(mode).encode()}
+    )
 
 
 def table_mode(table: pa.Table) -> str:
@@ -402,7 +408,9 @@ def plain_plan(raw: pa.Table, weights_map_table: pa.Table, seed: int, mode: str 
 
     row_chain, chains = resolve_weights(raw["path"], weights_map_table)
     weights, copies, candidates = [], [], {}
-    for i, (tags, section, c) in enumerate(zip(raw["tags"].to_pylist(), raw["section_id"].to_pylist(), row_chain.tolist())):
+    for i, (tags, section, c) in enumerate(
+        zip(raw["tags"].to_pylist(), raw["section_id"].to_pylist(), row_chain.tolist(), strict=False)
+    ):
         weight = weight_of_tags(dict(tags), chains[c]) if c >= 0 else 1.0
         count = 0
         if weight > 0.0:
@@ -424,7 +432,9 @@ def plain_plan(raw: pa.Table, weights_map_table: pa.Table, seed: int, mode: str 
     return _plan_from_copies(np.asarray(weights, dtype=np.float64), np.asarray(copies, dtype=np.int64))
 
 
-def realized_copies(raw_section_ids: pa.ChunkedArray | pa.Array, expanded_section_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def realized_copies(
+    raw_section_ids: pa.ChunkedArray | pa.Array, expanded_section_ids: pa.ChunkedArray | pa.Array
+) -> np.ndarray:
     """Copies per raw row as found in a stored expanded table (rows whose id is unknown are ignored)."""
     index = pc.index_in(expanded_section_ids, value_set=raw_section_ids)
     positions = index.drop_null().to_numpy(zero_copy_only=False)
@@ -477,5 +487,9 @@ def verify_weights(
     stats = stats.append_column("deviation", deviation).append_column("bound", bound)
     outside = stats.filter(pc.greater(deviation, bound))
     groups = exact_groups(weights, copies)
-    off_quota = groups.filter(pc.not_equal(groups["extra"], groups["quota"])) if check_mode(mode) == EXPANSION_EXACT else groups.slice(0, 0)
+    off_quota = (
+        groups.filter(pc.not_equal(groups["extra"], groups["quota"]))
+        if check_mode(mode) == EXPANSION_EXACT
+        else groups.slice(0, 0)
+    )
     return WeightsVerdict(bad_rows.tolist(), outside, stats, off_quota)

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE, _line_of, decode_config_bytes
+from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import (
     DEFAULT_MAX_FILE_BYTES,
     admitted,
@@ -194,9 +194,9 @@ def explain(
     included = admitted(rules, entry, trace)
     result.add("rules:")
     by_dir = {a.dir: a for a in anchors}
-    result.lines += [
-        f"  {hit}" if isinstance(hit, str) else _rule_line(root_path, by_dir, hit) for hit in trace
-    ] or ["  no rule touched it -> included"]
+    result.lines += [f"  {hit}" if isinstance(hit, str) else _rule_line(root_path, by_dir, hit) for hit in trace] or [
+        "  no rule touched it -> included"
+    ]
     if not included:
         result.add("not in raw_corpus")
         return result
@@ -226,7 +226,9 @@ def _explain_dataset(result, text: str, split_seed: int, val_fraction: float, to
     key = content_key(text)
     side = "validation" if validation_side([key], split_seed, val_fraction)[0] else "train"
     held = " (held out once when its composed weight is > 0)" if side == "validation" else ""
-    result.add(f"split (split seed {split_seed}, validation fraction {val_fraction:g}): {side}{held}, content key {key[:16]}")
+    result.add(
+        f"split (split seed {split_seed}, validation fraction {val_fraction:g}): {side}{held}, content key {key[:16]}"
+    )
     if tokenizer is not None:
         n_tokens = int(tokenizer.encode([text])["n_tokens"][0].as_py())
         result.add(f"tokens: {n_tokens:,} + 1 EOS per document")

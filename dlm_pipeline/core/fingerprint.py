@@ -17,13 +17,18 @@ from dlm_pipeline.core.arrow_utils import map_as_list, one_chunk, string_offsets
 FINGERPRINT_VERSION = b"dlm-fingerprint-v1\n"
 
 
-def _feed(h: "hashlib._Hash", array: pa.Array) -> None:
+def _feed(h: hashlib._Hash, array: pa.Array) -> None:
     h.update(len(array).to_bytes(8, "little"))
     if array.null_count:
         h.update(b"V" + np.packbits(array.is_null().to_numpy(zero_copy_only=False)).tobytes())
     array = map_as_list(array)
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         offsets = string_offsets(array).astype("<i8")  # the same bytes whatever the offset width
         data_buf = array.buffers()[2]
         h.update(b"S" + (offsets - offsets[0]).tobytes())
@@ -59,7 +64,7 @@ def _type_name(kind: pa.DataType) -> str:
 
 def table_fingerprint(table: pa.Table) -> str:
     h = hashlib.sha256(FINGERPRINT_VERSION)
-    for field_, column in zip(table.schema, table.columns):
+    for field_, column in zip(table.schema, table.columns, strict=False):
         h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
         _feed(h, one_chunk(column))
     return h.hexdigest()

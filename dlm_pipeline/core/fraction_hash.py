@@ -53,7 +53,7 @@ def _digests_compiled(prefix: bytes, items: pa.Array, rows: np.ndarray) -> np.nd
         run((0, len(rows)))
     else:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, zip(bounds[:-1], bounds[1:])))
+            list(pool.map(run, zip(bounds[:-1], bounds[1:], strict=False)))
     return out
 
 

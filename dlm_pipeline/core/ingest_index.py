@@ -182,7 +182,12 @@ class IngestIndex:
         columns = {name: table[name].to_pylist() for name in SCHEMA.names}
         stats = zip(*(columns[name] for name in _STAT_COLUMNS), strict=True)
         for path, stat, outcome, text, key, secret in zip(
-            columns["path"], stats, columns["outcome"], columns["text"], columns["content_key"], columns["secret"],
+            columns["path"],
+            stats,
+            columns["outcome"],
+            columns["text"],
+            columns["content_key"],
+            columns["secret"],
             strict=True,
         ):
             if (

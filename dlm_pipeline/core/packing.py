@@ -46,7 +46,7 @@ def stream_groups(
     offsets, values = _list_parts(ids)
     eos = np.array([eos_id], dtype=np.int32)
     buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []
-    for first, last in zip(offsets[rows].tolist(), offsets[rows + 1].tolist()):
+    for first, last in zip(offsets[rows].tolist(), offsets[rows + 1].tolist(), strict=False):
         if fill == group_tokens:
             yield buffer, np.array(starts, np.int64)
             buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []

@@ -140,7 +140,9 @@ def _drop_lookarounds(pattern: str) -> str:
 def prefilter_pattern(regex: re.Pattern) -> str:
     """A re2-compatible pattern matching (at least) every line `regex` matches."""
     pattern = _drop_lookarounds(regex.pattern)
-    pattern = _BIG_REPEAT.sub(lambda m: m.group(0) if int(m.group(2)) <= _RE2_MAX_REPEAT else f"{{{m.group(1)},}}", pattern)
+    pattern = _BIG_REPEAT.sub(
+        lambda m: m.group(0) if int(m.group(2)) <= _RE2_MAX_REPEAT else f"{{{m.group(1)},}}", pattern
+    )
     pattern = _BACKREF_QUOTE.sub(r"""['"]""", pattern)  # the high-entropy plugins' closing quote
     flags = "m" + ("i" if regex.flags & re.IGNORECASE else "") + ("s" if regex.flags & re.DOTALL else "")
     if regex.flags & re.VERBOSE and re.search(r"\s|#", regex.pattern):

@@ -46,7 +46,7 @@ def train_order(seed: int, section_ids: pa.Array, copies: np.ndarray) -> np.ndar
     then section_id, then copy. Big-endian uint64 compares exactly as the digest bytes do."""
     ids = section_ids.to_pylist()
     digests = np.fromiter(
-        (_digest64(f"order:{seed}:{sid}:{copy}") for sid, copy in zip(ids, copies.tolist())),
+        (_digest64(f"order:{seed}:{sid}:{copy}") for sid, copy in zip(ids, copies.tolist(), strict=False)),
         dtype=np.uint64,
         count=len(ids),
     )

@@ -68,9 +68,7 @@ SHARD_KEY = re.compile(rf"(?P<ns>{NAMESPACE.pattern}|{LEGACY_NAMESPACE.pattern})
 TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern})\.[A-Za-z0-9_]{{1,32}}\.tmp")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
-STORE_SCHEMA = pa.schema(
-    [("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())]
-)
+STORE_SCHEMA = pa.schema([("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())])
 
 Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids (full), n_tokens
 # (namespace, keys, texts) -> ((shard name, manifest entry) written by workers, encode seconds, tokens)
@@ -182,10 +180,14 @@ class TokenStore:
 
     def _open_lock(self, root_fd: int) -> int:
         try:
-            fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666, dir_fd=root_fd)
+            fd = os.open(
+                LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666, dir_fd=root_fd
+            )
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise TokenStoreError(f"{self.root / LOCK} is a symlink; the token store never follows one: remove it") from None
+                raise TokenStoreError(
+                    f"{self.root / LOCK} is a symlink; the token store never follows one: remove it"
+                ) from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -313,7 +315,9 @@ class TokenStore:
                 deleted += 1
         return deleted
 
-    def _repair_namespace(self, namespace: str, shards: dict, good: dict, report: dict, now: float, stale_after: float) -> None:
+    def _repair_namespace(
+        self, namespace: str, shards: dict, good: dict, report: dict, now: float, stale_after: float
+    ) -> None:
         with self._namespace_fd(namespace) as fd:
             report["deleted"] += self._delete_stale_temps(fd, now, stale_after)  # shard temps
             present = {}
@@ -341,13 +345,21 @@ class TokenStore:
                 try:
                     data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
                     rows = pq.read_metadata(pa.BufferReader(data)).num_rows
-                    if NAMESPACE.fullmatch(namespace) is None or pq.read_schema(pa.BufferReader(data)).names != STORE_SCHEMA.names:
+                    if (
+                        NAMESPACE.fullmatch(namespace) is None
+                        or pq.read_schema(pa.BufferReader(data)).names != STORE_SCHEMA.names
+                    ):
                         raise ValueError("not a token shard of this version")
                 except Exception:  # unreadable or foreign, at a name we create: not ours to keep
                     if self._unlink_regular(fd, shard):
                         report["deleted"] += 1
                     continue
-                shards[name] = {"rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "last_used": now}
+                shards[name] = {
+                    "rows": rows,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "last_used": now,
+                }
                 report["adopted"] += 1
 
     def evict(self, protect: set[str] = frozenset(), max_bytes: int | None = None) -> list[str]:
@@ -454,7 +466,9 @@ class TokenStore:
         return committed
 
     @staticmethod
-    def _put_shard(fd: int, namespace: str, table: pa.Table, last_used: float, content_named: bool = False) -> tuple[str, dict]:
+    def _put_shard(
+        fd: int, namespace: str, table: pa.Table, last_used: float, content_named: bool = False
+    ) -> tuple[str, dict]:
         """Write one shard into the namespace folder `fd`; (its name, its manifest entry). Named by a
         random id, or by its content (`content_named`: the same bytes always get the same name)."""
         sink = io.BytesIO()
@@ -520,7 +534,9 @@ class TokenStore:
                 if isinstance(manifest["shards"].get(name), dict):
                     manifest["shards"][name]["last_used"] = now
 
-    def _gather(self, names: dict[str, dict], wanted: pa.Array, pending: np.ndarray, found_rows: list, used: set, repaired: list) -> np.ndarray:
+    def _gather(
+        self, names: dict[str, dict], wanted: pa.Array, pending: np.ndarray, found_rows: list, used: set, repaired: list
+    ) -> np.ndarray:
         """Read the shards `names` (one at a time, verified) for the keys at `pending` positions of
         `wanted`; appends (positions, rows) to `found_rows`; returns the positions still missing. A
         corrupt shard is deleted and its keys stay missing."""
@@ -543,7 +559,12 @@ class TokenStore:
         return pending
 
     def get_or_compute(
-        self, namespace: str, keys: Sequence[str], texts: Sequence[str], encode: Encoder, write_elsewhere: RemoteWriter | None = None
+        self,
+        namespace: str,
+        keys: Sequence[str],
+        texts: Sequence[str],
+        encode: Encoder,
+        write_elsewhere: RemoteWriter | None = None,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
         encode and store the rest. Shards are read one at a time and verified; a corrupt one is
@@ -556,7 +577,14 @@ class TokenStore:
         found_rows: list[tuple[np.ndarray, pa.Table]] = []
         used, repaired = set(), list(report["corrupt"])
         everything = np.arange(len(wanted), dtype=np.int64)
-        pending = self._gather({n: i for n, i in good.items() if n.split("/")[0] == namespace}, wanted, everything, found_rows, used, repaired)
+        pending = self._gather(
+            {n: i for n, i in good.items() if n.split("/")[0] == namespace},
+            wanted,
+            everything,
+            found_rows,
+            used,
+            repaired,
+        )
         misses = len(pending)
         encode_seconds, encoded_tokens = 0.0, 0
         if len(pending) and write_elsewhere is not None:
@@ -570,7 +598,11 @@ class TokenStore:
             encode_seconds += time.perf_counter() - start
             encoded_tokens += int(pc.sum(encoded["n_tokens"]).as_py() or 0)
             fresh = pa.table(
-                {"content_key": wanted.take(pa.array(pending)), "input_ids": encoded["input_ids"], "n_tokens": encoded["n_tokens"]},
+                {
+                    "content_key": wanted.take(pa.array(pending)),
+                    "input_ids": encoded["input_ids"],
+                    "n_tokens": encoded["n_tokens"],
+                },
                 schema=STORE_SCHEMA,
             )
             used.update(self._write_shards(namespace, fresh))
@@ -583,7 +615,9 @@ class TokenStore:
         self.evict(protect=used)
         if misses:
             self.compact(namespace)
-        return Lookup(table, len(wanted) - misses, misses, used, encode_seconds, encoded_tokens, repaired, report["ignored"])
+        return Lookup(
+            table, len(wanted) - misses, misses, used, encode_seconds, encoded_tokens, repaired, report["ignored"]
+        )
 
 
 def tokenized_rows(
@@ -610,8 +644,12 @@ def tokenized_rows(
             key_index[key] = len(texts)
             texts.append(text)
         key_of_raw[row] = key_index[key]
-    lookup = store.get_or_compute(loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress), write_elsewhere)
+    lookup = store.get_or_compute(
+        loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress), write_elsewhere
+    )
     rows = key_of_raw[raw_row.to_numpy(zero_copy_only=False)]
     per_row = cut(lookup.table, loaded.max_seq_len).take(pa.array(rows, pa.int64()))
-    table = pa.table({"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}})
+    table = pa.table(
+        {"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}}
+    )
     return table, lookup

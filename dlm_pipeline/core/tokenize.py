@@ -135,7 +135,9 @@ def read_tokenizer_file(path: Path, max_bytes: int = MAX_TOKENIZER_BYTES) -> str
         raise TokenizerError(f"tokenizer file {str(path)!r} is over the {max_bytes:,}-byte cap") from None
 
 
-def load_tokenizer(spec: str = "", *, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_special_tokens: bool = False) -> LoadedTokenizer:
+def load_tokenizer(
+    spec: str = "", *, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_special_tokens: bool = False
+) -> LoadedTokenizer:
     """`spec`: a tokenizer.json path, a directory holding one, a hub id (`name` or `org/name`), or ""
     for the bundled default. The tokenizer's own truncation and padding are turned off: ids are
     never cut or padded behind our back."""
@@ -160,7 +162,13 @@ def load_tokenizer(spec: str = "", *, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, ad
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return LoadedTokenizer(
-        tokenizer, fingerprint_of(tokenizer), source, max_seq_len, add_special_tokens, truncation_disabled, padding_disabled
+        tokenizer,
+        fingerprint_of(tokenizer),
+        source,
+        max_seq_len,
+        add_special_tokens,
+        truncation_disabled,
+        padding_disabled,
     )
 
 
@@ -187,7 +195,9 @@ def sample_positions(section_ids: Sequence[str], k: int) -> list[int]:
     return [first[s] for s in sorted(first)[:k]]
 
 
-def mismatched_sections(loaded: LoadedTokenizer, tokens: pa.Table, texts: dict[str, str], k: int) -> tuple[int, list[str]]:
+def mismatched_sections(
+    loaded: LoadedTokenizer, tokens: pa.Table, texts: dict[str, str], k: int
+) -> tuple[int, list[str]]:
     """(sample size, section_ids whose stored ids/truncation differ from a fresh encode cut to
     max_seq_len, or that lack a text)."""
     ids = tokens["section_id"].to_pylist()
@@ -201,6 +211,7 @@ def mismatched_sections(loaded: LoadedTokenizer, tokens: pa.Table, texts: dict[s
         fresh["input_ids"].to_pylist(),
         stored["truncated"].to_pylist(),
         fresh["truncated"].to_pylist(),
+        strict=False,
     ):
         if old != new or old_cut != new_cut:
             bad.add(ids[i])
@@ -214,5 +225,5 @@ def length_histogram(n_tokens: np.ndarray, max_seq_len: int) -> pa.Table:
     """Rows per token-count bucket, the last bucket being rows cut at `max_seq_len` (for the UI)."""
     edges = [b for b in LENGTH_BUCKETS if b < max_seq_len] + [max_seq_len, max_seq_len + 1]
     counts, _ = np.histogram(n_tokens, bins=edges)
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])] + [f"{max_seq_len} (full)"]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1], strict=False)] + [f"{max_seq_len} (full)"]
     return pa.table({"tokens": labels, "rows": counts.astype(np.int64)})

@@ -70,7 +70,11 @@ def own_weights(anchors: Sequence[Anchor]) -> dict[str, WeightsMap]:
 def _columns(scope: str, anchor: str, weights: WeightsMap, columns: dict[str, list]) -> None:
     for tag_key in sorted(weights):
         for tag_value in sorted(weights[tag_key]):
-            for name, value in zip(WEIGHTS_SCHEMA.names, (scope, anchor, tag_key, tag_value, float(weights[tag_key][tag_value]))):
+            for name, value in zip(
+                WEIGHTS_SCHEMA.names,
+                (scope, anchor, tag_key, tag_value, float(weights[tag_key][tag_value])),
+                strict=False,
+            ):
                 columns[name].append(value)
 
 
@@ -94,7 +98,7 @@ def maps_from_table(table: pa.Table, scope: str) -> dict[str, WeightsMap]:
     maps: dict[str, WeightsMap] = {}
     selected = table.filter(pc.equal(table["scope"], scope)).to_pydict()
     for anchor, key, value, weight in zip(
-        selected["anchor"], selected["tag_key"], selected["tag_value"], selected["weight"]
+        selected["anchor"], selected["tag_key"], selected["tag_value"], selected["weight"], strict=False
     ):
         directory = "" if anchor == "." else anchor
         maps.setdefault(directory, {}).setdefault(key, {})[value] = weight
@@ -117,7 +121,9 @@ def _directories(paths: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.if_else(has_dir, dirs, "")
 
 
-def row_chains(paths: pa.ChunkedArray | pa.Array, maps: dict[str, WeightsMap], scope: str) -> tuple[np.ndarray, list[Chain]]:
+def row_chains(
+    paths: pa.ChunkedArray | pa.Array, maps: dict[str, WeightsMap], scope: str
+) -> tuple[np.ndarray, list[Chain]]:
     """Chain index per row (-1: no weights apply) and the distinct chains it indexes.
 
     A chain is the maps that apply to a row, shallowest first: the global map alone, or in

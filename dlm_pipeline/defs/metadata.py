@@ -33,9 +33,7 @@ def _column_type(kind: pa.DataType) -> str:
 
 def table_metadata(table: pa.Table, limit: int = MAX_TABLE_ROWS) -> dg.TableMetadataValue:
     """A (possibly truncated) Arrow table as a Dagster table, typed per column."""
-    schema = dg.TableSchema(
-        columns=[dg.TableColumn(f.name, _column_type(f.type)) for f in table.schema]
-    )
+    schema = dg.TableSchema(columns=[dg.TableColumn(f.name, _column_type(f.type)) for f in table.schema])
     records = [dg.TableRecord(row) for row in table.slice(0, limit).to_pylist()]
     return dg.MetadataValue.table(records=records, schema=schema)
 
@@ -92,7 +90,9 @@ def loaded_input_record(context: dg.AssetExecutionContext, asset: str) -> dg.Eve
     if info is None or info.storage_id is None:
         return None
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key], before_storage_id=info.storage_id + 1),
+        dg.AssetRecordsFilter(
+            asset_key=key, asset_partitions=[context.partition_key], before_storage_id=info.storage_id + 1
+        ),
         limit=1,
     ).records
     if not records:

@@ -35,7 +35,7 @@ class SourceTree(dg.ConfigurableResource):
     full_rescan: bool = False  # read every file, ignoring (and rebuilding) the ingest index
 
     @classmethod
-    def from_env(cls) -> "SourceTree":
+    def from_env(cls) -> SourceTree:
         return cls(
             root=settings.source_root(),
             weights_scope=settings.weights_scope(),
@@ -60,8 +60,11 @@ class SourceTree(dg.ConfigurableResource):
     def ingest_index(self, instance: dg.DagsterInstance, scan: TreeScan) -> IngestIndex:
         """The incremental-ingest index of this tree, kept under $DAGSTER_HOME (a folder the pipeline owns)."""
         return IngestIndex(
-            instance.root_directory, scan.root, max_file_bytes=self.max_file_bytes,
-            secret_entropy=self.secret_entropy, full_rescan=self.full_rescan,
+            instance.root_directory,
+            scan.root,
+            max_file_bytes=self.max_file_bytes,
+            secret_entropy=self.secret_entropy,
+            full_rescan=self.full_rescan,
         )
 
 
@@ -135,7 +138,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         """The whole table, or only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`)."""
         path = self._path(context, context.asset_partition_key)
         if path.is_symlink():
-            raise dg.Failure(description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize")
+            raise dg.Failure(
+                description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize"
+            )
         if not path.exists():
             raise dg.Failure(
                 description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "
@@ -152,12 +157,14 @@ class TokenizerResource(dg.ConfigurableResource):
     add_special_tokens: bool = False
 
     @classmethod
-    def from_env(cls) -> "TokenizerResource":
+    def from_env(cls) -> TokenizerResource:
         return cls(tokenizer=settings.tokenizer(), max_seq_len=settings.max_seq_len())
 
     def load(self) -> LoadedTokenizer:
         try:
-            return load_tokenizer(self.tokenizer, max_seq_len=self.max_seq_len, add_special_tokens=self.add_special_tokens)
+            return load_tokenizer(
+                self.tokenizer, max_seq_len=self.max_seq_len, add_special_tokens=self.add_special_tokens
+            )
         except TokenizerError as exc:
             raise dg.Failure(description=f"{exc} (set DLM_TOKENIZER or --tokenizer)") from None
 
@@ -169,7 +176,7 @@ class TokenCacheResource(dg.ConfigurableResource):
     max_bytes: int = DEFAULT_CACHE_MAX_BYTES
 
     @classmethod
-    def from_env(cls) -> "TokenCacheResource":
+    def from_env(cls) -> TokenCacheResource:
         return cls(cache_dir=settings.cache_dir(), max_bytes=settings.cache_max_bytes())
 
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
@@ -189,5 +196,7 @@ class DatasetResource(dg.ConfigurableResource):
     eos_token: str = ""
 
     @classmethod
-    def from_env(cls) -> "DatasetResource":
-        return cls(val_fraction=settings.val_fraction(), split_seed=settings.split_seed(), eos_token=settings.eos_token())
+    def from_env(cls) -> DatasetResource:
+        return cls(
+            val_fraction=settings.val_fraction(), split_seed=settings.split_seed(), eos_token=settings.eos_token()
+        )

@@ -42,8 +42,16 @@ weights: {lang: {python: 1.5, md: 0.5}, generated: {"true": 0.1}}
 @pytest.mark.parametrize(
     "yaml_text, expected_metadata, expected_weights",
     [
-        ("metadata: {generated: true}\nweights: {generated: {true: 0.1}}", {"generated": "true"}, {"generated": {"true": 0.1}}),
-        ("metadata: {generated: false}\nweights: {generated: {false: 2}}", {"generated": "false"}, {"generated": {"false": 2.0}}),
+        (
+            "metadata: {generated: true}\nweights: {generated: {true: 0.1}}",
+            {"generated": "true"},
+            {"generated": {"true": 0.1}},
+        ),
+        (
+            "metadata: {generated: false}\nweights: {generated: {false: 2}}",
+            {"generated": "false"},
+            {"generated": {"false": 2.0}},
+        ),
         ("metadata: {tier: 1}\nweights: {tier: {1: 3}}", {"tier": "1"}, {"tier": {"1": 3.0}}),
         ("metadata: {1: x}\nweights: {1: {x: 0}}", {"1": "x"}, {"1": {"x": 0.0}}),
         ("metadata: {True: yes_str}", {"true": "yes_str"}, {}),
@@ -56,7 +64,7 @@ def test_yaml_scalars_become_canonical_tag_strings(yaml_text, expected_metadata,
 
 
 def test_bool_and_string_spellings_are_the_same_tag():
-    a = parse_training_config('dlm_training_version: 1\nmetadata: {generated: true}\n', PATH)
+    a = parse_training_config("dlm_training_version: 1\nmetadata: {generated: true}\n", PATH)
     b = parse_training_config('dlm_training_version: 1\nmetadata: {generated: "true"}\n', PATH)
     assert a.metadata == b.metadata == {"generated": "true"}
 
@@ -187,7 +195,11 @@ def test_unsafe_yaml_tags_are_refused():
 
 def test_ignore_file_keeps_patterns_and_negations():
     assert parse_ignore_file("# comment\n*.log\n!keep.log\n\nbuild/\n", "x/.dlm/ignore") == (
-        "# comment", "*.log", "!keep.log", "", "build/",
+        "# comment",
+        "*.log",
+        "!keep.log",
+        "",
+        "build/",
     )
 
 
@@ -207,9 +219,13 @@ def test_metadata_keys_are_capped_with_the_line_of_the_field():
 
     keys = ", ".join(f"k{i}: v" for i in range(MAX_METADATA_KEYS + 1))
     found = issues(f"dlm_training_version: 1\n\nmetadata: {{{keys}}}\n")
-    assert found == [f"{PATH}:3: metadata: {MAX_METADATA_KEYS + 1} tags; at most {MAX_METADATA_KEYS} per config are allowed"]
+    assert found == [
+        f"{PATH}:3: metadata: {MAX_METADATA_KEYS + 1} tags; at most {MAX_METADATA_KEYS} per config are allowed"
+    ]
     ok = ", ".join(f"k{i}: v" for i in range(MAX_METADATA_KEYS))
-    assert len(parse_training_config(f"dlm_training_version: 1\nmetadata: {{{ok}}}\n", PATH).metadata) == MAX_METADATA_KEYS
+    assert (
+        len(parse_training_config(f"dlm_training_version: 1\nmetadata: {{{ok}}}\n", PATH).metadata) == MAX_METADATA_KEYS
+    )
 
 
 @pytest.mark.parametrize("where", ["key", "value", "weight"])

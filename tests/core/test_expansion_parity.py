@@ -41,11 +41,16 @@ FACTORS = [0.0, 0.1, 0.25, 0.5, 0.999999, 1.0, 1.5, 2.25, 3.0, 7.3, 1e-9, 1 / 3,
 
 
 def random_map(rng: random.Random) -> dict[str, dict[str, float]]:
-    return {k: {v: rng.choice(FACTORS) for v in rng.sample(VALUES, rng.randint(1, 4))} for k in rng.sample(KEYS, rng.randint(0, 4))}
+    return {
+        k: {v: rng.choice(FACTORS) for v in rng.sample(VALUES, rng.randint(1, 4))}
+        for k in rng.sample(KEYS, rng.randint(0, 4))
+    }
 
 
 def random_rows(rng: random.Random, n: int, dirs: list[str]):
-    tags = [dict(sorted({k: rng.choice(VALUES) for k in rng.sample(KEYS, rng.randint(0, 5))}.items())) for _ in range(n)]
+    tags = [
+        dict(sorted({k: rng.choice(VALUES) for k in rng.sample(KEYS, rng.randint(0, 5))}.items())) for _ in range(n)
+    ]
     paths = sorted({f"{rng.choice(dirs)}/f{i}.txt".lstrip("/") for i in range(n)}, key=str.encode)
     ids = [hashlib.sha256(p.encode()).hexdigest()[:16] for p in paths]
     return rows_table(ids, paths, [f"text of {p}" for p in paths], tags[: len(paths)])
@@ -55,14 +60,14 @@ def reference_input(table: pa.Table) -> list[dict]:
     """The table's rows in the reference's row format (tags as dicts, in stored order)."""
     return [
         {"_dlm_row_tags": dict(tags), "_dlm_section_id": sid, "i": i}
-        for i, (tags, sid) in enumerate(zip(table["tags"].to_pylist(), table["section_id"].to_pylist()))
+        for i, (tags, sid) in enumerate(zip(table["tags"].to_pylist(), table["section_id"].to_pylist(), strict=False))
     ]
 
 
 def reference_rows(reference, rows: list[dict], per_row_maps: list[dict], seed: int) -> list[int]:
     """Indices of the rows the reference emits, applying each row's own map to it alone."""
     out = []
-    for row, weights in zip(rows, per_row_maps):
+    for row, weights in zip(rows, per_row_maps, strict=False):
         out.extend(r["i"] for r in reference.expand_rows_by_weight([row], weights, seed=seed))
     return out
 
@@ -97,7 +102,12 @@ def test_parity_with_reference_on_generated_trees(reference, trial, scope):
         expected_weights = [reference.resolve_row_weight(rows[i]["_dlm_row_tags"], per_row[i]) for i in expected]
         assert expanded["weight"].to_pylist() == expected_weights
         copies = expanded["copy"].to_pylist()
-        assert all(c == 0 or (c == p + 1 and a == b) for c, p, a, b in zip(copies[1:], copies, expanded["path"].to_pylist()[1:], expanded["path"].to_pylist()))
+        assert all(
+            c == 0 or (c == p + 1 and a == b)
+            for c, p, a, b in zip(
+                copies[1:], copies, expanded["path"].to_pylist()[1:], expanded["path"].to_pylist(), strict=False
+            )
+        )
 
 
 @pytest.mark.parametrize("speculative", [False, True])
@@ -214,4 +224,3 @@ def test_global_map_orders_by_depth_then_path(reference):
         {"k": {"v": 3.0, "w": 4.0}},
         {"k": {"v": 2.0, "w": 0.5}},
     ]
-

@@ -15,7 +15,9 @@ from dlm_pipeline.core.parquet_io import write_parquet_atomic
 
 def sample() -> pa.Table:
     table = rows_table(["a1", "b2", "c3"], ["a", "b", "c"], ["x", "", "zz"], [{"k": "v"}, {}, {"k": "w", "l": "u"}])
-    return table.append_column("copy", pa.array([0, 1, 0], pa.int32())).append_column("weight", pa.array([1.0, 0.5, 2.0]))
+    return table.append_column("copy", pa.array([0, 1, 0], pa.int32())).append_column(
+        "weight", pa.array([1.0, 0.5, 2.0])
+    )
 
 
 def test_fingerprint_ignores_chunking_and_slicing():
@@ -33,7 +35,9 @@ def test_fingerprint_changes_with_any_value_or_order():
     assert table_fingerprint(table.take([1, 0, 2])) != base
     assert table_fingerprint(table.set_column(2, "text", pa.array(["x", "", "zy"]))) != base
     assert table_fingerprint(table.set_column(4, "copy", pa.array([0, 1, 1], pa.int32()))) != base
-    tags = rows_table(["a1", "b2", "c3"], ["a", "b", "c"], ["x", "", "zz"], [{"k": "v"}, {}, {"k": "w", "l": "U"}])["tags"]
+    tags = rows_table(["a1", "b2", "c3"], ["a", "b", "c"], ["x", "", "zz"], [{"k": "v"}, {}, {"k": "w", "l": "U"}])[
+        "tags"
+    ]
     assert table_fingerprint(table.set_column(3, "tags", tags)) != base
     # moving a character between adjacent strings changes the fingerprint (lengths are hashed)
     moved = table.set_column(2, "text", pa.array(["x", "z", "z"]))
@@ -48,7 +52,9 @@ def test_fingerprint_survives_a_parquet_round_trip(tmp_path):
 
 def test_parquet_bytes_are_deterministic(tmp_path):
     a = write_parquet_atomic(sample(), tmp_path / "a.parquet").read_bytes()
-    b = write_parquet_atomic(pa.concat_tables([sample().slice(0, 2), sample().slice(2)]), tmp_path / "b.parquet").read_bytes()
+    b = write_parquet_atomic(
+        pa.concat_tables([sample().slice(0, 2), sample().slice(2)]), tmp_path / "b.parquet"
+    ).read_bytes()
     assert a == b
 
 

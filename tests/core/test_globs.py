@@ -21,7 +21,9 @@ LONG_NAME = "a" * 200
 
 def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter; a hang fails the test at `timeout` instead of hanging it."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -86,14 +88,67 @@ def test_twenty_thousand_patterns_compile_in_chunks_and_match(tree):
 
 
 PATTERN_POOL = [
-    "*.py", "!*.py", "docs/", "!docs/", "docs/**", "!docs/keep.md", "a/**/b", "**/tmp/", "!**/tmp/x",
-    "/root.txt", "*.md", "!README.md", "build", "!build/", "x/*", "!x/y", "**/*.txt", "src/", "!src/**/*.py",
-    "a*", "!a?c", "[ab]*.md", "**/c", "c/", "!c/d", "\\!bang", "#comment", "", "deep/**/leaf/", "*/*/z",
+    "*.py",
+    "!*.py",
+    "docs/",
+    "!docs/",
+    "docs/**",
+    "!docs/keep.md",
+    "a/**/b",
+    "**/tmp/",
+    "!**/tmp/x",
+    "/root.txt",
+    "*.md",
+    "!README.md",
+    "build",
+    "!build/",
+    "x/*",
+    "!x/y",
+    "**/*.txt",
+    "src/",
+    "!src/**/*.py",
+    "a*",
+    "!a?c",
+    "[ab]*.md",
+    "**/c",
+    "c/",
+    "!c/d",
+    "\\!bang",
+    "#comment",
+    "",
+    "deep/**/leaf/",
+    "*/*/z",
 ]
 PATH_POOL = [
-    "a.py", "docs/a.md", "docs/keep.md", "docs/sub/a.py", "a/b", "a/x/b", "a/x/y/b/c", "tmp/x", "q/tmp/x",
-    "q/tmp/y", "root.txt", "sub/root.txt", "README.md", "x/README.md", "build/a", "build", "x/y", "x/z",
-    "src/a.py", "src/m/a.txt", "abc", "acc", "ab.md", "c", "c/d", "c/e", "!bang", "deep/a/leaf/f", "p/q/z",
+    "a.py",
+    "docs/a.md",
+    "docs/keep.md",
+    "docs/sub/a.py",
+    "a/b",
+    "a/x/b",
+    "a/x/y/b/c",
+    "tmp/x",
+    "q/tmp/x",
+    "q/tmp/y",
+    "root.txt",
+    "sub/root.txt",
+    "README.md",
+    "x/README.md",
+    "build/a",
+    "build",
+    "x/y",
+    "x/z",
+    "src/a.py",
+    "src/m/a.txt",
+    "abc",
+    "acc",
+    "ab.md",
+    "c",
+    "c/d",
+    "c/e",
+    "!bang",
+    "deep/a/leaf/f",
+    "p/q/z",
 ]
 
 

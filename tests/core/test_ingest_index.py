@@ -35,8 +35,11 @@ def ingest(root, home, **options):
     scan = scan_tree(root)
     anchors = anchors_from_table(records_table(load_configs(scan)))
     index = IngestIndex(
-        home, scan.root, max_file_bytes=options.get("max_file_bytes", 1 << 20),
-        secret_entropy=options.get("secret_entropy", False), full_rescan=options.pop("full_rescan", False),
+        home,
+        scan.root,
+        max_file_bytes=options.get("max_file_bytes", 1 << 20),
+        secret_entropy=options.get("secret_entropy", False),
+        full_rescan=options.pop("full_rescan", False),
     )
     result = build_raw_corpus(scan, anchors, index=index, **options)
     full = build_raw_corpus(scan_tree(root), anchors, **options)
@@ -183,8 +186,10 @@ def test_hostile_index_is_ignored_reported_and_rebuilt(tree, home, monkeypatch):
     settle()
     ingest(root, home)
     table = pq.read_table(path)  # a text altered behind its content key is not trusted
-    texts = ["tampered\n" if p == "a.txt" else t
-             for p, t in zip(table["path"].to_pylist(), table["text"].to_pylist(), strict=True)]
+    texts = [
+        "tampered\n" if p == "a.txt" else t
+        for p, t in zip(table["path"].to_pylist(), table["text"].to_pylist(), strict=True)
+    ]
     pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)), path)
     tampered = ingest(root, home)
     assert tampered.files_read == 1 and tampered.table["text"].to_pylist() == ["alpha\n", "beta\n"]

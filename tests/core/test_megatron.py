@@ -37,7 +37,11 @@ def read_megatron(prefix: Path) -> tuple[type, list[list[int]], list[int]]:
     assert at + 12 * sequences + 8 * documents == len(data)
     tokens = np.fromfile(f"{prefix}.bin", dtype=np.dtype(dtype).newbyteorder("<"))
     size = np.dtype(dtype).itemsize
-    return dtype, [tokens[p // size : p // size + n].tolist() for p, n in zip(pointers, lengths)], list(doc_indices)
+    return (
+        dtype,
+        [tokens[p // size : p // size + n].tolist() for p, n in zip(pointers, lengths, strict=False)],
+        list(doc_indices),
+    )
 
 
 def written(tmp_path: Path, vocab_size: int, docs: list[list[int]], eos: int) -> Path:

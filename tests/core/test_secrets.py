@@ -40,27 +40,88 @@ SECRET_VALUES = {
 # Every path upstream DocumentLanguageModel's default-exclude test names
 # (tests/unit/directives/test_defaults.py), plus the credential files of issue 9.
 UPSTREAM_DEFAULT_EXCLUDED = [
-    ".git/HEAD", ".git/objects/aa/bb", ".hg/store/data/foo", ".svn/entries",
-    ".env", ".env.production", "src/.env", "src/.env.local", "home/user/id_rsa", "home/user/id_ed25519",
-    "configs/production.pem", "configs/service.key", "app/secrets.toml",
-    "src/__pycache__/foo.pyc", "a/b/__pycache__/c.pyo", ".venv/lib/python/site-packages/x.py", "venv/bin/activate",
-    "node_modules/react/index.js", "dist/bundle.min.js", "dist/styles.min.css", "dist/app.map",
-    "target/release/app", "artifacts/libx.rlib", "build/class/App.class", "build/lib/app.jar",
-    "src/libx.so", "src/libx.dylib", "src/app.dll",
-    "build/output.txt", "dist/index.html", "__generated__/proto.py", "generated/api_client.py",
-    "package-lock.json", "subdir/yarn.lock", "Cargo.lock", "uv.lock", "poetry.lock", "Pipfile.lock",
-    "assets/logo.png", "docs/diagram.pdf", "release.zip", "assets/clip.wasm",
-    ".dlm/training.yaml", "src/.dlm/ignore",
-    "lib/min.js.map", ".tox/py311/lib/x.py", "pkg/bundle.min.js",
+    ".git/HEAD",
+    ".git/objects/aa/bb",
+    ".hg/store/data/foo",
+    ".svn/entries",
+    ".env",
+    ".env.production",
+    "src/.env",
+    "src/.env.local",
+    "home/user/id_rsa",
+    "home/user/id_ed25519",
+    "configs/production.pem",
+    "configs/service.key",
+    "app/secrets.toml",
+    "src/__pycache__/foo.pyc",
+    "a/b/__pycache__/c.pyo",
+    ".venv/lib/python/site-packages/x.py",
+    "venv/bin/activate",
+    "node_modules/react/index.js",
+    "dist/bundle.min.js",
+    "dist/styles.min.css",
+    "dist/app.map",
+    "target/release/app",
+    "artifacts/libx.rlib",
+    "build/class/App.class",
+    "build/lib/app.jar",
+    "src/libx.so",
+    "src/libx.dylib",
+    "src/app.dll",
+    "build/output.txt",
+    "dist/index.html",
+    "__generated__/proto.py",
+    "generated/api_client.py",
+    "package-lock.json",
+    "subdir/yarn.lock",
+    "Cargo.lock",
+    "uv.lock",
+    "poetry.lock",
+    "Pipfile.lock",
+    "assets/logo.png",
+    "docs/diagram.pdf",
+    "release.zip",
+    "assets/clip.wasm",
+    ".dlm/training.yaml",
+    "src/.dlm/ignore",
+    "lib/min.js.map",
+    ".tox/py311/lib/x.py",
+    "pkg/bundle.min.js",
 ]
 CREDENTIAL_FILES = [
-    ".ssh/id_ed25519", ".ssh/id_ecdsa", ".ssh/id_dsa", ".ssh/id_rsa", ".ssh/config", ".aws/credentials",
-    ".netrc", ".git-credentials", ".pypirc", ".npmrc", ".pgpass", "credentials.json", "service-account.json",
-    ".docker/config.json", "kubeconfig", "terraform.tfstate", "infra/prod.tfstate", ".kube/config",
-    "home/u/.ssh/id_ed25519.pub", "deploy/secrets.yaml",
+    ".ssh/id_ed25519",
+    ".ssh/id_ecdsa",
+    ".ssh/id_dsa",
+    ".ssh/id_rsa",
+    ".ssh/config",
+    ".aws/credentials",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+    ".pgpass",
+    "credentials.json",
+    "service-account.json",
+    ".docker/config.json",
+    "kubeconfig",
+    "terraform.tfstate",
+    "infra/prod.tfstate",
+    ".kube/config",
+    "home/u/.ssh/id_ed25519.pub",
+    "deploy/secrets.yaml",
 ]
-LEFT_ALONE = ["src/main.py", "docs/guide.md", "Makefile", "README.md", "src/utils/helpers.rs", "lib/auth.go",
-              "app/models/user.java", "src/_generated/x.py", "src/targets.py", "docs/build.md"]
+LEFT_ALONE = [
+    "src/main.py",
+    "docs/guide.md",
+    "Makefile",
+    "README.md",
+    "src/utils/helpers.rs",
+    "lib/auth.go",
+    "app/models/user.java",
+    "src/_generated/x.py",
+    "src/targets.py",
+    "docs/build.md",
+]
 
 
 @pytest.mark.parametrize("path", UPSTREAM_DEFAULT_EXCLUDED + CREDENTIAL_FILES)
@@ -83,8 +144,13 @@ def test_credential_files_excluded_in_a_real_tree_and_readmitted_by_exclude_defa
 
 
 def test_readmitted_credential_file_still_gets_the_content_scan(tree):
-    root = tree({".dlm/training.yaml": V1 + "exclude_defaults: false\n", ".aws/credentials": SECRETS["aws"],
-                 ".netrc": "machine x login y\n"})
+    root = tree(
+        {
+            ".dlm/training.yaml": V1 + "exclude_defaults: false\n",
+            ".aws/credentials": SECRETS["aws"],
+            ".netrc": "machine x login y\n",
+        }
+    )
     result = corpus(root)
     assert result.table["path"].to_pylist() == [".dlm/training.yaml", ".netrc"]
     assert result.skipped == [(".aws/credentials", "secret")]
@@ -100,23 +166,27 @@ def test_file_with_a_credential_is_skipped_as_secret(tree, kind):
 
 
 def test_ordinary_code_is_not_flagged(tree):
-    root = tree({
-        "a.py": "password = input('password: ')\nurl = 'https://example.com/path?q=1'\nkey = 'name'\n",
-        "b.md": "Use `postgres://user@host/db` (no password) and export AWS_SECRET_ACCESS_KEY yourself.\n",
-        "c.py": "h = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'\n",
-    })
+    root = tree(
+        {
+            "a.py": "password = input('password: ')\nurl = 'https://example.com/path?q=1'\nkey = 'name'\n",
+            "b.md": "Use `postgres://user@host/db` (no password) and export AWS_SECRET_ACCESS_KEY yourself.\n",
+            "c.py": "h = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'\n",
+        }
+    )
     assert paths(root) == ["a.py", "b.md", "c.py"]
 
 
 def test_scan_secrets_false_on_the_nearest_anchor_wins(tree):
-    root = tree({
-        ".dlm/training.yaml": V1 + "scan_secrets: false\n",
-        "fixtures/key.py": SECRETS["github"],
-        "fixtures/strict/.dlm/training.yaml": V1 + "scan_secrets: true\n",
-        "fixtures/strict/key.py": SECRETS["github"],
-        "other/.dlm/training.yaml": V1 + "metadata: {a: b}\n",
-        "other/key.py": SECRETS["github"],
-    })
+    root = tree(
+        {
+            ".dlm/training.yaml": V1 + "scan_secrets: false\n",
+            "fixtures/key.py": SECRETS["github"],
+            "fixtures/strict/.dlm/training.yaml": V1 + "scan_secrets: true\n",
+            "fixtures/strict/key.py": SECRETS["github"],
+            "other/.dlm/training.yaml": V1 + "metadata: {a: b}\n",
+            "other/key.py": SECRETS["github"],
+        }
+    )
     result = corpus(root)
     assert result.table["path"].to_pylist() == ["fixtures/key.py", "other/key.py"]
     assert result.skipped == [("fixtures/strict/key.py", "secret")]
@@ -154,8 +224,11 @@ def test_secret_never_appears_in_outputs_metadata_or_logs(tree, pipeline):
     assert raw["skipped/secret"] == len(SECRETS)
     skipped_files = str(raw["skipped_files"])
     assert all(f"src/{kind}.py" in skipped_files for kind in SECRETS)
-    haystacks = [str(v) for asset in ("training_configs", "raw_corpus", "expanded_corpus")
-                 for v in p.metadata(asset, "0").values()]
+    haystacks = [
+        str(v)
+        for asset in ("training_configs", "raw_corpus", "expanded_corpus")
+        for v in p.metadata(asset, "0").values()
+    ]
     haystacks += [str(entry) for entry in p.instance.all_logs(p.instance.get_runs()[0].run_id)]
     blobs = [f.read_bytes() for f in p.out.rglob("*") if f.is_file()]
     for kind, value in SECRET_VALUES.items():

@@ -80,7 +80,7 @@ def test_duplicates_share_a_side_and_copies_never_leak():
     assert len(result.train_rows) == 3 * int((~result.validation).sum())
     assert len(result.validation_rows) == int(result.validation.sum())  # once each, no copies
     by_text = {}
-    for text, side in zip(raw["text"].to_pylist(), result.validation.tolist()):
+    for text, side in zip(raw["text"].to_pylist(), result.validation.tolist(), strict=False):
         by_text.setdefault(text, set()).add(side)
     assert all(len(sides) == 1 for sides in by_text.values())
 
@@ -109,7 +109,7 @@ def test_adding_or_removing_files_moves_no_other_file_across():
     def sides(files):
         raw = corpus(files)
         result = plan(raw, np.ones(raw.num_rows))
-        return dict(zip(raw["path"].to_pylist(), result.validation.tolist()))
+        return dict(zip(raw["path"].to_pylist(), result.validation.tolist(), strict=False))
 
     before = sides(base)
     for changed in (sides(grown), sides(shrunk)):

@@ -64,7 +64,9 @@ def test_hits_after_misses_and_same_ids(tmp_path):
     warm = store.get_or_compute(loaded.cache_namespace, IDS[::-1], TEXTS[::-1], loaded.encode)
     assert (warm.hits, warm.misses) == (300, 0)
     assert warm.table["input_ids"].to_pylist() == cold.table["input_ids"].to_pylist()[::-1]
-    assert cold.table["input_ids"].to_pylist() == [e.ids for e in loaded.tokenizer.encode_batch(TEXTS, add_special_tokens=False)]
+    assert cold.table["input_ids"].to_pylist() == [
+        e.ids for e in loaded.tokenizer.encode_batch(TEXTS, add_special_tokens=False)
+    ]
     assert store.stats()["rows"] == 300 and store.stats()["shards"] == 1
 
 
@@ -87,7 +89,9 @@ def test_lru_eviction_never_removes_what_the_run_uses(tmp_path):
     loaded = load_tokenizer()
     store = TokenStore(tmp_path / "cache")
     for start in range(0, 300, 100):
-        store.get_or_compute(loaded.cache_namespace, IDS[start : start + 100], TEXTS[start : start + 100], loaded.encode)
+        store.get_or_compute(
+            loaded.cache_namespace, IDS[start : start + 100], TEXTS[start : start + 100], loaded.encode
+        )
         time.sleep(0.01)
     shards = store.stats()["shards"]
     assert shards == 3
@@ -118,7 +122,12 @@ def test_repair_after_killed_writes(tmp_path):
     torn_manifest.write_text("{")
     os.utime(torn_manifest, (0, 0))
     manifest = json.loads((store.root / MANIFEST).read_text())
-    manifest["shards"][f"{loaded.cache_namespace}/shard-{'c' * 32}.parquet"] = {"rows": 5, "bytes": 5, "sha256": "0" * 64, "last_used": 0}
+    manifest["shards"][f"{loaded.cache_namespace}/shard-{'c' * 32}.parquet"] = {
+        "rows": 5,
+        "bytes": 5,
+        "sha256": "0" * 64,
+        "last_used": 0,
+    }
     (store.root / MANIFEST).write_text(json.dumps(manifest))
 
     report = store.repair()
@@ -217,7 +226,9 @@ def test_compaction_drops_duplicate_entries(tmp_path):
     loaded = load_tokenizer()
     store = TokenStore(tmp_path / "cache")
     for _ in range(3):  # the same sections written three times, as racing writers could
-        store._write_shards(loaded.cache_namespace, loaded.encode(TEXTS[:10]).add_column(0, "content_key", pa.array(IDS[:10])))
+        store._write_shards(
+            loaded.cache_namespace, loaded.encode(TEXTS[:10]).add_column(0, "content_key", pa.array(IDS[:10]))
+        )
     assert store.stats()["rows"] == 30
     assert store.compact(at_shards=1) == 2
     assert store.stats()["rows"] == 10 and store.stats()["shards"] == 1
@@ -230,8 +241,13 @@ def test_an_old_path_keyed_namespace_misses_and_ages_out(tmp_path):
     old_ns = f"{loaded.fingerprint[:32]}-L2048"
     (root / old_ns).mkdir(parents=True)
     old_shard = root / old_ns / f"shard-{'9' * 32}.parquet"
-    pq.write_table(pa.table({"section_id": ["a"], "input_ids": [[1, 2]], "n_tokens": [2], "truncated": [False]}), old_shard)
-    manifest = {"version": 1, "shards": {f"{old_ns}/{old_shard.name}": {"rows": 1, "bytes": old_shard.stat().st_size, "last_used": 0.0}}}
+    pq.write_table(
+        pa.table({"section_id": ["a"], "input_ids": [[1, 2]], "n_tokens": [2], "truncated": [False]}), old_shard
+    )
+    manifest = {
+        "version": 1,
+        "shards": {f"{old_ns}/{old_shard.name}": {"rows": 1, "bytes": old_shard.stat().st_size, "last_used": 0.0}},
+    }
     (root / MANIFEST).write_text(json.dumps(manifest))
     store = TokenStore(root)
     assert store.stats()["namespaces"][old_ns]["rows"] == 1

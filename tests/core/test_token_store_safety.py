@@ -67,7 +67,17 @@ def test_a_symlink_at_a_shard_name_is_never_followed_or_deleted(tmp_path):
     before = victim.read_bytes()
     link = store.root / loaded.cache_namespace / f"shard-{'e' * 32}.parquet"
     link.symlink_to(victim)
-    add_entries(store, {f"{loaded.cache_namespace}/{link.name}": {"rows": 40, "bytes": len(before), "sha256": "0" * 64, "last_used": 0}})
+    add_entries(
+        store,
+        {
+            f"{loaded.cache_namespace}/{link.name}": {
+                "rows": 40,
+                "bytes": len(before),
+                "sha256": "0" * 64,
+                "last_used": 0,
+            }
+        },
+    )
     assert store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode).hits == len(KEYS)
     prune(store)
     store.clear()
@@ -142,7 +152,10 @@ def test_a_truncated_shard_is_found_by_prune(tmp_path):
 def test_malformed_manifest_entries_never_break_stats_prune_or_lookups(tmp_path):
     store, loaded, first = populated(tmp_path / "cache")
     ns = loaded.cache_namespace
-    shard = lambda c: f"{ns}/shard-{c * 32}.parquet"
+
+    def shard(c):
+        return f"{ns}/shard-{c * 32}.parquet"
+
     bad = {
         shard("1"): {"x": 5},
         shard("2"): {"rows": 1, "bytes": "12", "sha256": "0" * 64, "last_used": 0},
@@ -204,10 +217,16 @@ def test_an_unwritable_root_is_one_clear_error(tmp_path):
     root = tmp_path / "ro"
     root.mkdir(mode=0o500)
     code = "import sys; from dlm_pipeline.core.token_store import TokenStore; TokenStore(sys.argv[1])"
-    done = subprocess.run([*without_override, sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [*without_override, sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=False
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("dlm_pipeline.core.token_store.TokenStoreError:") and str(root) in last and "DLM_CACHE_DIR" in last
+    assert (
+        last.startswith("dlm_pipeline.core.token_store.TokenStoreError:")
+        and str(root) in last
+        and "DLM_CACHE_DIR" in last
+    )
 
 
 def test_list_offsets_stay_below_the_int32_limit():

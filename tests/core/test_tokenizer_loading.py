@@ -67,7 +67,9 @@ def test_an_offline_hub_failure_is_one_clear_line():
         "try:\n    load_tokenizer('some-org/some-model')\nexcept TokenizerError as exc:\n    print(exc)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout
     assert "'some-org/some-model'" in lines[0] and "hub" in lines[0] and "DLM_TOKENIZER" in lines[0]
@@ -78,8 +80,16 @@ def test_an_offline_hub_failure_is_one_clear_line():
     "setting",
     [
         {"truncation": {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}},
-        {"padding": {"strategy": {"Fixed": 512}, "direction": "Right", "pad_to_multiple_of": None,
-                     "pad_id": 0, "pad_type_id": 0, "pad_token": "[UNK]"}},
+        {
+            "padding": {
+                "strategy": {"Fixed": 512},
+                "direction": "Right",
+                "pad_to_multiple_of": None,
+                "pad_id": 0,
+                "pad_type_id": 0,
+                "pad_token": "[UNK]",
+            }
+        },
     ],
 )
 def test_a_tokenizer_s_own_truncation_or_padding_is_turned_off(tmp_path, setting):
@@ -93,5 +103,7 @@ def test_a_tokenizer_s_own_truncation_or_padding_is_turned_off(tmp_path, setting
     assert loaded.fingerprint == plain.fingerprint  # the same ids, so the same store namespace
     text = "def f(x):\n    return x + 1  # a line long enough for more than four tokens\n"
     encoded = loaded.encode([text, "x"])
-    assert encoded["input_ids"].to_pylist() == [plain.tokenizer.encode(t, add_special_tokens=False).ids for t in [text, "x"]]
+    assert encoded["input_ids"].to_pylist() == [
+        plain.tokenizer.encode(t, add_special_tokens=False).ids for t in [text, "x"]
+    ]
     assert encoded["n_tokens"].to_pylist()[0] > 8 and encoded["n_tokens"].to_pylist()[1] < 4

@@ -242,7 +242,9 @@ def test_unreadable_files_and_dirs_are_counted(tree):
     try:
         done = subprocess.run(
             [*without_override, sys.executable, "-c", UNREADABLE_SCAN, str(root)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     finally:
         (root / "locked").chmod(0o755)
@@ -300,7 +302,9 @@ def test_config_lookalike_and_symlinked_anchor_are_reported(tree, tmp_path):
 def test_config_records_carry_status_error_and_sha256(tree):
     import hashlib
 
-    root = tree({".dlm/training.yaml": V1, "bad/.dlm/training.yaml": "dlm_training_version: 9\n", "bad/.dlm/ignore": "*.tmp\n"})
+    root = tree(
+        {".dlm/training.yaml": V1, "bad/.dlm/training.yaml": "dlm_training_version: 9\n", "bad/.dlm/ignore": "*.tmp\n"}
+    )
     records = {r.path: r for r in load_configs(scan_tree(root))}
     ok = records[".dlm/training.yaml"]
     assert (ok.anchor, ok.kind, ok.status, ok.error) == (".", "training.yaml", "ok", None)
@@ -349,7 +353,9 @@ def test_a_regular_file_named_dlm_is_a_config_error_not_a_row(tree):
     for files in (True, False):
         records = load_configs(scan_tree(root, files=files))
         errors = [r.error for r in records if r.status == "error"]
-        assert errors == ["pkg/.dlm: is a file; an anchor is a folder .dlm/ holding training.yaml (rename or remove it)"]
+        assert errors == [
+            "pkg/.dlm: is a file; an anchor is a folder .dlm/ holding training.yaml (rename or remove it)"
+        ]
     assert "pkg/.dlm" not in [f.path for f in scan_tree(root).files]
 
 

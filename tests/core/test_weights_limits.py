@@ -34,7 +34,9 @@ def many_anchors(n_anchors: int, n_values: int):
     """A root map with `n_values` values and `n_anchors` subtrees with a one-entry map each, and one
     file per subtree whose tags match the root map and its own anchor's map."""
     root = Anchor("", TrainingConfig(dlm_training_version=1, weights={"lang": {f"v{j}": 1.5 for j in range(n_values)}}))
-    subtrees = [Anchor(f"d{i}", TrainingConfig(dlm_training_version=1, weights={"kind": {"x": 2.0}})) for i in range(n_anchors)]
+    subtrees = [
+        Anchor(f"d{i}", TrainingConfig(dlm_training_version=1, weights={"kind": {"x": 2.0}})) for i in range(n_anchors)
+    ]
     paths = sorted((f"d{i}/f.txt" for i in range(n_anchors)), key=str.encode)
     tags = [{"kind": "x", "lang": f"v{int(p[1:].split('/')[0]) % n_values}"} for p in paths]
     raw = rows_table([f"{i:016x}" for i in range(len(paths))], paths, ["t"] * len(paths), tags)
@@ -108,9 +110,13 @@ def test_a_100_by_100_product_on_one_630_kb_file_is_refused_with_small_memory_gr
 
 def test_the_byte_limit_is_a_parameter_and_counts_copies_times_text_bytes():
     raw = rows_table(["a1", "b2"], ["a.txt", "b.txt"], ["x" * 1000, "y" * 10], [{"k": "v"}, {"k": "v"}])
-    table = weights_table([Anchor("", TrainingConfig(dlm_training_version=1, weights={"k": {"v": 5.0}}))], SCOPE_NEAREST)
+    table = weights_table(
+        [Anchor("", TrainingConfig(dlm_training_version=1, weights={"k": {"v": 5.0}}))], SCOPE_NEAREST
+    )
     assert expand_corpus(raw, table, 0, max_bytes=5050)[0].num_rows == 10
-    with pytest.raises(ExpansionTooLarge, match=r"5,050 bytes of text \(limit 5,049 bytes\); the largest part is a\.txt"):
+    with pytest.raises(
+        ExpansionTooLarge, match=r"5,050 bytes of text \(limit 5,049 bytes\); the largest part is a\.txt"
+    ):
         expand_corpus(raw, table, 0, max_bytes=5049)
 
 
@@ -132,8 +138,15 @@ def test_max_expanded_bytes_setting(monkeypatch):
 
 def test_weights_that_no_metadata_sets_are_listed():
     anchors = [
-        Anchor("", TrainingConfig(dlm_training_version=1, metadata={"kind": "code"}, weights={"kind": {"code": 2.0, "dcos": 3.0}})),
-        Anchor("docs", TrainingConfig(dlm_training_version=1, metadata={"kind": "docs"}, weights={"lang": {"md": 0.5}})),
+        Anchor(
+            "",
+            TrainingConfig(
+                dlm_training_version=1, metadata={"kind": "code"}, weights={"kind": {"code": 2.0, "dcos": 3.0}}
+            ),
+        ),
+        Anchor(
+            "docs", TrainingConfig(dlm_training_version=1, metadata={"kind": "docs"}, weights={"lang": {"md": 0.5}})
+        ),
     ]
     assert unmatched_weights(anchors) == [
         ".dlm/training.yaml: weights.kind.dcos: no anchor's metadata sets kind: dcos, so this weight never applies",

@@ -19,7 +19,6 @@ from dlm_pipeline.defs.resources import ParquetIOManager
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache"]
 
 
-
 def test_example_materializes_for_two_seeds_with_metadata(pipeline):
     pipe = pipeline(EXAMPLE)
     for seed in ("0", "7"):
@@ -70,8 +69,12 @@ def test_example_materializes_for_two_seeds_with_metadata(pipeline):
     assert meta["input_fingerprint/weights_map"] == pipe.metadata("weights_map", "7")["fingerprint"]
     realized = {(r.data["tag_key"], r.data["tag_value"]): r.data for r in meta["expected_vs_realized"].records}
     assert realized[("kind", "docs")]["expected"] == pytest.approx(3 * 2.5)
-    assert realized[("kind", "docs")]["realized"] == sum(1 for t in expanded["tags"].to_pylist() if ("kind", "docs") in t)
-    distribution = {(r.data["tag_key"], r.data["tag_value"]): r.data["rows"] for r in meta["weight_distribution"].records}
+    assert realized[("kind", "docs")]["realized"] == sum(
+        1 for t in expanded["tags"].to_pylist() if ("kind", "docs") in t
+    )
+    distribution = {
+        (r.data["tag_key"], r.data["tag_value"]): r.data["rows"] for r in meta["weight_distribution"].records
+    }
     assert distribution[("project", "acme")] == 12 and distribution[("kind", "docs")] == 3
 
 
@@ -87,8 +90,10 @@ def test_expanded_corpus_equals_reference_on_a_generated_tree(reference, tree, p
     files = {}
     for d in dirs:
         kinds = ["code", "docs", "notes"]
-        maps[d] = {"kind": {k: rng.choice([0.0, 0.3, 1.0, 1.5, 2.75]) for k in rng.sample(kinds, 2)},
-                   "generated": {"true": rng.choice([0.1, 0.5, 4.2])}}
+        maps[d] = {
+            "kind": {k: rng.choice([0.0, 0.3, 1.0, 1.5, 2.75]) for k in rng.sample(kinds, 2)},
+            "generated": {"true": rng.choice([0.1, 0.5, 4.2])},
+        }
         meta = {"kind": rng.choice(kinds), "generated": rng.choice([True, False])}
         prefix = f"{d}/" if d else ""
         files[f"{prefix}.dlm/training.yaml"] = yaml.safe_dump(
@@ -131,7 +136,11 @@ def test_invalid_config_blocks_downstream_with_the_error_visible(tree, pipeline)
     evaluation = check_evaluations(result)[CONFIGS_VALID]
     assert not evaluation.passed
     assert ".dlm/training.yaml:2: weights.lang.python: weight must be finite" in evaluation.metadata["errors"].value
-    materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events() for e in [e.event_specific_data.materialization]}
+    materialized = {
+        e.asset_key.path[-1]
+        for e in result.get_asset_materialization_events()
+        for e in [e.event_specific_data.materialization]
+    }
     assert materialized == {"training_configs"}
     assert not pipe.output("weights_map", "0").exists() and not pipe.output("expanded_corpus", "0").exists()
     configs = pq.read_table(pipe.output("training_configs", "0")).to_pylist()
@@ -175,7 +184,10 @@ def test_definitions_load_with_every_asset_and_the_job():
 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {*ASSETS, "training_dataset"}  # a folder, not a table
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        *ASSETS,
+        "training_dataset",
+    }  # a folder, not a table
     assert defs.resolve_job_def(CORPUS_JOB) is not None
     spec_names = {k.name for k in graph.asset_check_keys}
     assert CONFIGS_VALID in spec_names
@@ -214,12 +226,17 @@ def test_lineage_names_the_input_version_loaded_not_the_latest(tree, pipeline):
 
 
 def test_an_expansion_over_the_byte_limit_fails_clearly_and_writes_nothing(tree, pipeline):
-    files = {".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {a: '1', b: '1'}\nweights: {a: {'1': 50}, b: {'1': 2}}\n"}
+    files = {
+        ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {a: '1', b: '1'}\nweights: {a: {'1': 50}, b: {'1': 2}}\n"
+    }
     pipe = pipeline(tree(files | {"big.txt": "x" * 1000}), max_expanded_bytes=50_000)
     result = pipe.run("0", raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     description = failure.step_failure_data.user_failure_data.description
-    assert "100,000 bytes of text (limit 50,000 bytes)" in description and "big.txt: 100 copies of 1,000 bytes" in description
+    assert (
+        "100,000 bytes of text (limit 50,000 bytes)" in description
+        and "big.txt: 100 copies of 1,000 bytes" in description
+    )
     assert "DLM_MAX_EXPANDED_BYTES" in description
     assert not pipe.output("expanded_corpus", "0").exists()

@@ -56,9 +56,11 @@ def test_weights_check_fails_on_a_biased_expansion(tree, pipeline):
     assert pipe.run("0").success
     path = pipe.output("expanded_corpus", "0")
     raw = pq.read_table(pipe.output("raw_corpus", "0"))
-    biased = raw.append_column("weight", [[0.5] * raw.num_rows]).append_column(
-        "copy", [[0] * raw.num_rows]
-    ).cast(pq.read_table(path).schema)  # every fractional row kept: allowed per row, impossible in aggregate
+    biased = (
+        raw.append_column("weight", [[0.5] * raw.num_rows])
+        .append_column("copy", [[0] * raw.num_rows])
+        .cast(pq.read_table(path).schema)
+    )  # every fractional row kept: allowed per row, impossible in aggregate
     write_parquet_atomic(biased, path)
     evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
     assert not evaluation.passed
@@ -67,7 +69,9 @@ def test_weights_check_fails_on_a_biased_expansion(tree, pipeline):
 
 
 def test_weights_check_fails_when_integer_parts_are_wrong(tree, pipeline):
-    pipe = pipeline(tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 3}}\n", "a.txt": "a"}))
+    pipe = pipeline(
+        tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 3}}\n", "a.txt": "a"})
+    )
     assert pipe.run("0").success
     path = pipe.output("expanded_corpus", "0")
     write_parquet_atomic(pq.read_table(path).slice(1), path)  # 2 copies where weight 3 demands 3
@@ -81,8 +85,12 @@ def test_definitions_hold_every_asset_check_sensor_schedule_and_job():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {k.name for k in graph.asset_check_keys} == {
-        "configs_valid", "expansion_deterministic", "expansion_matches_weights", "tokens_match_tokenizer",
-        "split_is_leak_free", "packing_conserves_tokens",
+        "configs_valid",
+        "expansion_deterministic",
+        "expansion_matches_weights",
+        "tokens_match_tokenizer",
+        "split_is_leak_free",
+        "packing_conserves_tokens",
     }
     assert defs.resolve_sensor_def(CONFIG_CHANGE_SENSOR).default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.resolve_schedule_def(NIGHTLY_SCHEDULE) is not None
@@ -92,7 +100,9 @@ def test_definitions_hold_every_asset_check_sensor_schedule_and_job():
         assert node.code_version and node.group_name and node.description
 
 
-FRACTIONAL_TREE = {".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {kind: x}\nweights: {kind: {x: 0.5, y: 2}}\n"}
+FRACTIONAL_TREE = {
+    ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {kind: x}\nweights: {kind: {x: 0.5, y: 2}}\n"
+}
 FRACTIONAL_TREE.update({f"f{i:03d}.txt": f"row {i}\n" for i in range(200)})
 
 
@@ -100,7 +110,10 @@ FRACTIONAL_TREE.update({f"f{i:03d}.txt": f"row {i}\n" for i in range(200)})
 def test_weights_check_fails_on_a_planted_fault_in_each_mode_and_is_exact_in_exact_mode(tree, pipeline, mode):
     pipe = pipeline(tree(FRACTIONAL_TREE), expansion_mode=mode)
     evaluations = check_evaluations(pipe.run("0"))
-    assert evaluations[EXPANSION_DETERMINISTIC].passed and evaluations[EXPANSION_DETERMINISTIC].metadata["expansion_mode"].value == mode
+    assert (
+        evaluations[EXPANSION_DETERMINISTIC].passed
+        and evaluations[EXPANSION_DETERMINISTIC].metadata["expansion_mode"].value == mode
+    )
     assert evaluations[EXPANSION_MATCHES_WEIGHTS].passed
     path = pipe.output("expanded_corpus", "0")
     stored = pq.read_table(path)
@@ -113,11 +126,20 @@ def test_weights_check_fails_on_a_planted_fault_in_each_mode_and_is_exact_in_exa
     assert evaluation.passed == (mode == "bernoulli")
     if mode == "exact":
         assert "1 weight group(s) without exactly floor(n*f + 0.5) extra copies" in evaluation.description
-        assert evaluation.metadata["exact_groups_off_quota"].value.records[0].data == {"weight": 0.5, "rows": 200, "quota": 100, "extra": 99}
+        assert evaluation.metadata["exact_groups_off_quota"].value.records[0].data == {
+            "weight": 0.5,
+            "rows": 200,
+            "quota": 100,
+            "extra": 99,
+        }
 
     # every row kept: fails in both modes
     raw = pq.read_table(pipe.output("raw_corpus", "0"))
-    biased = raw.append_column("weight", [[0.5] * raw.num_rows]).append_column("copy", [[0] * raw.num_rows]).cast(stored.schema)
+    biased = (
+        raw.append_column("weight", [[0.5] * raw.num_rows])
+        .append_column("copy", [[0] * raw.num_rows])
+        .cast(stored.schema)
+    )
     write_parquet_atomic(biased, path)
     evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
     assert not evaluation.passed and "outside the binomial bound" in evaluation.description

@@ -17,11 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_three_cli_runs_with_every_own_folder_inside_the_source_root_give_the_same_rows(tree):
-    root = tree({
-        ".dlm/training.yaml": "dlm_training_version: 1\nexclude_defaults: false\n",
-        "a.py": "x = 1\n",
-        "docs/b.md": "# b\n",
-    })
+    root = tree(
+        {
+            ".dlm/training.yaml": "dlm_training_version: 1\nexclude_defaults: false\n",
+            "a.py": "x = 1\n",
+            "docs/b.md": "# b\n",
+        }
+    )
     home, out, cache = root / "dagster_home", root / "outputs", root / "tok"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
@@ -30,7 +32,11 @@ def test_three_cli_runs_with_every_own_folder_inside_the_source_root_give_the_sa
     for _ in range(3):
         done = subprocess.run(
             [sys.executable, "-m", "dlm_pipeline.cli", "materialize"],
-            env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         rows.append(pq.read_table(out / "raw_corpus" / "0.parquet")["path"].to_pylist())
@@ -62,16 +68,22 @@ def test_own_folder_reached_through_a_symlinked_path_is_still_excluded(tree, tmp
 def test_validate_passes_over_the_pipelines_own_folders(tree):
     """A broken config inside $DAGSTER_HOME or DLM_CACHE_DIR is not the user's: validate skips those folders."""
     bad = "dlm_training_version: 7\n"
-    root = tree({
-        ".dlm/training.yaml": "dlm_training_version: 1\n",
-        "home/storage/x/.dlm/training.yaml": bad,
-        "tok/ns/.dlm/training.yaml": bad,
-    })
+    root = tree(
+        {
+            ".dlm/training.yaml": "dlm_training_version: 1\n",
+            "home/storage/x/.dlm/training.yaml": bad,
+            "tok/ns/.dlm/training.yaml": bad,
+        }
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     env.update(DAGSTER_HOME=str(root / "home"), DLM_CACHE_DIR=str(root / "tok"))
     done = subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(root)],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 config file(s) valid, 0 invalid" in done.stdout
@@ -79,6 +91,10 @@ def test_validate_passes_over_the_pipelines_own_folders(tree):
     env.pop("DLM_CACHE_DIR")
     done = subprocess.run(
         [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(root)],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert done.returncode == 1 and "2 invalid" in done.stdout, done.stdout + done.stderr

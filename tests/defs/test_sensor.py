@@ -152,7 +152,9 @@ def test_nightly_schedule_is_off_by_default_and_requests_every_seed():
     assert nightly_all_seeds.default_status == dg.DefaultScheduleStatus.STOPPED
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(SEEDS_PARTITION, ["0", "5", "12"])
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 2, 3, 0)) as context:
+        with dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2026, 1, 2, 3, 0)
+        ) as context:
             result = nightly_all_seeds(context)
     assert [r.partition_key for r in result] == ["0", "5", "12"]
     assert result[0].run_key == "nightly-20260102T0300-seed-0"

@@ -71,8 +71,10 @@ def test_eight_seeds_cost_less_than_twice_one_seed(pipeline, example, tmp_path):
     for seed in range(1, 8):
         p.run(str(seed))
     eight_seeds, eight_seeds_all = usage()
-    print(f"seed-independent: 1 seed {one_seed:,} B, 8 seeds {eight_seeds:,} B; "
-          f"whole output: 1 seed {one_seed_all:,} B, 8 seeds {eight_seeds_all:,} B")
+    print(
+        f"seed-independent: 1 seed {one_seed:,} B, 8 seeds {eight_seeds:,} B; "
+        f"whole output: 1 seed {one_seed_all:,} B, 8 seeds {eight_seeds_all:,} B"
+    )
     assert eight_seeds < 2 * one_seed
     assert eight_seeds_all - one_seed_all < 7 * (one_seed_all - one_seed)  # no seed pays for shared bytes
     for asset in SHARED:

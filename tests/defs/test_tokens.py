@@ -92,7 +92,7 @@ def test_tampered_cache_rows_are_found_by_the_check_logic(pipeline, tmp_path):
     assert evaluation.passed and evaluation.metadata["sampled"].value > 0
     table = pq.read_table(pipe.output("tokenized_cache", "0"))
     expanded = pq.read_table(pipe.output("expanded_corpus", "0"))
-    texts = dict(zip(expanded["section_id"].to_pylist(), expanded["text"].to_pylist()))
+    texts = dict(zip(expanded["section_id"].to_pylist(), expanded["text"].to_pylist(), strict=False))
     loaded = load_tokenizer()
     assert mismatched_sections(loaded, table, texts, 64)[1] == []
     ids = table["input_ids"].to_pylist()
@@ -112,7 +112,9 @@ def test_max_seq_len_change_tokenizes_nothing_and_cuts_at_read_time(pipeline, tm
     assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_texts"] > 0
     tokens = pq.read_table(short.output("tokenized_cache", "0"))
     expanded = pq.read_table(short.output("expanded_corpus", "0"))
-    direct = [e.ids for e in load_tokenizer().tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)]
+    direct = [
+        e.ids for e in load_tokenizer().tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)
+    ]
     assert tokens["input_ids"].to_pylist() == [ids[:16] for ids in direct]
     assert tokens["truncated"].to_pylist() == [len(ids) > 16 for ids in direct]
 
@@ -167,8 +169,12 @@ def test_a_tokenizer_s_own_truncation_and_padding_are_turned_off(pipeline, tmp_p
     spec = json.loads(load_tokenizer().tokenizer.to_str())
     spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
     spec["padding"] = {
-        "strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
-        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]",
+        "strategy": {"Fixed": 64},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "[PAD]",
     }
     path = tmp_path / "tok" / "tokenizer.json"
     path.parent.mkdir()
@@ -180,6 +186,8 @@ def test_a_tokenizer_s_own_truncation_and_padding_are_turned_off(pipeline, tmp_p
     assert meta["cache_namespace"] == load_tokenizer().cache_namespace  # same ids as the plain tokenizer
     tokens = pq.read_table(pipe.output("tokenized_cache", "0"))
     expanded = pq.read_table(pipe.output("expanded_corpus", "0"))
-    direct = [e.ids for e in load_tokenizer().tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)]
+    direct = [
+        e.ids for e in load_tokenizer().tokenizer.encode_batch(expanded["text"].to_pylist(), add_special_tokens=False)
+    ]
     assert tokens["input_ids"].to_pylist() == [ids[:32] for ids in direct]  # neither 4 ids nor padded to 64
     assert tokens["n_tokens"].to_pylist() == [min(len(ids), 32) for ids in direct]

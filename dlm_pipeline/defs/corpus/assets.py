@@ -44,9 +44,7 @@ def _scan(context: dg.AssetExecutionContext, source: SourceTree, files: bool = T
     except SourceTreeError as exc:
         raise dg.Failure(description=str(exc)) from None
     if scan.own_dirs:
-        context.log.info(
-            f"passed over the pipeline's own folders inside the source root: {', '.join(scan.own_dirs)}"
-        )
+        context.log.info(f"passed over the pipeline's own folders inside the source root: {', '.join(scan.own_dirs)}")
     return scan
 
 
@@ -69,7 +67,9 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source, files=False)
     table = records_table(load_configs(scan, max_weight=source.max_weight))
-    errors = [e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist()) if s == STATUS_ERROR]
+    errors = [
+        e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist(), strict=False) if s == STATUS_ERROR
+    ]
     n_invalid = len(errors)
     yield versioned_output(
         table,
@@ -119,7 +119,10 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source)
-    anchors, inputs = anchors_from_table(training_configs), input_fingerprints(context, training_configs=training_configs)
+    anchors, inputs = (
+        anchors_from_table(training_configs),
+        input_fingerprints(context, training_configs=training_configs),
+    )
     reuse = raw_corpus_reuse(context, source, scan, anchors, inputs, seed)
     if reuse.output is not None:
         return reuse.output
@@ -132,7 +135,9 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
         progress=ProgressLog(context, "raw_corpus files read"),
         index=index,
     )
-    context.log.info(f"ingest index {index.status}: {corpus.files_read:,} file(s) read, {corpus.files_from_index:,} from the index")
+    context.log.info(
+        f"ingest index {index.status}: {corpus.files_read:,} file(s) read, {corpus.files_from_index:,} from the index"
+    )
     skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
     # The counts travel with the file too (schema metadata), for readers outside Dagster.
     rows = corpus.table.replace_schema_metadata({SKIP_COUNTS_KEY: json.dumps(skips, sort_keys=True)})
@@ -177,7 +182,9 @@ def expanded_corpus(
             f"now {source.max_expanded_bytes:,})"
         ) from None
     stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
-    context.log.info(f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, mode {mode}, seed {seed})")
+    context.log.info(
+        f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, mode {mode}, seed {seed})"
+    )
     return versioned_output(
         expanded,
         seed,
@@ -190,6 +197,8 @@ def expanded_corpus(
             "weights_scope": dg.MetadataValue.text(scope),
             "expansion_mode": dg.MetadataValue.text(mode),
             "weight_distribution": table_metadata(stats.select(["tag_key", "tag_value", "rows"])),
-            "expected_vs_realized": table_metadata(stats.select(["tag_key", "tag_value", "rows", "expected", "realized"])),
+            "expected_vs_realized": table_metadata(
+                stats.select(["tag_key", "tag_value", "rows", "expected", "realized"])
+            ),
         },
     )

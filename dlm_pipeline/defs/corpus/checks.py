@@ -59,7 +59,10 @@ def expansion_deterministic(
     seed = parse_seed_or_fail(context)
     mode = table_mode(expanded_corpus)  # the rule that made the stored rows, recorded with them
     if raw_corpus.num_rows <= PLAIN_RECOMPUTE_MAX_ROWS:
-        recomputed, method = apply_plan(raw_corpus, plain_plan(raw_corpus, weights_map, seed, mode)), "row by row (hashlib)"
+        recomputed, method = (
+            apply_plan(raw_corpus, plain_plan(raw_corpus, weights_map, seed, mode)),
+            "row by row (hashlib)",
+        )
     else:
         recomputed, _ = expand_corpus(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
         method = "vectorised"
@@ -98,7 +101,11 @@ def _unmatched(training_configs: pa.Table) -> list[str]:
 @seed_check(
     asset=expanded_corpus,
     name=EXPANSION_MATCHES_WEIGHTS,
-    additional_ins={"raw_corpus": RAW_WITHOUT_TEXT, "weights_map": WEIGHTS_MAP, "training_configs": dg.AssetIn("training_configs")},
+    additional_ins={
+        "raw_corpus": RAW_WITHOUT_TEXT,
+        "weights_map": WEIGHTS_MAP,
+        "training_configs": dg.AssetIn("training_configs"),
+    },
     description="Per row, copies are int(weight) or int(weight)+1; per tag, realized copies stay within "
     "4 standard deviations (+1) of the expected sum of weights; in exact mode each weight group holds "
     "exactly floor(n*f + 0.5) extra copies. Weights that no metadata can match are reported.",
@@ -117,7 +124,9 @@ def expansion_matches_weights(
     stored_weights = expanded_corpus["weight"].to_numpy(zero_copy_only=False)
     expected_weights = np.repeat(weights, copies)
     weight_mismatches = (
-        int(np.count_nonzero(stored_weights != expected_weights)) if len(stored_weights) == len(expected_weights) else expanded_corpus.num_rows
+        int(np.count_nonzero(stored_weights != expected_weights))
+        if len(stored_weights) == len(expected_weights)
+        else expanded_corpus.num_rows
     )
     unmatched = _unmatched(training_configs)
     problems = []
@@ -127,7 +136,9 @@ def expansion_matches_weights(
     if verdict.tags_out_of_bounds.num_rows:
         problems.append(f"{verdict.tags_out_of_bounds.num_rows} tag value(s) outside the binomial bound")
     if verdict.groups_off_quota.num_rows:
-        problems.append(f"{verdict.groups_off_quota.num_rows} weight group(s) without exactly floor(n*f + 0.5) extra copies (exact mode)")
+        problems.append(
+            f"{verdict.groups_off_quota.num_rows} weight group(s) without exactly floor(n*f + 0.5) extra copies (exact mode)"
+        )
     if weight_mismatches:
         problems.append(f"{weight_mismatches} row(s) whose stored weight differs from the composed weight")
     warning = f"warning: {len(unmatched)} weight(s) that no metadata sets can never apply" if unmatched else None

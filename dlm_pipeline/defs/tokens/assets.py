@@ -61,7 +61,9 @@ def tokenized_cache(
     stats = store.stats()
     context.log.info(f"{unique_texts:,} distinct texts: {lookup.hits:,} from the store, {lookup.misses:,} tokenized")
     if lookup.repaired:
-        context.log.warning(f"token store: {len(lookup.repaired)} corrupt shard(s) deleted and re-tokenized: {lookup.repaired[:5]}")
+        context.log.warning(
+            f"token store: {len(lookup.repaired)} corrupt shard(s) deleted and re-tokenized: {lookup.repaired[:5]}"
+        )
     if lookup.ignored:
         context.log.warning(f"token store: {len(lookup.ignored)} foreign entr(y/ies) left alone: {lookup.ignored[:5]}")
     return versioned_output(

@@ -25,11 +25,13 @@ def tokens_match_tokenizer(
     raw_corpus: pa.Table,
 ) -> dg.AssetCheckResult:
     loaded = tokenizer.load()
-    texts = dict(zip(raw_corpus["section_id"].to_pylist(), raw_corpus["text"].to_pylist()))
+    texts = dict(zip(raw_corpus["section_id"].to_pylist(), raw_corpus["text"].to_pylist(), strict=False))
     sampled, bad = mismatched_sections(loaded, tokenized_cache, texts, CHECK_SAMPLE)
     return dg.AssetCheckResult(
         passed=not bad,
-        description=None if not bad else f"{len(bad)} sampled section(s) differ from the live tokenizer: {', '.join(bad[:10])}",
+        description=None
+        if not bad
+        else f"{len(bad)} sampled section(s) differ from the live tokenizer: {', '.join(bad[:10])}",
         metadata={
             "sampled": sampled,
             "mismatched": len(bad),
