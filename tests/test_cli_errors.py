@@ -81,7 +81,10 @@ def test_a_bad_setting_is_one_line_before_anything_runs(tmp_path, variable, valu
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--max-seq-len", "0"], "argument --max-seq-len: must be a whole number >= 1, got 0"),
+        (
+            ["--max-seq-len", "0"],
+            "argument --max-seq-len: the maximum sequence length must be a whole number from 1 to 2147483647, got 0",
+        ),
         (["--val-fraction", "0.7"], "argument --val-fraction: the validation fraction must be a number from 0 to 0.5"),
         (["--val-fraction", "many"], "argument --val-fraction: must be a number from 0 to 0.5, got 'many'"),
         (["--split-seed", "007"], "argument --split-seed: the split seed must be a non-negative whole number"),
