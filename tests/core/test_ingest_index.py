@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import without_permission_override
 
 from dlm_pipeline.core import ingest_index
 from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
@@ -245,12 +245,7 @@ def test_permission_changes_are_seen(tree, home):
     """chmod 000 makes a file unreadable (never cached: tried again each run), chmod back makes it
     text again. Root reads everything, so as root the runs go without the capabilities that bypass
     file permissions (in one process: it may still chmod the files it owns)."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root without setpriv: cannot drop the permission-bypass capabilities")
-        caps = "-dac_override,-dac_read_search"
-        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    prefix = without_permission_override()
     root = tree({"a.txt": "alpha\n", "b.txt": "beta\n"})
     settle()
     command = [*prefix, sys.executable, "-c", PERMISSION_RUNS, str(root), str(home)]

@@ -9,6 +9,7 @@ import stat
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import without_permission_override
 
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
@@ -204,16 +205,10 @@ def test_an_unusable_root_is_one_clear_error(tmp_path, kind):
 
 def test_an_unwritable_root_is_one_clear_error(tmp_path):
     """Root writes everywhere, so as root the store runs without the permission-bypass capabilities."""
-    import shutil
     import subprocess
     import sys
 
-    without_override: list[str] = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root without setpriv: cannot drop the permission-bypass capabilities")
-        caps = "-dac_override,-dac_read_search"
-        without_override = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    without_override = without_permission_override()
     root = tmp_path / "ro"
     root.mkdir(mode=0o500)
     code = "import sys; from dlm_pipeline.core.token_store import TokenStore; TokenStore(sys.argv[1])"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import without_permission_override
 
 from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus, normalise_text, section_id
@@ -226,16 +227,10 @@ def test_unreadable_files_and_dirs_are_counted(tree):
     """A file and a folder the scanning process may not read. Root reads everything, so as root
     the scan runs without the capabilities that bypass file permissions."""
     import json
-    import shutil
     import subprocess
     import sys
 
-    without_override: list[str] = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root without setpriv: cannot drop the permission-bypass capabilities")
-        caps = "-dac_override,-dac_read_search"
-        without_override = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    without_override = without_permission_override()
     root = tree({"a.txt": "1", "b.txt": "2", "locked/c.txt": "3"})
     (root / "b.txt").chmod(0)
     (root / "locked").chmod(0)
