@@ -190,12 +190,8 @@ def val_fraction() -> float:
     if not raw:
         return DEFAULT_VAL_FRACTION
     try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{ENV_VAL_FRACTION} must be a number from 0 to {MAX_VAL_FRACTION}, got {raw!r}") from None
-    try:
-        return check_val_fraction(value)
-    except SettingsError:
+        return check_val_fraction(float(raw))
+    except (ValueError, SettingsError):  # SettingsError is a ValueError; one message for both
         raise SettingsError(f"{ENV_VAL_FRACTION} must be a number from 0 to {MAX_VAL_FRACTION}, got {raw!r}") from None
 
 
