@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import without_permission_override
 
 from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
 from dlm_pipeline.core.corpus import build_raw_corpus, normalise_text, section_id
@@ -229,6 +228,8 @@ def test_unreadable_files_and_dirs_are_counted(tree):
     import json
     import subprocess
     import sys
+
+    from conftest import without_permission_override  # here: other processes import this module by path
 
     without_override = without_permission_override()
     root = tree({"a.txt": "1", "b.txt": "2", "locked/c.txt": "3"})
