@@ -41,15 +41,18 @@ IN_FLIGHT_PER_CPU = 2  # tasks submitted ahead per cluster CPU: bounds what sits
 ONE_THREAD = {"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
 
 
-def plan_batches(texts: Sequence[str], batch_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive [start, end) ranges whose texts hold at most `batch_bytes` UTF-8 bytes (a larger
-    single text gets a batch of its own); none for no texts. Depends only on the texts, so the same
-    misses always make the same batches."""
+def byte_batches(sizes: np.ndarray, batch_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges whose sizes sum to at most `batch_bytes` (a larger single
+    item gets a range of its own); none for no items."""
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes must be > 0, got {batch_bytes}")
-    if not texts:
-        return []
-    return chunk_bounds(pc.binary_length(pa.array(texts, pa.string())).to_numpy(zero_copy_only=False), batch_bytes)
+    return chunk_bounds(sizes, batch_bytes) if len(sizes) else []
+
+
+def plan_batches(texts: Sequence[str], batch_bytes: int) -> list[tuple[int, int]]:
+    """Batches of texts by UTF-8 bytes. Depends only on the texts, so the same misses always make
+    the same batches."""
+    return byte_batches(pc.binary_length(pa.array(texts, pa.string())).to_numpy(zero_copy_only=False), batch_bytes)
 
 
 @dataclass(frozen=True)
@@ -157,14 +160,9 @@ def read_batch(
 
 
 def plan_read_batches(files: Sequence[FileEntry], max_file_bytes: int, batch_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive ranges of files of at most `batch_bytes` by their size at the walk (each capped at
-    what a read may take)."""
-    if batch_bytes <= 0:
-        raise ValueError(f"batch_bytes must be > 0, got {batch_bytes}")
-    if not files:
-        return []
+    """Batches of files by their size at the walk, each capped at what a read may take."""
     sizes = np.fromiter((min(f.stat[0], max_file_bytes) if f.stat else 0 for f in files), np.int64, len(files))
-    return chunk_bounds(sizes, batch_bytes)
+    return byte_batches(sizes, batch_bytes)
 
 
 @dataclass
