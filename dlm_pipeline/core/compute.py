@@ -128,7 +128,7 @@ class ReadResult:
 def inside(root: str, path: str) -> str:
     """root/path for a relative POSIX path from the walk; anything that could leave the root is refused."""
     parts = PurePosixPath(path).parts
-    if not parts or path.startswith("/") or "\0" in path or any(p in (".", "..") for p in parts):
+    if not parts or path.startswith("/") or "\0" in path or ".." in parts:
         raise ValueError(f"not a relative path inside the source root: {path!r}")
     return os.path.join(root, path)
 

@@ -104,7 +104,7 @@ def _ray_resource(address: str, num_cpus: int):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Where the token store's misses are tokenized: `local` (this process) or `ray`."""
+    """Where files the ingest index misses are read and texts the store misses tokenized: `local` or `ray`."""
 
     backend: str = "local"
     ray_address: str = ""  # "" = LocalRay: start (or join, with RAY_ADDRESS set) a cluster on this machine
