@@ -129,6 +129,7 @@ def dagster_benchmark(files: dict[str, str]) -> None:
     import dagster as dg
 
     from dlm_pipeline.definitions import CORPUS_JOB, build_defs
+    from dlm_pipeline.defs.compute import ComputeResource
     from dlm_pipeline.defs.resources import (
         DatasetResource,
         ParquetIOManager,
@@ -151,6 +152,7 @@ def dagster_benchmark(files: dict[str, str]) -> None:
                 "io_manager": ParquetIOManager(output_dir=str(Path(tmp) / "out")),
                 "tokenizer": TokenizerResource(),
                 "token_cache": TokenCacheResource(cache_dir=str(Path(tmp) / "cache")),
+                "compute": ComputeResource(),
                 "dataset": DatasetResource(),
             }
         )

@@ -9,6 +9,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -41,6 +42,8 @@ SKIP_REASONS = (
 )
 
 Progress = Callable[[int, int], None]
+# A compute backend's reader: (root, [(file, scan for secrets)]) -> {path: ingest_index.read_entry result}
+ReadBatch = Callable[[Path, list[tuple[FileEntry, bool]]], dict]
 
 
 def section_id(path: str, text: str) -> str:
@@ -139,12 +142,14 @@ def build_raw_corpus(
     secret_entropy: bool = False,
     progress: Progress | None = None,
     index: IngestIndex | None = None,
+    read_batch: ReadBatch | None = None,
 ) -> RawCorpus:
     """Apply the path rules and content rules to a tree scan; rows come out ordered by path.
 
     A file in which a credential is found is skipped as `secret` (unless its nearest anchor says
     `scan_secrets: false`); only its path is kept, never what was found. With an `index` (built
-    with the same limits), files whose stat did not change are not read again.
+    with the same limits), files whose stat did not change are not read again. `read_batch` (a
+    compute backend) reads the files the index misses; by default they are read here.
     """
     from dlm_pipeline.core.ingest_index import IngestIndex  # it builds on this module
 
@@ -156,6 +161,11 @@ def build_raw_corpus(
     included: list[FileEntry] = [f for f in scan.files if admitted(rules, f)]
     result.files_seen = len(scan.files)
     result.files_excluded = len(scan.files) - len(included)
+    if read_batch is not None:
+        wanted = [(f, rules.scans_secrets(parent_dir(f.path))) for f in included]
+        index.add_reads(
+            read_batch(scan.root, [(f, s) for f, s in wanted if index.needs_read(f, scanner if s else None)])
+        )
     ids, paths, texts, tags = [], [], [], []
     for done, entry in enumerate(included, start=1):
         outcome = index.read(entry, scanner if rules.scans_secrets(parent_dir(entry.path)) else None)

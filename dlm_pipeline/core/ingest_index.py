@@ -81,6 +81,23 @@ class Entry:
     secret: str | None = None
 
 
+def read_entry(file: FileEntry, max_file_bytes: int, scanner: SecretScanner | None = None) -> Entry | tuple[str, str]:
+    """Read one file as the index records it: its text and content key (and, with a `scanner`, the
+    credential verdict; a secret's text is dropped), a skip decided by content, or the (reason,
+    detail) of a skip that is never cached. The same function runs in a compute backend's task."""
+    result = read_text(file.abspath, max_file_bytes)
+    if isinstance(result, tuple):
+        return result if result[0] not in CACHED_REASONS or file.stat is None else Entry(file.stat, result[0])
+    entry = Entry(file.stat or (), TEXT, result, content_key(result))
+    return entry if scanner is None else scanned(entry, scanner, file.path)
+
+
+def scanned(entry: Entry, scanner: SecretScanner, path: str) -> Entry:
+    """The entry with its credential verdict; the text is dropped when one is found."""
+    found = bool(scanner.findings(entry.text, path))
+    return replace(entry, secret=SECRET_FOUND if found else SECRET_CLEAN, text=None if found else entry.text)
+
+
 def index_settings(root: str | os.PathLike, max_file_bytes: int, secret_entropy: bool) -> str:
     """Everything a cached read result depends on besides the file itself, as one string."""
     plugins = CREDENTIAL_PLUGINS + (ENTROPY_PLUGINS if secret_entropy else ())
@@ -131,6 +148,7 @@ class IngestIndex:
         self.files_read = 0
         self.files_from_index = 0
         self.changed = False
+        self.reads: dict[str, Entry | tuple[str, str]] = {}  # add_reads: files read elsewhere
         if self.dir is None:
             self.status = "off"
         elif full_rescan:
@@ -243,18 +261,23 @@ class IngestIndex:
             self.files_from_index += 1
         else:
             self.files_read += 1
-            result = read_text(file.abspath, self.max_file_bytes)
-            if isinstance(result, tuple):
-                if result[0] not in CACHED_REASONS or file.stat is None:
-                    self.fresh.pop(file.path, None)
-                    return result
-                entry = Entry(file.stat, result[0])
-            else:
-                entry = Entry(file.stat or (), TEXT, result, content_key(result))
+            entry = self.reads.pop(file.path, None) or read_entry(file, self.max_file_bytes)
+            if isinstance(entry, tuple):
+                self.fresh.pop(file.path, None)
+                return entry
             self.changed = True
         if file.stat is not None:
             self.fresh[file.path] = entry
         return entry
+
+    def needs_read(self, file: FileEntry, scanner: SecretScanner | None = None) -> bool:
+        """Whether `read(file, scanner)` would open the file (its stat changed, or it is new)."""
+        return self._cached(file, need_text=scanner is None) is None
+
+    def add_reads(self, reads: dict[str, Entry | tuple[str, str]]) -> None:
+        """Results of `read_entry` done elsewhere (a compute backend), taken by `read` instead of
+        opening the file; the index itself is still updated here."""
+        self.reads.update(reads)
 
     def read(self, file: FileEntry, scanner: SecretScanner | None = None) -> str | tuple[str, str]:
         """What `corpus.read_text` gives, then ("secret", "") when `scanner` finds a credential."""
@@ -265,9 +288,7 @@ class IngestIndex:
             return entry.outcome, ""
         if scanner is not None:
             if entry.secret is None:
-                found = bool(scanner.findings(entry.text, file.path))
-                verdict = SECRET_FOUND if found else SECRET_CLEAN
-                entry = replace(entry, secret=verdict, text=None if found else entry.text)
+                entry = scanned(entry, scanner, file.path)
                 if file.stat is not None:
                     self.fresh[file.path] = entry
                 self.changed = True

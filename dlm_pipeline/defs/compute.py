@@ -1,19 +1,22 @@
-"""The compute resource (SPEC §6, `--compute local|ray`): where tokenized_cache tokenizes its misses.
+"""The compute resource (SPEC §6, `--compute local|ray`): where tokenized_cache tokenizes its misses
+and raw_corpus reads the files the ingest index misses.
 
-`local` (default) tokenizes in the run's own process. `ray` runs the batches of
+`local` (default) does both in the run's own process. `ray` runs the batches of
 `dlm_pipeline.core.compute` on a Ray cluster through `dagster-ray` (the optional `[ray]` extra):
 `LocalRay` on this machine when no address is set, otherwise the cluster at `ray_address`
 (`ray://head:10001`, or `head:6379` from inside the cluster's network, e.g. a KubeRay head service).
 Dagster stays the control plane: partitions, checks, lineage and metadata do not change, and the
 outputs are byte-identical. The cluster is reached only when there are misses; an unreachable
-address fails the step at once.
+address fails the step at once. On a cluster of several machines the source root, like the token
+store, must be at the same path on every node (README, "Beyond one machine").
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -24,10 +27,13 @@ from dlm_pipeline.core.compute import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_MAX_RETRIES,
     RunStats,
+    read_on_ray,
     run_on_ray,
 )
+from dlm_pipeline.core.corpus import ReadBatch
 from dlm_pipeline.core.token_store import RemoteWriter, TokenStore
 from dlm_pipeline.core.tokenize import LoadedTokenizer
+from dlm_pipeline.core.tree import FileEntry
 from dlm_pipeline.defs.metadata import ProgressLog
 
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -98,7 +104,7 @@ def _ray_resource(address: str, num_cpus: int):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Where the token store's misses are tokenized: `local` (this process) or `ray`."""
+    """Where files the ingest index misses are read and texts the store misses tokenized: `local` or `ray`."""
 
     backend: str = "local"
     ray_address: str = ""  # "" = LocalRay: start (or join, with RAY_ADDRESS set) a cluster on this machine
@@ -113,11 +119,9 @@ class ComputeResource(dg.ConfigurableResource):
         )
 
     @contextmanager
-    def writer(
-        self, context: dg.AssetExecutionContext, store: TokenStore, tokenizer: LoadedTokenizer, stats: RunStats
-    ) -> Iterator[RemoteWriter | None]:
-        """None for `local`; for `ray`, a writer for `TokenStore.get_or_compute` that connects on its
-        first call and disconnects when the block ends."""
+    def _cluster(self, context: dg.AssetExecutionContext) -> Iterator[Callable[[], str] | None]:
+        """None for `local`; for `ray`, a function that connects on its first call (returning the
+        cluster's name); the connection ends with the block."""
         if self.backend not in BACKENDS:
             raise dg.Failure(
                 description=f"compute backend must be one of {', '.join(BACKENDS)}, got {self.backend!r} "
@@ -131,12 +135,28 @@ class ComputeResource(dg.ConfigurableResource):
         cluster = _ray_resource(self.ray_address, self.ray_num_cpus)
         with ExitStack() as stack:
 
-            def write(namespace: str, keys: Sequence[str], texts: Sequence[str]):
+            def connect() -> str:
                 if not cluster.connected:
                     cluster._connect(context)  # dagster-ray's create / wait / connect, with its logging
                     stack.callback(cluster.cleanup, context, None)
+                return cluster.name
+
+            yield connect
+
+    @contextmanager
+    def writer(
+        self, context: dg.AssetExecutionContext, store: TokenStore, tokenizer: LoadedTokenizer, stats: RunStats
+    ) -> Iterator[RemoteWriter | None]:
+        """None for `local`; for `ray`, a writer for `TokenStore.get_or_compute`."""
+        with self._cluster(context) as connect:
+            if connect is None:
+                yield None
+                return
+
+            def write(namespace: str, keys: Sequence[str], texts: Sequence[str]):
+                name = connect()
                 context.log.info(
-                    f"tokenizing {len(texts):,} texts on {cluster.name} in batches of <= {self.batch_bytes:,} bytes"
+                    f"tokenizing {len(texts):,} texts on {name} in batches of <= {self.batch_bytes:,} bytes"
                 )
                 return run_on_ray(
                     str(store.root),
@@ -152,9 +172,37 @@ class ComputeResource(dg.ConfigurableResource):
 
             yield write
 
+    @contextmanager
+    def reader(
+        self, context: dg.AssetExecutionContext, max_file_bytes: int, secret_entropy: bool, stats: RunStats
+    ) -> Iterator[ReadBatch | None]:
+        """None for `local`; for `ray`, a `read_batch` for `build_raw_corpus` (no files: no cluster)."""
+        with self._cluster(context) as connect:
+            if connect is None:
+                yield None
+                return
+
+            def read(root: Path, files: list[tuple[FileEntry, bool]]):
+                if not files:
+                    return {}
+                name = connect()
+                context.log.info(f"reading {len(files):,} files on {name} in batches of <= {self.batch_bytes:,} bytes")
+                return read_on_ray(
+                    root,
+                    files,
+                    max_file_bytes,
+                    secret_entropy,
+                    self.batch_bytes,
+                    self.max_retries,
+                    ProgressLog(context, "ingest read tasks"),
+                    stats,
+                )
+
+            yield read
+
     @staticmethod
     def metadata(stats: RunStats) -> dict:
-        """Asset metadata of a Ray run: tasks, retries, bytes and tokens/s per worker."""
+        """Asset metadata of a Ray run: tasks, retries, bytes and tokens/s (or files/s) per worker."""
         return {
             "compute_tasks": dg.MetadataValue.int(stats.tasks),
             "compute_retries": dg.MetadataValue.int(stats.retries),

@@ -5,13 +5,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 
 import pytest
+from conftest import write_tree
 
-from dlm_pipeline.core.compute import RunStats, plan_batches, tokenize_batch
-from dlm_pipeline.core.corpus import content_key
+from dlm_pipeline.core.compute import RunStats, plan_batches, plan_read_batches, read_batch, tokenize_batch
+from dlm_pipeline.core.config_records import anchors_from_table, load_configs, records_table
+from dlm_pipeline.core.corpus import build_raw_corpus, content_key
+from dlm_pipeline.core.ingest_index import FINE_SLACK_NS, IngestIndex
 from dlm_pipeline.core.token_store import MANIFEST, TokenStore
 from dlm_pipeline.core.tokenize import load_tokenizer
+from dlm_pipeline.core.tree import scan_tree
 
 TEXTS = [f"def g{i}(y):\n    return y + {i}  # naïve {i}\n" * (1 + i % 7) for i in range(200)]
 KEYS = [content_key(t) for t in TEXTS]
@@ -103,3 +108,90 @@ def test_commit_lists_only_regular_shards_of_the_stated_size(tmp_path):
     assert lookup.table.equals(
         TokenStore(tmp_path / "fresh").get_or_compute(ns, KEYS[:60], TEXTS[:60], loaded.encode).table
     )
+
+
+# -- ingest: the files the index misses, read by tasks --------------------------------------------
+
+AWS_KEY = "aws_key = 'AKIA" + "Q3EGRYMNHCZ7XWPA'\n"
+
+
+def hostile_tree(root):
+    """Every kind of file the content rules decide on, plus symlinks the walk admits or refuses."""
+    files = {
+        ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {lang: py}\n",
+        "lax/.dlm/training.yaml": "dlm_training_version: 1\nscan_secrets: false\n",
+        "lax/key.py": AWS_KEY,  # kept: its anchor turns the scan off
+        "a/key.py": AWS_KEY,  # skipped: secret
+        "a/blob.txt": b"ab\x00cd",  # binary
+        "a/latin1.txt": b"caf\xe9\n",  # encoding
+        "a/big.txt": "x" * 5_000,  # too_large at max_file_bytes=4_096
+        "a/crlf.txt": b"\xef\xbb\xbfone\r\ntwo\rthree\n",  # BOM and line ends normalised
+        **{f"b/m{i:03d}.py": f"def f{i}():\n    return {i}  # {'é' * (i % 4)}\n" for i in range(120)},
+    }
+    write_tree(root, files)
+    os.symlink("m001.py", root / "b" / "inside_link.py")  # read through its target
+    os.symlink("/etc/hostname", root / "b" / "escape_link.py")  # refused by the walk
+    os.mkfifo(root / "a" / "pipe.txt")  # not_regular, never opened
+    return root
+
+
+def in_process_reader(batch_bytes: int, calls: list):
+    """A serial backend for ingest: the same task Ray runs, batch after batch in this process."""
+
+    def read(root, files):
+        calls.append([f.path for f, _ in files])
+        entries = {}
+        for batch, (start, end) in enumerate(plan_read_batches([f for f, _ in files], 4_096, batch_bytes)):
+            args = [(f.path, f.stat, scan) for f, scan in files[start:end]]
+            entries.update(read_batch(str(root), args, 4_096, False, batch).entries)
+        return entries
+
+    return read
+
+
+def test_ingest_tasks_read_what_the_index_misses_and_give_the_local_corpus(tmp_path):
+    root = hostile_tree(tmp_path / "tree")
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def corpus(read=None, with_index=True):
+        scan = scan_tree(root)
+        anchors = anchors_from_table(records_table(load_configs(scan)))
+        index = IngestIndex(home if with_index else None, scan.root, max_file_bytes=4_096)
+        return build_raw_corpus(scan, anchors, max_file_bytes=4_096, index=index, read_batch=read)
+
+    local, calls = corpus(with_index=False), []
+    assert {"secret", "binary", "encoding", "too_large", "not_regular", "symlink_escape"} <= set(local.skips)
+    time.sleep(FINE_SLACK_NS / 1e9 + 0.02)  # past the racy window, so the index keeps the entries
+    remote = corpus(in_process_reader(300, calls))
+    assert remote.table.equals(local.table, check_metadata=True)
+    assert (remote.skips, remote.skipped, remote.bytes_read) == (local.skips, local.skipped, local.bytes_read)
+    assert len(calls) == 1 and len(calls[0]) == remote.files_read > 120 and remote.files_from_index == 0
+    again = corpus(in_process_reader(300, calls))  # all from the index: nothing to read
+    assert calls[-1] == [] and again.files_read == 0 and again.table.equals(local.table, check_metadata=True)
+    assert (again.skips, again.skipped) == (local.skips, local.skipped)
+    (root / "b" / "m005.py").write_text("def changed():\n    return 5\n")
+    time.sleep(FINE_SLACK_NS / 1e9 + 0.02)
+    changed = corpus(in_process_reader(300, calls))
+    assert calls[-1] == ["b/m005.py"]
+    assert changed.table.equals(corpus(with_index=False).table, check_metadata=True)
+
+
+def test_ingest_batches_follow_the_walk_sizes_and_tasks_stay_inside_the_root(tmp_path):
+    root = hostile_tree(tmp_path / "tree")
+    files = [f for f in scan_tree(root).files if f.path.startswith("b/")]
+    batches = plan_read_batches(files, 4_096, 300)
+    assert batches[0][0] == 0 and batches[-1][1] == len(files) and len(batches) > 10
+    assert all(sum(f.stat[0] for f in files[s:e]) <= 300 or e - s == 1 for s, e in batches)
+    assert plan_read_batches([], 4_096, 300) == []
+    for bad in ("../x", "/etc/hostname", "b/../../x", "", "b/\0"):
+        with pytest.raises(ValueError, match="not a relative path inside the source root"):
+            read_batch(str(root), [(bad, None, True)], 4_096, False)
+    result = read_batch(str(root), [("a/key.py", None, True), ("lax/key.py", None, False)], 4_096, False, attempt=2)
+    secret, kept = (entry for _, entry in result.entries)
+    assert secret.secret == "secret" and secret.text is None and secret.key == content_key(AWS_KEY)
+    assert kept.text == AWS_KEY and kept.secret is None and result.text_bytes == len(AWS_KEY)
+    stats = RunStats()
+    stats.add(result)
+    assert stats.retries == 2 and stats.produced["files"] == 2 and stats.tokens == 0
+    assert next(iter(stats.per_worker.values()))["files"] == 2

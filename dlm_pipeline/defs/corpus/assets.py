@@ -10,6 +10,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dlm_pipeline.core.compute import RunStats
 from dlm_pipeline.core.config_records import (
     STATUS_ERROR,
     anchors_from_table,
@@ -21,6 +22,7 @@ from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
 from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_corpus, tag_stats
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.core.weights import SCOPE_NEAREST, table_scope, weights_table
+from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CONFIGS_VALID
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
@@ -115,7 +117,9 @@ def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_
 
 
 @dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
-def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
+def raw_corpus(
+    context: dg.AssetExecutionContext, source: SourceTree, compute: ComputeResource, training_configs: pa.Table
+) -> dg.Output:
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source)
@@ -127,14 +131,17 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     if reuse.output is not None:
         return reuse.output
     index = source.ingest_index(context.instance, scan)
-    corpus = build_raw_corpus(
-        scan,
-        anchors,
-        max_file_bytes=source.max_file_bytes,
-        secret_entropy=source.secret_entropy,
-        progress=ProgressLog(context, "raw_corpus files read"),
-        index=index,
-    )
+    compute_stats = RunStats()
+    with compute.reader(context, source.max_file_bytes, source.secret_entropy, compute_stats) as read_batch:
+        corpus = build_raw_corpus(
+            scan,
+            anchors,
+            max_file_bytes=source.max_file_bytes,
+            secret_entropy=source.secret_entropy,
+            progress=ProgressLog(context, "raw_corpus files read"),
+            index=index,
+            read_batch=read_batch,
+        )
     context.log.info(
         f"ingest index {index.status}: {corpus.files_read:,} file(s) read, {corpus.files_from_index:,} from the index"
     )
@@ -163,6 +170,8 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
             **{f"skipped/{reason}": dg.MetadataValue.int(count) for reason, count in skips.items()},
             "skipped_files": table_metadata(skipped),
             "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
+            "compute": dg.MetadataValue.text(compute.backend),
+            **(ComputeResource.metadata(compute_stats) if compute_stats.tasks else {}),
         },
     )
 
