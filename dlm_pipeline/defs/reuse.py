@@ -125,7 +125,15 @@ def raw_corpus_reuse(
             f"reused from seed {source_seed}: same configs, settings and file stats "
             f"({signature.entries:,} files stat'ed, none read)"
         ),
-        **{name: value for name, value in recorded.items() if name not in _NOT_COPIED and name != REUSED_FROM_SEED},
+        **{
+            name: value
+            for name, value in recorded.items()
+            if name not in _NOT_COPIED and name != REUSED_FROM_SEED and not name.startswith("compute")
+        },
+        # What this run did, not what the reused one did: it read no file and used no index entry.
+        "files_read": dg.MetadataValue.int(0),
+        "files_from_index": dg.MetadataValue.int(0),
+        "ingest_index": dg.MetadataValue.text(f"not needed: reused from seed {source_seed}"),
         **config_lineage(context),
         "input_fingerprints": dg.MetadataValue.json(inputs),
     }
