@@ -42,6 +42,7 @@ def __getattr__(name: str):
         return _core_default(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EXAMPLE_ROOT = PROJECT_DIR / "examples" / "corpus"
 

@@ -17,7 +17,7 @@ from dlm_pipeline.defs.resources import ParquetIOManager, TokenizerResource
 from dlm_pipeline.defs.tokens.assets import tokenized_cache
 
 CHECK_SAMPLE = 64  # sections at most
-CHECK_SAMPLE_BYTES = 256 * 1024  # text bytes re-tokenized at most; the first sampled section always is
+CHECK_SAMPLE_BYTES = 64 * 1024  # text bytes re-tokenized at most; the first sampled section always is
 
 
 def bounded_sample(section_ids: pa.ChunkedArray, raw_ids: pa.ChunkedArray, text_bytes: pa.ChunkedArray) -> list[str]:
@@ -41,7 +41,7 @@ def bounded_sample(section_ids: pa.ChunkedArray, raw_ids: pa.ChunkedArray, text_
     asset=tokenized_cache,
     name=TOKENS_MATCH_TOKENIZER,
     additional_ins={"raw_corpus": dg.AssetIn("raw_corpus", metadata={"columns": ["section_id", "text"]})},
-    description="A sample of cached token rows (at most 64 sections and 256 KiB of text), re-tokenized with the "
+    description="A sample of cached token rows (at most 64 sections and 64 KiB of text), re-tokenized with the "
     "live tokenizer, equals what is stored.",
 )
 def tokens_match_tokenizer(
