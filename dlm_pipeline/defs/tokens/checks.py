@@ -40,7 +40,7 @@ def bounded_sample(section_ids: pa.ChunkedArray, raw_ids: pa.ChunkedArray, text_
 @seed_check(
     asset=tokenized_cache,
     name=TOKENS_MATCH_TOKENIZER,
-    additional_ins={"raw_corpus": dg.AssetIn("raw_corpus", metadata={"columns": ["section_id", "text"]})},
+    additional_deps=["raw_corpus"],
     description="A sample of cached token rows (at most 64 sections and 64 KiB of text), re-tokenized with the "
     "live tokenizer, equals what is stored.",
 )
@@ -48,10 +48,10 @@ def tokens_match_tokenizer(
     context: dg.AssetCheckExecutionContext,
     io_manager: dg.ResourceParam[ParquetIOManager],
     tokenizer: TokenizerResource,
-    raw_corpus: pa.Table,
 ) -> dg.AssetCheckResult:
     loaded = tokenizer.load()
     stored = stored_columns(io_manager, context, "tokenized_cache", ["section_id", "input_ids", "truncated"])
+    raw_corpus = stored_columns(io_manager, context, "raw_corpus", ["section_id", "text"])
     sample = bounded_sample(stored["section_id"], raw_corpus["section_id"], pc.binary_length(raw_corpus["text"]))
     wanted = pa.array(sample, pa.string())
     sampled_raw = raw_corpus.filter(pc.is_in(raw_corpus["section_id"], wanted))
