@@ -1,6 +1,8 @@
 """`dlm-pipeline`: materialize seeds into the Dagster instance at $DAGSTER_HOME, manage seeds, validate configs.
 
 Runs go through the same job and instance the UI uses, so everything done here shows up there.
+Dagster, Arrow and the tokenizers are imported by the commands that need them, not here: `--help`,
+`seeds` and `validate` start without them (tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dlm_pipeline import settings
-from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
-from dlm_pipeline.core.tree import SourceTreeError, scan_tree
-from dlm_pipeline.core.weights import SCOPES, unmatched_weights
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 INSTANCE_LOCK = ".dlm-instance.lock"
@@ -198,15 +197,13 @@ def _failure_reasons(result) -> list[str]:
 
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Per process: one instance and one job (built once, before any fork), reused for every seed it runs.
 _worker: dict = {}
 
 
 def _worker_start() -> None:
-    """Per process: one instance and one job, reused for every seed this process runs."""
-    from dlm_pipeline.definitions import resolved_corpus_job
-
+    """A forked worker opens its own instance: database connections do not survive a fork."""
     _worker["instance"] = _instance()
-    _worker["job"] = resolved_corpus_job()
 
 
 def _run(seed: str):
@@ -299,26 +296,29 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
     try:
         settings.check_all()  # before the definitions load: a bad setting is reported at once
-        from dlm_pipeline.definitions import build_defs
+        from dlm_pipeline.definitions import resolved_corpus_job
 
-        build_defs()  # what else the definitions refuse surfaces here, before any run
+        # Built once, here: what else the definitions refuse surfaces before any run.
+        _worker["job"] = resolved_corpus_job()
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
     seeds = _seeds(args.seed or [])
     if settings.deployment() == "k8s":
         _check_cluster()
-    with _instance() as instance:
-        seeds = seeds or _registered(instance) or ["0"]
-        _register(instance, seeds)
+    instance = _instance()
+    seeds = seeds or _registered(instance) or ["0"]
+    _register(instance, seeds)
     workers = min(max(args.parallel, 1), len(seeds))
     if workers > 1:
-        # Forked workers start with everything imported: no start-up cost per seed. (Not a
-        # multiprocessing.Pool: its daemonic workers could not start an executor's step processes.)
+        instance.dispose()  # each worker opens its own
+        # Forked workers start with everything imported and the job built: no start-up cost per
+        # seed. (Not a multiprocessing.Pool: its daemonic workers could not start an executor's
+        # step processes.)
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start) as pool:
             results = list(pool.map(_materialize_seed, seeds))
     else:
-        _worker_start()
+        _worker["instance"] = instance  # the one opened above: opening it twice cost ~1 s
         results = []
         with _progress_bars() as current_seed:
             for seed in seeds:
@@ -403,6 +403,10 @@ def _cache_action(store, args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
+    from dlm_pipeline.core.tree import SourceTreeError, scan_tree
+    from dlm_pipeline.core.weights import unmatched_weights
+
     _apply_source_flags(args)
     try:
         scan = scan_tree(settings.source_root(), exclude_dirs=settings.pipeline_dirs(os.environ.get("DAGSTER_HOME")))
@@ -422,6 +426,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.explain import ExplainError, explain
     from dlm_pipeline.core.tokenize import TokenizerError, load_tokenizer
+    from dlm_pipeline.core.tree import SourceTreeError
 
     _apply_source_flags(args)
     seed = _seeds([args.seed])[0] if args.seed is not None else None
@@ -448,6 +453,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dlm_pipeline.core.tree import SourceTreeError
+
     _apply_source_flags(args)
     try:
         settings.check_all()
@@ -491,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="seeds to materialize: --seed 1 2 or --seed 1 --seed 2 (default: every registered seed, or 0)",
     )
-    materialize.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
+    materialize.add_argument("--weights-scope", choices=settings.SCOPES, help="nearest (default) or global")
     materialize.add_argument(
         "--tokenizer", help="tokenizer.json path, directory holding one, or hub id (default: bundled)"
     )
@@ -567,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("path", help="the file: absolute, or relative to the source root (else to the current folder)")
     explain.add_argument("--seed", metavar="N", help="the seed whose copies to show (default 0)")
     explain.add_argument("--source", help="source root (default: $DLM_SOURCE_ROOT or the bundled example)")
-    explain.add_argument("--weights-scope", choices=SCOPES, help="nearest (default) or global")
+    explain.add_argument("--weights-scope", choices=settings.SCOPES, help="nearest (default) or global")
     explain.add_argument(
         "--expansion-mode", choices=settings.EXPANSION_MODES, help="bernoulli (default) or exact fractional copies"
     )

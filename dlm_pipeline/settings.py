@@ -1,27 +1,47 @@
 """Environment variables the pipeline reads, parsed once with messages that say how to fix them.
 
-No Dagster import here: the CLI sets these from its flags before loading the definitions.
+No Dagster import here: the CLI sets these from its flags before loading the definitions. No core
+module at import either: the defaults they own are imported when first asked for, so that
+`dlm-pipeline --help`, `seeds` and `validate` load no Arrow, tokenizer or Ray code.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from pathlib import Path
 
-from dlm_pipeline.core.compute import BACKENDS as COMPUTE_BACKENDS
-from dlm_pipeline.core.compute import DEFAULT_BATCH_BYTES as DEFAULT_RAY_BATCH_BYTES
-from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
-from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
-from dlm_pipeline.core.expansion import (  # noqa: F401
-    DEFAULT_MAX_EXPANDED_BYTES,
-    EXPANSION_BERNOULLI,
-    EXPANSION_EXACT,
-    EXPANSION_MODES,
-)
-from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
-from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN
-from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
+# The choices `--help` lists, spelled here so that it imports no core module; a test checks that
+# they equal the core modules' own (tests/test_cli_startup.py).
+EXPANSION_BERNOULLI, EXPANSION_EXACT = "bernoulli", "exact"
+EXPANSION_MODES = (EXPANSION_BERNOULLI, EXPANSION_EXACT)
+COMPUTE_BACKENDS = ("local", "ray")
+SCOPE_NEAREST, SCOPE_GLOBAL = "nearest", "global"
+SCOPES = (SCOPE_NEAREST, SCOPE_GLOBAL)
+
+# Defaults the core modules own: (module, name), read on first use.
+_CORE_DEFAULTS = {
+    "DEFAULT_RAY_BATCH_BYTES": ("dlm_pipeline.core.compute", "DEFAULT_BATCH_BYTES"),
+    "DEFAULT_MAX_WEIGHT": ("dlm_pipeline.core.config", "DEFAULT_MAX_WEIGHT"),
+    "DEFAULT_MAX_FILE_BYTES": ("dlm_pipeline.core.corpus", "DEFAULT_MAX_FILE_BYTES"),
+    "DEFAULT_MAX_EXPANDED_BYTES": ("dlm_pipeline.core.expansion", "DEFAULT_MAX_EXPANDED_BYTES"),
+    "DEFAULT_CACHE_MAX_BYTES": ("dlm_pipeline.core.token_store", "DEFAULT_MAX_BYTES"),
+    "DEFAULT_MAX_SEQ_LEN": ("dlm_pipeline.core.tokenize", "DEFAULT_MAX_SEQ_LEN"),
+}
+
+
+def _core_default(name: str):
+    module, attribute = _CORE_DEFAULTS[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+def __getattr__(name: str):
+    """`settings.DEFAULT_*`: the core module's value, imported on first access."""
+    if name in _CORE_DEFAULTS:
+        return _core_default(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EXAMPLE_ROOT = PROJECT_DIR / "examples" / "corpus"
@@ -61,6 +81,8 @@ def source_root() -> str:
 
 
 def weights_scope() -> str:
+    from dlm_pipeline.core.weights import check_scope
+
     value = os.environ.get(ENV_WEIGHTS_SCOPE) or SCOPE_NEAREST
     try:
         return check_scope(value)
@@ -88,11 +110,11 @@ def _positive_int(name: str, default: int) -> int:
 
 
 def max_file_bytes() -> int:
-    return _positive_int(ENV_MAX_FILE_BYTES, DEFAULT_MAX_FILE_BYTES)
+    return _positive_int(ENV_MAX_FILE_BYTES, _core_default("DEFAULT_MAX_FILE_BYTES"))
 
 
 def max_weight() -> float:
-    return _positive(ENV_MAX_WEIGHT, DEFAULT_MAX_WEIGHT, float)
+    return _positive(ENV_MAX_WEIGHT, _core_default("DEFAULT_MAX_WEIGHT"), float)
 
 
 def output_dir() -> str:
@@ -145,7 +167,7 @@ def check_max_seq_len(value: int) -> int:
 
 
 def max_seq_len() -> int:
-    value = _positive_int(ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    value = _positive_int(ENV_MAX_SEQ_LEN, _core_default("DEFAULT_MAX_SEQ_LEN"))
     try:
         return check_max_seq_len(value)
     except SettingsError as exc:
@@ -175,7 +197,7 @@ def pipeline_dirs(home: str | None) -> list[str]:
 
 
 def cache_max_bytes() -> int:
-    return _positive_int(ENV_CACHE_MAX_BYTES, DEFAULT_CACHE_MAX_BYTES)
+    return _positive_int(ENV_CACHE_MAX_BYTES, _core_default("DEFAULT_CACHE_MAX_BYTES"))
 
 
 def check_val_fraction(value: float) -> float:
@@ -243,7 +265,7 @@ ENV_MAX_EXPANDED_BYTES = "DLM_MAX_EXPANDED_BYTES"
 
 def max_expanded_bytes() -> int:
     """Cap on the expanded corpus's text (copies x text bytes), checked before anything is gathered."""
-    return _positive_int(ENV_MAX_EXPANDED_BYTES, DEFAULT_MAX_EXPANDED_BYTES)
+    return _positive_int(ENV_MAX_EXPANDED_BYTES, _core_default("DEFAULT_MAX_EXPANDED_BYTES"))
 
 
 ENV_COMPUTE = "DLM_COMPUTE"
@@ -265,7 +287,7 @@ def ray_address() -> str:
 
 
 def ray_batch_bytes() -> int:
-    return _positive_int(ENV_RAY_BATCH_BYTES, DEFAULT_RAY_BATCH_BYTES)
+    return _positive_int(ENV_RAY_BATCH_BYTES, _core_default("DEFAULT_RAY_BATCH_BYTES"))
 
 
 ENV_FULL_RESCAN = "DLM_FULL_RESCAN"

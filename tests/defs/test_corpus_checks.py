@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import EXAMPLE, check_evaluations
 
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
-from dlm_pipeline.definitions import build_defs
 from dlm_pipeline.defs.constants import (
     CONFIG_CHANGE_SENSOR,
     EXPANSION_DETERMINISTIC,
@@ -18,7 +19,6 @@ from dlm_pipeline.defs.constants import (
     NIGHTLY_SCHEDULE,
 )
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
-from dlm_pipeline.defs.resources import ParquetIOManager
 
 
 @pytest.fixture
@@ -146,27 +146,40 @@ def test_weights_check_fails_on_a_planted_fault_in_each_mode_and_is_exact_in_exa
     assert ("weight group(s)" in evaluation.description) == (mode == "exact")
 
 
-LOADED: list[tuple[str, tuple[str, ...]]] = []
+def test_expansion_checks_share_one_step_read_no_text_and_report_weights_no_metadata_sets(tree, pipeline, monkeypatch):
+    from dlm_pipeline.defs import checked_output
 
-
-class RecordingIOManager(ParquetIOManager):
-    """The real IO manager, noting which columns each load returned."""
-
-    def load_input(self, context):
-        table = super().load_input(context)
-        LOADED.append((context.asset_key.path[-1], tuple(table.column_names)))
-        return table
-
-
-def test_weights_check_loads_no_text_and_reports_weights_no_metadata_sets(tree, pipeline):
     pipe = pipeline(tree(FRACTIONAL_TREE))
     assert pipe.run("0").success
-    pipe.defs = build_defs({**pipe.defs.resources, "io_manager": RecordingIOManager(output_dir=str(pipe.out))})
-    LOADED.clear()
-    evaluation = check_evaluations(pipe.run_checks("0", EXPANSION_MATCHES_WEIGHTS))[EXPANSION_MATCHES_WEIGHTS]
-    assert ("raw_corpus", ("section_id", "path", "tags")) in LOADED
-    assert not any(asset == "raw_corpus" and "text" in columns for asset, columns in LOADED)
+    reads, read = [], checked_output.read_parquet
+
+    def recording(path, columns=None):
+        reads.append((Path(path).parent.name, columns))
+        return read(path, columns)
+
+    monkeypatch.setattr(checked_output, "read_parquet", recording)
+    result = pipe.run_checks("0", EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS)
+    evaluations = check_evaluations(result)
+    assert evaluations[EXPANSION_DETERMINISTIC].passed
+    assert len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}) == 1
+    # each stored file read once for both checks; the text-carrying ones without their text
+    assert sorted(asset for asset, _ in reads) == ["expanded_corpus", "raw_corpus", "training_configs", "weights_map"]
+    assert dict(reads)["expanded_corpus"] == ["section_id", "copy", "weight"]
+    assert dict(reads)["raw_corpus"] == ["section_id", "path", "tags"]
+    evaluation = evaluations[EXPANSION_MATCHES_WEIGHTS]
     assert evaluation.passed  # a warning, not a failure
     assert evaluation.metadata["unmatched_weights"].value == 1
     assert "weights.kind.y: no anchor's metadata sets kind: y" in evaluation.metadata["unmatched_weight_list"].value
     assert "1 weight(s) that no metadata sets can never apply" in evaluation.description
+
+
+def test_determinism_check_fails_on_a_changed_weight_alone(watched):
+    """Rows and copies intact, one stored weight changed: the recomputation compares weights too."""
+    assert watched.run("0").success
+    path = watched.output("expanded_corpus", "0")
+    table = pq.read_table(path)
+    weights = table["weight"].to_pylist()
+    weights[2] += 0.25
+    write_parquet_atomic(table.set_column(table.schema.get_field_index("weight"), "weight", pa.array(weights)), path)
+    evaluation = check_evaluations(watched.run_checks("0", EXPANSION_DETERMINISTIC))[EXPANSION_DETERMINISTIC]
+    assert not evaluation.passed and evaluation.metadata["first_differing_row"].value == -1

@@ -177,6 +177,30 @@ def test_leak_check_fails_on_a_planted_leak(built):
     assert not evaluations[PACKING_CONSERVES_TOKENS].passed
 
 
+def test_leak_check_alone_reads_the_files_and_finds_a_planted_leak(built):
+    pipe, _ = built
+    out = folder(pipe, "0")
+    train, validation = read_indexed(out / "train"), read_indexed(out / "validation")
+    _rewrite_megatron(out / "train", [np.array(train[i]) for i in range(len(train))] + [np.array(validation[0])])
+    leak = check_evaluations(pipe.run_checks("0", SPLIT_IS_LEAK_FREE))[SPLIT_IS_LEAK_FREE]
+    assert not leak.passed and leak.metadata["leaked"].value == 1
+    assert leak.metadata["method"].value == "files read back"
+
+
+def test_both_dataset_checks_share_one_step_and_the_leak_check_reuses_the_verified_plan(built):
+    pipe, result = built
+    evaluations = check_evaluations(result)
+    steps = {e.step_key for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert "training_dataset_checks" in steps and evaluations[PACKING_CONSERVES_TOKENS].passed
+    leak = evaluations[SPLIT_IS_LEAK_FREE]
+    assert leak.passed and leak.metadata["method"].value == "plan, files verified id for id"
+    # the counts from the plan are those the files give when read back
+    from_files = check_evaluations(pipe.run_checks("0", SPLIT_IS_LEAK_FREE))[SPLIT_IS_LEAK_FREE]
+    assert from_files.metadata["method"].value == "files read back"
+    counts = ["leaked", "misplaced", "unknown", "train_documents", "validation_documents"]
+    assert {k: leak.metadata[k].value for k in counts} == {k: from_files.metadata[k].value for k in counts}
+
+
 def test_packing_check_fails_on_a_changed_or_dropped_id(built):
     pipe, _ = built
     path = folder(pipe, "0") / "train.parquet"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import EXAMPLE, check_evaluations, small_tokenizer
 
@@ -191,3 +192,24 @@ def test_a_tokenizer_s_own_truncation_and_padding_are_turned_off(pipeline, tmp_p
     ]
     assert tokens["input_ids"].to_pylist() == [ids[:32] for ids in direct]  # neither 4 ids nor padded to 64
     assert tokens["n_tokens"].to_pylist() == [min(len(ids), 32) for ids in direct]
+
+
+def test_the_check_samples_within_its_text_budget_and_still_fails_on_a_planted_fault(tree, pipeline):
+    from dlm_pipeline.core.parquet_io import write_parquet_atomic
+    from dlm_pipeline.defs.tokens.checks import CHECK_SAMPLE_BYTES
+
+    size = CHECK_SAMPLE_BYTES // 4 + 100  # at most 3 texts fit the budget beside the first
+    files = {f"f{i:02d}.txt": f"file {i} " + "word " * (size // 5) for i in range(12)}
+    pipe = pipeline(tree(files))
+    evaluation = check_evaluations(pipe.run("0"))[TOKENS_MATCH_TOKENIZER]
+    assert evaluation.passed and evaluation.metadata["sections_stored"].value == 12
+    assert 1 <= evaluation.metadata["sampled"].value <= 3
+    assert evaluation.metadata["sampled_text_bytes"].value <= CHECK_SAMPLE_BYTES
+    path = pipe.output("tokenized_cache", "0")
+    table = pq.read_table(path)
+    ids = table["input_ids"].to_pylist()
+    victim = min(range(len(ids)), key=lambda i: table["section_id"][i].as_py())  # always sampled
+    ids[victim] = ids[victim][:-1]
+    write_parquet_atomic(table.set_column(2, "input_ids", pa.array(ids, pa.list_(pa.int32()))), path)
+    evaluation = check_evaluations(pipe.run_checks("0", TOKENS_MATCH_TOKENIZER))[TOKENS_MATCH_TOKENIZER]
+    assert not evaluation.passed and evaluation.metadata["mismatched"].value == 1

@@ -1,6 +1,6 @@
 """The training dataset (SPEC §7): the asset and its checks."""
 
 from dlm_pipeline.defs.dataset.assets import training_dataset
-from dlm_pipeline.defs.dataset.checks import packing_conserves_tokens, split_is_leak_free
+from dlm_pipeline.defs.dataset.checks import training_dataset_checks
 
-__all__ = ["packing_conserves_tokens", "split_is_leak_free", "training_dataset"]
+__all__ = ["training_dataset", "training_dataset_checks"]

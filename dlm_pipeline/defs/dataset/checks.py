@@ -1,99 +1,72 @@
 """Checks on the training dataset, per seed: no text on both sides, and no id lost or changed.
 
 Both read the written files back and compare them with a recomputation from the stored inputs and
-the token store, using the settings recorded in dataset.json.
+the token store, using the settings recorded in dataset.json. They run in one step
+(`training_dataset_checks`) that recomputes the plan and gathers the ids once for both; either can
+still be run alone.
 """
 
 import dagster as dg
 import numpy as np
-import pyarrow as pa
 
-from dlm_pipeline.core.dataset import DatasetError, conservation_problems, leak_report, read_manifest
+from dlm_pipeline.core.dataset import (
+    DatasetError,
+    conservation_problems,
+    leak_report,
+    plan_leak_report,
+    read_manifest,
+)
 from dlm_pipeline.core.megatron import MegatronFormatError
+from dlm_pipeline.defs.checked_output import stored_columns
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
 from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, training_dataset
-from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import ParquetIOManager, TokenCacheResource, TokenizerResource
 
-
-def _recomputed(context, io_manager, tokenizer, token_cache, raw_corpus, expanded_corpus, weights_map):
-    """(folder, manifest, prepared) for this seed's dataset, or a failed check result that says why."""
-    folder = dataset_folder(io_manager, context.instance, context.partition_key)
-    try:
-        manifest = read_manifest(folder)
-    except DatasetError as exc:
-        return dg.AssetCheckResult(passed=False, description=str(exc))
-    prepared = prepare(
-        context,
-        seed=parse_seed_or_fail(context),
-        split_seed=int(manifest["split_seed"]),
-        val_fraction=float(manifest["val_fraction"]),
-        tokenizer=tokenizer,
-        token_cache=token_cache,
-        raw_corpus=raw_corpus,
-        expanded_corpus=expanded_corpus,
-        weights_map=weights_map,
-    )
-    if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
-        return dg.AssetCheckResult(
-            passed=False, description="the dataset was written with another tokenizer: re-materialize it"
-        )
-    return folder, manifest, prepared
-
-
-@seed_check(
+LEAK_SPEC = dg.AssetCheckSpec(
+    SPLIT_IS_LEAK_FREE,
     asset=training_dataset,
-    name=SPLIT_IS_LEAK_FREE,
-    additional_ins=INS,
+    partitions_def=seeds_partitions,
+    additional_deps=list(INS),
     description="Reads every Megatron document of both splits back and finds its text by its ids: no text is on "
     "both sides, and every document is on the side the split rule gives its content key.",
 )
-def split_is_leak_free(
-    context: dg.AssetCheckExecutionContext,
-    io_manager: dg.ResourceParam[ParquetIOManager],
-    tokenizer: TokenizerResource,
-    token_cache: TokenCacheResource,
-    raw_corpus: pa.Table,
-    expanded_corpus: pa.Table,
-    weights_map: pa.Table,
-) -> dg.AssetCheckResult:
-    found = _recomputed(context, io_manager, tokenizer, token_cache, raw_corpus, expanded_corpus, weights_map)
-    if isinstance(found, dg.AssetCheckResult):
-        return found
-    folder, manifest, prepared = found
+PACKING_SPEC = dg.AssetCheckSpec(
+    PACKING_CONSERVES_TOKENS,
+    asset=training_dataset,
+    partitions_def=seeds_partitions,
+    additional_deps=list(INS),
+    description="The Parquet sequences, the Megatron documents and the token store agree id for id; every sequence "
+    "but the last holds seq_len ids, and doc_starts mark where each document begins.",
+)
+
+
+def _leak_result(folder, manifest, prepared, files_equal_plan: bool) -> dg.AssetCheckResult:
+    """From the plan when the packing check just found the files equal to it id for id (reading
+    every document back again would cost as much as writing it); else from the files read back."""
     try:
-        report = leak_report(folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), np.dtype(manifest["dtype"]))
+        report = (
+            plan_leak_report(prepared.plan)
+            if files_equal_plan
+            else leak_report(folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), np.dtype(manifest["dtype"]))
+        )
     except (OSError, MegatronFormatError) as exc:
-        return dg.AssetCheckResult(passed=False, description=f"cannot read the dataset: {exc}")
+        return dg.AssetCheckResult(
+            check_name=SPLIT_IS_LEAK_FREE, passed=False, description=f"cannot read the dataset: {exc}"
+        )
+    report["method"] = "plan, files verified id for id" if files_equal_plan else "files read back"
     problems = [
         f"{report['leaked']} text(s) on both sides" if report["leaked"] else "",
         f"{report['misplaced']} document(s) on the wrong side" if report["misplaced"] else "",
         f"{report['unknown']} document(s) matching no text of the corpus" if report["unknown"] else "",
     ]
     problems = [p for p in problems if p]
-    return dg.AssetCheckResult(passed=not problems, description="; ".join(problems) or None, metadata=report)
+    return dg.AssetCheckResult(
+        check_name=SPLIT_IS_LEAK_FREE, passed=not problems, description="; ".join(problems) or None, metadata=report
+    )
 
 
-@seed_check(
-    asset=training_dataset,
-    name=PACKING_CONSERVES_TOKENS,
-    additional_ins=INS,
-    description="The Parquet sequences, the Megatron documents and the token store agree id for id; every sequence "
-    "but the last holds seq_len ids, and doc_starts mark where each document begins.",
-)
-def packing_conserves_tokens(
-    context: dg.AssetCheckExecutionContext,
-    io_manager: dg.ResourceParam[ParquetIOManager],
-    tokenizer: TokenizerResource,
-    token_cache: TokenCacheResource,
-    raw_corpus: pa.Table,
-    expanded_corpus: pa.Table,
-    weights_map: pa.Table,
-) -> dg.AssetCheckResult:
-    found = _recomputed(context, io_manager, tokenizer, token_cache, raw_corpus, expanded_corpus, weights_map)
-    if isinstance(found, dg.AssetCheckResult):
-        return found
-    folder, manifest, prepared = found
+def _packing_result(folder, manifest, prepared) -> dg.AssetCheckResult:
     try:
         problems = conservation_problems(
             folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), int(manifest["seq_len"])
@@ -101,7 +74,51 @@ def packing_conserves_tokens(
     except (OSError, MegatronFormatError) as exc:
         problems = [f"cannot read the dataset: {exc}"]
     return dg.AssetCheckResult(
+        check_name=PACKING_CONSERVES_TOKENS,
         passed=not problems,
         description="; ".join(problems) or None,
         metadata={f"{split}/{k}": v for split, counts in manifest["splits"].items() for k, v in counts.items()},
     )
+
+
+@dg.multi_asset_check(name="training_dataset_checks", specs=[LEAK_SPEC, PACKING_SPEC], can_subset=True)
+def training_dataset_checks(
+    context: dg.AssetCheckExecutionContext,
+    io_manager: dg.ResourceParam[ParquetIOManager],
+    tokenizer: TokenizerResource,
+    token_cache: TokenCacheResource,
+):
+    """One recomputation of the split, order and ids from the stored inputs, shared by the selected checks."""
+    selected = [spec.name for spec in (LEAK_SPEC, PACKING_SPEC) if spec.key in context.selected_asset_check_keys]
+    folder = dataset_folder(io_manager, context.instance, context.partition_key)
+    try:
+        manifest = read_manifest(folder)
+    except DatasetError as exc:
+        for name in selected:
+            yield dg.AssetCheckResult(check_name=name, passed=False, description=str(exc))
+        return
+    prepared = prepare(
+        context,
+        seed=parse_seed_or_fail(context),
+        split_seed=int(manifest["split_seed"]),
+        val_fraction=float(manifest["val_fraction"]),
+        tokenizer=tokenizer,
+        token_cache=token_cache,
+        **{
+            name: stored_columns(io_manager, context, name, (spec.metadata or {}).get("columns"))
+            for name, spec in INS.items()
+        },
+    )
+    if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
+        for name in selected:
+            yield dg.AssetCheckResult(
+                check_name=name,
+                passed=False,
+                description="the dataset was written with another tokenizer: re-materialize it",
+            )
+        return
+    packing = _packing_result(folder, manifest, prepared) if PACKING_CONSERVES_TOKENS in selected else None
+    if packing is not None:
+        yield packing
+    if SPLIT_IS_LEAK_FREE in selected:
+        yield _leak_result(folder, manifest, prepared, files_equal_plan=packing is not None and packing.passed)

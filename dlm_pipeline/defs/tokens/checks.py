@@ -1,32 +1,63 @@
-"""The token check, per seed: a sample of stored token rows equals a fresh encode with the live tokenizer."""
+"""The token check, per seed: a sample of stored token rows equals a fresh encode with the live tokenizer.
+
+The sample is bounded by the text it re-tokenizes (CHECK_SAMPLE_BYTES), not only by rows: a few
+large files would otherwise make the check cost as much as the asset. Only the sampled texts are
+turned into Python strings.
+"""
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dlm_pipeline.core.tokenize import mismatched_sections
+from dlm_pipeline.defs.checked_output import stored_columns
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.partitions import seed_check
-from dlm_pipeline.defs.resources import TokenizerResource
+from dlm_pipeline.defs.resources import ParquetIOManager, TokenizerResource
 from dlm_pipeline.defs.tokens.assets import tokenized_cache
 
-CHECK_SAMPLE = 64
+CHECK_SAMPLE = 64  # sections at most
+CHECK_SAMPLE_BYTES = 64 * 1024  # text bytes re-tokenized at most; the first sampled section always is
+
+
+def bounded_sample(section_ids: pa.ChunkedArray, raw_ids: pa.ChunkedArray, text_bytes: pa.ChunkedArray) -> list[str]:
+    """The smallest distinct section_ids of the stored rows, in order, while their texts fit the byte
+    budget (ones that do not fit are passed over), at most CHECK_SAMPLE: deterministic, and the
+    smallest id is always checked."""
+    sizes = dict(zip(raw_ids.to_pylist(), text_bytes.to_pylist(), strict=True))
+    chosen, used = [], 0
+    for section in sorted(pc.unique(section_ids).to_pylist()):
+        size = sizes.get(section) or 0
+        if chosen and used + size > CHECK_SAMPLE_BYTES:
+            continue
+        chosen.append(section)
+        used += size
+        if len(chosen) == CHECK_SAMPLE:
+            break
+    return chosen
 
 
 @seed_check(
     asset=tokenized_cache,
     name=TOKENS_MATCH_TOKENIZER,
-    additional_ins={"raw_corpus": dg.AssetIn("raw_corpus", metadata={"columns": ["section_id", "text"]})},
-    description="A sample of cached token rows, re-tokenized with the live tokenizer, equals what is stored.",
+    additional_deps=["raw_corpus"],
+    description="A sample of cached token rows (at most 64 sections and 64 KiB of text), re-tokenized with the "
+    "live tokenizer, equals what is stored.",
 )
 def tokens_match_tokenizer(
     context: dg.AssetCheckExecutionContext,
+    io_manager: dg.ResourceParam[ParquetIOManager],
     tokenizer: TokenizerResource,
-    tokenized_cache: pa.Table,
-    raw_corpus: pa.Table,
 ) -> dg.AssetCheckResult:
     loaded = tokenizer.load()
-    texts = dict(zip(raw_corpus["section_id"].to_pylist(), raw_corpus["text"].to_pylist(), strict=False))
-    sampled, bad = mismatched_sections(loaded, tokenized_cache, texts, CHECK_SAMPLE)
+    stored = stored_columns(io_manager, context, "tokenized_cache", ["section_id", "input_ids", "truncated"])
+    raw_corpus = stored_columns(io_manager, context, "raw_corpus", ["section_id", "text"])
+    sample = bounded_sample(stored["section_id"], raw_corpus["section_id"], pc.binary_length(raw_corpus["text"]))
+    wanted = pa.array(sample, pa.string())
+    sampled_raw = raw_corpus.filter(pc.is_in(raw_corpus["section_id"], wanted))
+    texts = dict(zip(sampled_raw["section_id"].to_pylist(), sampled_raw["text"].to_pylist(), strict=True))
+    rows = stored.filter(pc.is_in(stored["section_id"], wanted))
+    sampled, bad = mismatched_sections(loaded, rows, texts, CHECK_SAMPLE)
     return dg.AssetCheckResult(
         passed=not bad,
         description=None
@@ -34,6 +65,9 @@ def tokens_match_tokenizer(
         else f"{len(bad)} sampled section(s) differ from the live tokenizer: {', '.join(bad[:10])}",
         metadata={
             "sampled": sampled,
+            "sampled_text_bytes": sum(len(t.encode()) for t in texts.values()),
+            "sample_budget_bytes": CHECK_SAMPLE_BYTES,
+            "sections_stored": len(pc.unique(stored["section_id"])),
             "mismatched": len(bad),
             "mismatched_section_ids": dg.MetadataValue.json(bad[:100]),
             "tokenizer_fingerprint": loaded.fingerprint,
