@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             return
         fingerprint = parquet_fingerprint(path)
         context.add_output_metadata(obj.metadata(ParquetRows(path).num_rows, fingerprint))
-        context.step_context.set_data_version(context.asset_key, dg.DataVersion(fingerprint))
+        with warnings.catch_warnings():  # data versions are beta in Dagster 1.13 (as in metadata.versioned_output)
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            context.step_context.set_data_version(context.asset_key, dg.DataVersion(fingerprint))
 
     def load_input(self, context: dg.InputContext) -> pa.Table | ParquetRows:
         """The whole table, only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`),

@@ -17,8 +17,9 @@ from dlm_pipeline.core.config_records import (
     records_table,
     table_configs_fingerprint,
 )
-from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
-from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_corpus, tag_stats
+from dlm_pipeline.core.corpus import ROW_SCHEMA, SKIP_REASONS, stream_raw_corpus
+from dlm_pipeline.core.expansion import ExpansionTooLarge, stream_expansion, tag_stats
+from dlm_pipeline.core.parquet_io import ParquetRows, RowStream
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.core.weights import SCOPE_NEAREST, table_scope, weights_table
 from dlm_pipeline.defs.constants import CONFIGS_VALID
@@ -26,6 +27,7 @@ from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
     input_fingerprints,
+    streamed_output,
     table_metadata,
     text_block,
     versioned_output,
@@ -127,7 +129,7 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
     if reuse.output is not None:
         return reuse.output
     index = source.ingest_index(context.instance, scan)
-    corpus = build_raw_corpus(
+    corpus, tables = stream_raw_corpus(
         scan,
         anchors,
         max_file_bytes=source.max_file_bytes,
@@ -135,25 +137,22 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
         progress=ProgressLog(context, "raw_corpus files read"),
         index=index,
     )
-    context.log.info(
-        f"ingest index {index.status}: {corpus.files_read:,} file(s) read, {corpus.files_from_index:,} from the index"
-    )
-    skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
-    # The counts travel with the file too (schema metadata), for readers outside Dagster.
-    rows = corpus.table.replace_schema_metadata({SKIP_COUNTS_KEY: json.dumps(skips, sort_keys=True)})
-    skipped = pa.table(
-        {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
-        schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
-    )
-    return versioned_output(
-        rows,
-        seed,
-        inputs,
-        {
-            **config_lineage(context),
-            **reuse.metadata,
-            "files_seen": dg.MetadataValue.int(corpus.files_seen),
-            "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
+
+    def skip_counts() -> dict[str, int]:
+        return {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
+
+    def late_metadata() -> dict:
+        """What is known once every file was read (the IO manager asks after writing the rows)."""
+        context.log.info(
+            f"ingest index {index.status}: {corpus.files_read:,} file(s) read, "
+            f"{corpus.files_from_index:,} from the index"
+        )
+        skips = skip_counts()
+        skipped = pa.table(
+            {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
+            schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
+        )
+        return {
             "files_read": dg.MetadataValue.int(corpus.files_read),
             "files_from_index": dg.MetadataValue.int(corpus.files_from_index),
             "ingest_index": dg.MetadataValue.text(index.status),
@@ -163,36 +162,60 @@ def raw_corpus(context: dg.AssetExecutionContext, source: SourceTree, training_c
             **{f"skipped/{reason}": dg.MetadataValue.int(count) for reason, count in skips.items()},
             "skipped_files": table_metadata(skipped),
             "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
+        }
+
+    # The skip counts travel with the file too (schema metadata), for readers outside Dagster.
+    rows = RowStream(
+        ROW_SCHEMA, tables, late_metadata=lambda: {SKIP_COUNTS_KEY: json.dumps(skip_counts(), sort_keys=True)}
+    )
+    return streamed_output(
+        rows,
+        seed,
+        inputs,
+        {
+            **config_lineage(context),
+            **reuse.metadata,
+            "files_seen": dg.MetadataValue.int(corpus.files_seen),
+            "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
         },
+        late_metadata,
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
+@dg.asset(
+    partitions_def=seeds_partitions,
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    code_version="2",
+    ins={"raw_corpus": dg.AssetIn(metadata={"stream": True})},
+)
 def expanded_corpus(
-    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: pa.Table, weights_map: pa.Table
+    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: ParquetRows, weights_map: pa.Table
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
     seed = parse_seed_or_fail(context)
     scope, mode = table_scope(weights_map), source.mode()
     try:
-        expanded, plan = expand_corpus(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
+        expansion = stream_expansion(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
     except ExpansionTooLarge as exc:
         raise dg.Failure(
             description=f"{exc} (DLM_MAX_EXPANDED_BYTES, or the source resource's max_expanded_bytes; "
             f"now {source.max_expanded_bytes:,})"
         ) from None
-    stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
+    plan = expansion.plan
+    stats = tag_stats(expansion.rows["tags"], plan.weights, plan.copies)
+    rows_out = len(plan.source_rows)
     context.log.info(
-        f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, mode {mode}, seed {seed})"
+        f"expanded {raw_corpus.num_rows:,} rows into {rows_out:,} (scope {scope}, mode {mode}, seed {seed})"
     )
-    return versioned_output(
-        expanded,
+    return streamed_output(
+        RowStream(expansion.schema, expansion.batches()),
         seed,
         input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map),
         {
             **config_lineage(context),
             "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
-            "rows_out": dg.MetadataValue.int(expanded.num_rows),
+            "rows_out": dg.MetadataValue.int(rows_out),
             "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),
             "weights_scope": dg.MetadataValue.text(scope),
             "expansion_mode": dg.MetadataValue.text(mode),
