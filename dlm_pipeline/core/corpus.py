@@ -137,8 +137,9 @@ def rows_table(section_ids: list[str], paths: list[str], texts: list[str], tags:
     )
 
 
-def read_batches(entries: list[FileEntry], batch_bytes: int = READ_BATCH_BYTES) -> Iterator[list[FileEntry]]:
-    """The entries, in order, in runs of about `batch_bytes` bytes on disk (at least one file each)."""
+def read_batches(entries: list[FileEntry], batch_bytes: int | None = None) -> Iterator[list[FileEntry]]:
+    """The entries, in order, in runs of about `batch_bytes` (READ_BATCH_BYTES) bytes on disk, at least one file each."""
+    batch_bytes = batch_bytes or READ_BATCH_BYTES
     batch, size = [], 0
     for entry in entries:
         batch.append(entry)
@@ -165,10 +166,10 @@ def stream_raw_corpus(
     secret_entropy: bool = False,
     progress: Progress | None = None,
     index: IngestIndex | None = None,
-    batch_bytes: int = READ_BATCH_BYTES,
+    batch_bytes: int | None = None,
 ) -> tuple[RawCorpus, Iterator[pa.Table]]:
     """Apply the path rules and content rules to a tree scan: (counts, tables of rows ordered by
-    path). Files are read in path order, a batch of about `batch_bytes` at a time, so no more text
+    path). Files are read in path order, a batch of about `batch_bytes` (READ_BATCH_BYTES) at a time, so no more text
     than one batch is held; the counts are final when the tables were all consumed.
 
     A file in which a credential is found is skipped as `secret` (unless its nearest anchor says

@@ -421,7 +421,7 @@ def stream_expansion(
     seed: int,
     mode: str = EXPANSION_BERNOULLI,
     max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
-    batch_bytes: int = ROW_GROUP_BYTES,
+    batch_bytes: int | None = None,
 ) -> StreamedExpansion:
     """`expand_corpus` for a stored raw corpus, never holding more text than a row group: the plan
     is made from the small per-row columns and the texts' lengths (read row group by row group),
@@ -434,7 +434,7 @@ def stream_expansion(
     )
     schema = raw.schema.append(pa.field("weight", pa.float64())).append(pa.field("copy", pa.int32()))
     schema = schema.with_metadata({**(schema.metadata or {}), MODE_METADATA_KEY: check_mode(mode).encode()})
-    return StreamedExpansion(plan, rows, schema, raw, batch_bytes)
+    return StreamedExpansion(plan, rows, schema, raw, batch_bytes or ROW_GROUP_BYTES)
 
 
 def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray) -> pa.Table:

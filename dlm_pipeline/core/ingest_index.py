@@ -40,10 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core import parquet_io
 from dlm_pipeline.core.arrow_utils import one_chunk
 from dlm_pipeline.core.corpus import content_key, read_text
 from dlm_pipeline.core.parquet_io import (
-    ROW_GROUP_BYTES,
     RowStream,
     write_bytes_atomic,
     write_parquet_stream,
@@ -87,7 +87,6 @@ _STAT_COLUMNS = ("size", "mtime_ns", "ctime_ns", "inode", "device", "mode", "lin
 OLD, SPILL = 0, 1  # where a kept text is: the loaded index file, or this run's spill file
 SPILL_FLUSH_BYTES = 16 << 20
 NEED_TEXT, NEED_SCAN, NEED_KEY = "text", "scan", "key"
-SAVE_BATCH_BYTES = ROW_GROUP_BYTES
 
 
 @dataclass(frozen=True)
@@ -350,11 +349,11 @@ class IngestIndex:
             self.close()
 
     def _batches(self, kept: list[tuple[str, Entry]]) -> Iterator[pa.Table]:
-        """The kept entries as index rows, with their texts fetched, about SAVE_BATCH_BYTES at a time."""
+        """The kept entries as index rows, with their texts fetched, about a row group's bytes at a time."""
         start = 0
         while start < len(kept):
             end, size = start, 0
-            while end < len(kept) and (end == start or size < SAVE_BATCH_BYTES):
+            while end < len(kept) and (end == start or size < parquet_io.ROW_GROUP_BYTES):
                 size += kept[end][1].stat[0]
                 end += 1
             part = kept[start:end]
