@@ -107,7 +107,7 @@ def content_outcome(
     return outcome
 
 
-READ_BATCH_BYTES = 64 << 20  # files read (and rows handed on) per batch, by size on disk
+READ_BATCH_BYTES = 16 << 20  # files read (and rows handed on) per batch, by size on disk
 
 
 @dataclass

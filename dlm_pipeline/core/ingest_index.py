@@ -85,7 +85,7 @@ SCHEMA = pa.schema(
 )
 _STAT_COLUMNS = ("size", "mtime_ns", "ctime_ns", "inode", "device", "mode", "link")
 OLD, SPILL = 0, 1  # where a kept text is: the loaded index file, or this run's spill file
-SPILL_FLUSH_BYTES = 16 << 20
+SPILL_FLUSH_BYTES = 8 << 20
 NEED_TEXT, NEED_SCAN, NEED_KEY = "text", "scan", "key"
 
 

@@ -80,7 +80,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
 # bytes `write_parquet` gives) and is cut once its string data reach ROW_GROUP_BYTES: the cut is
 # decided by the rows alone, never by how they arrived in batches, so the file is deterministic.
 ROW_GROUP_ROWS = 1024 * 1024
-ROW_GROUP_BYTES = 64 << 20
+ROW_GROUP_BYTES = 32 << 20
 _ARROW_SCHEMA_KEY = b"ARROW:schema"
 
 
