@@ -1,5 +1,5 @@
 """Memory bounded in corpus size: raw_corpus and expanded_corpus materialized in a fresh process
-on a tree of N and 4N MB of text (with batch budgets shrunk to 256 KiB, so both trees span many
+on a tree of 5 and 30 MB of text (with batch budgets shrunk to 256 KiB, so both trees span many
 batches) grow peak RSS by far less than the text added; and streamed outputs are the bytes the
 in-memory path writes."""
 
@@ -88,7 +88,9 @@ def _peaks(tmp_path, megabytes: int) -> dict[str, int]:
     root, home, out = work / "tree", work / "home", work / "out"
     root.mkdir(parents=True), home.mkdir()
     _tree(root, megabytes)
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    # The system allocator for Arrow: mimalloc's retained pages move the peak by tens of MB from run
+    # to run, which would drown the growth measured here.
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ARROW_DEFAULT_MEMORY_POOL": "system"}
     command = [sys.executable, "-c", STEP, str(root), str(out), str(BUDGET)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -97,12 +99,12 @@ def _peaks(tmp_path, megabytes: int) -> dict[str, int]:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read and reset through /proc")
 def test_peak_rss_does_not_grow_with_the_tree(tmp_path):
-    small, large = _peaks(tmp_path, 5), _peaks(tmp_path, 20)
-    added = 15 * MB
+    small, large = _peaks(tmp_path, 5), _peaks(tmp_path, 30)
+    added = 25 * MB
     for asset in ("raw_corpus", "expanded_corpus"):
         growth = large[asset] - small[asset]
-        # Whole tables held the text two to four times over (text strings, the Arrow table, the
-        # Parquet buffers; the expansion's copies on top); batches hold one budget, whatever the tree.
+        # Whole tables held the text about four times over (text strings, the Arrow table, the Parquet
+        # buffers; the expansion's copies on top: +270 MB for 35 MB more); batches hold one budget.
         assert growth < added, f"{asset}: peak RSS grew by {growth / MB:.1f} MB for {added / MB:.0f} MB more text"
 
 
