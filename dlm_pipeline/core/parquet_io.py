@@ -174,17 +174,11 @@ class ParquetRows:
     def num_rows(self) -> int:
         return self.file.metadata.num_rows
 
-    def __len__(self) -> int:
-        return self.num_rows
-
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """One table per row group, in row order."""
         for i in range(self.file.num_row_groups):
             yield self.file.read_row_group(i, columns=columns)
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One column whole (for the small per-row ones: ids, paths, tags)."""
-        return self.file.read(columns=[name])[name]
-
     def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The columns asked whole (for the small per-row ones: ids, paths, tags)."""
         return self.file.read(columns=columns)
