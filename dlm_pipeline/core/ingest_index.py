@@ -43,11 +43,7 @@ import pyarrow.parquet as pq
 from dlm_pipeline.core import parquet_io
 from dlm_pipeline.core.arrow_utils import one_chunk
 from dlm_pipeline.core.corpus import content_key, read_text
-from dlm_pipeline.core.parquet_io import (
-    RowStream,
-    write_bytes_atomic,
-    write_parquet_stream,
-)
+from dlm_pipeline.core.parquet_io import RowStream, write_bytes_atomic, write_parquet_stream
 from dlm_pipeline.core.rules import PathRules
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile
 from dlm_pipeline.core.secrets import CREDENTIAL_PLUGINS, ENTROPY_PLUGINS, SecretScanner
@@ -109,16 +105,21 @@ class _RowTexts:
         self.group, self.texts = -1, None
 
     def get(self, row: int) -> str | None:
+        """The text at `row`; None when it is null or its row group cannot be read (damaged file:
+        the caller reads the source file again)."""
         group = int(np.searchsorted(self.starts, row, side="right")) - 1
         if group != self.group:
             self.texts, self.group = None, group  # the old group goes before the new one comes
-            self.texts = one_chunk(self.file.read_row_group(group, columns=[TEXT])[TEXT])
-        return self.texts[row - int(self.starts[group])].as_py()
+            try:
+                self.texts = one_chunk(self.file.read_row_group(group, columns=[TEXT])[TEXT])
+            except Exception:  # pyarrow raises several types for a damaged page
+                return None
+        return None if self.texts is None else self.texts[row - int(self.starts[group])].as_py()
 
 
 class _Spill:
     """Texts read in this run, appended to an unlinked temp file in the index folder (so nothing is
-    left behind by a killed run), readable back by row once `finish` was called."""
+    left behind by a killed run); the first `get` ends the appending and reads them back by row."""
 
     def __init__(self, dir_fd: int):
         name = f".spill.{secrets.token_hex(8)}.tmp"
@@ -258,6 +259,7 @@ class IngestIndex:
             else:
                 status = self._load_entries(file.read(columns=[n for n in SCHEMA.names if n != TEXT]))
         except Exception as exc:  # pyarrow raises several types for a damaged file
+            self.entries.clear()
             status = f"ignored (unreadable: {type(exc).__name__}), rebuilt"
         if self.entries:
             self.old, self.old_fh = _RowTexts(file), fh
