@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,9 +110,15 @@ def content_outcome(
     return outcome
 
 
+READ_BATCH_BYTES = 16 << 20  # files read (and rows handed on) per batch, by size on disk
+
+
 @dataclass
 class RawCorpus:
-    table: pa.Table
+    """What reading the tree gave. From `stream_raw_corpus`, the counts are final once its
+    batches were all consumed; from `build_raw_corpus`, `table` holds every row."""
+
+    table: pa.Table | None = None
     skips: Counter = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     files_seen: int = 0
@@ -134,7 +140,28 @@ def rows_table(section_ids: list[str], paths: list[str], texts: list[str], tags:
     )
 
 
-def build_raw_corpus(
+def read_batches(entries: list[FileEntry], batch_bytes: int | None = None) -> Iterator[list[FileEntry]]:
+    """The entries, in order, in runs of about `batch_bytes` (READ_BATCH_BYTES) bytes on disk, at least one file each."""
+    batch_bytes = batch_bytes or READ_BATCH_BYTES
+    batch, size = [], 0
+    for entry in entries:
+        batch.append(entry)
+        size += entry.stat[0] if entry.stat is not None else 0
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def read_entries(
+    entries: list[FileEntry], rules: PathRules, scanner: SecretScanner, index: IngestIndex
+) -> list[str | tuple[str, str]]:
+    """The content rules for a batch of included files: each one's text or (skip reason, detail)."""
+    return [index.read(entry, scanner if rules.scans_secrets(parent_dir(entry.path)) else None) for entry in entries]
+
+
+def stream_raw_corpus(
     scan: TreeScan,
     anchors: list[Anchor],
     *,
@@ -142,14 +169,17 @@ def build_raw_corpus(
     secret_entropy: bool = False,
     progress: Progress | None = None,
     index: IngestIndex | None = None,
+    batch_bytes: int | None = None,
     read_batch: ReadBatch | None = None,
-) -> RawCorpus:
-    """Apply the path rules and content rules to a tree scan; rows come out ordered by path.
+) -> tuple[RawCorpus, Iterator[pa.Table]]:
+    """Apply the path rules and content rules to a tree scan: (counts, tables of rows ordered by
+    path). Files are read in path order, a batch of about `batch_bytes` (READ_BATCH_BYTES) at a time, so no more text
+    than one batch is held; the counts are final when the tables were all consumed.
 
     A file in which a credential is found is skipped as `secret` (unless its nearest anchor says
     `scan_secrets: false`); only its path is kept, never what was found. With an `index` (built
     with the same limits), files whose stat did not change are not read again. `read_batch` (a
-    compute backend) reads the files the index misses; by default they are read here.
+    compute backend) reads the files of each batch that the index misses; by default they are read here.
     """
     from dlm_pipeline.core.ingest_index import IngestIndex  # it builds on this module
 
@@ -157,32 +187,48 @@ def build_raw_corpus(
         index = IngestIndex(None, scan.root, max_file_bytes=max_file_bytes, secret_entropy=secret_entropy)
     rules = PathRules(anchors)
     scanner = secret_scanner(secret_entropy)
-    result = RawCorpus(table=rows_table([], [], [], []), skips=Counter(scan.skips), skipped=list(scan.skipped))
-    included: list[FileEntry] = [f for f in scan.files if admitted(rules, f)]
+    result = RawCorpus(skips=Counter(scan.skips), skipped=list(scan.skipped))
+    included = sorted((f for f in scan.files if admitted(rules, f)), key=lambda f: f.path.encode())
     result.files_seen = len(scan.files)
     result.files_excluded = len(scan.files) - len(included)
-    if read_batch is not None:
-        wanted = [(f, rules.scans_secrets(parent_dir(f.path))) for f in included]
-        index.add_reads(
-            read_batch(scan.root, [(f, s) for f, s in wanted if index.needs_read(f, scanner if s else None)])
-        )
-    ids, paths, texts, tags = [], [], [], []
-    for done, entry in enumerate(included, start=1):
-        outcome = index.read(entry, scanner if rules.scans_secrets(parent_dir(entry.path)) else None)
-        if isinstance(outcome, tuple):
-            result.skips[outcome[0]] += 1
-            result.skipped.append((entry.path, outcome[0]))
-        else:
-            ids.append(section_id(entry.path, outcome))
-            paths.append(entry.path)
-            texts.append(outcome)
-            tags.append(rules.tags(parent_dir(entry.path)))
-            result.bytes_read += len(outcome)
-        if progress is not None:
-            progress(done, len(included))
-    order = sorted(range(len(paths)), key=lambda i: paths[i].encode())
-    result.table = rows_table(*([column[i] for i in order] for column in (ids, paths, texts, tags)))
-    result.skipped.sort()
-    result.files_read, result.files_from_index = index.files_read, index.files_from_index
-    index.save(scan.started_ns)
+
+    def tables() -> Iterator[pa.Table]:
+        done = 0
+        try:
+            for batch in read_batches(included, batch_bytes):
+                if read_batch is not None:
+                    wanted = [(f, rules.scans_secrets(parent_dir(f.path))) for f in batch]
+                    index.add_reads(
+                        read_batch(
+                            scan.root, [(f, s) for f, s in wanted if index.needs_read(f, scanner if s else None)]
+                        )
+                    )
+                ids, paths, texts, tags = [], [], [], []
+                for entry, outcome in zip(batch, read_entries(batch, rules, scanner, index), strict=True):
+                    if isinstance(outcome, tuple):
+                        result.skips[outcome[0]] += 1
+                        result.skipped.append((entry.path, outcome[0]))
+                    else:
+                        ids.append(section_id(entry.path, outcome))
+                        paths.append(entry.path)
+                        texts.append(outcome)
+                        tags.append(rules.tags(parent_dir(entry.path)))
+                        result.bytes_read += len(outcome)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, len(included))
+                yield rows_table(ids, paths, texts, tags)
+            result.skipped.sort()
+            result.files_read, result.files_from_index = index.files_read, index.files_from_index
+            index.save(scan.started_ns)
+        finally:
+            index.close()
+
+    return result, tables()
+
+
+def build_raw_corpus(scan: TreeScan, anchors: list[Anchor], **options) -> RawCorpus:
+    """`stream_raw_corpus` with every row in `table` (for callers that want the corpus whole)."""
+    result, tables = stream_raw_corpus(scan, anchors, **options)
+    result.table = pa.concat_tables([rows_table([], [], [], []), *tables]).combine_chunks()
     return result

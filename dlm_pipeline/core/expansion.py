@@ -13,6 +13,7 @@ Before anything is gathered, the expanded size is bounded in rows and in text by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from dlm_pipeline.core.arrow_utils import (
     string_offsets,
 )
 from dlm_pipeline.core.fraction_hash import section_rolls
+from dlm_pipeline.core.parquet_io import ROW_GROUP_BYTES, ParquetRows, byte_bounded_slices, row_bytes
 from dlm_pipeline.core.weights import Chain, chain_factor, resolve_weights
 
 EXPANSION_BERNOULLI = "bernoulli"
@@ -252,12 +254,21 @@ def plan_from_weights(
     return _plan_from_copies(weights, copies_per_row(weights, section_ids, seed, mode, rolls))
 
 
-def check_expanded_bytes(table: pa.Table, copies: np.ndarray, max_bytes: int) -> None:
-    """Refuse, before anything is gathered, an expansion whose text (copies x text bytes per row)
-    would exceed `max_bytes`, naming the row that contributes most."""
-    if "text" not in table.column_names or not len(copies):
+def text_bytes(text: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 bytes of each row's text."""
+    return pc.binary_length(text).to_numpy().astype(np.int64)
+
+
+def check_expanded_bytes(
+    table: pa.Table, copies: np.ndarray, max_bytes: int, lengths: np.ndarray | None = None
+) -> None:
+    """Refuse, before anything is gathered, an expansion whose text (copies x text bytes per row,
+    `lengths` when the table does not hold the text) would exceed `max_bytes`, naming the row that
+    contributes most."""
+    if lengths is None and "text" in table.column_names:
+        lengths = text_bytes(table["text"])
+    if lengths is None or not len(copies):
         return
-    lengths = pc.binary_length(table["text"]).to_numpy().astype(np.int64)
     per_row = copies * lengths  # copies are bounded by MAX_EXPANDED_ROWS, lengths by the file size cap
     total = int(per_row.sum())
     if total > max_bytes:
@@ -291,8 +302,10 @@ def plan_expansion(
     seed: int,
     mode: str = EXPANSION_BERNOULLI,
     max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+    lengths: np.ndarray | None = None,
 ) -> ExpansionPlan:
-    """Weights and copy decisions for every row of a corpus table (section_id, path, text, tags).
+    """Weights and copy decisions for every row of a corpus table (section_id, path, tags, and the
+    text or its `lengths` in bytes for the size limit).
 
     On large tables every row's roll is hashed on another thread while the weights are composed
     (both release the GIL); which rows need one is only known afterwards, and hashing a few rows
@@ -307,7 +320,7 @@ def plan_expansion(
             weights = composed_weights(table["tags"], row_chain, chains)
             rolls = pending.result()
     copies = copies_per_row(weights, section_ids, seed, mode, rolls)
-    check_expanded_bytes(table, copies, max_bytes)
+    check_expanded_bytes(table, copies, max_bytes, lengths)
     return _plan_from_copies(weights, copies)
 
 
@@ -363,6 +376,65 @@ def expand_corpus(
     """The expanded corpus and its plan; nothing is gathered when a limit refuses the plan."""
     plan = plan_corpus(raw, weights_map_table, seed, mode, max_bytes)
     return with_mode(apply_plan(raw, plan), mode), plan
+
+
+PLAN_COLUMNS = ["section_id", "path", "tags"]  # what a plan needs besides the text's length
+
+
+@dataclass(frozen=True)
+class StreamedExpansion:
+    """The expansion of a stored raw corpus: its plan (small, per row), the per-row columns it was
+    made from (for statistics), and the expanded rows, produced batch by batch by `batches()`."""
+
+    plan: ExpansionPlan
+    rows: pa.Table  # the raw corpus's PLAN_COLUMNS
+    schema: pa.Schema  # of the expanded rows, with the mode in its metadata
+    raw: ParquetRows
+    batch_bytes: int
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The expanded rows in order, one raw row group at a time, each cut into parts of about
+        `batch_bytes` (a row of 100 copies must not multiply a row group's memory by 100)."""
+        start = 0
+        sources = self.plan.source_rows
+        for table in self.raw.batches():
+            n = table.num_rows
+            lo, hi = np.searchsorted(sources, [start, start + n], side="left").tolist()
+            local = ExpansionPlan(
+                self.plan.weights[start : start + n],
+                self.plan.copies[start : start + n],
+                sources[lo:hi] - start,
+                self.plan.copy_index[lo:hi],
+            )
+            sizes = row_bytes(table)[local.source_rows]
+            bounds = [0, *byte_bounded_slices(sizes, self.batch_bytes), len(sizes)]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                if b > a:
+                    part = ExpansionPlan(local.weights, local.copies, local.source_rows[a:b], local.copy_index[a:b])
+                    yield apply_plan(table, part)
+            start += n
+
+
+def stream_expansion(
+    raw: ParquetRows,
+    weights_map_table: pa.Table,
+    seed: int,
+    mode: str = EXPANSION_BERNOULLI,
+    max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+    batch_bytes: int | None = None,
+) -> StreamedExpansion:
+    """`expand_corpus` for a stored raw corpus, never holding more text than a row group: the plan
+    is made from the small per-row columns and the texts' lengths (read row group by row group),
+    the rows are gathered when `batches()` is consumed. Same rows, same schema."""
+    rows = raw.read(columns=PLAN_COLUMNS)
+    lengths = [text_bytes(table["text"]) for table in raw.batches(columns=["text"])]
+    row_chain, chains = resolve_weights(rows["path"], weights_map_table)
+    plan = plan_expansion(
+        rows, row_chain, chains, seed, mode, max_bytes, np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    )
+    schema = raw.schema.append(pa.field("weight", pa.float64())).append(pa.field("copy", pa.int32()))
+    schema = schema.with_metadata({**(schema.metadata or {}), MODE_METADATA_KEY: check_mode(mode).encode()})
+    return StreamedExpansion(plan, rows, schema, raw, batch_bytes or ROW_GROUP_BYTES)
 
 
 def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray) -> pa.Table:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True}
@@ -69,3 +73,112 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
+
+
+# -- streaming -------------------------------------------------------------------------------
+# A row group holds at most this many rows (pyarrow's default, so a small table streamed gives the
+# bytes `write_parquet` gives) and is cut once its string data reach ROW_GROUP_BYTES: the cut is
+# decided by the rows alone, never by how they arrived in batches, so the file is deterministic.
+ROW_GROUP_ROWS = 1024 * 1024
+ROW_GROUP_BYTES = 32 << 20
+_ARROW_SCHEMA_KEY = b"ARROW:schema"
+
+
+@dataclass
+class RowStream:
+    """Rows handed over batch by batch instead of as one table: `batches` yields tables or record
+    batches of `schema`; `late_metadata`, called once they are all consumed, gives schema metadata
+    only known then (e.g. counts), merged over the schema's own."""
+
+    schema: pa.Schema
+    batches: Iterable[pa.Table | pa.RecordBatch]
+    late_metadata: Callable[[], dict[bytes, bytes]] | None = None
+
+
+def row_bytes(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """int64 size per row used to cut row groups and batches: the bytes of its string and binary
+    values (what dominates a corpus), plus 8 per column."""
+    sizes = np.full(table.num_rows, 8 * table.num_columns, dtype=np.int64)
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+            sizes += pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return sizes
+
+
+def byte_bounded_slices(sizes: np.ndarray, budget: int, carried: int = 0) -> list[int]:
+    """Row positions where groups end so each holds about `budget` bytes: a group ends at the first
+    row that brings it to `budget` (the first group already holds `carried`)."""
+    cuts, cumulative, target = [], np.cumsum(sizes), budget - carried
+    while (reach := int(np.searchsorted(cumulative, target, side="left"))) < len(sizes):
+        cuts.append(reach + 1)
+        target = int(cumulative[reach]) + budget
+    return cuts
+
+
+def _row_groups(batches: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:
+    """The rows regrouped into row groups of at most ROW_GROUP_ROWS rows and about ROW_GROUP_BYTES."""
+    pending: list[pa.Table] = []
+    rows = size = groups = 0
+    for batch in batches:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        table = table.replace_schema_metadata(None)
+        while table.num_rows:
+            sizes = row_bytes(table)
+            cuts = byte_bounded_slices(sizes, ROW_GROUP_BYTES, size)
+            end = min(cuts[0] if cuts else table.num_rows, ROW_GROUP_ROWS - rows)
+            pending.append(table.slice(0, end))
+            rows, size = rows + end, size + int(sizes[:end].sum())
+            table = table.slice(end)
+            if rows == ROW_GROUP_ROWS or (cuts and end == cuts[0]):
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, rows, size, groups = [], 0, 0, groups + 1
+    if pending or not groups:  # an empty stream still gets its one empty row group, as write_table writes
+        yield (pa.concat_tables(pending) if pending else schema.empty_table()).combine_chunks()
+
+
+def write_parquet_stream(stream: RowStream, fh: BinaryIO) -> int:
+    """Write the rows group by group (memory: one row group); returns the row count. A stream whose
+    rows fit one row group gives exactly `write_parquet`'s bytes for the same table: the schema,
+    with its late metadata, goes into the footer as pyarrow itself stores it."""
+    schema = stream.schema.remove_metadata()
+    rows = 0
+    writer = pq.ParquetWriter(
+        fh, schema, store_schema=False, use_dictionary=_dictionary_columns(schema), **PARQUET_OPTIONS
+    )
+    try:
+        for group in _row_groups(stream.batches, schema):
+            writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
+            rows += group.num_rows
+        metadata = {**(stream.schema.metadata or {}), **(stream.late_metadata() if stream.late_metadata else {})}
+        full = schema.with_metadata(metadata) if metadata else schema
+        writer.add_key_value_metadata({**metadata, _ARROW_SCHEMA_KEY: base64.b64encode(full.serialize().to_pybytes())})
+    finally:
+        writer.close()
+    return rows
+
+
+class ParquetRows:
+    """A stored table read lazily: its schema and row count at once, its rows row group by row
+    group (files the pipeline streams have row groups of bounded bytes), only the columns asked."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.file = pq.ParquetFile(self.path)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.file.schema_arrow
+
+    @property
+    def num_rows(self) -> int:
+        return self.file.metadata.num_rows
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """One table per row group, in row order."""
+        for i in range(self.file.num_row_groups):
+            yield self.file.read_row_group(i, columns=columns)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The columns asked whole (for the small per-row ones: ids, paths, tags)."""
+        return self.file.read(columns=columns)

@@ -8,11 +8,13 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import dagster as dg
 import pyarrow as pa
 
-from dlm_pipeline.core.fingerprint import table_fingerprint
+from dlm_pipeline.core.fingerprint import parquet_fingerprint, table_fingerprint
+from dlm_pipeline.core.parquet_io import ParquetRows, RowStream
 
 DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps an event's data version
 
@@ -38,11 +40,11 @@ def table_metadata(table: pa.Table, limit: int = MAX_TABLE_ROWS) -> dg.TableMeta
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
-def base_metadata(seed: int, table: pa.Table, fingerprint: str, inputs: Mapping[str, str]) -> dict:
+def base_metadata(seed: int, table: pa.Table | int, fingerprint: str, inputs: Mapping[str, str]) -> dict:
     """What every materialization records (SPEC §5): seed, row count, its own and its inputs' fingerprints."""
     metadata = {
         "seed": dg.MetadataValue.int(seed),
-        "dagster/row_count": dg.MetadataValue.int(table.num_rows),
+        "dagster/row_count": dg.MetadataValue.int(table if isinstance(table, int) else table.num_rows),
         "fingerprint": dg.MetadataValue.text(fingerprint),
         "input_fingerprints": dg.MetadataValue.json(dict(inputs)),
     }
@@ -66,6 +68,33 @@ def versioned_output(table: pa.Table, seed: int, inputs: dict[str, str], extra: 
     with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.Output(table, metadata=metadata, data_version=dg.DataVersion(fingerprint))
+
+
+@dataclass
+class StreamedOutput:
+    """An output written batch by batch by the IO manager, which then fingerprints the stored file
+    and records what `versioned_output` records (row count, fingerprint, data version) plus
+    `late_metadata()`: what the asset only knows once its rows were consumed."""
+
+    rows: RowStream
+    seed: int
+    inputs: dict[str, str]
+    late_metadata: Callable[[], dict] = field(default=dict)
+
+    def metadata(self, num_rows: int, fingerprint: str) -> dict:
+        return {**self.late_metadata(), **base_metadata(self.seed, num_rows, fingerprint, self.inputs)}
+
+
+def streamed_output(rows: RowStream, seed: int, inputs: dict[str, str], extra: dict, late_metadata=dict) -> dg.Output:
+    """Like `versioned_output`, for rows that are never one table: the IO manager writes them and
+    adds the fingerprint, row count and data version once they are stored."""
+    return dg.Output(
+        StreamedOutput(rows, seed, inputs, late_metadata), metadata={"seed": dg.MetadataValue.int(seed), **extra}
+    )
+
+
+def fingerprint_of(value: pa.Table | ParquetRows) -> str:
+    return parquet_fingerprint(value.path) if isinstance(value, ParquetRows) else table_fingerprint(value)
 
 
 def _same_version(recorded: str | None, version: str | None) -> bool:
@@ -109,15 +138,14 @@ def _loaded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
     return value.value if value is not None else None
 
 
-def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table) -> dict[str, str]:
+def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table | ParquetRows) -> dict[str, str]:
     """Fingerprints of the loaded inputs, as the materializations this step loaded recorded them.
 
     Reading the recorded value (a few instance queries) instead of re-hashing keeps large inputs
     cheap; an input whose loaded materialization cannot be identified is hashed.
     """
     return {
-        name: _loaded_metadata(context, name, "fingerprint") or table_fingerprint(table)
-        for name, table in inputs.items()
+        name: _loaded_metadata(context, name, "fingerprint") or fingerprint_of(table) for name, table in inputs.items()
     }
 
 

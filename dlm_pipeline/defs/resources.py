@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +14,15 @@ from dlm_pipeline import settings
 from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore, BlobStoreError
 from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.fingerprint import parquet_fingerprint
 from dlm_pipeline.core.ingest_index import IngestIndex
-from dlm_pipeline.core.parquet_io import read_parquet, write_parquet
+from dlm_pipeline.core.parquet_io import ParquetRows, read_parquet, write_parquet, write_parquet_stream
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
 from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
+from dlm_pipeline.defs.metadata import StreamedOutput
 
 
 class SourceTree(dg.ConfigurableResource):
@@ -91,6 +94,11 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     An empty `output_dir` means the instance's storage directory ($DAGSTER_HOME/storage). The
     seed-independent assets are stored once: each seed's file is a hard link to
     `<output_dir>/.objects/<sha256>.parquet` (core/blob_store.py).
+
+    An asset hands over a table, or a `StreamedOutput` written row group by row group (memory: one
+    row group), then fingerprinted from the stored file. An input gets the whole table, only the
+    columns it asks for (`AssetIn(metadata={"columns": [...]})`), or with
+    `AssetIn(metadata={"stream": True})` a `ParquetRows` reader that reads row group by row group.
     """
 
     output_dir: str = ""
@@ -105,22 +113,34 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
         return self._base(context) / context.asset_key.path[-1] / f"{partition}.parquet"
 
-    def handle_output(self, context: dg.OutputContext, obj: pa.Table | ReusedOutput) -> None:
+    def handle_output(self, context: dg.OutputContext, obj: pa.Table | ReusedOutput | StreamedOutput) -> None:
         asset, name = context.asset_key.path[-1], f"{context.asset_partition_key}.parquet"
         store = BlobStore(self._base(context))
+        if isinstance(obj, StreamedOutput):
+
+            def write(fh):
+                write_parquet_stream(obj.rows, fh)
+
+        else:
+
+            def write(fh):
+                write_parquet(obj, fh)
+
         try:
             if asset not in SEED_INDEPENDENT_ASSETS:
-                path = store.write(asset, name, lambda fh: write_parquet(obj, fh))
+                path = store.write(asset, name, write)
                 context.add_output_metadata({"path": dg.MetadataValue.path(path)})
+                self._streamed_metadata(context, obj, path)
                 return
             if isinstance(obj, ReusedOutput):
                 stored = store.link_from(obj.path, asset, name, obj.sha256)
                 if stored is None:
                     raise dg.Failure(description=f"{obj.path} changed while it was being reused; re-run this seed")
             else:
-                stored = store.put(asset, name, lambda fh: write_parquet(obj, fh))
+                stored = store.put(asset, name, write)
         except BlobStoreError as exc:
             raise dg.Failure(description=str(exc)) from None
+        self._streamed_metadata(context, obj, stored.path)
         if not stored.linked:
             context.log.warning(f"{stored.path} is a full copy: hard links are not possible in {store.root}")
         context.add_output_metadata(
@@ -134,8 +154,22 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             }
         )
 
-    def load_input(self, context: dg.InputContext) -> pa.Table:
-        """The whole table, or only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`)."""
+    @staticmethod
+    def _streamed_metadata(context: dg.OutputContext, obj: object, path: str | os.PathLike) -> None:
+        """For a streamed output, what `versioned_output` records, from the stored file: its row
+        count, fingerprint and data version (set on the step, where Dagster takes it from when the
+        output itself carries none)."""
+        if not isinstance(obj, StreamedOutput):
+            return
+        fingerprint = parquet_fingerprint(path)
+        context.add_output_metadata(obj.metadata(ParquetRows(path).num_rows, fingerprint))
+        with warnings.catch_warnings():  # data versions are beta in Dagster 1.13 (as in metadata.versioned_output)
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            context.step_context.set_data_version(context.asset_key, dg.DataVersion(fingerprint))
+
+    def load_input(self, context: dg.InputContext) -> pa.Table | ParquetRows:
+        """The whole table, only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`),
+        or a lazy reader (`AssetIn(metadata={"stream": True})`)."""
         path = self._path(context, context.asset_partition_key)
         if path.is_symlink():
             raise dg.Failure(
@@ -146,7 +180,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "
                 f"for seed {context.asset_partition_key} first"
             )
-        return read_parquet(path, columns=(context.definition_metadata or {}).get("columns"))
+        asked = context.definition_metadata or {}
+        if asked.get("stream"):
+            return ParquetRows(path)
+        return read_parquet(path, columns=asked.get("columns"))
 
 
 class TokenizerResource(dg.ConfigurableResource):

@@ -5,6 +5,8 @@ training_configs -> weights_map ─┐
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import ExitStack
 
 import dagster as dg
 import pyarrow as pa
@@ -18,8 +20,9 @@ from dlm_pipeline.core.config_records import (
     records_table,
     table_configs_fingerprint,
 )
-from dlm_pipeline.core.corpus import SKIP_REASONS, build_raw_corpus
-from dlm_pipeline.core.expansion import ExpansionTooLarge, expand_corpus, tag_stats
+from dlm_pipeline.core.corpus import ROW_SCHEMA, SKIP_REASONS, stream_raw_corpus
+from dlm_pipeline.core.expansion import ExpansionTooLarge, stream_expansion, tag_stats
+from dlm_pipeline.core.parquet_io import ParquetRows, RowStream
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.core.weights import SCOPE_NEAREST, table_scope, weights_table
 from dlm_pipeline.defs.compute import ComputeResource
@@ -28,6 +31,7 @@ from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
     input_fingerprints,
+    streamed_output,
     table_metadata,
     text_block,
     versioned_output,
@@ -132,35 +136,40 @@ def raw_corpus(
         return reuse.output
     index = source.ingest_index(context.instance, scan)
     compute_stats = RunStats()
-    with compute.reader(context, source.max_file_bytes, source.secret_entropy, compute_stats) as read_batch:
-        corpus = build_raw_corpus(
-            scan,
-            anchors,
-            max_file_bytes=source.max_file_bytes,
-            secret_entropy=source.secret_entropy,
-            progress=ProgressLog(context, "raw_corpus files read"),
-            index=index,
-            read_batch=read_batch,
+    # The rows are read while the IO manager writes them, after this function returns: the compute
+    # backend's reader stays open until the last batch was read.
+    reading = ExitStack()
+    corpus, tables = stream_raw_corpus(
+        scan,
+        anchors,
+        max_file_bytes=source.max_file_bytes,
+        secret_entropy=source.secret_entropy,
+        progress=ProgressLog(context, "raw_corpus files read"),
+        index=index,
+        read_batch=reading.enter_context(
+            compute.reader(context, source.max_file_bytes, source.secret_entropy, compute_stats)
+        ),
+    )
+
+    def rows_read() -> Iterator[pa.Table]:
+        with reading:
+            yield from tables
+
+    def skip_counts() -> dict[str, int]:
+        return {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
+
+    def late_metadata() -> dict:
+        """What is known once every file was read (the IO manager asks after writing the rows)."""
+        context.log.info(
+            f"ingest index {index.status}: {corpus.files_read:,} file(s) read, "
+            f"{corpus.files_from_index:,} from the index"
         )
-    context.log.info(
-        f"ingest index {index.status}: {corpus.files_read:,} file(s) read, {corpus.files_from_index:,} from the index"
-    )
-    skips = {reason: corpus.skips.get(reason, 0) for reason in SKIP_REASONS}
-    # The counts travel with the file too (schema metadata), for readers outside Dagster.
-    rows = corpus.table.replace_schema_metadata({SKIP_COUNTS_KEY: json.dumps(skips, sort_keys=True)})
-    skipped = pa.table(
-        {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
-        schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
-    )
-    return versioned_output(
-        rows,
-        seed,
-        inputs,
-        {
-            **config_lineage(context),
-            **reuse.metadata,
-            "files_seen": dg.MetadataValue.int(corpus.files_seen),
-            "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
+        skips = skip_counts()
+        skipped = pa.table(
+            {"path": [p for p, _ in corpus.skipped], "reason": [r for _, r in corpus.skipped]},
+            schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
+        )
+        return {
             "files_read": dg.MetadataValue.int(corpus.files_read),
             "files_from_index": dg.MetadataValue.int(corpus.files_from_index),
             "ingest_index": dg.MetadataValue.text(index.status),
@@ -172,36 +181,60 @@ def raw_corpus(
             "own_folders_excluded": dg.MetadataValue.json(scan.own_dirs),
             "compute": dg.MetadataValue.text(compute.backend),
             **(ComputeResource.metadata(compute_stats) if compute_stats.tasks else {}),
+        }
+
+    # The skip counts travel with the file too (schema metadata), for readers outside Dagster.
+    rows = RowStream(
+        ROW_SCHEMA, rows_read(), late_metadata=lambda: {SKIP_COUNTS_KEY: json.dumps(skip_counts(), sort_keys=True)}
+    )
+    return streamed_output(
+        rows,
+        seed,
+        inputs,
+        {
+            **config_lineage(context),
+            **reuse.metadata,
+            "files_seen": dg.MetadataValue.int(corpus.files_seen),
+            "files_excluded": dg.MetadataValue.int(corpus.files_excluded),
         },
+        late_metadata,
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
+@dg.asset(
+    partitions_def=seeds_partitions,
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    code_version="2",
+    ins={"raw_corpus": dg.AssetIn(metadata={"stream": True})},
+)
 def expanded_corpus(
-    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: pa.Table, weights_map: pa.Table
+    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: ParquetRows, weights_map: pa.Table
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
     seed = parse_seed_or_fail(context)
     scope, mode = table_scope(weights_map), source.mode()
     try:
-        expanded, plan = expand_corpus(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
+        expansion = stream_expansion(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
     except ExpansionTooLarge as exc:
         raise dg.Failure(
             description=f"{exc} (DLM_MAX_EXPANDED_BYTES, or the source resource's max_expanded_bytes; "
             f"now {source.max_expanded_bytes:,})"
         ) from None
-    stats = tag_stats(raw_corpus["tags"], plan.weights, plan.copies)
+    plan = expansion.plan
+    stats = tag_stats(expansion.rows["tags"], plan.weights, plan.copies)
+    rows_out = len(plan.source_rows)
     context.log.info(
-        f"expanded {raw_corpus.num_rows:,} rows into {expanded.num_rows:,} (scope {scope}, mode {mode}, seed {seed})"
+        f"expanded {raw_corpus.num_rows:,} rows into {rows_out:,} (scope {scope}, mode {mode}, seed {seed})"
     )
-    return versioned_output(
-        expanded,
+    return streamed_output(
+        RowStream(expansion.schema, expansion.batches()),
         seed,
         input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map),
         {
             **config_lineage(context),
             "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
-            "rows_out": dg.MetadataValue.int(expanded.num_rows),
+            "rows_out": dg.MetadataValue.int(rows_out),
             "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),
             "weights_scope": dg.MetadataValue.text(scope),
             "expansion_mode": dg.MetadataValue.text(mode),
