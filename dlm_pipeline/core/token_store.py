@@ -5,18 +5,22 @@ Layout under the cache root:
     manifest.json                    {"version": 2, "shards": {"<namespace>/<shard>": {rows, bytes, sha256, last_used}}}
     .lock                            flock'd while the manifest changes
     <namespace>/shard-<hex>.parquet  content_key, input_ids (full, never truncated), n_tokens
+    <namespace>/shard-<hex>.keys     its key index (`token_index`): sorted key prefixes, row group checksums
 
 A namespace is (tokenizer fingerprint, special tokens); a key is the sha256 of the text, so a
 renamed, moved or duplicated file hits, and `max_seq_len` is applied by the reader. Shards are
 written atomically and never modified; the manifest is replaced atomically under an exclusive
-lock, so concurrent runs (one per seed) and killed runs leave a readable store. A shard is
-trusted only when its size (always) and sha256 (when it is read) match the manifest; a bad one is
-deleted and what it held is tokenized again. Eviction is least-recently-used by shard and never
-removes a shard the calling run is using.
+lock, so concurrent runs (one per seed) and killed runs leave a readable store. A lookup finds
+keys through each shard's key index and reads only the row groups that hold them, so it reads
+O(requested), not the store. A shard is trusted only when its size (always) and the sha256 of
+what is read (the whole file, or the footer and row groups its index names, the index itself
+bound to the manifest's sha256) match; a bad one is deleted and what it held is tokenized again;
+a missing, stale or malformed index is rebuilt from its shard. Eviction is least-recently-used by
+shard and never removes a shard the calling run is using.
 
 The store never reaches outside itself: it only opens, writes or deletes regular files whose
-names it could have created (`manifest.json`, `.lock`, `<namespace>/shard-<hex>.parquet` and their
-temp files), below its root, never through a symlink. Any other manifest key or folder entry is
+names it could have created (`manifest.json`, `.lock`, `<namespace>/shard-<hex>.parquet`,
+`<namespace>/shard-<hex>.keys` and their temp files), below its root, never through a symlink. Any other manifest key or folder entry is
 ignored and reported.
 """
 
@@ -43,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core import token_index
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS, write_bytes_atomic
@@ -56,6 +61,9 @@ DEFAULT_MAX_BYTES = 10 * 1024**3
 COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
 COMPACT_SHARD_BYTES = 64 * 1024**2  # shards up to this size are merged; larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
+GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
+GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
+SHARD_WRITE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": False}  # nothing reads them; they bloat the footer
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
@@ -64,8 +72,9 @@ STALE_TEMP_SECONDS = 3600.0
 NAMESPACE = re.compile(r"[0-9a-f]{32}(-special)?")
 LEGACY_NAMESPACE = re.compile(r"[0-9a-f]{32}-L[1-9][0-9]{0,9}(-special)?")  # before v2: aged out by LRU
 SHARD = re.compile(r"shard-[0-9a-f]{32}\.parquet")
+KEYS = re.compile(rf"shard-[0-9a-f]{{32}}{re.escape(token_index.SUFFIX)}")
 SHARD_KEY = re.compile(rf"(?P<ns>{NAMESPACE.pattern}|{LEGACY_NAMESPACE.pattern})/(?P<shard>{SHARD.pattern})")
-TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern})\.[A-Za-z0-9_]{{1,32}}\.tmp")
+TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern}|{KEYS.pattern})\.[A-Za-z0-9_]{{1,32}}\.tmp")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 STORE_SCHEMA = pa.schema([("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())])
@@ -82,6 +91,8 @@ class TokenStoreError(ValueError):
 class CorruptShard(Exception):
     """A shard whose file does not match its manifest entry."""
 
+    pointed: np.ndarray = np.zeros(0, np.int64)  # positions of the wanted keys its index points at
+
 
 @dataclass
 class Lookup:
@@ -95,6 +106,12 @@ class Lookup:
     encoded_tokens: int = 0  # tokens produced for the misses (before any were stored)
     repaired: list[str] = field(default_factory=list)  # shards found corrupt, deleted and re-tokenized
     ignored: list[str] = field(default_factory=list)  # manifest keys and folder entries the store left alone
+    reasons: dict[str, str] = field(default_factory=dict)  # content key -> why it was tokenized (misses only)
+    shard_bytes_read: int = 0  # shard bytes read to answer the lookup (footers and row groups, or whole shards)
+
+
+NOT_IN_STORE = "not in store"  # never tokenized with this tokenizer, or evicted, or its shard was lost
+SHARD_CORRUPT = "shard corrupt"  # the shard holding it failed its checksum and was deleted
 
 
 def _is_count(value: object, limit: int = 2**53) -> bool:
@@ -119,6 +136,10 @@ def valid_entry(name: object, info: object) -> bool:
     )
 
 
+def _index_name(shard: str) -> str:
+    return shard.removesuffix(".parquet") + token_index.SUFFIX
+
+
 def _is_namespace(name: str) -> bool:
     return NAMESPACE.fullmatch(name) is not None or LEGACY_NAMESPACE.fullmatch(name) is not None
 
@@ -132,6 +153,7 @@ class TokenStore:
     def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
+        self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._root_fd() as fd:
@@ -206,15 +228,17 @@ class TokenStore:
             return False
 
     def _delete_shard(self, name: str) -> bool:
+        """Delete a shard and its key index."""
         namespace, shard = name.split("/")
         try:
             with self._namespace_fd(namespace) as fd:
+                self._unlink_regular(fd, _index_name(shard))
                 return self._unlink_regular(fd, shard)
         except (FileNotFoundError, TokenStoreError):
             return False
 
-    def _read_shard(self, name: str, info: dict) -> pa.Table:
-        """The shard as a table, after its size and sha256 are checked against the manifest."""
+    def _shard_bytes(self, name: str, info: dict) -> bytes:
+        """The whole shard file, after its size and sha256 are checked against the manifest."""
         namespace, shard = name.split("/")
         try:
             with self._namespace_fd(namespace) as fd:
@@ -223,11 +247,19 @@ class TokenStore:
             raise CorruptShard(f"{name}: {exc}") from None
         if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise CorruptShard(f"{name}: size or sha256 differs from the manifest")
+        return data
+
+    @staticmethod
+    def _parse_shard(name: str, data: bytes) -> pa.Table:
         try:
             table = pq.read_table(pa.BufferReader(data))
             return table.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
+
+    def _read_shard(self, name: str, info: dict) -> pa.Table:
+        """The whole shard as a table, verified (compaction reads shards whole)."""
+        return self._parse_shard(name, self._shard_bytes(name, info))
 
     # -- manifest -------------------------------------------------------------------------
     @contextmanager
@@ -320,10 +352,12 @@ class TokenStore:
     ) -> None:
         with self._namespace_fd(namespace) as fd:
             report["deleted"] += self._delete_stale_temps(fd, now, stale_after)  # shard temps
-            present = {}
+            present, indexes = {}, []
             for entry in os.scandir(fd):
                 if SHARD.fullmatch(entry.name):
                     present[entry.name] = entry.stat(follow_symlinks=False)
+                elif KEYS.fullmatch(entry.name):
+                    indexes.append(entry.name)
                 elif not TEMP.fullmatch(entry.name):
                     report["ignored"].append(f"{_show(namespace + '/' + entry.name)} (not a shard)")
             for name in [n for n in good if n.split("/")[0] == namespace]:
@@ -333,6 +367,7 @@ class TokenStore:
                     report["dropped"] += 1
                 elif info.st_size != good[name]["bytes"]:  # truncated or grown in place
                     self._unlink_regular(fd, name.split("/")[1])
+                    present.pop(name.split("/")[1])
                     del shards[name]
                     report["corrupt"].append(name)
             for shard, info in sorted(present.items()):
@@ -361,6 +396,10 @@ class TokenStore:
                     "last_used": now,
                 }
                 report["adopted"] += 1
+            shards_left = {entry.name for entry in os.scandir(fd) if SHARD.fullmatch(entry.name)}
+            for index in indexes:  # an index whose shard is gone (a shard is written before its index)
+                if index.removesuffix(token_index.SUFFIX) + ".parquet" not in shards_left:
+                    self._unlink_regular(fd, index)
 
     def evict(self, protect: set[str] = frozenset(), max_bytes: int | None = None) -> list[str]:
         """Remove least-recently-used shards until the store fits; `protect` is never removed."""
@@ -408,7 +447,7 @@ class TokenStore:
                     continue
                 with self._namespace_fd(entry.name) as fd:
                     for child in os.scandir(fd):
-                        if SHARD.fullmatch(child.name) or TEMP.fullmatch(child.name):
+                        if SHARD.fullmatch(child.name) or KEYS.fullmatch(child.name) or TEMP.fullmatch(child.name):
                             self._unlink_regular(fd, child.name)
                 try:
                     os.rmdir(entry.name, dir_fd=root)
@@ -469,14 +508,23 @@ class TokenStore:
     def _put_shard(
         fd: int, namespace: str, table: pa.Table, last_used: float, content_named: bool = False
     ) -> tuple[str, dict]:
-        """Write one shard into the namespace folder `fd`; (its name, its manifest entry). Named by a
-        random id, or by its content (`content_named`: the same bytes always get the same name)."""
+        """Write one shard and then its key index into the namespace folder `fd`; (its name, its
+        manifest entry). Named by a random id, or by its content (`content_named`: the same bytes
+        always get the same name). Row groups stay small, as a lookup reads whole row groups."""
         sink = io.BytesIO()
-        pq.write_table(table, sink, use_dictionary=["content_key"], **PARQUET_OPTIONS)
+        lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        with pq.ParquetWriter(sink, table.schema, use_dictionary=["content_key"], **SHARD_WRITE_OPTIONS) as writer:
+            for start, end in chunk_bounds(lengths, GROUP_MAX_IDS):
+                for at in range(start, max(end, start + 1), GROUP_MAX_ROWS):
+                    writer.write_table(
+                        table.slice(at, min(end, at + GROUP_MAX_ROWS) - at), row_group_size=GROUP_MAX_ROWS
+                    )
         data = sink.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         shard = f"shard-{digest[:32] if content_named else uuid.uuid4().hex}.parquet"
         write_bytes_atomic(fd, shard, lambda fh: fh.write(data))
+        index = token_index.build(data, table["content_key"], digest)
+        write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(index))
         entry = {"rows": table.num_rows, "bytes": len(data), "sha256": digest, "last_used": last_used}
         return f"{namespace}/{shard}", entry
 
@@ -534,28 +582,112 @@ class TokenStore:
                 if isinstance(manifest["shards"].get(name), dict):
                     manifest["shards"][name]["last_used"] = now
 
+    def _key_index(self, name: str, info: dict, rebuild: bool = False) -> token_index.KeyIndex:
+        """The shard's key index; built again from the whole shard (verified, else CorruptShard)
+        when it is missing, made for other bytes or malformed, or when `rebuild` is asked."""
+        namespace, shard = name.split("/")
+        if not rebuild:
+            try:
+                with self._namespace_fd(namespace) as fd:
+                    return token_index.KeyIndex.open(fd, _index_name(shard), info)
+            except (token_index.BadIndex, TokenStoreError, OSError):
+                pass
+        data = self._shard_bytes(name, info)
+        content = token_index.build(data, self._parse_shard(name, data)["content_key"], info["sha256"])
+        self.bytes_read += len(data)
+        with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
+            current = manifest["shards"].get(name)
+            if isinstance(current, dict) and current.get("sha256") == info["sha256"]:
+                with self._namespace_fd(namespace) as fd:
+                    write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
+        return token_index.KeyIndex.parse(content, info)
+
+    def _read_rows(self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray) -> pa.Table:
+        """Rows `rows` of the shard, reading only its footer and the row groups holding them."""
+        namespace, shard = name.split("/")
+        groups = index.group_of(rows)
+        needed = np.unique(groups)
+        first_rows = np.array([g[2] for g in index.groups] + [index.n_rows], dtype=np.int64)
+        sizes = (first_rows[1:] - first_rows[:-1])[needed]
+        try:
+            with self._namespace_fd(namespace) as dir_fd:
+                fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CorruptShard(f"{name}: not a regular file")
+                table = token_index.read_verified(fd, info["bytes"], index, needed, STORE_SCHEMA.names)
+            finally:
+                os.close(fd)
+            self.bytes_read += index.footer[1] + sum(index.groups[g][1] for g in needed.tolist())
+            if table.num_rows != int(sizes.sum()):
+                raise CorruptShard(f"{name}: row groups hold other rows than the index says")
+            bases = np.cumsum(sizes) - sizes
+            local = bases[np.searchsorted(needed, groups)] + rows - first_rows[groups]
+            return table.take(pa.array(local, pa.int64())).cast(STORE_SCHEMA)
+        except CorruptShard:
+            raise
+        except Exception as exc:  # OSError, a checksum mismatch, or pyarrow's several types for a damaged file
+            raise CorruptShard(f"{name}: {exc}") from None
+
+    def _find_in_shard(
+        self, name: str, info: dict, wanted: pa.Array, prefixes: np.ndarray, pending: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+        """(positions of `pending` keys the index points into this shard, positions found, their rows).
+        Every returned row's full content key is compared; an index that points at other keys is
+        rebuilt once (a 64-bit prefix shared by two keys is the only other cause)."""
+        for rebuild in (False, True):
+            index = self._key_index(name, info, rebuild)
+            try:
+                at, rows = index.candidates(prefixes[pending])
+            except token_index.BadIndex:
+                if rebuild:
+                    raise CorruptShard(f"{name}: its index points outside it") from None
+                continue
+            if not len(at):
+                return at, at, STORE_SCHEMA.empty_table()
+            try:
+                table = self._read_rows(name, info, index, rows)
+            except CorruptShard as exc:
+                exc.pointed = pending[at]
+                raise
+            same = pc.equal(table["content_key"], wanted.take(pa.array(pending[at]))).to_numpy(zero_copy_only=False)
+            if same.all() or rebuild:
+                break
+        hits = np.flatnonzero(same)
+        _, first = np.unique(at[hits], return_index=True)  # one row per key, should a shard hold it twice
+        hits = hits[first]
+        return pending[at], pending[at[hits]], table.take(pa.array(hits, pa.int64()))
+
     def _gather(
-        self, names: dict[str, dict], wanted: pa.Array, pending: np.ndarray, found_rows: list, used: set, repaired: list
+        self,
+        names: dict[str, dict],
+        wanted: pa.Array,
+        pending: np.ndarray,
+        found_rows: list,
+        used: set,
+        repaired: list,
+        corrupt: set | None = None,
     ) -> np.ndarray:
-        """Read the shards `names` (one at a time, verified) for the keys at `pending` positions of
-        `wanted`; appends (positions, rows) to `found_rows`; returns the positions still missing. A
-        corrupt shard is deleted and its keys stay missing."""
+        """Look the keys at `pending` positions of `wanted` up in the shards `names` through their key
+        indexes; appends (positions, rows) to `found_rows`; returns the positions still missing. A
+        corrupt shard is deleted, its keys stay missing and their positions go to `corrupt`."""
+        prefixes, _ = token_index.key_prefixes(wanted)
         for name in sorted(names):
             if not len(pending):
                 break
             try:
-                shard = self._read_shard(name, names[name])
-            except CorruptShard:
+                pointed, found, rows = self._find_in_shard(name, names[name], wanted, prefixes, pending)
+            except CorruptShard as exc:
                 if self._drop_corrupt(name, names[name]):
                     repaired.append(name)
+                if corrupt is not None:
+                    corrupt.update(exc.pointed.tolist())
                 continue
-            rows = pc.index_in(wanted.take(pa.array(pending)), value_set=shard["content_key"])
-            found = rows.is_valid().to_numpy(zero_copy_only=False)
-            if not found.any():
+            if not len(found):
                 continue
             used.add(name)
-            found_rows.append((pending[found], shard.take(rows.filter(pa.array(found)))))
-            pending = pending[~found]
+            found_rows.append((found, rows))
+            pending = np.setdiff1d(pending, found, assume_unique=True)
         return pending
 
     def get_or_compute(
@@ -567,15 +699,17 @@ class TokenStore:
         write_elsewhere: RemoteWriter | None = None,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
-        encode and store the rest. Shards are read one at a time and verified; a corrupt one is
-        deleted and its keys are encoded again. With `write_elsewhere` (SPEC §6, `--compute ray`)
+        encode and store the rest. Keys are found through each shard's key index and only the row
+        groups holding them are read, verified; a corrupt shard is deleted and its keys are encoded
+        again. With `write_elsewhere` (SPEC §6, `--compute ray`)
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here."""
         report = self.repair()
         good, _ = self._entries(self._read_manifest())
         wanted = pa.array(list(keys), pa.string())
         found_rows: list[tuple[np.ndarray, pa.Table]] = []
-        used, repaired = set(), list(report["corrupt"])
+        used, repaired, corrupt = set(), list(report["corrupt"]), set()
+        bytes_before = self.bytes_read
         everything = np.arange(len(wanted), dtype=np.int64)
         pending = self._gather(
             {n: i for n, i in good.items() if n.split("/")[0] == namespace},
@@ -584,8 +718,13 @@ class TokenStore:
             found_rows,
             used,
             repaired,
+            corrupt,
         )
         misses = len(pending)
+        reasons = {
+            key: SHARD_CORRUPT if position in corrupt else NOT_IN_STORE
+            for position, key in zip(pending.tolist(), wanted.take(pa.array(pending)).to_pylist(), strict=True)
+        }
         encode_seconds, encoded_tokens = 0.0, 0
         if len(pending) and write_elsewhere is not None:
             written, encode_seconds, encoded_tokens = write_elsewhere(
@@ -616,7 +755,16 @@ class TokenStore:
         if misses:
             self.compact(namespace)
         return Lookup(
-            table, len(wanted) - misses, misses, used, encode_seconds, encoded_tokens, repaired, report["ignored"]
+            table,
+            len(wanted) - misses,
+            misses,
+            used,
+            encode_seconds,
+            encoded_tokens,
+            repaired,
+            report["ignored"],
+            reasons,
+            self.bytes_read - bytes_before,
         )
 
 

@@ -1,0 +1,281 @@
+"""Key index of one token store shard: where each content key sits, and checksums of the byte ranges
+a lookup reads, so a lookup reads O(requested) and never a whole shard.
+
+One file per shard, `<namespace>/shard-<hex>.keys`, beside `shard-<hex>.parquet`; together they are
+the namespace's index. A shard is immutable, so its index never goes stale: it names the shard's
+sha256, size and row count, and is used only while they match the manifest entry. Layout:
+
+    b"DLMKEYS1"  uint64 header length  header (JSON)  padding to 8
+    uint64[rows]  first 16 hex digits of each content key, ascending
+    uint32[rows]  the row of each, in the same order
+
+The header holds, besides the shard's identity, the byte range and sha256 of the Parquet footer and
+of every row group. A lookup memory-maps the two arrays, binary-searches the wanted keys, reads only
+the footer and the row groups holding them (each checked against its sha256 before it is decoded)
+and compares the full content key of every row it returns. The file is hostile input like the rest
+of the store: anything that does not check out is rebuilt from the shard, read whole and verified.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+MAGIC = b"DLMKEYS1"
+SUFFIX = ".keys"
+MAX_HEADER_BYTES = 64 * 1024**2
+PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
+
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+for _value, _char in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_char] = _value
+_PLACES = (np.uint64(16) ** np.arange(PREFIX_DIGITS - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+class BadIndex(Exception):
+    """An index file that does not describe its shard; it is rebuilt."""
+
+
+class UnverifiedRead(OSError):
+    """The Parquet reader asked for bytes no checksum covers."""
+
+
+def key_prefixes(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 of the first 16 hex digits of each key, whether the key starts with 16 lowercase hex
+    digits); vectorised, so 10 M keys never become Python strings."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    heads = pc.utf8_slice_codeunits(keys.cast(pa.string()), 0, PREFIX_DIGITS)
+    well_formed = pc.fill_null(pc.equal(pc.binary_length(heads), PREFIX_DIGITS), False)
+    heads = pc.if_else(well_formed, heads, "g" * PREFIX_DIGITS).cast(pa.binary())
+    data = np.frombuffer(heads.buffers()[2], dtype=np.uint8) if len(heads) else np.zeros(0, np.uint8)
+    start = int(np.frombuffer(heads.buffers()[1], dtype=np.int32)[heads.offset]) if len(heads) else 0
+    nibbles = _NIBBLE[data[start : start + PREFIX_DIGITS * len(heads)].reshape(len(heads), PREFIX_DIGITS)]
+    valid = well_formed.to_numpy(zero_copy_only=False) & (nibbles < 16).all(axis=1)
+    values = (np.where(nibbles < 16, nibbles, 0).astype(np.uint64) * _PLACES).sum(axis=1, dtype=np.uint64)
+    return values, valid
+
+
+def _group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int, int]]:
+    """(start, length, first row) of every row group: the bytes of its column chunks."""
+    ranges, first_row = [], 0
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        starts, ends = [], []
+        for c in range(group.num_columns):
+            column = group.column(c)
+            start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+            starts.append(start)
+            ends.append(start + column.total_compressed_size)
+        ranges.append((min(starts), max(ends) - min(starts), first_row))
+        first_row += group.num_rows
+    return ranges
+
+
+def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
+    """(start, length) of the footer, its length field and the closing magic, from the last 8 bytes."""
+    if len(tail) != 8 or tail[4:] != b"PAR1":
+        raise BadIndex("not a Parquet file")
+    length = struct.unpack("<I", tail[:4])[0] + 8
+    if length + 4 > data_size:
+        raise BadIndex("footer longer than the file")
+    return data_size - length, length
+
+
+def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> bytes:
+    """The index file of the shard whose verified bytes are `data` and whose content keys are `keys`."""
+    metadata = pq.read_metadata(pa.BufferReader(data))
+    footer_start, footer_length = _footer_range(len(data), data[-8:])
+    groups = [
+        [start, length, first_row, hashlib.sha256(data[start : start + length]).hexdigest()]
+        for start, length, first_row in _group_ranges(metadata)
+    ]
+    header = {
+        "sha256": shard_sha256,
+        "bytes": len(data),
+        "rows": metadata.num_rows,
+        "footer": [footer_start, footer_length, hashlib.sha256(data[footer_start:]).hexdigest()],
+        "groups": groups,
+    }
+    prefixes, valid = key_prefixes(keys)
+    rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
+    order = np.argsort(prefixes[rows], kind="stable")
+    encoded = json.dumps(header, sort_keys=True).encode()
+    padding = b"\0" * (-(len(MAGIC) + 8 + len(encoded)) % 8)
+    return b"".join(
+        [
+            MAGIC,
+            struct.pack("<Q", len(encoded)),
+            encoded,
+            padding,
+            prefixes[rows][order].astype("<u8").tobytes(),
+            rows[order].astype("<u4").tobytes(),
+        ]
+    )
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**53
+
+
+def _is_range(entry: object, size: int, extra: int) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 3 + extra
+        and all(_is_count(v) for v in entry[: 2 + extra])
+        and entry[0] + entry[1] <= size
+        and isinstance(entry[-1], str)
+        and len(entry[-1]) == 64
+    )
+
+
+@dataclass
+class KeyIndex:
+    """A parsed, memory-mapped index file, checked against the shard's manifest entry."""
+
+    prefixes: np.ndarray  # uint64, ascending (read-only view of the mapped file)
+    rows: np.ndarray  # uint32
+    footer: tuple[int, int, str]
+    groups: list[tuple[int, int, int, str]]  # start, length, first row, sha256
+    n_rows: int
+
+    @classmethod
+    def open(cls, dir_fd: int, name: str, entry: dict) -> KeyIndex:
+        """The index file `name` in `dir_fd` (never through a symlink), if it describes the shard of
+        manifest `entry`; else BadIndex."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as exc:
+            raise BadIndex(f"{name}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size < len(MAGIC) + 8:
+                raise BadIndex(f"{name}: not an index file")
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        return cls.parse(mapped, entry)
+
+    @classmethod
+    def parse(cls, buffer, entry: dict) -> KeyIndex:
+        size = len(buffer)
+        if bytes(buffer[: len(MAGIC)]) != MAGIC:
+            raise BadIndex("not an index file")
+        (length,) = struct.unpack("<Q", bytes(buffer[len(MAGIC) : len(MAGIC) + 8]))
+        if length > min(MAX_HEADER_BYTES, size):
+            raise BadIndex("header too long")
+        try:
+            header = json.loads(bytes(buffer[len(MAGIC) + 8 : len(MAGIC) + 8 + length]))
+        except (ValueError, RecursionError):
+            raise BadIndex("header unreadable") from None
+        if not isinstance(header, dict) or (header.get("sha256"), header.get("bytes"), header.get("rows")) != (
+            entry["sha256"],
+            entry["bytes"],
+            entry["rows"],
+        ):
+            raise BadIndex("made for another shard")
+        footer, groups = header.get("footer"), header.get("groups")
+        shard_size, n_rows = entry["bytes"], entry["rows"]
+        if not _is_range(footer, shard_size, 0) or not isinstance(groups, list):
+            raise BadIndex("malformed footer or row groups")
+        if not all(_is_range(g, shard_size, 1) for g in groups):
+            raise BadIndex("malformed row groups")
+        first_rows = [g[2] for g in groups]
+        if first_rows and (first_rows[0] != 0 or first_rows != sorted(first_rows) or first_rows[-1] > n_rows):
+            raise BadIndex("row groups out of order")
+        start = len(MAGIC) + 8 + length
+        start += -start % 8
+        count = (size - start) // 12
+        if count > n_rows or start + 12 * count != size:
+            raise BadIndex("key arrays do not fit the file")
+        prefixes = np.frombuffer(buffer, dtype="<u8", count=count, offset=start)
+        rows = np.frombuffer(buffer, dtype="<u4", count=count, offset=start + 8 * count)
+        return cls(prefixes, rows, tuple(footer), [tuple(g) for g in groups], n_rows)
+
+    def candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `wanted`, shard row) of every entry whose prefix equals a wanted prefix; a
+        row outside the shard means the file lies (BadIndex)."""
+        low = np.searchsorted(self.prefixes, wanted, side="left")
+        high = np.searchsorted(self.prefixes, wanted, side="right")
+        counts = (high - low).astype(np.int64)
+        total = int(counts.sum())
+        positions = np.repeat(np.arange(len(wanted), dtype=np.int64), counts)
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = self.rows[np.repeat(low, counts) + within].astype(np.int64)
+        if total and int(rows.max()) >= self.n_rows:
+            raise BadIndex("a row outside the shard")
+        return positions, rows
+
+    def group_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.array([g[2] for g in self.groups], dtype=np.int64), rows, side="right") - 1
+
+
+class VerifiedRanges(io.RawIOBase):
+    """A read-only file that serves only byte ranges whose sha256 was checked; the Parquet reader
+    asking for anything else (a footer that points elsewhere) fails the read."""
+
+    def __init__(self, size: int, ranges: dict[int, bytes]):
+        super().__init__()
+        self.size, self.ranges, self.starts, self.position = size, ranges, sorted(ranges), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = {0: 0, 1: self.position, 2: self.size}[whence] + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        wanted = min(len(buffer), max(self.size - self.position, 0))
+        if not wanted:
+            return 0
+        at = bisect.bisect_right(self.starts, self.position) - 1
+        if at < 0:
+            raise UnverifiedRead(f"bytes at {self.position} are not covered by a checksum")
+        start = self.starts[at]
+        chunk = self.ranges[start]
+        offset = self.position - start
+        if offset + wanted > len(chunk):
+            raise UnverifiedRead(f"bytes at {self.position} are not covered by a checksum")
+        buffer[:wanted] = chunk[offset : offset + wanted]
+        self.position += wanted
+        return wanted
+
+
+def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows of the row groups `groups` (ascending) of the shard open at `fd`, reading only the footer
+    and those groups, each checked against its sha256 first; OSError or ValueError when anything differs."""
+    if os.fstat(fd).st_size != size:
+        raise ValueError("size differs from the manifest")
+
+    def checked(start: int, length: int, digest: str) -> bytes:
+        data = os.pread(fd, length, start)
+        if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"bytes {start}..{start + length} differ from their checksum")
+        return data
+
+    footer = checked(*index.footer)
+    metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
+    described = [(g[0], g[1], g[2]) for g in index.groups]
+    if metadata.num_rows != index.n_rows or _group_ranges(metadata) != described:
+        raise ValueError("the footer and the index describe different row groups")
+    ranges = {index.groups[g][0]: checked(*(index.groups[g][i] for i in (0, 1, 3))) for g in groups.tolist()}
+    reader = pq.ParquetFile(VerifiedRanges(size, ranges), metadata=metadata, pre_buffer=False)
+    return reader.read_row_groups(groups.tolist(), columns=columns)
