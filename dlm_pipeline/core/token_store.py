@@ -52,6 +52,7 @@ from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS, write_bytes_atomic
 from dlm_pipeline.core.safe_read import read_regular_file
+from dlm_pipeline.core.split import TEXT_BATCH
 from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds, cut
 
 MANIFEST = "manifest.json"
@@ -768,6 +769,13 @@ class TokenStore:
         )
 
 
+EXPANDED = "expanded row"  # needed for the seed's tokenized_cache rows (and its train set)
+VALIDATION_ONLY = "validation row"  # needed only for the seed's validation set (SPEC §7)
+TOKENIZED_SCHEMA = pa.schema(
+    [("section_id", pa.string()), ("path", pa.string()), ("needed_for", pa.string()), ("reason", pa.string())]
+)
+
+
 def tokenized_rows(
     store: TokenStore,
     loaded: LoadedTokenizer,
@@ -776,28 +784,61 @@ def tokenized_rows(
     copies: pa.ChunkedArray,
     progress=None,
     write_elsewhere: RemoteWriter | None = None,
-) -> tuple[pa.Table, Lookup]:
+    validation_rows: np.ndarray | None = None,
+) -> tuple[pa.Table, Lookup, pa.Table]:
     """SPEC §4 rows (section_id, copy, input_ids cut to max_seq_len, n_tokens, truncated) for the
-    given rows. Every distinct text of `raw` (section_id, text) is looked up once by content key,
-    also those these rows drop, so a weights edit or another seed tokenizes nothing."""
-    raw_row = pc.index_in(section_ids, value_set=one_chunk(raw["section_id"]))
+    given rows of `raw` (section_id, path, text). The store is asked once for each distinct text
+    the seed needs: those of these rows and of the raw rows `validation_rows` (the seed's
+    validation set, SPEC §7), and nothing else, so a text no seed needs is never tokenized. Also
+    returns which texts were tokenized (TOKENIZED_SCHEMA: a section holding each, what needed it,
+    why the store did not have it)."""
+    raw_ids = one_chunk(raw["section_id"])
+    raw_row = pc.index_in(section_ids, value_set=raw_ids)
     if raw_row.null_count:
         raise ValueError("a section_id is not in raw_corpus; materialize the graph from raw_corpus down")
+    expanded_rows = one_chunk(raw_row).to_numpy(zero_copy_only=False).astype(np.int64)
+    extra = np.zeros(0, np.int64) if validation_rows is None else np.asarray(validation_rows, np.int64)
+    needed = np.unique(np.concatenate([expanded_rows, extra]))
     key_index: dict[str, int] = {}
     texts: list[str] = []
-    key_of_raw = np.empty(raw.num_rows, dtype=np.int64)
-    for row, text in enumerate(raw["text"].to_pylist()):
-        key = content_key(text)
-        if key not in key_index:
-            key_index[key] = len(texts)
-            texts.append(text)
-        key_of_raw[row] = key_index[key]
+    first_row: list[int] = []  # a raw row holding each distinct text (the first needed one)
+    key_of_needed = np.empty(len(needed), dtype=np.int64)
+    raw_texts = one_chunk(raw["text"])
+    for start in range(0, len(needed), TEXT_BATCH):
+        batch = needed[start : start + TEXT_BATCH]
+        for offset, text in enumerate(raw_texts.take(pa.array(batch)).to_pylist()):
+            key = content_key(text)
+            if key not in key_index:
+                key_index[key] = len(texts)
+                texts.append(text)
+                first_row.append(int(batch[offset]))
+            key_of_needed[start + offset] = key_index[key]
     lookup = store.get_or_compute(
         loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress), write_elsewhere
     )
-    rows = key_of_raw[raw_row.to_numpy(zero_copy_only=False)]
+    rows = key_of_needed[np.searchsorted(needed, expanded_rows)]
     per_row = cut(lookup.table, loaded.max_seq_len).take(pa.array(rows, pa.int64()))
     table = pa.table(
         {"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}}
     )
-    return table, lookup
+    return table, lookup, _tokenized_sections(raw, lookup.reasons, key_index, first_row, rows)
+
+
+def _tokenized_sections(
+    raw: pa.Table, reasons: dict[str, str], key_index: dict[str, int], first_row: list[int], expanded_texts: np.ndarray
+) -> pa.Table:
+    """One row per text the lookup tokenized, ordered by path then section_id."""
+    expanded_texts = set(np.unique(expanded_texts).tolist()) if reasons else set()
+    rows = [first_row[key_index[key]] for key in reasons]
+    needed_for = [EXPANDED if key_index[key] in expanded_texts else VALIDATION_ONLY for key in reasons]
+    taken = pa.array(rows, pa.int64())
+    table = pa.table(
+        {
+            "section_id": one_chunk(raw["section_id"]).take(taken),
+            "path": one_chunk(raw["path"]).take(taken),
+            "needed_for": pa.array(needed_for, pa.string()),
+            "reason": pa.array(list(reasons.values()), pa.string()),
+        },
+        schema=TOKENIZED_SCHEMA,
+    )
+    return table.sort_by([("path", "ascending"), ("section_id", "ascending")])
