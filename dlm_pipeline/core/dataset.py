@@ -111,7 +111,11 @@ def plan_token_ids(
     `tokenized_cache` ran with the same tokenizer, every one is in the store."""
     used = plan.used_texts()
     found = full_token_ids(
-        store, loaded, [plan.unique_keys[i] for i in used.tolist()], RowTexts(raw_texts, plan.unique_rows[used]), progress
+        store,
+        loaded,
+        [plan.unique_keys[i] for i in used.tolist()],
+        RowTexts(raw_texts, plan.unique_rows[used]),
+        progress,
     )
     lengths = np.zeros(len(plan.unique_keys), dtype=np.int64)
     lengths[used] = pc.list_value_length(found).to_numpy(zero_copy_only=False)
@@ -122,7 +126,9 @@ def plan_token_ids(
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), found.flatten().cast(pa.int32()))
 
 
-def held_out_rows(texts: pa.ChunkedArray | pa.Array, weights: np.ndarray, split_seed: int, val_fraction: float) -> np.ndarray:
+def held_out_rows(
+    texts: pa.ChunkedArray | pa.Array, weights: np.ndarray, split_seed: int, val_fraction: float
+) -> np.ndarray:
     """Raw rows of the validation set (SPEC §7): validation-side rows of composed weight > 0. Only
     the texts of rows with weight > 0 are hashed."""
     candidates = np.flatnonzero(weights > 0.0)

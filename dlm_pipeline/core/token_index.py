@@ -6,11 +6,13 @@ the namespace's index. A shard is immutable, so its index never goes stale: it n
 sha256, size and row count, and is used only while they match the manifest entry. Layout:
 
     b"DLMKEYS1"  uint64 header length  header (JSON)  padding to 8
-    uint64[rows]  first 16 hex digits of each content key, ascending
-    uint32[rows]  the row of each, in the same order
+    uint64[groups] x 3  start, length and first row of each row group
+    bytes32[groups]     sha256 of each row group's bytes
+    uint64[keys]        first 16 hex digits of each content key, ascending
+    uint32[keys]        the row of each, in the same order
 
-The header holds, besides the shard's identity, the byte range and sha256 of the Parquet footer and
-of every row group. A lookup memory-maps the two arrays, binary-searches the wanted keys, reads only
+The header holds the shard's identity (sha256, size, rows), the number of groups and keys, and the
+byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup memory-maps the two arrays, binary-searches the wanted keys, reads only
 the footer and the row groups holding them (each checked against its sha256 before it is decoded)
 and compares the full content key of every row it returns. The file is hostile input like the rest
 of the store: anything that does not check out is rebuilt from the shard, read whole and verified.
@@ -67,18 +69,22 @@ def key_prefixes(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
     return values, valid
 
 
+def _range_of(group: pq.RowGroupMetaData) -> tuple[int, int]:
+    starts, ends = [], []
+    for c in range(group.num_columns):
+        column = group.column(c)
+        start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+        starts.append(start)
+        ends.append(start + column.total_compressed_size)
+    return min(starts), max(ends) - min(starts)
+
+
 def _group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int, int]]:
     """(start, length, first row) of every row group: the bytes of its column chunks."""
     ranges, first_row = [], 0
     for g in range(metadata.num_row_groups):
         group = metadata.row_group(g)
-        starts, ends = [], []
-        for c in range(group.num_columns):
-            column = group.column(c)
-            start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
-            starts.append(start)
-            ends.append(start + column.total_compressed_size)
-        ranges.append((min(starts), max(ends) - min(starts), first_row))
+        ranges.append((*_range_of(group), first_row))
         first_row += group.num_rows
     return ranges
 
@@ -97,20 +103,19 @@ def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> b
     """The index file of the shard whose verified bytes are `data` and whose content keys are `keys`."""
     metadata = pq.read_metadata(pa.BufferReader(data))
     footer_start, footer_length = _footer_range(len(data), data[-8:])
-    groups = [
-        [start, length, first_row, hashlib.sha256(data[start : start + length]).hexdigest()]
-        for start, length, first_row in _group_ranges(metadata)
-    ]
+    groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
+    digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
+    prefixes, valid = key_prefixes(keys)
+    rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
+    order = np.argsort(prefixes[rows], kind="stable")
     header = {
         "sha256": shard_sha256,
         "bytes": len(data),
         "rows": metadata.num_rows,
+        "groups": len(groups),
+        "keys": len(rows),
         "footer": [footer_start, footer_length, hashlib.sha256(data[footer_start:]).hexdigest()],
-        "groups": groups,
     }
-    prefixes, valid = key_prefixes(keys)
-    rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
-    order = np.argsort(prefixes[rows], kind="stable")
     encoded = json.dumps(header, sort_keys=True).encode()
     padding = b"\0" * (-(len(MAGIC) + 8 + len(encoded)) % 8)
     return b"".join(
@@ -119,6 +124,8 @@ def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> b
             struct.pack("<Q", len(encoded)),
             encoded,
             padding,
+            groups.T.copy().tobytes(),
+            digests,
             prefixes[rows][order].astype("<u8").tobytes(),
             rows[order].astype("<u4").tobytes(),
         ]
@@ -129,25 +136,17 @@ def _is_count(value: object) -> bool:
     return type(value) is int and 0 <= value < 2**53
 
 
-def _is_range(entry: object, size: int, extra: int) -> bool:
-    return (
-        isinstance(entry, list)
-        and len(entry) == 3 + extra
-        and all(_is_count(v) for v in entry[: 2 + extra])
-        and entry[0] + entry[1] <= size
-        and isinstance(entry[-1], str)
-        and len(entry[-1]) == 64
-    )
-
-
 @dataclass
 class KeyIndex:
     """A parsed, memory-mapped index file, checked against the shard's manifest entry."""
 
     prefixes: np.ndarray  # uint64, ascending (read-only view of the mapped file)
     rows: np.ndarray  # uint32
-    footer: tuple[int, int, str]
-    groups: list[tuple[int, int, int, str]]  # start, length, first row, sha256
+    footer: tuple[int, int, str]  # start, length, sha256 hex
+    group_starts: np.ndarray  # uint64 per row group
+    group_lengths: np.ndarray
+    group_first_rows: np.ndarray  # ascending, from 0
+    group_digests: np.ndarray  # 32 bytes per row group
     n_rows: int
 
     @classmethod
@@ -185,23 +184,45 @@ class KeyIndex:
             entry["rows"],
         ):
             raise BadIndex("made for another shard")
-        footer, groups = header.get("footer"), header.get("groups")
+        n_groups, n_keys, footer = header.get("groups"), header.get("keys"), header.get("footer")
         shard_size, n_rows = entry["bytes"], entry["rows"]
-        if not _is_range(footer, shard_size, 0) or not isinstance(groups, list):
-            raise BadIndex("malformed footer or row groups")
-        if not all(_is_range(g, shard_size, 1) for g in groups):
-            raise BadIndex("malformed row groups")
-        first_rows = [g[2] for g in groups]
-        if first_rows and (first_rows[0] != 0 or first_rows != sorted(first_rows) or first_rows[-1] > n_rows):
-            raise BadIndex("row groups out of order")
+        if not (_is_count(n_groups) and _is_count(n_keys) and n_keys <= n_rows and n_groups <= max(n_rows, 1)):
+            raise BadIndex("malformed counts")
+        if not (
+            isinstance(footer, list)
+            and len(footer) == 3
+            and _is_count(footer[0])
+            and _is_count(footer[1])
+            and footer[0] + footer[1] == shard_size
+            and isinstance(footer[2], str)
+            and len(footer[2]) == 64
+        ):
+            raise BadIndex("malformed footer range")
         start = len(MAGIC) + 8 + length
         start += -start % 8
-        count = (size - start) // 12
-        if count > n_rows or start + 12 * count != size:
-            raise BadIndex("key arrays do not fit the file")
-        prefixes = np.frombuffer(buffer, dtype="<u8", count=count, offset=start)
-        rows = np.frombuffer(buffer, dtype="<u4", count=count, offset=start + 8 * count)
-        return cls(prefixes, rows, tuple(footer), [tuple(g) for g in groups], n_rows)
+        if start + 56 * n_groups + 12 * n_keys != size:
+            raise BadIndex("arrays do not fit the file")
+        groups = np.frombuffer(buffer, dtype="<u8", count=3 * n_groups, offset=start).reshape(3, n_groups)
+        digests = np.frombuffer(buffer, dtype="S32", count=n_groups, offset=start + 24 * n_groups)
+        at = start + 56 * n_groups
+        starts, lengths, first_rows = groups.astype(np.int64)
+        if n_groups and (
+            first_rows[0] != 0
+            or np.any(np.diff(first_rows) < 0)
+            or first_rows[-1] > n_rows
+            or np.any(starts + lengths > footer[0])
+        ):
+            raise BadIndex("row groups out of order or outside the shard")
+        return cls(
+            np.frombuffer(buffer, dtype="<u8", count=n_keys, offset=at),
+            np.frombuffer(buffer, dtype="<u4", count=n_keys, offset=at + 8 * n_keys),
+            tuple(footer),
+            starts,
+            lengths,
+            first_rows,
+            digests,
+            n_rows,
+        )
 
     def candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `wanted`, shard row) of every entry whose prefix equals a wanted prefix; a
@@ -213,12 +234,15 @@ class KeyIndex:
         positions = np.repeat(np.arange(len(wanted), dtype=np.int64), counts)
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         rows = self.rows[np.repeat(low, counts) + within].astype(np.int64)
-        if total and int(rows.max()) >= self.n_rows:
+        if total and (int(rows.max()) >= self.n_rows or not len(self.group_first_rows)):
             raise BadIndex("a row outside the shard")
         return positions, rows
 
     def group_of(self, rows: np.ndarray) -> np.ndarray:
-        return np.searchsorted(np.array([g[2] for g in self.groups], dtype=np.int64), rows, side="right") - 1
+        return np.searchsorted(self.group_first_rows, rows, side="right") - 1
+
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(np.append(self.group_first_rows, self.n_rows))
 
 
 class VerifiedRanges(io.RawIOBase):
@@ -265,17 +289,21 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
 
-    def checked(start: int, length: int, digest: str) -> bytes:
+    def checked(start: int, length: int, digest: bytes) -> bytes:
         data = os.pread(fd, length, start)
-        if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
+        if len(data) != length or hashlib.sha256(data).digest() != digest:
             raise ValueError(f"bytes {start}..{start + length} differ from their checksum")
         return data
 
-    footer = checked(*index.footer)
+    footer = checked(index.footer[0], index.footer[1], bytes.fromhex(index.footer[2]))
     metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
-    described = [(g[0], g[1], g[2]) for g in index.groups]
-    if metadata.num_rows != index.n_rows or _group_ranges(metadata) != described:
-        raise ValueError("the footer and the index describe different row groups")
-    ranges = {index.groups[g][0]: checked(*(index.groups[g][i] for i in (0, 1, 3))) for g in groups.tolist()}
+    sizes = index.group_sizes()
+    ranges = {}
+    for g in groups.tolist():
+        start, length = int(index.group_starts[g]), int(index.group_lengths[g])
+        group = metadata.row_group(g) if g < metadata.num_row_groups else None
+        if group is None or group.num_rows != sizes[g] or _range_of(group) != (start, length):
+            raise ValueError("the footer and the index describe different row groups")
+        ranges[start] = checked(start, length, bytes(index.group_digests[g]))
     reader = pq.ParquetFile(VerifiedRanges(size, ranges), metadata=metadata, pre_buffer=False)
     return reader.read_row_groups(groups.tolist(), columns=columns)

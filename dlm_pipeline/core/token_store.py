@@ -608,8 +608,7 @@ class TokenStore:
         namespace, shard = name.split("/")
         groups = index.group_of(rows)
         needed = np.unique(groups)
-        first_rows = np.array([g[2] for g in index.groups] + [index.n_rows], dtype=np.int64)
-        sizes = (first_rows[1:] - first_rows[:-1])[needed]
+        sizes = index.group_sizes()[needed]
         try:
             with self._namespace_fd(namespace) as dir_fd:
                 fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
@@ -619,11 +618,11 @@ class TokenStore:
                 table = token_index.read_verified(fd, info["bytes"], index, needed, STORE_SCHEMA.names)
             finally:
                 os.close(fd)
-            self.bytes_read += index.footer[1] + sum(index.groups[g][1] for g in needed.tolist())
+            self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
             if table.num_rows != int(sizes.sum()):
                 raise CorruptShard(f"{name}: row groups hold other rows than the index says")
             bases = np.cumsum(sizes) - sizes
-            local = bases[np.searchsorted(needed, groups)] + rows - first_rows[groups]
+            local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
             return table.take(pa.array(local, pa.int64())).cast(STORE_SCHEMA)
         except CorruptShard:
             raise
