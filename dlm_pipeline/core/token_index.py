@@ -146,7 +146,7 @@ class KeyIndex:
     group_starts: np.ndarray  # uint64 per row group
     group_lengths: np.ndarray
     group_first_rows: np.ndarray  # ascending, from 0
-    group_digests: np.ndarray  # 32 bytes per row group
+    group_digests: np.ndarray  # uint8, 32 per row group (not numpy's bytes type: it drops trailing NULs)
     n_rows: int
 
     @classmethod
@@ -203,7 +203,7 @@ class KeyIndex:
         if start + 56 * n_groups + 12 * n_keys != size:
             raise BadIndex("arrays do not fit the file")
         groups = np.frombuffer(buffer, dtype="<u8", count=3 * n_groups, offset=start).reshape(3, n_groups)
-        digests = np.frombuffer(buffer, dtype="S32", count=n_groups, offset=start + 24 * n_groups)
+        digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 24 * n_groups)
         at = start + 56 * n_groups
         starts, lengths, first_rows = groups.astype(np.int64)
         if n_groups and (
@@ -304,6 +304,6 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
         group = metadata.row_group(g) if g < metadata.num_row_groups else None
         if group is None or group.num_rows != sizes[g] or _range_of(group) != (start, length):
             raise ValueError("the footer and the index describe different row groups")
-        ranges[start] = checked(start, length, bytes(index.group_digests[g]))
+        ranges[start] = checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
     reader = pq.ParquetFile(VerifiedRanges(size, ranges), metadata=metadata, pre_buffer=False)
     return reader.read_row_groups(groups.tolist(), columns=columns)

@@ -124,3 +124,27 @@ def test_key_prefixes_are_vectorised_and_refuse_what_is_not_hex():
     values, valid = token_index.key_prefixes(keys)
     assert valid.tolist() == [True, False, False, False, True]
     assert int(values[0]) == int(KEYS[0][:16], 16) and int(values[4]) == int(KEYS[1][:16], 16)
+
+
+def test_row_group_checksums_ending_in_zero_bytes_verify(tmp_path, loaded, monkeypatch):
+    """numpy's bytes type drops trailing NULs; a checksum read that way fails one group in 256."""
+    import hashlib
+
+    from dlm_pipeline.core import token_store
+
+    monkeypatch.setattr(token_store, "GROUP_MAX_ROWS", 4)
+    store = TokenStore(tmp_path / "cache")
+    store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    data = shard.read_bytes()
+    info = store.stats()
+    index = token_index.KeyIndex.parse(
+        shard.with_suffix(".keys").read_bytes(),
+        store._entries(store._read_manifest())[0][f"{loaded.cache_namespace}/{shard.name}"],
+    )
+    digests = [
+        hashlib.sha256(data[s : s + n]).digest() for s, n in zip(index.group_starts, index.group_lengths, strict=True)
+    ]
+    assert len(digests) == 750 and any(d.endswith(b"\0") for d in digests) and info["shards"] == 1
+    again = store.get_or_compute(loaded.cache_namespace, KEYS[::-1], TEXTS[::-1], loaded.encode)
+    assert again.hits == len(KEYS) and not again.repaired
