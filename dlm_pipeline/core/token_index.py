@@ -20,9 +20,7 @@ of the store: anything that does not check out is rebuilt from the shard, read w
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import io
 import json
 import mmap
 import os
@@ -48,10 +46,6 @@ _PLACES = (np.uint64(16) ** np.arange(PREFIX_DIGITS - 1, -1, -1, dtype=np.uint64
 
 class BadIndex(Exception):
     """An index file that does not describe its shard; it is rebuilt."""
-
-
-class UnverifiedRead(OSError):
-    """The Parquet reader asked for bytes no checksum covers."""
 
 
 def key_prefixes(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,65 +239,30 @@ class KeyIndex:
         return np.diff(np.append(self.group_first_rows, self.n_rows))
 
 
-class VerifiedRanges(io.RawIOBase):
-    """A read-only file that serves only byte ranges whose sha256 was checked; the Parquet reader
-    asking for anything else (a footer that points elsewhere) fails the read."""
-
-    def __init__(self, size: int, ranges: dict[int, bytes]):
-        super().__init__()
-        self.size, self.ranges, self.starts, self.position = size, ranges, sorted(ranges), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.position = {0: 0, 1: self.position, 2: self.size}[whence] + offset
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def readinto(self, buffer) -> int:
-        wanted = min(len(buffer), max(self.size - self.position, 0))
-        if not wanted:
-            return 0
-        at = bisect.bisect_right(self.starts, self.position) - 1
-        if at < 0:
-            raise UnverifiedRead(f"bytes at {self.position} are not covered by a checksum")
-        start = self.starts[at]
-        chunk = self.ranges[start]
-        offset = self.position - start
-        if offset + wanted > len(chunk):
-            raise UnverifiedRead(f"bytes at {self.position} are not covered by a checksum")
-        buffer[:wanted] = chunk[offset : offset + wanted]
-        self.position += wanted
-        return wanted
-
-
 def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
     """Rows of the row groups `groups` (ascending) of the shard open at `fd`, reading only the footer
-    and those groups, each checked against its sha256 first; OSError or ValueError when anything differs."""
+    and those groups, each checked against its sha256 first; ValueError or OSError when anything
+    differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    memory); the verified footer must place each group exactly where its checked bytes are."""
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
+    image = np.zeros(size, dtype=np.uint8)
+    view = memoryview(image)
 
-    def checked(start: int, length: int, digest: bytes) -> bytes:
-        data = os.pread(fd, length, start)
-        if len(data) != length or hashlib.sha256(data).digest() != digest:
+    def checked(start: int, length: int, digest: bytes) -> memoryview:
+        part = view[start : start + length]
+        if os.preadv(fd, [part], start) != length or hashlib.sha256(part).digest() != digest:
             raise ValueError(f"bytes {start}..{start + length} differ from their checksum")
-        return data
+        return part
 
     footer = checked(index.footer[0], index.footer[1], bytes.fromhex(index.footer[2]))
-    metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
+    metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + bytes(footer)))
     sizes = index.group_sizes()
-    ranges = {}
     for g in groups.tolist():
         start, length = int(index.group_starts[g]), int(index.group_lengths[g])
         group = metadata.row_group(g) if g < metadata.num_row_groups else None
         if group is None or group.num_rows != sizes[g] or _range_of(group) != (start, length):
             raise ValueError("the footer and the index describe different row groups")
-        ranges[start] = checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
-    reader = pq.ParquetFile(VerifiedRanges(size, ranges), metadata=metadata, pre_buffer=False)
+        checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
+    reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
     return reader.read_row_groups(groups.tolist(), columns=columns)

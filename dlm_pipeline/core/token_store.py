@@ -65,6 +65,7 @@ SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
 SHARD_WRITE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": False}  # nothing reads them; they bloat the footer
+# (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
@@ -514,7 +515,7 @@ class TokenStore:
         always get the same name). Row groups stay small, as a lookup reads whole row groups."""
         sink = io.BytesIO()
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
-        with pq.ParquetWriter(sink, table.schema, use_dictionary=["content_key"], **SHARD_WRITE_OPTIONS) as writer:
+        with pq.ParquetWriter(sink, table.schema, use_dictionary=False, **SHARD_WRITE_OPTIONS) as writer:
             for start, end in chunk_bounds(lengths, GROUP_MAX_IDS):
                 for at in range(start, max(end, start + 1), GROUP_MAX_ROWS):
                     writer.write_table(
