@@ -57,7 +57,9 @@ def build(store: TokenStore, entries: int, per_shard: int, lookup: int, rng: np.
         n = min(per_shard, entries - start)
         keys = random_keys(rng, n)
         encoded = fake_ids(rng, n)
-        lookup_result = store.get_or_compute(NAMESPACE, keys.to_pylist(), [""] * n, lambda _texts: encoded)
+        lookup_result = store.get_or_compute(
+            NAMESPACE, keys.to_pylist(), [""] * n, lambda _texts, encoded=encoded: encoded
+        )
         assert lookup_result.misses == n
         inside = wanted[(wanted >= start) & (wanted < start + n)] - start
         sampled.extend(keys.take(pa.array(inside)).to_pylist())
