@@ -221,11 +221,13 @@ class KeyIndex:
     def candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `wanted`, shard row) of every entry whose prefix equals a wanted prefix; a
         row outside the shard means the file lies (BadIndex)."""
-        low = np.searchsorted(self.prefixes, wanted, side="left")
-        high = np.searchsorted(self.prefixes, wanted, side="right")
+        order = np.argsort(wanted, kind="stable")  # sorted needles: each search starts where the last ended
+        ordered = wanted[order]
+        low = np.searchsorted(self.prefixes, ordered, side="left")
+        high = np.searchsorted(self.prefixes, ordered, side="right")
         counts = (high - low).astype(np.int64)
         total = int(counts.sum())
-        positions = np.repeat(np.arange(len(wanted), dtype=np.int64), counts)
+        positions = np.repeat(order.astype(np.int64), counts)
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         rows = self.rows[np.repeat(low, counts) + within].astype(np.int64)
         if total and (int(rows.max()) >= self.n_rows or not len(self.group_first_rows)):
