@@ -251,17 +251,14 @@ class TokenStore:
             raise CorruptShard(f"{name}: size or sha256 differs from the manifest")
         return data
 
-    @staticmethod
-    def _parse_shard(name: str, data: bytes) -> pa.Table:
+    def _read_shard(self, name: str, info: dict) -> pa.Table:
+        """The whole shard as a table, verified (compaction reads shards whole)."""
+        data = self._shard_bytes(name, info)
         try:
             table = pq.read_table(pa.BufferReader(data))
             return table.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
-
-    def _read_shard(self, name: str, info: dict) -> pa.Table:
-        """The whole shard as a table, verified (compaction reads shards whole)."""
-        return self._parse_shard(name, self._shard_bytes(name, info))
 
     # -- manifest -------------------------------------------------------------------------
     @contextmanager
@@ -595,7 +592,11 @@ class TokenStore:
             except (token_index.BadIndex, TokenStoreError, OSError):
                 pass
         data = self._shard_bytes(name, info)
-        content = token_index.build(data, self._parse_shard(name, data)["content_key"], info["sha256"])
+        try:
+            keys = pq.read_table(pa.BufferReader(data), columns=["content_key"])["content_key"]
+            content = token_index.build(data, keys, info["sha256"])
+        except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
+            raise CorruptShard(f"{name}: {exc}") from None
         self.bytes_read += len(data)
         with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
             current = manifest["shards"].get(name)

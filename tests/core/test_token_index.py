@@ -148,3 +148,24 @@ def test_row_group_checksums_ending_in_zero_bytes_verify(tmp_path, loaded, monke
     assert len(digests) == 750 and any(d.endswith(b"\0") for d in digests) and info["shards"] == 1
     again = store.get_or_compute(loaded.cache_namespace, KEYS[::-1], TEXTS[::-1], loaded.encode)
     assert again.hits == len(KEYS) and not again.repaired
+
+
+def test_a_shard_written_before_the_index_gets_one_on_first_use(tmp_path, loaded):
+    """An old shard (one large row group, no key index), adopted by repair, hits and gets an index."""
+    import pyarrow.parquet as pq
+
+    from dlm_pipeline.core.token_store import STORE_SCHEMA
+
+    encoded = loaded.encode(TEXTS[:500])
+    table = pa.table(
+        {"content_key": KEYS[:500], "input_ids": encoded["input_ids"], "n_tokens": encoded["n_tokens"]},
+        schema=STORE_SCHEMA,
+    )
+    folder = tmp_path / "cache" / loaded.cache_namespace
+    folder.mkdir(parents=True)
+    old = folder / ("shard-" + "b" * 32 + ".parquet")
+    pq.write_table(table, old, use_dictionary=["content_key"], compression="zstd")
+    store = TokenStore(tmp_path / "cache")
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[100:110], TEXTS[100:110], loaded.encode)
+    assert lookup.hits == 10 and old.with_suffix(".keys").exists()
+    assert lookup.table["input_ids"].to_pylist() == table["input_ids"].to_pylist()[100:110]
