@@ -86,7 +86,7 @@ def core_benchmark(files: dict[str, str]) -> None:
     def seed_run(
         store: TokenStore, weights: dict, seed: int, rows: pa.Table = table, tokenizer=loaded
     ) -> tuple[pa.Table, int, int]:
-        expanded, _ = expand_rows(rows, np.zeros(rows.num_rows, np.int32), [weights], seed)
+        expanded, _ = expand_rows(rows, np.zeros(rows.num_rows, np.int32), [(weights,)], seed)  # one chain of one map
         out, lookup, _ = tokenized_rows(store, tokenizer, rows, expanded["section_id"], expanded["copy"])
         return out, lookup.hits, lookup.misses
 
