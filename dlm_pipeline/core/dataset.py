@@ -97,11 +97,45 @@ def full_token_ids(
     store: TokenStore, loaded: LoadedTokenizer, keys: Sequence[str], texts: Sequence[str], progress=None
 ) -> pa.Array:
     """Full ids (never truncated, no post-processor special tokens) per unique content key, from the
-    content-keyed token store (the namespace `tokenized_cache` fills, so a warm run tokenizes
-    nothing); misses are tokenized."""
+    content-keyed token store (the namespace `tokenized_cache` fills); misses are tokenized."""
     plain = dataclasses.replace(loaded, add_special_tokens=False)
     lookup = store.get_or_compute(plain.cache_namespace, keys, texts, lambda t: plain.encode(t, progress))
     return one_chunk(lookup.table["input_ids"])
+
+
+def plan_token_ids(
+    store: TokenStore, loaded: LoadedTokenizer, plan: DatasetPlan, raw_texts: pa.ChunkedArray, progress=None
+) -> pa.Array:
+    """Full ids per unique text of the plan, looked up only for the texts its documents use (the
+    others get no ids), so the dataset never asks for a text its seed does not need; after
+    `tokenized_cache` ran with the same tokenizer, every one is in the store."""
+    used = plan.used_texts()
+    found = full_token_ids(
+        store,
+        loaded,
+        [plan.unique_keys[i] for i in used.tolist()],
+        RowTexts(raw_texts, plan.unique_rows[used]),
+        progress,
+    )
+    lengths = np.zeros(len(plan.unique_keys), dtype=np.int64)
+    lengths[used] = pc.list_value_length(found).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise DatasetError("the dataset's texts hold more than 2**31 ids; split the tree")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), found.flatten().cast(pa.int32()))
+
+
+def held_out_rows(
+    texts: pa.ChunkedArray | pa.Array, weights: np.ndarray, split_seed: int, val_fraction: float
+) -> np.ndarray:
+    """Raw rows of the validation set (SPEC §7): validation-side rows of composed weight > 0. Only
+    the texts of rows with weight > 0 are hashed."""
+    candidates = np.flatnonzero(weights > 0.0)
+    if not val_fraction or not len(candidates):
+        return np.zeros(0, np.int64)
+    keys = content_keys(one_chunk(texts).take(pa.array(candidates, pa.int64())))
+    return candidates[validation_side(keys, split_seed, val_fraction)]
 
 
 class RowTexts(Sequence):
@@ -132,6 +166,10 @@ class DatasetPlan:
     def documents(self, split: str) -> np.ndarray:
         """Unique-text index per document of `split`, in order."""
         return self.text_index[self.train_rows if split == TRAIN else self.validation_rows]
+
+    def used_texts(self) -> np.ndarray:
+        """Unique-text indexes that some document of either split uses, ascending."""
+        return np.unique(np.concatenate([self.documents(TRAIN), self.documents(VALIDATION)]))
 
 
 def plan_dataset(
@@ -382,7 +420,8 @@ def leak_report(folder: Path, plan: DatasetPlan, ids: pa.Array, eos_id: int, dty
     offsets = ids.offsets.to_numpy(zero_copy_only=False)
     values = ids.values.to_numpy(zero_copy_only=False)
     little = dtype.newbyteorder("<")
-    for text, row in enumerate(plan.unique_rows.tolist()):
+    for text in plan.used_texts().tolist():  # the others have no ids (plan_token_ids)
+        row = int(plan.unique_rows[text])
         document = np.append(values[offsets[text] : offsets[text + 1]], eos_id).astype(little)
         sides.setdefault(_digest(document), set()).add(VALIDATION if plan.validation[row] else TRAIN)
     seen: dict[str, set[bytes]] = {}

@@ -5,18 +5,22 @@ Layout under the cache root:
     manifest.json                    {"version": 2, "shards": {"<namespace>/<shard>": {rows, bytes, sha256, last_used}}}
     .lock                            flock'd while the manifest changes
     <namespace>/shard-<hex>.parquet  content_key, input_ids (full, never truncated), n_tokens
+    <namespace>/shard-<hex>.keys     its key index (`token_index`): sorted key prefixes, row group checksums
 
 A namespace is (tokenizer fingerprint, special tokens); a key is the sha256 of the text, so a
 renamed, moved or duplicated file hits, and `max_seq_len` is applied by the reader. Shards are
 written atomically and never modified; the manifest is replaced atomically under an exclusive
-lock, so concurrent runs (one per seed) and killed runs leave a readable store. A shard is
-trusted only when its size (always) and sha256 (when it is read) match the manifest; a bad one is
-deleted and what it held is tokenized again. Eviction is least-recently-used by shard and never
-removes a shard the calling run is using.
+lock, so concurrent runs (one per seed) and killed runs leave a readable store. A lookup finds
+keys through each shard's key index and reads only the row groups that hold them, so it reads
+O(requested), not the store. A shard is trusted only when its size (always) and the sha256 of
+what is read (the whole file, or the footer and row groups its index names, the index itself
+bound to the manifest's sha256) match; a bad one is deleted and what it held is tokenized again;
+a missing, stale or malformed index is rebuilt from its shard. Eviction is least-recently-used by
+shard and never removes a shard the calling run is using.
 
 The store never reaches outside itself: it only opens, writes or deletes regular files whose
-names it could have created (`manifest.json`, `.lock`, `<namespace>/shard-<hex>.parquet` and their
-temp files), below its root, never through a symlink. Any other manifest key or folder entry is
+names it could have created (`manifest.json`, `.lock`, `<namespace>/shard-<hex>.parquet`,
+`<namespace>/shard-<hex>.keys` and their temp files), below its root, never through a symlink. Any other manifest key or folder entry is
 ignored and reported.
 """
 
@@ -43,10 +47,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core import token_index
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS, write_bytes_atomic
 from dlm_pipeline.core.safe_read import read_regular_file
+from dlm_pipeline.core.split import TEXT_BATCH
 from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds, cut
 
 MANIFEST = "manifest.json"
@@ -56,6 +62,10 @@ DEFAULT_MAX_BYTES = 10 * 1024**3
 COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
 COMPACT_SHARD_BYTES = 64 * 1024**2  # shards up to this size are merged; larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
+GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
+GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
+SHARD_WRITE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": False}  # nothing reads them; they bloat the footer
+# (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
@@ -64,8 +74,9 @@ STALE_TEMP_SECONDS = 3600.0
 NAMESPACE = re.compile(r"[0-9a-f]{32}(-special)?")
 LEGACY_NAMESPACE = re.compile(r"[0-9a-f]{32}-L[1-9][0-9]{0,9}(-special)?")  # before v2: aged out by LRU
 SHARD = re.compile(r"shard-[0-9a-f]{32}\.parquet")
+KEYS = re.compile(rf"shard-[0-9a-f]{{32}}{re.escape(token_index.SUFFIX)}")
 SHARD_KEY = re.compile(rf"(?P<ns>{NAMESPACE.pattern}|{LEGACY_NAMESPACE.pattern})/(?P<shard>{SHARD.pattern})")
-TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern})\.[A-Za-z0-9_]{{1,32}}\.tmp")
+TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern}|{KEYS.pattern})\.[A-Za-z0-9_]{{1,32}}\.tmp")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 STORE_SCHEMA = pa.schema([("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())])
@@ -82,6 +93,8 @@ class TokenStoreError(ValueError):
 class CorruptShard(Exception):
     """A shard whose file does not match its manifest entry."""
 
+    pointed: np.ndarray = np.zeros(0, np.int64)  # positions of the wanted keys its index points at
+
 
 @dataclass
 class Lookup:
@@ -95,6 +108,12 @@ class Lookup:
     encoded_tokens: int = 0  # tokens produced for the misses (before any were stored)
     repaired: list[str] = field(default_factory=list)  # shards found corrupt, deleted and re-tokenized
     ignored: list[str] = field(default_factory=list)  # manifest keys and folder entries the store left alone
+    reasons: dict[str, str] = field(default_factory=dict)  # content key -> why it was tokenized (misses only)
+    shard_bytes_read: int = 0  # shard bytes read to answer the lookup (footers and row groups, or whole shards)
+
+
+NOT_IN_STORE = "not in store"  # never tokenized with this tokenizer, or evicted, or its shard was lost
+SHARD_CORRUPT = "shard corrupt"  # the shard holding it failed its checksum and was deleted
 
 
 def _is_count(value: object, limit: int = 2**53) -> bool:
@@ -119,6 +138,10 @@ def valid_entry(name: object, info: object) -> bool:
     )
 
 
+def _index_name(shard: str) -> str:
+    return shard.removesuffix(".parquet") + token_index.SUFFIX
+
+
 def _is_namespace(name: str) -> bool:
     return NAMESPACE.fullmatch(name) is not None or LEGACY_NAMESPACE.fullmatch(name) is not None
 
@@ -132,6 +155,7 @@ class TokenStore:
     def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
+        self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._root_fd() as fd:
@@ -206,15 +230,17 @@ class TokenStore:
             return False
 
     def _delete_shard(self, name: str) -> bool:
+        """Delete a shard and its key index."""
         namespace, shard = name.split("/")
         try:
             with self._namespace_fd(namespace) as fd:
+                self._unlink_regular(fd, _index_name(shard))
                 return self._unlink_regular(fd, shard)
         except (FileNotFoundError, TokenStoreError):
             return False
 
-    def _read_shard(self, name: str, info: dict) -> pa.Table:
-        """The shard as a table, after its size and sha256 are checked against the manifest."""
+    def _shard_bytes(self, name: str, info: dict) -> bytes:
+        """The whole shard file, after its size and sha256 are checked against the manifest."""
         namespace, shard = name.split("/")
         try:
             with self._namespace_fd(namespace) as fd:
@@ -223,6 +249,11 @@ class TokenStore:
             raise CorruptShard(f"{name}: {exc}") from None
         if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise CorruptShard(f"{name}: size or sha256 differs from the manifest")
+        return data
+
+    def _read_shard(self, name: str, info: dict) -> pa.Table:
+        """The whole shard as a table, verified (compaction reads shards whole)."""
+        data = self._shard_bytes(name, info)
         try:
             table = pq.read_table(pa.BufferReader(data))
             return table.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
@@ -320,10 +351,12 @@ class TokenStore:
     ) -> None:
         with self._namespace_fd(namespace) as fd:
             report["deleted"] += self._delete_stale_temps(fd, now, stale_after)  # shard temps
-            present = {}
+            present, indexes = {}, []
             for entry in os.scandir(fd):
                 if SHARD.fullmatch(entry.name):
                     present[entry.name] = entry.stat(follow_symlinks=False)
+                elif KEYS.fullmatch(entry.name):
+                    indexes.append(entry.name)
                 elif not TEMP.fullmatch(entry.name):
                     report["ignored"].append(f"{_show(namespace + '/' + entry.name)} (not a shard)")
             for name in [n for n in good if n.split("/")[0] == namespace]:
@@ -333,6 +366,7 @@ class TokenStore:
                     report["dropped"] += 1
                 elif info.st_size != good[name]["bytes"]:  # truncated or grown in place
                     self._unlink_regular(fd, name.split("/")[1])
+                    present.pop(name.split("/")[1])
                     del shards[name]
                     report["corrupt"].append(name)
             for shard, info in sorted(present.items()):
@@ -361,6 +395,10 @@ class TokenStore:
                     "last_used": now,
                 }
                 report["adopted"] += 1
+            shards_left = {entry.name for entry in os.scandir(fd) if SHARD.fullmatch(entry.name)}
+            for index in indexes:  # an index whose shard is gone (a shard is written before its index)
+                if index.removesuffix(token_index.SUFFIX) + ".parquet" not in shards_left:
+                    self._unlink_regular(fd, index)
 
     def evict(self, protect: set[str] = frozenset(), max_bytes: int | None = None) -> list[str]:
         """Remove least-recently-used shards until the store fits; `protect` is never removed."""
@@ -408,7 +446,7 @@ class TokenStore:
                     continue
                 with self._namespace_fd(entry.name) as fd:
                     for child in os.scandir(fd):
-                        if SHARD.fullmatch(child.name) or TEMP.fullmatch(child.name):
+                        if SHARD.fullmatch(child.name) or KEYS.fullmatch(child.name) or TEMP.fullmatch(child.name):
                             self._unlink_regular(fd, child.name)
                 try:
                     os.rmdir(entry.name, dir_fd=root)
@@ -469,14 +507,23 @@ class TokenStore:
     def _put_shard(
         fd: int, namespace: str, table: pa.Table, last_used: float, content_named: bool = False
     ) -> tuple[str, dict]:
-        """Write one shard into the namespace folder `fd`; (its name, its manifest entry). Named by a
-        random id, or by its content (`content_named`: the same bytes always get the same name)."""
+        """Write one shard and then its key index into the namespace folder `fd`; (its name, its
+        manifest entry). Named by a random id, or by its content (`content_named`: the same bytes
+        always get the same name). Row groups stay small, as a lookup reads whole row groups."""
         sink = io.BytesIO()
-        pq.write_table(table, sink, use_dictionary=["content_key"], **PARQUET_OPTIONS)
+        lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        with pq.ParquetWriter(sink, table.schema, use_dictionary=False, **SHARD_WRITE_OPTIONS) as writer:
+            for start, end in chunk_bounds(lengths, GROUP_MAX_IDS):
+                for at in range(start, max(end, start + 1), GROUP_MAX_ROWS):
+                    writer.write_table(
+                        table.slice(at, min(end, at + GROUP_MAX_ROWS) - at), row_group_size=GROUP_MAX_ROWS
+                    )
         data = sink.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         shard = f"shard-{digest[:32] if content_named else uuid.uuid4().hex}.parquet"
         write_bytes_atomic(fd, shard, lambda fh: fh.write(data))
+        index = token_index.build(data, table["content_key"], digest)
+        write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(index))
         entry = {"rows": table.num_rows, "bytes": len(data), "sha256": digest, "last_used": last_used}
         return f"{namespace}/{shard}", entry
 
@@ -534,28 +581,115 @@ class TokenStore:
                 if isinstance(manifest["shards"].get(name), dict):
                     manifest["shards"][name]["last_used"] = now
 
+    def _key_index(self, name: str, info: dict, rebuild: bool = False) -> token_index.KeyIndex:
+        """The shard's key index; built again from the whole shard (verified, else CorruptShard)
+        when it is missing, made for other bytes or malformed, or when `rebuild` is asked."""
+        namespace, shard = name.split("/")
+        if not rebuild:
+            try:
+                with self._namespace_fd(namespace) as fd:
+                    return token_index.KeyIndex.open(fd, _index_name(shard), info)
+            except (token_index.BadIndex, TokenStoreError, OSError):
+                pass
+        data = self._shard_bytes(name, info)
+        try:
+            keys = pq.read_table(pa.BufferReader(data), columns=["content_key"])["content_key"]
+            content = token_index.build(data, keys, info["sha256"])
+        except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
+            raise CorruptShard(f"{name}: {exc}") from None
+        self.bytes_read += len(data)
+        with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
+            current = manifest["shards"].get(name)
+            if isinstance(current, dict) and current.get("sha256") == info["sha256"]:
+                with self._namespace_fd(namespace) as fd:
+                    write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
+        return token_index.KeyIndex.parse(content, info)
+
+    def _read_rows(self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray) -> pa.Table:
+        """Rows `rows` of the shard, reading only its footer and the row groups holding them."""
+        namespace, shard = name.split("/")
+        groups = index.group_of(rows)
+        needed = np.unique(groups)
+        sizes = index.group_sizes()[needed]
+        try:
+            with self._namespace_fd(namespace) as dir_fd:
+                fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CorruptShard(f"{name}: not a regular file")
+                table = token_index.read_verified(fd, info["bytes"], index, needed, STORE_SCHEMA.names)
+            finally:
+                os.close(fd)
+            self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
+            if table.num_rows != int(sizes.sum()):
+                raise CorruptShard(f"{name}: row groups hold other rows than the index says")
+            bases = np.cumsum(sizes) - sizes
+            local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
+            return table.take(pa.array(local, pa.int64())).cast(STORE_SCHEMA)
+        except CorruptShard:
+            raise
+        except Exception as exc:  # OSError, a checksum mismatch, or pyarrow's several types for a damaged file
+            raise CorruptShard(f"{name}: {exc}") from None
+
+    def _find_in_shard(
+        self, name: str, info: dict, wanted: pa.Array, prefixes: np.ndarray, pending: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+        """(positions of `pending` keys the index points into this shard, positions found, their rows).
+        Every returned row's full content key is compared; an index that points at other keys is
+        rebuilt once (a 64-bit prefix shared by two keys is the only other cause)."""
+        for rebuild in (False, True):
+            index = self._key_index(name, info, rebuild)
+            try:
+                at, rows = index.candidates(prefixes[pending])
+            except token_index.BadIndex:
+                if rebuild:
+                    raise CorruptShard(f"{name}: its index points outside it") from None
+                continue
+            if not len(at):
+                return at, at, STORE_SCHEMA.empty_table()
+            try:
+                table = self._read_rows(name, info, index, rows)
+            except CorruptShard as exc:
+                exc.pointed = pending[at]
+                raise
+            same = pc.equal(table["content_key"], wanted.take(pa.array(pending[at]))).to_numpy(zero_copy_only=False)
+            if same.all() or rebuild:
+                break
+        hits = np.flatnonzero(same)
+        _, first = np.unique(at[hits], return_index=True)  # one row per key, should a shard hold it twice
+        hits = hits[first]
+        return pending[at], pending[at[hits]], table.take(pa.array(hits, pa.int64()))
+
     def _gather(
-        self, names: dict[str, dict], wanted: pa.Array, pending: np.ndarray, found_rows: list, used: set, repaired: list
+        self,
+        names: dict[str, dict],
+        wanted: pa.Array,
+        pending: np.ndarray,
+        found_rows: list,
+        used: set,
+        repaired: list,
+        corrupt: set | None = None,
     ) -> np.ndarray:
-        """Read the shards `names` (one at a time, verified) for the keys at `pending` positions of
-        `wanted`; appends (positions, rows) to `found_rows`; returns the positions still missing. A
-        corrupt shard is deleted and its keys stay missing."""
+        """Look the keys at `pending` positions of `wanted` up in the shards `names` through their key
+        indexes; appends (positions, rows) to `found_rows`; returns the positions still missing. A
+        corrupt shard is deleted, its keys stay missing and their positions go to `corrupt`."""
+        prefixes, _ = token_index.key_prefixes(wanted)
         for name in sorted(names):
             if not len(pending):
                 break
             try:
-                shard = self._read_shard(name, names[name])
-            except CorruptShard:
+                pointed, found, rows = self._find_in_shard(name, names[name], wanted, prefixes, pending)
+            except CorruptShard as exc:
                 if self._drop_corrupt(name, names[name]):
                     repaired.append(name)
+                if corrupt is not None:
+                    corrupt.update(exc.pointed.tolist())
                 continue
-            rows = pc.index_in(wanted.take(pa.array(pending)), value_set=shard["content_key"])
-            found = rows.is_valid().to_numpy(zero_copy_only=False)
-            if not found.any():
+            if not len(found):
                 continue
             used.add(name)
-            found_rows.append((pending[found], shard.take(rows.filter(pa.array(found)))))
-            pending = pending[~found]
+            found_rows.append((found, rows))
+            pending = np.setdiff1d(pending, found, assume_unique=True)
         return pending
 
     def get_or_compute(
@@ -567,15 +701,17 @@ class TokenStore:
         write_elsewhere: RemoteWriter | None = None,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
-        encode and store the rest. Shards are read one at a time and verified; a corrupt one is
-        deleted and its keys are encoded again. With `write_elsewhere` (SPEC §6, `--compute ray`)
+        encode and store the rest. Keys are found through each shard's key index and only the row
+        groups holding them are read, verified; a corrupt shard is deleted and its keys are encoded
+        again. With `write_elsewhere` (SPEC §6, `--compute ray`)
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here."""
         report = self.repair()
         good, _ = self._entries(self._read_manifest())
         wanted = pa.array(list(keys), pa.string())
         found_rows: list[tuple[np.ndarray, pa.Table]] = []
-        used, repaired = set(), list(report["corrupt"])
+        used, repaired, corrupt = set(), list(report["corrupt"]), set()
+        bytes_before = self.bytes_read
         everything = np.arange(len(wanted), dtype=np.int64)
         pending = self._gather(
             {n: i for n, i in good.items() if n.split("/")[0] == namespace},
@@ -584,8 +720,13 @@ class TokenStore:
             found_rows,
             used,
             repaired,
+            corrupt,
         )
         misses = len(pending)
+        reasons = {
+            key: SHARD_CORRUPT if position in corrupt else NOT_IN_STORE
+            for position, key in zip(pending.tolist(), wanted.take(pa.array(pending)).to_pylist(), strict=True)
+        }
         encode_seconds, encoded_tokens = 0.0, 0
         if len(pending) and write_elsewhere is not None:
             written, encode_seconds, encoded_tokens = write_elsewhere(
@@ -616,8 +757,24 @@ class TokenStore:
         if misses:
             self.compact(namespace)
         return Lookup(
-            table, len(wanted) - misses, misses, used, encode_seconds, encoded_tokens, repaired, report["ignored"]
+            table,
+            len(wanted) - misses,
+            misses,
+            used,
+            encode_seconds,
+            encoded_tokens,
+            repaired,
+            report["ignored"],
+            reasons,
+            self.bytes_read - bytes_before,
         )
+
+
+EXPANDED = "expanded row"  # needed for the seed's tokenized_cache rows (and its train set)
+VALIDATION_ONLY = "validation row"  # needed only for the seed's validation set (SPEC §7)
+TOKENIZED_SCHEMA = pa.schema(
+    [("section_id", pa.string()), ("path", pa.string()), ("needed_for", pa.string()), ("reason", pa.string())]
+)
 
 
 def tokenized_rows(
@@ -628,28 +785,61 @@ def tokenized_rows(
     copies: pa.ChunkedArray,
     progress=None,
     write_elsewhere: RemoteWriter | None = None,
-) -> tuple[pa.Table, Lookup]:
+    validation_rows: np.ndarray | None = None,
+) -> tuple[pa.Table, Lookup, pa.Table]:
     """SPEC §4 rows (section_id, copy, input_ids cut to max_seq_len, n_tokens, truncated) for the
-    given rows. Every distinct text of `raw` (section_id, text) is looked up once by content key,
-    also those these rows drop, so a weights edit or another seed tokenizes nothing."""
-    raw_row = pc.index_in(section_ids, value_set=one_chunk(raw["section_id"]))
+    given rows of `raw` (section_id, path, text). The store is asked once for each distinct text
+    the seed needs: those of these rows and of the raw rows `validation_rows` (the seed's
+    validation set, SPEC §7), and nothing else, so a text no seed needs is never tokenized. Also
+    returns which texts were tokenized (TOKENIZED_SCHEMA: a section holding each, what needed it,
+    why the store did not have it)."""
+    raw_ids = one_chunk(raw["section_id"])
+    raw_row = pc.index_in(section_ids, value_set=raw_ids)
     if raw_row.null_count:
         raise ValueError("a section_id is not in raw_corpus; materialize the graph from raw_corpus down")
+    expanded_rows = one_chunk(raw_row).to_numpy(zero_copy_only=False).astype(np.int64)
+    extra = np.zeros(0, np.int64) if validation_rows is None else np.asarray(validation_rows, np.int64)
+    needed = np.unique(np.concatenate([expanded_rows, extra]))
     key_index: dict[str, int] = {}
     texts: list[str] = []
-    key_of_raw = np.empty(raw.num_rows, dtype=np.int64)
-    for row, text in enumerate(raw["text"].to_pylist()):
-        key = content_key(text)
-        if key not in key_index:
-            key_index[key] = len(texts)
-            texts.append(text)
-        key_of_raw[row] = key_index[key]
+    first_row: list[int] = []  # a raw row holding each distinct text (the first needed one)
+    key_of_needed = np.empty(len(needed), dtype=np.int64)
+    raw_texts = one_chunk(raw["text"])
+    for start in range(0, len(needed), TEXT_BATCH):
+        batch = needed[start : start + TEXT_BATCH]
+        for offset, text in enumerate(raw_texts.take(pa.array(batch)).to_pylist()):
+            key = content_key(text)
+            if key not in key_index:
+                key_index[key] = len(texts)
+                texts.append(text)
+                first_row.append(int(batch[offset]))
+            key_of_needed[start + offset] = key_index[key]
     lookup = store.get_or_compute(
         loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress), write_elsewhere
     )
-    rows = key_of_raw[raw_row.to_numpy(zero_copy_only=False)]
+    rows = key_of_needed[np.searchsorted(needed, expanded_rows)]
     per_row = cut(lookup.table, loaded.max_seq_len).take(pa.array(rows, pa.int64()))
     table = pa.table(
         {"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}}
     )
-    return table, lookup
+    return table, lookup, _tokenized_sections(raw, lookup.reasons, key_index, first_row, rows)
+
+
+def _tokenized_sections(
+    raw: pa.Table, reasons: dict[str, str], key_index: dict[str, int], first_row: list[int], expanded_texts: np.ndarray
+) -> pa.Table:
+    """One row per text the lookup tokenized, ordered by path then section_id."""
+    expanded_texts = set(np.unique(expanded_texts).tolist()) if reasons else set()
+    rows = [first_row[key_index[key]] for key in reasons]
+    needed_for = [EXPANDED if key_index[key] in expanded_texts else VALIDATION_ONLY for key in reasons]
+    taken = pa.array(rows, pa.int64())
+    table = pa.table(
+        {
+            "section_id": one_chunk(raw["section_id"]).take(taken),
+            "path": one_chunk(raw["path"]).take(taken),
+            "needed_for": pa.array(needed_for, pa.string()),
+            "reason": pa.array(list(reasons.values()), pa.string()),
+        },
+        schema=TOKENIZED_SCHEMA,
+    )
+    return table.sort_by([("path", "ascending"), ("section_id", "ascending")])

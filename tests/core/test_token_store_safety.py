@@ -187,7 +187,7 @@ def test_outputs_and_the_store_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     files = [out, store.root / MANIFEST, store.root / ".lock", *(store.root / loaded.cache_namespace).glob("shard-*")]
-    assert len(files) == 4
+    assert len(files) == 5  # the output, manifest, lock, one shard and its key index
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     assert stat.S_IMODE((store.root / loaded.cache_namespace).stat().st_mode) == 0o777 & ~umask

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import EXAMPLE, check_evaluations, small_tokenizer
 
+from dlm_pipeline.core.token_store import EXPANDED, NOT_IN_STORE, VALIDATION_ONLY, TokenStore
 from dlm_pipeline.core.tokenize import load_tokenizer
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
+from dlm_pipeline.defs.resources import DatasetResource
 
 
 def copy_example(tmp_path):
@@ -50,19 +52,67 @@ def test_output_equals_uncached_tokenization(pipeline, tmp_path):
     assert meta["cache_bytes"] > 0
 
 
-def test_weights_only_edit_and_new_seed_tokenize_nothing(pipeline, tmp_path):
+def expanded_texts(pipe, seed: str) -> set[str]:
+    return set(pq.read_table(pipe.output("expanded_corpus", seed))["text"].to_pylist())
+
+
+def test_only_newly_needed_texts_are_tokenized_after_a_new_seed_or_a_weights_edit(pipeline, tmp_path):
     root = copy_example(tmp_path)
-    pipe = pipeline(root)
+    generated = root / "src" / "acme" / "_generated" / ".dlm" / "training.yaml"
+    generated.write_text(generated.read_text().replace("generated: {true: 0.25}", "generated: {true: 0}"))
+    pipe = pipeline(root, dataset=DatasetResource(val_fraction=0.0))  # needed = the expanded rows' texts
     assert pipe.run("0").success
-    before = pq.read_table(pipe.output("expanded_corpus", "0")).num_rows
-    config = root / "docs" / ".dlm" / "training.yaml"
-    config.write_text(config.read_text().replace("docs: 2.5", "docs: 4.0"))
+    needed = expanded_texts(pipe, "0")
+    raw_texts = set(pq.read_table(pipe.output("raw_corpus", "0"))["text"].to_pylist())
+    cold = pipe.metadata("tokenized_cache", "0")
+    assert cold["cache_misses"] == cold["unique_texts"] == len(needed) < len(raw_texts)  # not every raw text
+    assert cold["tokenized_by_reason"] == {NOT_IN_STORE: len(needed)}
+    assert cold["tokenized_by_need"] == {EXPANDED: len(needed)}
+    assert len(cold["tokenized_sections"].records) == min(len(needed), 20)
+    assert pipe.run("0").success and pipe.metadata("tokenized_cache", "0")["cache_misses"] == 0  # re-run
+
+    assert pipe.run("11").success  # another seed keeps other fractional copies
+    fresh = expanded_texts(pipe, "11") - needed
+    assert pipe.metadata("tokenized_cache", "11")["cache_misses"] == len(fresh)
+    needed |= fresh
+
+    generated.write_text(generated.read_text().replace("generated: {true: 0}", "generated: {true: 2}"))
     assert pipe.run("0").success
-    assert pq.read_table(pipe.output("expanded_corpus", "0")).num_rows != before
+    fresh = expanded_texts(pipe, "0") - needed
+    assert len(fresh) == 2  # the edit made the two generated files needed, which no seed needed before
     meta = pipe.metadata("tokenized_cache", "0")
-    assert meta["cache_misses"] == 0 and meta["cache_hits"] == meta["unique_texts"]
-    assert pipe.run("11").success
-    assert pipe.metadata("tokenized_cache", "11")["cache_misses"] == 0
+    assert meta["cache_misses"] == len(fresh) and meta["cache_hits"] == meta["unique_texts"] - len(fresh)
+    listed = {r.data["path"] for r in meta["tokenized_sections"].records}
+    assert listed and all("_generated" in path for path in listed)
+    needed |= fresh
+
+    config = root / "docs" / ".dlm" / "training.yaml"
+    config.write_text(config.read_text().replace("docs: 2.5", "docs: 4.0"))  # whole copies only: nothing new
+    assert pipe.run("0").success
+    assert expanded_texts(pipe, "0") <= needed
+    assert pipe.metadata("tokenized_cache", "0")["cache_misses"] == 0
+    assert TokenStore(pipe.cache).stats()["rows"] == len(needed)  # each text stored once
+
+
+def test_the_dataset_finds_every_text_in_the_store_and_nothing_is_tokenized_twice(tree, pipeline):
+    config = "dlm_training_version: 1\ninclude: ['**/*.txt']\nmetadata: {kind: %s}\nweights:\n  kind: {%s: %s}\n"
+    files = {f"few/{i}.txt": f"few_{i} = {i}\n" for i in range(40)}  # weight 0.3: most get no copy
+    files |= {f"none/{i}.txt": f"none_{i} = {i}\n" for i in range(5)}  # weight 0: in neither set
+    files |= {
+        "few/.dlm/training.yaml": config % ("few", "few", 0.3),
+        "none/.dlm/training.yaml": config % ("no", "no", 0),
+    }
+    pipe = pipeline(tree(files), dataset=DatasetResource(val_fraction=0.5))
+    assert pipe.run("0").success
+    meta = pipe.metadata("tokenized_cache", "0")
+    assert meta["tokenized_by_need"][VALIDATION_ONLY] > 0  # validation rows no copy of this seed keeps
+    expanded = expanded_texts(pipe, "0")
+    assert meta["tokenized_by_need"][EXPANDED] == len(expanded)
+    assert meta["unique_texts"] == meta["cache_misses"] == len(expanded) + meta["tokenized_by_need"][VALIDATION_ONLY]
+    assert meta["unique_texts"] < 40  # train-side rows without a copy and weight-0 rows are not tokenized
+    assert TokenStore(pipe.cache).stats()["rows"] == meta["cache_misses"]  # training_dataset added nothing
+    dataset = pipe.metadata("training_dataset", "0")
+    assert dataset["validation/documents"] >= meta["tokenized_by_need"][VALIDATION_ONLY]
 
 
 def test_tokenizer_swap_at_the_same_path_misses_and_keeps_old_entries(pipeline, tmp_path):

@@ -21,10 +21,9 @@ from dlm_pipeline.core.dataset import (
     DatasetError,
     DatasetPlan,
     DatasetSettings,
-    RowTexts,
-    full_token_ids,
     manifest_bytes,
     plan_dataset,
+    plan_token_ids,
     resolve_eos_id,
     train_tag_tokens,
     write_dataset,
@@ -59,7 +58,7 @@ def dataset_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance, p
 class Prepared:
     loaded: LoadedTokenizer
     plan: DatasetPlan
-    ids: pa.Array  # full ids per unique text of the plan
+    ids: pa.Array  # full ids per unique text of the plan (none for texts no document uses)
 
 
 def prepare(
@@ -74,7 +73,8 @@ def prepare(
     expanded_corpus: pa.Table,
     weights_map: pa.Table,
 ) -> Prepared:
-    """The split and order of the documents, and the full ids of every text (the store is shared by all seeds)."""
+    """The split and order of the documents, and the full ids of the texts they use (the store is
+    shared by all seeds, and `tokenized_cache` put every one of them there)."""
     loaded = tokenizer.load()
     try:
         plan = plan_dataset(
@@ -87,14 +87,13 @@ def prepare(
         )
     except DatasetError as exc:
         raise dg.Failure(description=str(exc)) from None
-    texts = RowTexts(raw_corpus["text"], plan.unique_rows)
-    ids = full_token_ids(
-        token_cache.store(context.instance), loaded, plan.unique_keys, texts, ProgressLog(context, "texts tokenized")
+    ids = plan_token_ids(
+        token_cache.store(context.instance), loaded, plan, raw_corpus["text"], ProgressLog(context, "texts tokenized")
     )
     return Prepared(loaded, plan, ids)
 
 
-def _checked_settings(dataset: DatasetResource) -> tuple[float, int]:
+def checked_split_settings(dataset: DatasetResource) -> tuple[float, int]:
     """The resource's values, checked as the DLM_* variables are (it can be configured in code or the UI)."""
     try:
         val_fraction = settings.check_val_fraction(float(dataset.val_fraction))
@@ -133,7 +132,7 @@ def training_dataset(
     """Train/validation split by content before expansion; whole documents ended by EOS, packed into
     max_seq_len sequences (Parquet) and one sequence per document (Megatron .bin/.idx); dataset.json."""
     seed = parse_seed_or_fail(context)
-    val_fraction, split_seed = _checked_settings(dataset)
+    val_fraction, split_seed = checked_split_settings(dataset)
     prepared = prepare(
         context,
         seed=seed,

@@ -1,8 +1,12 @@
 """Tokenized cache: per seed, token ids for every expanded row, gathered from a store shared by all seeds.
 
-The store is keyed by content (the sha256 of each text) and keeps full ids; each distinct text of
-the rows this seed keeps is looked up once, and `max_seq_len` is applied here, when reading. A
-weights edit, a new seed, a renamed or copied file or a new `max_seq_len` tokenizes nothing.
+The store is keyed by content (the sha256 of each text) and keeps full ids; `max_seq_len` is
+applied here, when reading. Each distinct text the seed needs is looked up once: the texts of its
+expanded rows and of its validation set (SPEC §7, so `training_dataset`, which runs after this,
+finds every text it needs in the store). A text no seed needs is never tokenized; a text any seed
+or path needed before is never tokenized again, so a renamed or copied file or a new `max_seq_len`
+tokenizes nothing, and a weights edit or a new seed only the texts no seed needed before. The
+metadata lists what was tokenized and why.
 """
 
 import dagster as dg
@@ -10,9 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.compute import RunStats
+from dlm_pipeline.core.dataset import held_out_rows
+from dlm_pipeline.core.expansion import composed_row_weights
 from dlm_pipeline.core.token_store import tokenized_rows
 from dlm_pipeline.core.tokenize import length_histogram
 from dlm_pipeline.defs.compute import ComputeResource
+from dlm_pipeline.defs.dataset.assets import checked_split_settings
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
@@ -21,12 +28,18 @@ from dlm_pipeline.defs.metadata import (
     versioned_output,
 )
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
-from dlm_pipeline.defs.resources import TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.resources import DatasetResource, TokenCacheResource, TokenizerResource
 
 GROUP = "tokens"
+TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
 
 # Only the row identity is needed from the (large, text-carrying) expanded corpus.
 EXPANDED_KEYS = dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]})
+
+
+def _counts(values: pa.ChunkedArray) -> dict[str, int]:
+    counted = pc.value_counts(values)
+    return dict(sorted(zip(counted.field(0).to_pylist(), counted.field(1).to_pylist(), strict=True)))
 
 
 @dg.asset(
@@ -41,25 +54,42 @@ def tokenized_cache(
     tokenizer: TokenizerResource,
     token_cache: TokenCacheResource,
     compute: ComputeResource,
+    dataset: DatasetResource,
     raw_corpus: pa.Table,
     expanded_corpus: pa.Table,
+    weights_map: pa.Table,
 ) -> dg.Output:
     """Per expanded row: section_id, copy, input_ids (list<int32>, cut to max_seq_len), n_tokens, truncated;
-    each distinct text is tokenized once, ever, per tokenizer."""
+    each distinct text the seed needs (also for its validation set) is tokenized once, ever, per tokenizer."""
     seed = parse_seed_or_fail(context)
     loaded = tokenizer.load()
     store = token_cache.store(context.instance)
     progress = ProgressLog(context, "texts tokenized")
     compute_stats = RunStats()
+    validation_rows = None
+    if not loaded.add_special_tokens:  # the dataset reads ids without specials: only then is it the same namespace
+        val_fraction, split_seed = checked_split_settings(dataset)
+        weights = composed_row_weights(raw_corpus, weights_map)
+        validation_rows = held_out_rows(raw_corpus["text"], weights, split_seed, val_fraction)
     with compute.writer(context, store, loaded, compute_stats) as write_elsewhere:
-        table, lookup = tokenized_rows(
-            store, loaded, raw_corpus, expanded_corpus["section_id"], expanded_corpus["copy"], progress, write_elsewhere
+        table, lookup, tokenized = tokenized_rows(
+            store,
+            loaded,
+            raw_corpus,
+            expanded_corpus["section_id"],
+            expanded_corpus["copy"],
+            progress,
+            write_elsewhere,
+            validation_rows,
         )
     n_tokens = table["n_tokens"].to_numpy(zero_copy_only=False)
     tokens_total = int(n_tokens.sum())
     unique_texts = lookup.hits + lookup.misses
     stats = store.stats()
-    context.log.info(f"{unique_texts:,} distinct texts: {lookup.hits:,} from the store, {lookup.misses:,} tokenized")
+    context.log.info(
+        f"{unique_texts:,} distinct texts needed: {lookup.hits:,} from the store, {lookup.misses:,} tokenized "
+        f"({lookup.shard_bytes_read:,} shard bytes read)"
+    )
     if lookup.repaired:
         context.log.warning(
             f"token store: {len(lookup.repaired)} corrupt shard(s) deleted and re-tokenized: {lookup.repaired[:5]}"
@@ -69,7 +99,7 @@ def tokenized_cache(
     return versioned_output(
         table,
         seed,
-        input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus),
+        input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map),
         {
             **config_lineage(context),
             "tokens_total": dg.MetadataValue.int(tokens_total),
@@ -77,6 +107,10 @@ def tokenized_cache(
             "unique_texts": dg.MetadataValue.int(unique_texts),
             "cache_hits": dg.MetadataValue.int(lookup.hits),
             "cache_misses": dg.MetadataValue.int(lookup.misses),
+            "tokenized_by_reason": dg.MetadataValue.json(_counts(tokenized["reason"])),
+            "tokenized_by_need": dg.MetadataValue.json(_counts(tokenized["needed_for"])),
+            "tokenized_sections": table_metadata(tokenized, TOKENIZED_LISTED),
+            "shard_bytes_read": dg.MetadataValue.int(lookup.shard_bytes_read),
             "hit_rate": dg.MetadataValue.float(lookup.hits / unique_texts if unique_texts else 1.0),
             "cache_repaired_shards": dg.MetadataValue.int(len(lookup.repaired)),
             "cache_ignored_entries": dg.MetadataValue.int(len(lookup.ignored)),

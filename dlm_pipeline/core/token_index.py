@@ -1,0 +1,270 @@
+"""Key index of one token store shard: where each content key sits, and checksums of the byte ranges
+a lookup reads, so a lookup reads O(requested) and never a whole shard.
+
+One file per shard, `<namespace>/shard-<hex>.keys`, beside `shard-<hex>.parquet`; together they are
+the namespace's index. A shard is immutable, so its index never goes stale: it names the shard's
+sha256, size and row count, and is used only while they match the manifest entry. Layout:
+
+    b"DLMKEYS1"  uint64 header length  header (JSON)  padding to 8
+    uint64[groups] x 3  start, length and first row of each row group
+    bytes32[groups]     sha256 of each row group's bytes
+    uint64[keys]        first 16 hex digits of each content key, ascending
+    uint32[keys]        the row of each, in the same order
+
+The header holds the shard's identity (sha256, size, rows), the number of groups and keys, and the
+byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup memory-maps the two arrays, binary-searches the wanted keys, reads only
+the footer and the row groups holding them (each checked against its sha256 before it is decoded)
+and compares the full content key of every row it returns. The file is hostile input like the rest
+of the store: anything that does not check out is rebuilt from the shard, read whole and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+MAGIC = b"DLMKEYS1"
+SUFFIX = ".keys"
+MAX_HEADER_BYTES = 64 * 1024**2
+PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
+
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+for _value, _char in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_char] = _value
+_PLACES = (np.uint64(16) ** np.arange(PREFIX_DIGITS - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+class BadIndex(Exception):
+    """An index file that does not describe its shard; it is rebuilt."""
+
+
+def key_prefixes(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 of the first 16 hex digits of each key, whether the key starts with 16 lowercase hex
+    digits); vectorised, so 10 M keys never become Python strings."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    heads = pc.utf8_slice_codeunits(keys.cast(pa.string()), 0, PREFIX_DIGITS)
+    well_formed = pc.fill_null(pc.equal(pc.binary_length(heads), PREFIX_DIGITS), False)
+    heads = pc.if_else(well_formed, heads, "g" * PREFIX_DIGITS).cast(pa.binary())
+    data = np.frombuffer(heads.buffers()[2], dtype=np.uint8) if len(heads) else np.zeros(0, np.uint8)
+    start = int(np.frombuffer(heads.buffers()[1], dtype=np.int32)[heads.offset]) if len(heads) else 0
+    nibbles = _NIBBLE[data[start : start + PREFIX_DIGITS * len(heads)].reshape(len(heads), PREFIX_DIGITS)]
+    valid = well_formed.to_numpy(zero_copy_only=False) & (nibbles < 16).all(axis=1)
+    values = (np.where(nibbles < 16, nibbles, 0).astype(np.uint64) * _PLACES).sum(axis=1, dtype=np.uint64)
+    return values, valid
+
+
+def _range_of(group: pq.RowGroupMetaData) -> tuple[int, int]:
+    starts, ends = [], []
+    for c in range(group.num_columns):
+        column = group.column(c)
+        start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+        starts.append(start)
+        ends.append(start + column.total_compressed_size)
+    return min(starts), max(ends) - min(starts)
+
+
+def _group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int, int]]:
+    """(start, length, first row) of every row group: the bytes of its column chunks."""
+    ranges, first_row = [], 0
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        ranges.append((*_range_of(group), first_row))
+        first_row += group.num_rows
+    return ranges
+
+
+def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
+    """(start, length) of the footer, its length field and the closing magic, from the last 8 bytes."""
+    if len(tail) != 8 or tail[4:] != b"PAR1":
+        raise BadIndex("not a Parquet file")
+    length = struct.unpack("<I", tail[:4])[0] + 8
+    if length + 4 > data_size:
+        raise BadIndex("footer longer than the file")
+    return data_size - length, length
+
+
+def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> bytes:
+    """The index file of the shard whose verified bytes are `data` and whose content keys are `keys`."""
+    metadata = pq.read_metadata(pa.BufferReader(data))
+    footer_start, footer_length = _footer_range(len(data), data[-8:])
+    groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
+    digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
+    prefixes, valid = key_prefixes(keys)
+    rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
+    order = np.argsort(prefixes[rows], kind="stable")
+    header = {
+        "sha256": shard_sha256,
+        "bytes": len(data),
+        "rows": metadata.num_rows,
+        "groups": len(groups),
+        "keys": len(rows),
+        "footer": [footer_start, footer_length, hashlib.sha256(data[footer_start:]).hexdigest()],
+    }
+    encoded = json.dumps(header, sort_keys=True).encode()
+    padding = b"\0" * (-(len(MAGIC) + 8 + len(encoded)) % 8)
+    return b"".join(
+        [
+            MAGIC,
+            struct.pack("<Q", len(encoded)),
+            encoded,
+            padding,
+            groups.T.copy().tobytes(),
+            digests,
+            prefixes[rows][order].astype("<u8").tobytes(),
+            rows[order].astype("<u4").tobytes(),
+        ]
+    )
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**53
+
+
+@dataclass
+class KeyIndex:
+    """A parsed, memory-mapped index file, checked against the shard's manifest entry."""
+
+    prefixes: np.ndarray  # uint64, ascending (read-only view of the mapped file)
+    rows: np.ndarray  # uint32
+    footer: tuple[int, int, str]  # start, length, sha256 hex
+    group_starts: np.ndarray  # uint64 per row group
+    group_lengths: np.ndarray
+    group_first_rows: np.ndarray  # ascending, from 0
+    group_digests: np.ndarray  # uint8, 32 per row group (not numpy's bytes type: it drops trailing NULs)
+    n_rows: int
+
+    @classmethod
+    def open(cls, dir_fd: int, name: str, entry: dict) -> KeyIndex:
+        """The index file `name` in `dir_fd` (never through a symlink), if it describes the shard of
+        manifest `entry`; else BadIndex."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as exc:
+            raise BadIndex(f"{name}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size < len(MAGIC) + 8:
+                raise BadIndex(f"{name}: not an index file")
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        return cls.parse(mapped, entry)
+
+    @classmethod
+    def parse(cls, buffer, entry: dict) -> KeyIndex:
+        size = len(buffer)
+        if bytes(buffer[: len(MAGIC)]) != MAGIC:
+            raise BadIndex("not an index file")
+        (length,) = struct.unpack("<Q", bytes(buffer[len(MAGIC) : len(MAGIC) + 8]))
+        if length > min(MAX_HEADER_BYTES, size):
+            raise BadIndex("header too long")
+        try:
+            header = json.loads(bytes(buffer[len(MAGIC) + 8 : len(MAGIC) + 8 + length]))
+        except (ValueError, RecursionError):
+            raise BadIndex("header unreadable") from None
+        if not isinstance(header, dict) or (header.get("sha256"), header.get("bytes"), header.get("rows")) != (
+            entry["sha256"],
+            entry["bytes"],
+            entry["rows"],
+        ):
+            raise BadIndex("made for another shard")
+        n_groups, n_keys, footer = header.get("groups"), header.get("keys"), header.get("footer")
+        shard_size, n_rows = entry["bytes"], entry["rows"]
+        if not (_is_count(n_groups) and _is_count(n_keys) and n_keys <= n_rows and n_groups <= max(n_rows, 1)):
+            raise BadIndex("malformed counts")
+        if not (
+            isinstance(footer, list)
+            and len(footer) == 3
+            and _is_count(footer[0])
+            and _is_count(footer[1])
+            and footer[0] + footer[1] == shard_size
+            and isinstance(footer[2], str)
+            and len(footer[2]) == 64
+        ):
+            raise BadIndex("malformed footer range")
+        start = len(MAGIC) + 8 + length
+        start += -start % 8
+        if start + 56 * n_groups + 12 * n_keys != size:
+            raise BadIndex("arrays do not fit the file")
+        groups = np.frombuffer(buffer, dtype="<u8", count=3 * n_groups, offset=start).reshape(3, n_groups)
+        digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 24 * n_groups)
+        at = start + 56 * n_groups
+        starts, lengths, first_rows = groups.astype(np.int64)
+        if n_groups and (
+            first_rows[0] != 0
+            or np.any(np.diff(first_rows) < 0)
+            or first_rows[-1] > n_rows
+            or np.any(starts + lengths > footer[0])
+        ):
+            raise BadIndex("row groups out of order or outside the shard")
+        return cls(
+            np.frombuffer(buffer, dtype="<u8", count=n_keys, offset=at),
+            np.frombuffer(buffer, dtype="<u4", count=n_keys, offset=at + 8 * n_keys),
+            tuple(footer),
+            starts,
+            lengths,
+            first_rows,
+            digests,
+            n_rows,
+        )
+
+    def candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `wanted`, shard row) of every entry whose prefix equals a wanted prefix; a
+        row outside the shard means the file lies (BadIndex)."""
+        order = np.argsort(wanted, kind="stable")  # sorted needles: each search starts where the last ended
+        ordered = wanted[order]
+        low = np.searchsorted(self.prefixes, ordered, side="left")
+        high = np.searchsorted(self.prefixes, ordered, side="right")
+        counts = (high - low).astype(np.int64)
+        total = int(counts.sum())
+        positions = np.repeat(order.astype(np.int64), counts)
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = self.rows[np.repeat(low, counts) + within].astype(np.int64)
+        if total and (int(rows.max()) >= self.n_rows or not len(self.group_first_rows)):
+            raise BadIndex("a row outside the shard")
+        return positions, rows
+
+    def group_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.group_first_rows, rows, side="right") - 1
+
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(np.append(self.group_first_rows, self.n_rows))
+
+
+def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows of the row groups `groups` (ascending) of the shard open at `fd`, reading only the footer
+    and those groups, each checked against its sha256 first; ValueError or OSError when anything
+    differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    memory); the verified footer must place each group exactly where its checked bytes are."""
+    if os.fstat(fd).st_size != size:
+        raise ValueError("size differs from the manifest")
+    image = np.zeros(size, dtype=np.uint8)
+    view = memoryview(image)
+
+    def checked(start: int, length: int, digest: bytes) -> memoryview:
+        part = view[start : start + length]
+        if os.preadv(fd, [part], start) != length or hashlib.sha256(part).digest() != digest:
+            raise ValueError(f"bytes {start}..{start + length} differ from their checksum")
+        return part
+
+    footer = checked(index.footer[0], index.footer[1], bytes.fromhex(index.footer[2]))
+    metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + bytes(footer)))
+    sizes = index.group_sizes()
+    for g in groups.tolist():
+        start, length = int(index.group_starts[g]), int(index.group_lengths[g])
+        group = metadata.row_group(g) if g < metadata.num_row_groups else None
+        if group is None or group.num_rows != sizes[g] or _range_of(group) != (start, length):
+            raise ValueError("the footer and the index describe different row groups")
+        checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
+    reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
+    return reader.read_row_groups(groups.tolist(), columns=columns)

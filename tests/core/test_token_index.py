@@ -1,0 +1,171 @@
+"""The token store's key index: a lookup reads only the row groups holding the wanted keys, and an
+index file that lies (garbage, truncated, another shard's, a symlink, rows pointing elsewhere)
+never breaks a lookup, never makes it read outside the store, and is rebuilt."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dlm_pipeline.core import token_index
+from dlm_pipeline.core.corpus import content_key
+from dlm_pipeline.core.token_store import NOT_IN_STORE, SHARD_CORRUPT, TokenStore
+from dlm_pipeline.core.tokenize import load_tokenizer
+
+TEXTS = [f"x_{i} = {i}\n" for i in range(3000)]
+KEYS = [content_key(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_tokenizer()
+
+
+def two_shards(root, loaded):
+    """A store with the first 2,000 texts in one shard (8 row groups) and the next 500 in another."""
+    store = TokenStore(root)
+    store.get_or_compute(loaded.cache_namespace, KEYS[:2000], TEXTS[:2000], loaded.encode)
+    store.get_or_compute(loaded.cache_namespace, KEYS[2000:2500], TEXTS[2000:2500], loaded.encode)
+    folder = store.root / loaded.cache_namespace
+    big, small = sorted(folder.glob("shard-*.parquet"), key=lambda p: -p.stat().st_size)
+    return store, folder, big, small
+
+
+def test_a_lookup_reads_only_the_row_groups_holding_the_keys(tmp_path, loaded):
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    assert len(list(folder.glob("shard-*.keys"))) == 2
+    one = store.get_or_compute(loaded.cache_namespace, [KEYS[1500]], [TEXTS[1500]], loaded.encode)
+    assert (one.hits, one.misses) == (1, 0) and one.table["content_key"].to_pylist() == [KEYS[1500]]
+    assert {name.split("/")[1] for name in one.shards_used} == {big.name}
+    assert 0 < one.shard_bytes_read < big.stat().st_size / 4  # the footer and one row group of eight
+    spread = [0, 700, 2100]  # two row groups of the big shard, one of the small
+    lookup = store.get_or_compute(loaded.cache_namespace, [KEYS[i] for i in spread], ["?"] * 3, loaded.encode)
+    assert lookup.hits == 3 and lookup.table["content_key"].to_pylist() == [KEYS[i] for i in spread]
+    assert lookup.shard_bytes_read < big.stat().st_size / 2 + small.stat().st_size
+    direct = loaded.encode([TEXTS[i] for i in spread])
+    assert lookup.table["input_ids"].to_pylist() == direct["input_ids"].to_pylist()
+    everything = store.get_or_compute(loaded.cache_namespace, KEYS[:2500], TEXTS[:2500], loaded.encode)
+    assert everything.hits == 2500 and everything.shard_bytes_read <= big.stat().st_size + small.stat().st_size
+
+
+def test_keys_not_in_the_store_read_no_shard_and_say_why_they_were_tokenized(tmp_path, loaded):
+    store, *_ = two_shards(tmp_path / "cache", loaded)
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[2500:2510], TEXTS[2500:2510], loaded.encode)
+    assert lookup.misses == 10 and lookup.shard_bytes_read == 0 and not lookup.repaired
+    assert lookup.reasons == dict.fromkeys(KEYS[2500:2510], NOT_IN_STORE)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "empty", "truncated", "other_shard", "rows_elsewhere", "huge_header", "unsorted"],
+)
+def test_a_lying_index_is_rebuilt_and_lookups_stay_right(tmp_path, loaded, damage):
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    index = big.with_suffix(".keys")
+    good = index.read_bytes()
+    other = small.with_suffix(".keys").read_bytes()
+    start = len(good) - 12 * 2000  # the key prefixes, then the rows
+    bad = {
+        "garbage": os.urandom(5000),
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "other_shard": other,
+        "rows_elsewhere": good[: start + 8 * 2000]
+        + np.roll(np.frombuffer(good[start + 8 * 2000 :], "<u4"), 1).tobytes(),
+        "huge_header": token_index.MAGIC + (2**62).to_bytes(8, "little") + good[16:],
+        "unsorted": good[:start] + good[start : start + 8 * 2000][::-1] + good[start + 8 * 2000 :],
+    }[damage]
+    index.write_bytes(bad)
+    wanted = list(range(0, 2500, 7))
+    lookup = store.get_or_compute(
+        loaded.cache_namespace, [KEYS[i] for i in wanted], [TEXTS[i] for i in wanted], loaded.encode
+    )
+    assert lookup.table["content_key"].to_pylist() == [KEYS[i] for i in wanted]
+    assert lookup.table["input_ids"].to_pylist() == loaded.encode([TEXTS[i] for i in wanted])["input_ids"].to_pylist()
+    assert not lookup.repaired
+    if damage != "unsorted":  # a sorted-looking lie is caught; a reordered one only costs misses (re-tokenized)
+        assert lookup.misses == 0 and index.read_bytes() == good
+
+
+def test_an_index_symlink_is_never_followed_and_an_orphan_index_is_removed(tmp_path, loaded):
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    outside = tmp_path / "outside.keys"
+    outside.write_bytes(big.with_suffix(".keys").read_bytes())
+    big.with_suffix(".keys").unlink()
+    big.with_suffix(".keys").symlink_to(outside)
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:10], TEXTS[:10], loaded.encode)
+    assert lookup.hits == 10 and outside.read_bytes() and not big.with_suffix(".keys").is_symlink()
+    orphan = folder / ("shard-" + "a" * 32 + ".keys")
+    orphan.write_bytes(b"left by a killed run")
+    report = store.repair()
+    assert not orphan.exists() and not report["ignored"]
+    store.clear()
+    assert not list(folder.glob("*")) if folder.exists() else True
+    assert outside.exists()
+
+
+def test_a_corrupt_row_group_deletes_the_shard_and_names_the_reason(tmp_path, loaded):
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    data = bytearray(small.read_bytes())
+    data[len(data) // 3] ^= 0x55  # same size: found by the row group's checksum
+    small.write_bytes(bytes(data))
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[2100:2105], TEXTS[2100:2105], loaded.encode)
+    assert len(lookup.repaired) == 1 and lookup.misses == 5 and not small.exists()
+    assert not small.with_suffix(".keys").exists()
+    assert lookup.reasons == dict.fromkeys(KEYS[2100:2105], SHARD_CORRUPT)
+    assert lookup.table["input_ids"].to_pylist() == loaded.encode(TEXTS[2100:2105])["input_ids"].to_pylist()
+
+
+def test_key_prefixes_are_vectorised_and_refuse_what_is_not_hex():
+    keys = pa.array([KEYS[0], "ABCDEF" + KEYS[0][6:], "short", None, KEYS[1]])
+    values, valid = token_index.key_prefixes(keys)
+    assert valid.tolist() == [True, False, False, False, True]
+    assert int(values[0]) == int(KEYS[0][:16], 16) and int(values[4]) == int(KEYS[1][:16], 16)
+
+
+def test_row_group_checksums_ending_in_zero_bytes_verify(tmp_path, loaded, monkeypatch):
+    """numpy's bytes type drops trailing NULs; a checksum read that way fails one group in 256."""
+    import hashlib
+
+    from dlm_pipeline.core import token_store
+
+    monkeypatch.setattr(token_store, "GROUP_MAX_ROWS", 4)
+    store = TokenStore(tmp_path / "cache")
+    store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    data = shard.read_bytes()
+    info = store.stats()
+    index = token_index.KeyIndex.parse(
+        shard.with_suffix(".keys").read_bytes(),
+        store._entries(store._read_manifest())[0][f"{loaded.cache_namespace}/{shard.name}"],
+    )
+    digests = [
+        hashlib.sha256(data[s : s + n]).digest() for s, n in zip(index.group_starts, index.group_lengths, strict=True)
+    ]
+    assert len(digests) == 750 and any(d.endswith(b"\0") for d in digests) and info["shards"] == 1
+    again = store.get_or_compute(loaded.cache_namespace, KEYS[::-1], TEXTS[::-1], loaded.encode)
+    assert again.hits == len(KEYS) and not again.repaired
+
+
+def test_a_shard_written_before_the_index_gets_one_on_first_use(tmp_path, loaded):
+    """An old shard (one large row group, no key index), adopted by repair, hits and gets an index."""
+    import pyarrow.parquet as pq
+
+    from dlm_pipeline.core.token_store import STORE_SCHEMA
+
+    encoded = loaded.encode(TEXTS[:500])
+    table = pa.table(
+        {"content_key": KEYS[:500], "input_ids": encoded["input_ids"], "n_tokens": encoded["n_tokens"]},
+        schema=STORE_SCHEMA,
+    )
+    folder = tmp_path / "cache" / loaded.cache_namespace
+    folder.mkdir(parents=True)
+    old = folder / ("shard-" + "b" * 32 + ".parquet")
+    pq.write_table(table, old, use_dictionary=["content_key"], compression="zstd")
+    store = TokenStore(tmp_path / "cache")
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[100:110], TEXTS[100:110], loaded.encode)
+    assert lookup.hits == 10 and old.with_suffix(".keys").exists()
+    assert lookup.table["input_ids"].to_pylist() == table["input_ids"].to_pylist()[100:110]
