@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from incremental import REPO, generate  # noqa: E402
+from incremental import REPO, workspace  # noqa: E402
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache", "training_dataset"]
 WARM_RUNS = 3
@@ -53,12 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
-        root, home = generate(base / "tree", args.files), base / "dagster_home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").touch()
-        time.sleep(0.1)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-        env.update(DAGSTER_HOME=str(home), PYTHONPATH=str(REPO))
+        root, home, env = workspace(base, args.files)
         command = [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--source", str(root), "--seed", "1"]
         starts = []
         for _ in range(1 + WARM_RUNS):

@@ -7,7 +7,9 @@ plain script is what a user would write without the pipeline: walk, read, expand
 tokenize with the same bundled tokenizer, write one Parquet file, in one fresh process. The CLI
 runs, on one fresh DAGSTER_HOME: cold (seed 1), nothing changed, one file edited, a new seed (2),
 and a weights edit. Each line gives the wall time (process start to exit), the ratio to the plain
-script, and how many files raw_corpus read (its `files_read` metadata).
+script, and how many files raw_corpus read (its `files_read` metadata). Then storage: seeds 1 to 8
+on another fresh DAGSTER_HOME, the bytes on disk (each inode once, as `du` counts) of the outputs
+and the token store after one seed and after eight, per asset.
 """
 
 from __future__ import annotations
@@ -59,6 +61,51 @@ def generate(root: Path, n_files: int) -> Path:
     return root
 
 
+def workspace(base: Path, n_files: int, home_name: str = "dagster_home") -> tuple[Path, Path, dict]:
+    """(generated tree, a fresh DAGSTER_HOME, the environment of a CLI run on them)."""
+    root = base / "tree" if (base / "tree").exists() else generate(base / "tree", n_files)
+    home = base / home_name
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch()
+    time.sleep(0.1)  # past the racy window of the files just written
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(home), PYTHONPATH=str(REPO))
+    return root, home, env
+
+
+def disk_usage(*paths: Path) -> int:
+    """Bytes allocated under `paths`, each inode counted once (hard links shared by seeds count once)."""
+    seen, total = set(), 0
+    for folder in paths:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            for name in [".", *dirnames, *filenames]:
+                info = os.lstat(os.path.join(dirpath, name))
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+    return total
+
+
+def storage(base: Path, n_files: int) -> None:
+    """Outputs and token store after seed 1, then after seeds 1-8, per asset folder."""
+    root, home, env = workspace(base, n_files, "storage_home")
+    materialize = [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--source", str(root), "--seed"]
+
+    def folders() -> list[Path]:
+        return sorted((home / "storage").iterdir()) + [home / "token_cache"]
+
+    timed([*materialize, "1"], env)
+    one, total_one = {p.name: disk_usage(p) for p in folders()}, disk_usage(*folders())
+    timed([*materialize, *[str(s) for s in range(2, 9)]], env)
+    eight, total_eight = {p.name: disk_usage(p) for p in folders()}, disk_usage(*folders())
+    print(
+        f"storage (outputs + token store): 1 seed {total_one / 1e6:.1f} MB, 8 seeds {total_eight / 1e6:.1f} MB "
+        f"({total_eight / total_one:.2f}x)"
+    )
+    for name in sorted(eight):
+        print(f"  {name:18s} {one.get(name, 0) / 1e6:7.2f} MB -> {eight[name] / 1e6:7.2f} MB")
+
+
 def timed(args: list[str], env: dict) -> float:
     start = time.perf_counter()
     done = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -90,12 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
-        root, home = generate(base / "tree", args.files), base / "dagster_home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").touch()
-        time.sleep(0.1)  # past the racy window of the files just written
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-        env.update(DAGSTER_HOME=str(home), PYTHONPATH=str(REPO))
+        root, home, env = workspace(base, args.files)
         tokenizer = REPO / "dlm_pipeline" / "data" / "dlm-bpe-8k.json"
         plain = timed([sys.executable, "-c", PLAIN, str(root), str(base / "plain.parquet"), str(tokenizer)], env)
         materialize = [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--source", str(root), "--seed"]
@@ -120,6 +162,7 @@ def main() -> None:
                 f"  {name:18s} {seconds:6.2f} s  {seconds / plain:5.2f}x plain   "
                 f"raw_corpus {step:5.2f} s, read {n_read:,} file(s)"
             )
+        storage(base, args.files)
 
 
 if __name__ == "__main__":
