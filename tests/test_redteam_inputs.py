@@ -153,3 +153,39 @@ def test_a_symlink_never_readmits_a_default_excluded_file(tmp_path):
     scan = scan_tree(tmp_path)
     anchors = anchors_from_table(records_table(load_configs(scan)))
     assert build_raw_corpus(scan, anchors).table["path"].to_pylist() == ["alias.txt", "real.txt"]
+
+
+@pytest.mark.parametrize("swap", ["file_to_symlink", "folder_to_symlink", "symlink_retargeted"])
+def test_a_path_swapped_after_the_walk_is_never_read_outside_the_root(tmp_path, swap):
+    """Between the walk and the read (locally or in a Ray task) a file, a folder or a symlink's
+    target is swapped for a way out of the root: the file read must be the one the walk checked."""
+    from dlm_pipeline.core.compute import read_batch
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.ingest_index import IngestIndex
+    from dlm_pipeline.core.tree import scan_tree
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "a.txt").write_text("PRIVATE, outside the root\n")
+    (root / "sub" / "a.txt").write_text("inside\n")
+    (root / "inside.txt").write_text("inside too\n")
+    if swap == "symlink_retargeted":
+        (root / "sub" / "link.txt").symlink_to(root / "inside.txt")
+    scan = scan_tree(root)
+    if swap == "file_to_symlink":
+        (root / "sub" / "a.txt").unlink()
+        (root / "sub" / "a.txt").symlink_to(outside / "a.txt")
+    elif swap == "folder_to_symlink":
+        (root / "sub").rename(root / "sub.old")
+        (root / "sub").symlink_to(outside)
+    else:
+        (root / "sub" / "link.txt").unlink()
+        (root / "sub" / "link.txt").symlink_to(outside / "a.txt")
+    task = read_batch(str(root), [(f.path, f.stat, False) for f in scan.files], 4_096, False)
+    texts = [entry.text for _, entry in task.entries if not isinstance(entry, tuple)]
+    assert texts and not any("PRIVATE" in text for text in texts)
+    index = IngestIndex(None, root, max_file_bytes=4_096)
+    local = build_raw_corpus(scan, [], max_file_bytes=4_096, index=index)
+    assert not any("PRIVATE" in text for text in local.table["text"].to_pylist())
+    assert local.skips["vanished"] == 1

@@ -163,7 +163,7 @@ def read_entry(file: FileEntry, max_file_bytes: int, scanner: SecretScanner | No
     """Read one file as the index records it: its text and content key (and, with a `scanner`, the
     credential verdict; a secret's text is dropped), a skip decided by content, or the (reason,
     detail) of a skip that is never cached. The same function runs in a compute backend's task."""
-    result = read_text(file.abspath, max_file_bytes)
+    result = read_text(file.abspath, max_file_bytes, file.stat)
     if isinstance(result, tuple):
         return result if result[0] not in CACHED_REASONS or file.stat is None else Entry(file.stat, result[0])
     entry = Entry(file.stat or (), TEXT, result, content_key(result))
