@@ -189,3 +189,29 @@ def test_a_path_swapped_after_the_walk_is_never_read_outside_the_root(tmp_path, 
     local = build_raw_corpus(scan, [], max_file_bytes=4_096, index=index)
     assert not any("PRIVATE" in text for text in local.table["text"].to_pylist())
     assert local.skips["vanished"] == 1
+
+
+def test_the_source_sensor_never_keeps_an_unscanned_text_in_the_ingest_index(tmp_path):
+    """The sensor needs only content keys: a text it read (not scanned for credentials) must not be
+    written to the index file on disk, where a credential in it would sit until the next run."""
+    import pyarrow.parquet as pq
+
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.ingest_index import INDEX_FILE, IngestIndex, index_dir, source_fingerprint
+    from dlm_pipeline.core.rules import PathRules
+    from dlm_pipeline.core.tree import scan_tree
+
+    home, root = tmp_path / "home", tmp_path / "root"
+    home.mkdir()
+    root.mkdir()
+    (root / "leak.py").write_text("HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyzABCDEFGH\n")
+    (root / "ok.py").write_text("x = 1\n")
+    scan = scan_tree(root)
+    scan.started_ns += 10**10  # no entry is racy
+    index = IngestIndex(home, scan.root, max_file_bytes=4_096)
+    source_fingerprint(scan, PathRules([]), index)
+    stored = pq.read_table(index_dir(home, scan.root) / INDEX_FILE)
+    assert stored.num_rows == 2 and not any("hf_" in (t or "") for t in stored["text"].to_pylist())
+    again = IngestIndex(home, scan.root, max_file_bytes=4_096)
+    raw = build_raw_corpus(scan, [], max_file_bytes=4_096, index=again)
+    assert raw.table["path"].to_pylist() == ["ok.py"] and raw.skips["secret"] == 1

@@ -453,11 +453,12 @@ class IngestIndex:
         return entry.text
 
     def state(self, file: FileEntry) -> str:
-        """What the file contributes, as a short string: its content key or its skip reason."""
+        """What the file contributes, as a short string: its content key or its skip reason. A text
+        read here is not scanned for credentials, so it is not kept (only its key): `read` reads it again."""
         entry = self._entry(file, NEED_KEY)
         if isinstance(entry, tuple):
             return entry[0]
-        self._remember(file, entry)
+        self._remember(file, replace(entry, text=None) if entry.secret is None else entry)
         return entry.key if entry.outcome == TEXT else entry.outcome
 
 
