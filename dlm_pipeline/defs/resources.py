@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,20 +171,33 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> pa.Table | ParquetRows:
         """The whole table, only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`),
         or a lazy reader (`AssetIn(metadata={"stream": True})`)."""
-        path = self._path(context, context.asset_partition_key)
-        if path.is_symlink():
-            raise dg.Failure(
-                description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize"
-            )
-        if not path.exists():
-            raise dg.Failure(
-                description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "
-                f"for seed {context.asset_partition_key} first"
-            )
+        path = stored_file(
+            self._path(context, context.asset_partition_key),
+            context.asset_key.to_user_string(),
+            context.asset_partition_key,
+        )
         asked = context.definition_metadata or {}
         if asked.get("stream"):
             return ParquetRows(path)
         return read_parquet(path, columns=asked.get("columns"))
+
+
+def stored_file(path: Path, asset: str, seed: str) -> Path:
+    """`path` when it is a regular file the pipeline could have written; else one clear Failure. A
+    symlink (at the file or its asset folder, which the IO manager never creates) is not followed,
+    and a FIFO or other special file is refused before any reader could block on it."""
+    for where in (path.parent, path):
+        try:
+            mode = os.lstat(where).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise dg.Failure(description=f"{path} is missing: materialize {asset} for seed {seed} first") from None
+        if stat.S_ISLNK(mode):
+            raise dg.Failure(
+                description=f"{where} is a symlink, not a file the pipeline wrote: remove it and re-materialize"
+            )
+    if not stat.S_ISREG(mode):
+        raise dg.Failure(description=f"{path} is not a regular file (a FIFO?): remove it and re-materialize {asset}")
+    return path
 
 
 class TokenizerResource(dg.ConfigurableResource):

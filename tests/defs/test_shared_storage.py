@@ -252,3 +252,44 @@ def test_a_symlink_planted_at_an_output_path_is_not_read(pipeline, example, tmp_
     result = p.run_checks("1", "expansion_matches_weights")
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures and "is a symlink" in failures[0].event_specific_data.error.message
+
+
+def test_a_fifo_or_a_symlinked_folder_at_an_output_path_fails_in_one_line_and_never_hangs(pipeline, example, tmp_path):
+    """A FIFO where raw_corpus is stored made the streamed input of expanded_corpus block forever,
+    and a check end in pyarrow's FileNotFoundError; a symlinked asset folder was followed."""
+    import threading
+
+    p = pipeline(example)
+    p.run("1")
+    stored = p.output("raw_corpus", "1")
+    stored.unlink()
+    os.mkfifo(stored)
+
+    def unblock() -> None:  # only on the old code: lets a blocked reader go on (and the test fail)
+        try:
+            os.close(os.open(stored, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    watchdog = threading.Timer(20, unblock)
+    watchdog.start()
+    try:
+        job = p.defs.resolve_job_def("corpus_job")
+        expanded = job.get_subset(asset_selection={dg.AssetKey("expanded_corpus")}).execute_in_process(
+            instance=p.instance, partition_key="1", raise_on_error=False
+        )
+        check = p.run_checks("1", "expansion_matches_weights")
+    finally:
+        watchdog.cancel()
+    for result in (expanded, check):
+        failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        message = failures[0].event_specific_data.error.message
+        assert "is not a regular file" in message and "\n" not in message.strip()
+    stored.unlink()
+    folder = stored.parent
+    shutil.copytree(folder, tmp_path / "elsewhere")
+    shutil.rmtree(folder)
+    folder.symlink_to(tmp_path / "elsewhere")
+    result = p.run_checks("1", "expansion_matches_weights")
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and f"{folder} is a symlink" in failures[0].event_specific_data.error.message
