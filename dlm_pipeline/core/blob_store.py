@@ -120,10 +120,16 @@ class BlobStore:
     def _open_root(self) -> int:
         """The output directory itself (the user's choice, so a symlink to it is followed)."""
         try:
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            os.makedirs(self.root, exist_ok=True)
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                os.makedirs(self.root, exist_ok=True)
+                return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BlobStoreError(
+                f"output folder {self.root} cannot be used ({exc.strerror or type(exc).__name__}); "
+                "set DLM_OUTPUT_DIR to a writable folder"
+            ) from None
 
     def path(self, folder: str, name: str) -> str:
         return os.path.join(self.root, folder, name)
