@@ -601,8 +601,11 @@ class TokenStore:
         with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
             current = manifest["shards"].get(name)
             if isinstance(current, dict) and current.get("sha256") == info["sha256"]:
-                with self._namespace_fd(namespace) as fd:
-                    write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
+                try:  # the index is only a shortcut: one that cannot be saved (a folder at its name) is used unsaved
+                    with self._namespace_fd(namespace) as fd:
+                        write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
+                except (OSError, TokenStoreError):
+                    pass
         return token_index.KeyIndex.parse(content, info)
 
     def _read_rows(self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray) -> pa.Table:

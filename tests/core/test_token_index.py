@@ -199,3 +199,16 @@ def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_it
     lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:5], TEXTS[:5], loaded.encode)
     assert (lookup.hits, lookup.misses, lookup.repaired) == (5, 0, [])
     assert big.exists() and index.read_bytes() == good
+
+
+def test_a_folder_or_fifo_at_an_index_name_never_fails_a_lookup(tmp_path, loaded):
+    """The rebuilt index could not be saved over a folder (IsADirectoryError ended the lookup); it is
+    used unsaved, and a FIFO there is replaced without ever being opened blocking."""
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    big.with_suffix(".keys").unlink()
+    big.with_suffix(".keys").mkdir()
+    small.with_suffix(".keys").unlink()
+    os.mkfifo(small.with_suffix(".keys"))
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:2500:50], TEXTS[:2500:50], loaded.encode)
+    assert (lookup.hits, lookup.misses, lookup.repaired) == (50, 0, [])
+    assert big.with_suffix(".keys").is_dir() and small.with_suffix(".keys").is_file()
