@@ -293,3 +293,26 @@ def test_a_fifo_or_a_symlinked_folder_at_an_output_path_fails_in_one_line_and_ne
     result = p.run_checks("1", "expansion_matches_weights")
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures and f"{folder} is a symlink" in failures[0].event_specific_data.error.message
+
+
+@pytest.mark.parametrize("method", ["write", "put"])
+def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp_path, method):
+    """A run killed while streaming an output leaves `.<seed>.parquet.<hex>.tmp` (a whole output's
+    bytes) beside the old file; it was never deleted. A later write of that name deletes temp files
+    no writer touched for an hour, never a fresh one, another name's, or a symlink's target."""
+    folder = tmp_path / "out" / "expanded_corpus"
+    folder.mkdir(parents=True)
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"not ours")
+    stale, fresh, other = (folder / f".{n}.parquet.{h * 16}.tmp" for n, h in (("0", "a"), ("0", "b"), ("1", "c")))
+    link = folder / f".0.parquet.{'d' * 16}.tmp"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"killed mid-write")
+    link.symlink_to(outside)
+    hours_ago = time.time() - 2 * 3600
+    for path in (stale, other):
+        os.utime(path, (hours_ago, hours_ago))
+    os.utime(link, (hours_ago, hours_ago), follow_symlinks=False)
+    getattr(BlobStore(tmp_path / "out"), method)("expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh))
+    assert not stale.exists() and fresh.exists() and other.exists() and link.is_symlink()
+    assert outside.read_bytes() == b"not ours" and (folder / "0.parquet").exists()
