@@ -12,8 +12,7 @@ from __future__ import annotations
 import dagster as dg
 import pyarrow as pa
 
-from dlm_pipeline.core.parquet_io import read_parquet
-from dlm_pipeline.defs.resources import ParquetIOManager, stored_file
+from dlm_pipeline.defs.resources import ParquetIOManager, read_stored
 
 
 def stored_columns(
@@ -21,4 +20,4 @@ def stored_columns(
 ) -> pa.Table:
     """`columns` (None: all) of the stored output of `asset` for this check's seed."""
     path = io_manager.root(context.instance) / asset / f"{context.partition_key}.parquet"
-    return read_parquet(stored_file(path, asset, context.partition_key), columns=columns)
+    return read_stored(path, asset, context.partition_key, columns)

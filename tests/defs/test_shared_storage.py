@@ -316,3 +316,30 @@ def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp
     getattr(BlobStore(tmp_path / "out"), method)("expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh))
     assert not stale.exists() and fresh.exists() and other.exists() and link.is_symlink()
     assert outside.read_bytes() == b"not ours" and (folder / "0.parquet").exists()
+
+
+@pytest.mark.parametrize("content", ["foreign_schema", "garbage", "empty"])
+def test_a_stored_output_that_is_no_output_of_ours_fails_in_one_line(pipeline, example, content):
+    """A foreign Parquet file, garbage or an empty file where raw_corpus is stored: the streamed input
+    of expanded_corpus and the checks that read it fail with one line naming the file and what to do
+    (they ended in pyarrow's errors from deep inside the step)."""
+    p = pipeline(example)
+    p.run("1")
+    stored = p.output("raw_corpus", "1")
+    stored.unlink()
+    if content == "foreign_schema":
+        write_parquet_atomic(pa.table({"a": [1, 2]}), stored)
+    else:
+        stored.write_bytes(os.urandom(3000) if content == "garbage" else b"")
+    job = p.defs.resolve_job_def("corpus_job")
+    expanded = job.get_subset(asset_selection={dg.AssetKey("expanded_corpus")}).execute_in_process(
+        instance=p.instance, partition_key="1", raise_on_error=False
+    )
+    for result in (expanded, p.run_checks("1", "expansion_matches_weights", "tokens_match_tokenizer")):
+        failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert failures
+        for failure in failures:
+            error = failure.event_specific_data.error
+            assert error.cls_name == "Failure", error.message
+            assert f"{stored} is not a raw_corpus output the pipeline wrote" in error.message
+            assert "re-materialize raw_corpus for seed 1" in error.message
