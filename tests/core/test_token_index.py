@@ -172,9 +172,7 @@ def test_a_shard_written_before_the_index_gets_one_on_first_use(tmp_path, loaded
 
 
 @pytest.mark.parametrize("damage", ["group_checksum", "footer_checksum", "group_start", "group_start_negative"])
-def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_its_good_shard(
-    tmp_path, loaded, damage
-):
+def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_its_good_shard(tmp_path, loaded, damage):
     """Row groups that fail the checksums of their index prove nothing about the shard: the index is
     rebuilt from the whole shard (verified), and the shard keeps its texts (it was deleted before)."""
     import json

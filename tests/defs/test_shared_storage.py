@@ -313,7 +313,9 @@ def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp
     for path in (stale, other):
         os.utime(path, (hours_ago, hours_ago))
     os.utime(link, (hours_ago, hours_ago), follow_symlinks=False)
-    getattr(BlobStore(tmp_path / "out"), method)("expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh))
+    getattr(BlobStore(tmp_path / "out"), method)(
+        "expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh)
+    )
     assert not stale.exists() and fresh.exists() and other.exists() and link.is_symlink()
     assert outside.read_bytes() == b"not ours" and (folder / "0.parquet").exists()
 
