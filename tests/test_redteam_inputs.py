@@ -215,3 +215,27 @@ def test_the_source_sensor_never_keeps_an_unscanned_text_in_the_ingest_index(tmp
     again = IngestIndex(home, scan.root, max_file_bytes=4_096)
     raw = build_raw_corpus(scan, [], max_file_bytes=4_096, index=again)
     assert raw.table["path"].to_pylist() == ["ok.py"] and raw.skips["secret"] == 1
+
+
+def test_an_ingest_index_save_killed_mid_write_leaves_no_lasting_temp_file(tmp_path):
+    """A run killed while saving the ingest index leaves `.index.parquet.<hex>.tmp` (a whole index);
+    the next save deletes it once no writer touched it for an hour, and never a fresh one."""
+    import time
+
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.ingest_index import INDEX_FILE, IngestIndex, index_dir
+    from dlm_pipeline.core.tree import scan_tree
+
+    home, root = tmp_path / "home", tmp_path / "root"
+    root.mkdir()
+    (root / "a.py").write_text("x = 1\n")
+    scan = scan_tree(root)
+    folder = index_dir(home, scan.root)
+    folder.mkdir(parents=True)
+    stale, fresh = (folder / f".{INDEX_FILE}.{h * 16}.tmp" for h in "ab")
+    for path in (stale, fresh):
+        path.write_bytes(b"killed mid-save")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    build_raw_corpus(scan, [], max_file_bytes=4_096, index=IngestIndex(home, scan.root, max_file_bytes=4_096))
+    assert (folder / INDEX_FILE).exists() and not stale.exists() and fresh.exists()

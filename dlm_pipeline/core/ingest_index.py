@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from dlm_pipeline.core import parquet_io
 from dlm_pipeline.core.arrow_utils import one_chunk
 from dlm_pipeline.core.corpus import content_key, read_text
-from dlm_pipeline.core.parquet_io import RowStream, write_bytes_atomic, write_parquet_stream
+from dlm_pipeline.core.parquet_io import RowStream, delete_stale_temps, write_bytes_atomic, write_parquet_stream
 from dlm_pipeline.core.rules import PathRules
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile
 from dlm_pipeline.core.secrets import CREDENTIAL_PLUGINS, ENTROPY_PLUGINS, SecretScanner
@@ -362,6 +362,7 @@ class IngestIndex:
             try:
                 fd = self._open_dir(create=True)
                 try:
+                    delete_stale_temps(fd, INDEX_FILE)  # a save killed mid-write leaves a whole index behind
                     write_bytes_atomic(fd, INDEX_FILE, lambda fh: write_parquet_stream(rows, fh))
                 finally:
                     os.close(fd)
