@@ -112,13 +112,17 @@ def test_a_setting_that_fails_the_run_names_the_cause(tmp_path, variable, value,
         assert phrase in done.stderr
 
 
-def test_an_output_write_failure_prints_its_cause(tmp_path):
-    """DLM_OUTPUT_DIR is a file: the summary names the OS error, not only Dagster's wrapper."""
+@pytest.mark.parametrize("where", ["not-a-folder", "not-a-folder/below", "/proc/no-such-folder"])
+def test_an_output_folder_that_cannot_be_used_is_one_line_naming_the_setting(tmp_path, where):
+    """DLM_OUTPUT_DIR is a file, below one, or cannot be created: the summary names the folder, the
+    OS error and the setting (it was Dagster's wrapper and a chained FileNotFoundError)."""
     (tmp_path / "not-a-folder").write_text("x")
-    done = dlm(["materialize"], tmp_path / "home", DLM_OUTPUT_DIR=str(tmp_path / "not-a-folder"))
+    folder = tmp_path / where
+    done = dlm(["materialize"], tmp_path / "home", DLM_OUTPUT_DIR=str(folder))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "Error occurred while handling output" in done.stderr
-    assert f"caused by: NotADirectoryError: [Errno 20] Not a directory: '{tmp_path / 'not-a-folder'}" in done.stderr
+    assert "Error occurred while handling output" not in done.stderr, done.stderr
+    assert f"output folder {folder} cannot be used (" in done.stderr
+    assert "set DLM_OUTPUT_DIR to a writable folder" in done.stderr
 
 
 def test_cache_stats_on_a_cache_dir_that_is_not_a_folder(tmp_path):

@@ -153,3 +153,89 @@ def test_a_symlink_never_readmits_a_default_excluded_file(tmp_path):
     scan = scan_tree(tmp_path)
     anchors = anchors_from_table(records_table(load_configs(scan)))
     assert build_raw_corpus(scan, anchors).table["path"].to_pylist() == ["alias.txt", "real.txt"]
+
+
+@pytest.mark.parametrize("swap", ["file_to_symlink", "folder_to_symlink", "symlink_retargeted"])
+def test_a_path_swapped_after_the_walk_is_never_read_outside_the_root(tmp_path, swap):
+    """Between the walk and the read (locally or in a Ray task) a file, a folder or a symlink's
+    target is swapped for a way out of the root: the file read must be the one the walk checked."""
+    from dlm_pipeline.core.compute import read_batch
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.ingest_index import IngestIndex
+    from dlm_pipeline.core.tree import scan_tree
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "a.txt").write_text("PRIVATE, outside the root\n")
+    (root / "sub" / "a.txt").write_text("inside\n")
+    (root / "inside.txt").write_text("inside too\n")
+    if swap == "symlink_retargeted":
+        (root / "sub" / "link.txt").symlink_to(root / "inside.txt")
+    scan = scan_tree(root)
+    if swap == "file_to_symlink":
+        (root / "sub" / "a.txt").unlink()
+        (root / "sub" / "a.txt").symlink_to(outside / "a.txt")
+    elif swap == "folder_to_symlink":
+        (root / "sub").rename(root / "sub.old")
+        (root / "sub").symlink_to(outside)
+    else:
+        (root / "sub" / "link.txt").unlink()
+        (root / "sub" / "link.txt").symlink_to(outside / "a.txt")
+    task = read_batch(str(root), [(f.path, f.stat, False) for f in scan.files], 4_096, False)
+    texts = [entry.text for _, entry in task.entries if not isinstance(entry, tuple)]
+    assert texts and not any("PRIVATE" in text for text in texts)
+    index = IngestIndex(None, root, max_file_bytes=4_096)
+    local = build_raw_corpus(scan, [], max_file_bytes=4_096, index=index)
+    assert not any("PRIVATE" in text for text in local.table["text"].to_pylist())
+    assert local.skips["vanished"] == 1
+
+
+def test_the_source_sensor_never_keeps_an_unscanned_text_in_the_ingest_index(tmp_path):
+    """The sensor needs only content keys: a text it read (not scanned for credentials) must not be
+    written to the index file on disk, where a credential in it would sit until the next run."""
+    import pyarrow.parquet as pq
+
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.ingest_index import INDEX_FILE, IngestIndex, index_dir, source_fingerprint
+    from dlm_pipeline.core.rules import PathRules
+    from dlm_pipeline.core.tree import scan_tree
+
+    home, root = tmp_path / "home", tmp_path / "root"
+    home.mkdir()
+    root.mkdir()
+    (root / "leak.py").write_text("HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyzABCDEFGH\n")
+    (root / "ok.py").write_text("x = 1\n")
+    scan = scan_tree(root)
+    scan.started_ns += 10**10  # no entry is racy
+    index = IngestIndex(home, scan.root, max_file_bytes=4_096)
+    source_fingerprint(scan, PathRules([]), index)
+    stored = pq.read_table(index_dir(home, scan.root) / INDEX_FILE)
+    assert stored.num_rows == 2 and not any("hf_" in (t or "") for t in stored["text"].to_pylist())
+    again = IngestIndex(home, scan.root, max_file_bytes=4_096)
+    raw = build_raw_corpus(scan, [], max_file_bytes=4_096, index=again)
+    assert raw.table["path"].to_pylist() == ["ok.py"] and raw.skips["secret"] == 1
+
+
+def test_an_ingest_index_save_killed_mid_write_leaves_no_lasting_temp_file(tmp_path):
+    """A run killed while saving the ingest index leaves `.index.parquet.<hex>.tmp` (a whole index);
+    the next save deletes it once no writer touched it for an hour, and never a fresh one."""
+    import time
+
+    from dlm_pipeline.core.corpus import build_raw_corpus
+    from dlm_pipeline.core.ingest_index import INDEX_FILE, IngestIndex, index_dir
+    from dlm_pipeline.core.tree import scan_tree
+
+    home, root = tmp_path / "home", tmp_path / "root"
+    root.mkdir()
+    (root / "a.py").write_text("x = 1\n")
+    scan = scan_tree(root)
+    folder = index_dir(home, scan.root)
+    folder.mkdir(parents=True)
+    stale, fresh = (folder / f".{INDEX_FILE}.{h * 16}.tmp" for h in "ab")
+    for path in (stale, fresh):
+        path.write_bytes(b"killed mid-save")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    build_raw_corpus(scan, [], max_file_bytes=4_096, index=IngestIndex(home, scan.root, max_file_bytes=4_096))
+    assert (folder / INDEX_FILE).exists() and not stale.exists() and fresh.exists()

@@ -19,13 +19,12 @@ import errno
 import hashlib
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dlm_pipeline.core.parquet_io import write_bytes_atomic
+from dlm_pipeline.core.parquet_io import delete_stale_temps, temp_name, write_bytes_atomic
 
 OBJECTS_DIR = ".objects"
 OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
@@ -69,10 +68,6 @@ class _HashingWriter:
     @property
     def closed(self) -> bool:
         return self.fh.closed
-
-
-def _temp_name(name: str) -> str:
-    return f".{name}.{secrets.token_hex(8)}.tmp"
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:
@@ -120,10 +115,16 @@ class BlobStore:
     def _open_root(self) -> int:
         """The output directory itself (the user's choice, so a symlink to it is followed)."""
         try:
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            os.makedirs(self.root, exist_ok=True)
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                os.makedirs(self.root, exist_ok=True)
+                return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BlobStoreError(
+                f"output folder {self.root} cannot be used ({exc.strerror or type(exc).__name__}); "
+                "set DLM_OUTPUT_DIR to a writable folder"
+            ) from None
 
     def path(self, folder: str, name: str) -> str:
         return os.path.join(self.root, folder, name)
@@ -134,6 +135,7 @@ class BlobStore:
         try:
             folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
             try:
+                delete_stale_temps(folder_fd, name)
                 write_bytes_atomic(folder_fd, name, write)
             finally:
                 os.close(folder_fd)
@@ -147,7 +149,8 @@ class BlobStore:
         try:
             folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
             try:
-                tmp = _temp_name(name)
+                delete_stale_temps(folder_fd, name)
+                tmp = temp_name(name)
                 fd = os.open(tmp, os.O_RDWR | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
                 try:
                     with os.fdopen(os.dup(fd), "wb") as fh:
@@ -178,7 +181,7 @@ class BlobStore:
             root_fd = self._open_root()
             try:
                 folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
-                tmp = _temp_name(name)
+                tmp = temp_name(name)
                 try:
                     try:
                         os.link(source, tmp, dst_dir_fd=folder_fd, follow_symlinks=False)
@@ -198,7 +201,7 @@ class BlobStore:
             os.close(fd)
 
     def _copy_from(self, folder: str, folder_fd: int, src_fd: int, name: str, sha256: str) -> Stored:
-        tmp = _temp_name(name)
+        tmp = temp_name(name)
         out = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
         try:
             size = os.fstat(src_fd).st_size
@@ -261,7 +264,7 @@ class BlobStore:
                 if not stat.S_ISREG(os.fstat(existing).st_mode) or _hash_fd(existing) != sha256:
                     self._replace_object(folder_fd, tmp, objects_fd, obj)
                     return None
-                alias = _temp_name(obj)
+                alias = temp_name(obj)
                 try:
                     os.link(obj, alias, src_dir_fd=objects_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
                 except FileNotFoundError:
@@ -280,7 +283,7 @@ class BlobStore:
     @staticmethod
     def _replace_object(folder_fd: int, tmp: str, objects_fd: int, obj: str) -> None:
         """An object whose bytes no longer match its name (edited in place) is replaced, not reused."""
-        staged = _temp_name(obj)
+        staged = temp_name(obj)
         os.link(tmp, staged, src_dir_fd=folder_fd, dst_dir_fd=objects_fd, follow_symlinks=False)
         try:
             os.rename(staged, obj, src_dir_fd=objects_fd, dst_dir_fd=objects_fd)

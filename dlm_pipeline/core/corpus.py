@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
-from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
+from dlm_pipeline.core.safe_read import FileReplaced, FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.secrets import SecretScanner, secret_scanner
-from dlm_pipeline.core.tree import FileEntry, TreeScan
+from dlm_pipeline.core.tree import FileEntry, StatKey, TreeScan
 
 if TYPE_CHECKING:
     from dlm_pipeline.core.ingest_index import IngestIndex
@@ -65,12 +65,15 @@ def normalise_text(data: bytes) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_text(abspath: str, max_bytes: int) -> str | tuple[str, str]:
-    """The file's normalised text, or (skip reason, detail)."""
+def read_text(abspath: str, max_bytes: int, walked: StatKey | None = None) -> str | tuple[str, str]:
+    """The file's normalised text, or (skip reason, detail); with `walked` (its stat from the walk),
+    only that very file is read (a path swapped since then is `vanished`)."""
     try:
-        data = read_regular_file(abspath, max_bytes)
+        data = read_regular_file(abspath, max_bytes, identity=(walked[3], walked[4]) if walked else None)
     except FileNotFoundError:
         return "vanished", "file disappeared after the walk"
+    except FileReplaced:
+        return "vanished", "file replaced after the walk"
     except NotRegularFile:
         return "not_regular", "not a regular file"
     except FileTooLarge as exc:
@@ -102,7 +105,7 @@ def content_outcome(
 ) -> str | tuple[str, str]:
     """The content rules for one included file: its text, or (skip reason, detail). For a
     credential the detail names the detectors, never what they found."""
-    outcome = read_text(entry.abspath, max_file_bytes)
+    outcome = read_text(entry.abspath, max_file_bytes, entry.stat)
     if not isinstance(outcome, tuple) and rules.scans_secrets(parent_dir(entry.path)):
         found = scanner.findings(outcome, entry.path)
         if found:

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from dlm_pipeline.core import parquet_io
 from dlm_pipeline.core.arrow_utils import one_chunk
 from dlm_pipeline.core.corpus import content_key, read_text
-from dlm_pipeline.core.parquet_io import RowStream, write_bytes_atomic, write_parquet_stream
+from dlm_pipeline.core.parquet_io import RowStream, delete_stale_temps, write_bytes_atomic, write_parquet_stream
 from dlm_pipeline.core.rules import PathRules
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile
 from dlm_pipeline.core.secrets import CREDENTIAL_PLUGINS, ENTROPY_PLUGINS, SecretScanner
@@ -163,7 +163,7 @@ def read_entry(file: FileEntry, max_file_bytes: int, scanner: SecretScanner | No
     """Read one file as the index records it: its text and content key (and, with a `scanner`, the
     credential verdict; a secret's text is dropped), a skip decided by content, or the (reason,
     detail) of a skip that is never cached. The same function runs in a compute backend's task."""
-    result = read_text(file.abspath, max_file_bytes)
+    result = read_text(file.abspath, max_file_bytes, file.stat)
     if isinstance(result, tuple):
         return result if result[0] not in CACHED_REASONS or file.stat is None else Entry(file.stat, result[0])
     entry = Entry(file.stat or (), TEXT, result, content_key(result))
@@ -362,6 +362,7 @@ class IngestIndex:
             try:
                 fd = self._open_dir(create=True)
                 try:
+                    delete_stale_temps(fd, INDEX_FILE)  # a save killed mid-write leaves a whole index behind
                     write_bytes_atomic(fd, INDEX_FILE, lambda fh: write_parquet_stream(rows, fh))
                 finally:
                     os.close(fd)
@@ -453,11 +454,12 @@ class IngestIndex:
         return entry.text
 
     def state(self, file: FileEntry) -> str:
-        """What the file contributes, as a short string: its content key or its skip reason."""
+        """What the file contributes, as a short string: its content key or its skip reason. A text
+        read here is not scanned for credentials, so it is not kept (only its key): `read` reads it again."""
         entry = self._entry(file, NEED_KEY)
         if isinstance(entry, tuple):
             return entry[0]
-        self._remember(file, entry)
+        self._remember(file, replace(entry, text=None) if entry.secret is None else entry)
         return entry.key if entry.outcome == TEXT else entry.outcome
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,38 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return leaves
 
 
+STALE_TEMP_SECONDS = 3600.0  # a temp file no writer touched this long was left by a killed run
+
+
+def temp_name(name: str) -> str:
+    """The temp file a write of `name` goes through (hidden, random, beside it)."""
+    return f".{name}.{secrets.token_hex(8)}.tmp"
+
+
+def delete_stale_temps(dir_fd: int, name: str, stale_after: float = STALE_TEMP_SECONDS) -> int:
+    """Delete the temp files of `name` in the folder `dir_fd` that no writer touched for `stale_after`
+    seconds (a run killed mid-write leaves its temp file: a whole output's bytes); only regular
+    files, never through a symlink. Returns how many were deleted."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp")
+    now, deleted = time.time(), 0
+    for entry in os.scandir(dir_fd):
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime >= stale_after:
+                os.unlink(entry.name, dir_fd=dir_fd)
+                deleted += 1
+        except FileNotFoundError:  # its writer finished or cleaned up meanwhile
+            pass
+    return deleted
+
+
 def write_bytes_atomic(dir_fd: int, name: str, write: Callable[[BinaryIO], object]) -> None:
     """Write `name` in the folder `dir_fd` through a temp file beside it (fsync, rename), so readers
     see the old file or the new one. The temp file is created exclusively, never through a
     symlink, with mode 0666 & ~umask (mkstemp would make it 0600)."""
-    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    tmp = temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -14,16 +14,31 @@ class FileTooLarge(OSError):
     """The file holds more than the caller's limit."""
 
 
-def read_regular_file(path: str, max_bytes: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> bytes:
+class FileReplaced(OSError):
+    """Another file than the one expected is at the path now (swapped after the walk)."""
+
+
+def read_regular_file(
+    path: str,
+    max_bytes: int,
+    *,
+    dir_fd: int | None = None,
+    follow_symlinks: bool = True,
+    identity: tuple[int, int] | None = None,
+) -> bytes:
     """At most `max_bytes` bytes of a regular file; NotRegularFile / FileTooLarge / OSError otherwise.
 
     Opened non-blocking and checked with fstat, so a FIFO (even one swapped in after the walk)
     cannot hang the run. `follow_symlinks=False` refuses a symlink (ELOOP); `dir_fd` as in os.open.
+    `identity` (inode, device) is the file the walk checked: whatever else the path leads to now (a
+    file or folder swapped for a symlink out of the root) is FileReplaced, never read.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
+        if identity is not None and (info.st_ino, info.st_dev) != identity:
+            raise FileReplaced(f"{path} was replaced after the walk")
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(f"{path} is not a regular file")
         if info.st_size > max_bytes:

@@ -601,8 +601,11 @@ class TokenStore:
         with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
             current = manifest["shards"].get(name)
             if isinstance(current, dict) and current.get("sha256") == info["sha256"]:
-                with self._namespace_fd(namespace) as fd:
-                    write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
+                try:  # the index is only a shortcut: one that cannot be saved (a folder at its name) is used unsaved
+                    with self._namespace_fd(namespace) as fd:
+                        write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
+                except (OSError, TokenStoreError):
+                    pass
         return token_index.KeyIndex.parse(content, info)
 
     def _read_rows(self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray) -> pa.Table:
@@ -636,9 +639,16 @@ class TokenStore:
     ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         """(positions of `pending` keys the index points into this shard, positions found, their rows).
         Every returned row's full content key is compared; an index that points at other keys is
-        rebuilt once (a 64-bit prefix shared by two keys is the only other cause)."""
+        rebuilt once (a 64-bit prefix shared by two keys is the only other cause). Row groups that
+        fail their index's checksums mean the index or the shard lies: the index is rebuilt from the
+        whole shard, verified, so only a shard proven bad is deleted."""
+        pointed = np.zeros(0, np.int64)
         for rebuild in (False, True):
-            index = self._key_index(name, info, rebuild)
+            try:
+                index = self._key_index(name, info, rebuild)
+            except CorruptShard as exc:
+                exc.pointed = pointed  # the keys the first index pointed into this shard
+                raise
             try:
                 at, rows = index.candidates(prefixes[pending])
             except token_index.BadIndex:
@@ -650,8 +660,10 @@ class TokenStore:
             try:
                 table = self._read_rows(name, info, index, rows)
             except CorruptShard as exc:
-                exc.pointed = pending[at]
-                raise
+                pointed = exc.pointed = pending[at]
+                if rebuild:
+                    raise
+                continue
             same = pc.equal(table["content_key"], wanted.take(pa.array(pending[at]))).to_numpy(zero_copy_only=False)
             if same.all() or rebuild:
                 break

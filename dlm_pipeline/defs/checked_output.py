@@ -12,8 +12,7 @@ from __future__ import annotations
 import dagster as dg
 import pyarrow as pa
 
-from dlm_pipeline.core.parquet_io import read_parquet
-from dlm_pipeline.defs.resources import ParquetIOManager
+from dlm_pipeline.defs.resources import ParquetIOManager, read_stored
 
 
 def stored_columns(
@@ -21,10 +20,4 @@ def stored_columns(
 ) -> pa.Table:
     """`columns` (None: all) of the stored output of `asset` for this check's seed."""
     path = io_manager.root(context.instance) / asset / f"{context.partition_key}.parquet"
-    if path.is_symlink():
-        raise dg.Failure(
-            description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize"
-        )
-    if not path.exists():
-        raise dg.Failure(description=f"{path} is missing: materialize {asset} for seed {context.partition_key} first")
-    return read_parquet(path, columns=columns)
+    return read_stored(path, asset, context.partition_key, columns)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dlm_pipeline import settings
 from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore, BlobStoreError
@@ -98,7 +100,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     An asset hands over a table, or a `StreamedOutput` written row group by row group (memory: one
     row group), then fingerprinted from the stored file. An input gets the whole table, only the
     columns it asks for (`AssetIn(metadata={"columns": [...]})`), or with
-    `AssetIn(metadata={"stream": True})` a `ParquetRows` reader that reads row group by row group.
+    `AssetIn(metadata={"stream": True})` a `ParquetRows` reader that reads row group by row group
+    (with `"columns"` too, the stored file must have them).
     """
 
     output_dir: str = ""
@@ -170,20 +173,53 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> pa.Table | ParquetRows:
         """The whole table, only the columns an input asks for (`AssetIn(metadata={"columns": [...]})`),
         or a lazy reader (`AssetIn(metadata={"stream": True})`)."""
-        path = self._path(context, context.asset_partition_key)
-        if path.is_symlink():
-            raise dg.Failure(
-                description=f"{path} is a symlink, not a file the pipeline wrote: remove it and re-materialize"
-            )
-        if not path.exists():
-            raise dg.Failure(
-                description=f"{path} is missing: materialize {context.asset_key.to_user_string()} "
-                f"for seed {context.asset_partition_key} first"
-            )
         asked = context.definition_metadata or {}
-        if asked.get("stream"):
-            return ParquetRows(path)
-        return read_parquet(path, columns=asked.get("columns"))
+        return read_stored(
+            self._path(context, context.asset_partition_key),
+            context.asset_key.to_user_string(),
+            context.asset_partition_key,
+            asked.get("columns"),
+            stream=bool(asked.get("stream")),
+        )
+
+
+def read_stored(
+    path: Path, asset: str, seed: str, columns: list[str] | None = None, stream: bool = False
+) -> pa.Table | ParquetRows:
+    """The stored output at `path` (`columns` of it, or a lazy reader with `stream`), after
+    `stored_file`; a file that is no Parquet file or lacks a column asked for is one clear Failure,
+    not pyarrow's error from deep inside a step."""
+    stored_file(path, asset, seed)
+    try:
+        names = pq.read_schema(path).names
+        missing = [name for name in columns or () if name not in names]
+        if missing:
+            raise ValueError(f"it has no column {missing[0]!r}")
+        return ParquetRows(path) if stream else read_parquet(path, columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise dg.Failure(
+            description=f"{path} is not a {asset} output the pipeline wrote ({reason}): "
+            f"re-materialize {asset} for seed {seed}"
+        ) from None
+
+
+def stored_file(path: Path, asset: str, seed: str) -> Path:
+    """`path` when it is a regular file the pipeline could have written; else one clear Failure. A
+    symlink (at the file or its asset folder, which the IO manager never creates) is not followed,
+    and a FIFO or other special file is refused before any reader could block on it."""
+    for where in (path.parent, path):
+        try:
+            mode = os.lstat(where).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise dg.Failure(description=f"{path} is missing: materialize {asset} for seed {seed} first") from None
+        if stat.S_ISLNK(mode):
+            raise dg.Failure(
+                description=f"{where} is a symlink, not a file the pipeline wrote: remove it and re-materialize"
+            )
+    if not stat.S_ISREG(mode):
+        raise dg.Failure(description=f"{path} is not a regular file (a FIFO?): remove it and re-materialize {asset}")
+    return path
 
 
 class TokenizerResource(dg.ConfigurableResource):

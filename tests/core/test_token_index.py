@@ -169,3 +169,44 @@ def test_a_shard_written_before_the_index_gets_one_on_first_use(tmp_path, loaded
     lookup = store.get_or_compute(loaded.cache_namespace, KEYS[100:110], TEXTS[100:110], loaded.encode)
     assert lookup.hits == 10 and old.with_suffix(".keys").exists()
     assert lookup.table["input_ids"].to_pylist() == table["input_ids"].to_pylist()[100:110]
+
+
+@pytest.mark.parametrize("damage", ["group_checksum", "footer_checksum", "group_start", "group_start_negative"])
+def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_its_good_shard(tmp_path, loaded, damage):
+    """Row groups that fail the checksums of their index prove nothing about the shard: the index is
+    rebuilt from the whole shard (verified), and the shard keeps its texts (it was deleted before)."""
+    import json
+
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    index = big.with_suffix(".keys")
+    good = index.read_bytes()
+    data = bytearray(good)
+    length = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16 : 16 + length])
+    start = 16 + length + (-(16 + length) % 8)
+    if damage == "group_checksum":
+        data[start + 24 * header["groups"]] ^= 1
+    elif damage == "footer_checksum":
+        at = data.index(header["footer"][2].encode())
+        data[at : at + 1] = b"0" if data[at : at + 1] != b"0" else b"1"
+    elif damage == "group_start":
+        data[start] ^= 1
+    else:
+        data[start : start + 8] = (2**64 - 1).to_bytes(8, "little")
+    index.write_bytes(bytes(data))
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:5], TEXTS[:5], loaded.encode)
+    assert (lookup.hits, lookup.misses, lookup.repaired) == (5, 0, [])
+    assert big.exists() and index.read_bytes() == good
+
+
+def test_a_folder_or_fifo_at_an_index_name_never_fails_a_lookup(tmp_path, loaded):
+    """The rebuilt index could not be saved over a folder (IsADirectoryError ended the lookup); it is
+    used unsaved, and a FIFO there is replaced without ever being opened blocking."""
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    big.with_suffix(".keys").unlink()
+    big.with_suffix(".keys").mkdir()
+    small.with_suffix(".keys").unlink()
+    os.mkfifo(small.with_suffix(".keys"))
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:2500:50], TEXTS[:2500:50], loaded.encode)
+    assert (lookup.hits, lookup.misses, lookup.repaired) == (50, 0, [])
+    assert big.with_suffix(".keys").is_dir() and small.with_suffix(".keys").is_file()

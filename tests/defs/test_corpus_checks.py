@@ -147,17 +147,17 @@ def test_weights_check_fails_on_a_planted_fault_in_each_mode_and_is_exact_in_exa
 
 
 def test_expansion_checks_share_one_step_read_no_text_and_report_weights_no_metadata_sets(tree, pipeline, monkeypatch):
-    from dlm_pipeline.defs import checked_output
+    from dlm_pipeline.defs import resources
 
     pipe = pipeline(tree(FRACTIONAL_TREE))
     assert pipe.run("0").success
-    reads, read = [], checked_output.read_parquet
+    reads, read = [], resources.read_parquet
 
     def recording(path, columns=None):
         reads.append((Path(path).parent.name, columns))
         return read(path, columns)
 
-    monkeypatch.setattr(checked_output, "read_parquet", recording)
+    monkeypatch.setattr(resources, "read_parquet", recording)  # what checks read goes through read_stored
     result = pipe.run_checks("0", EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS)
     evaluations = check_evaluations(result)
     assert evaluations[EXPANSION_DETERMINISTIC].passed

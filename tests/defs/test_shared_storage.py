@@ -252,3 +252,96 @@ def test_a_symlink_planted_at_an_output_path_is_not_read(pipeline, example, tmp_
     result = p.run_checks("1", "expansion_matches_weights")
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures and "is a symlink" in failures[0].event_specific_data.error.message
+
+
+def test_a_fifo_or_a_symlinked_folder_at_an_output_path_fails_in_one_line_and_never_hangs(pipeline, example, tmp_path):
+    """A FIFO where raw_corpus is stored made the streamed input of expanded_corpus block forever,
+    and a check end in pyarrow's FileNotFoundError; a symlinked asset folder was followed."""
+    import threading
+
+    p = pipeline(example)
+    p.run("1")
+    stored = p.output("raw_corpus", "1")
+    stored.unlink()
+    os.mkfifo(stored)
+
+    def unblock() -> None:  # only on the old code: lets a blocked reader go on (and the test fail)
+        try:
+            os.close(os.open(stored, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    watchdog = threading.Timer(20, unblock)
+    watchdog.start()
+    try:
+        job = p.defs.resolve_job_def("corpus_job")
+        expanded = job.get_subset(asset_selection={dg.AssetKey("expanded_corpus")}).execute_in_process(
+            instance=p.instance, partition_key="1", raise_on_error=False
+        )
+        check = p.run_checks("1", "expansion_matches_weights")
+    finally:
+        watchdog.cancel()
+    for result in (expanded, check):
+        failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        message = failures[0].event_specific_data.error.message
+        assert "is not a regular file" in message and "\n" not in message.strip()
+    stored.unlink()
+    folder = stored.parent
+    shutil.copytree(folder, tmp_path / "elsewhere")
+    shutil.rmtree(folder)
+    folder.symlink_to(tmp_path / "elsewhere")
+    result = p.run_checks("1", "expansion_matches_weights")
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and f"{folder} is a symlink" in failures[0].event_specific_data.error.message
+
+
+@pytest.mark.parametrize("method", ["write", "put"])
+def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp_path, method):
+    """A run killed while streaming an output leaves `.<seed>.parquet.<hex>.tmp` (a whole output's
+    bytes) beside the old file; it was never deleted. A later write of that name deletes temp files
+    no writer touched for an hour, never a fresh one, another name's, or a symlink's target."""
+    folder = tmp_path / "out" / "expanded_corpus"
+    folder.mkdir(parents=True)
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"not ours")
+    stale, fresh, other = (folder / f".{n}.parquet.{h * 16}.tmp" for n, h in (("0", "a"), ("0", "b"), ("1", "c")))
+    link = folder / f".0.parquet.{'d' * 16}.tmp"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"killed mid-write")
+    link.symlink_to(outside)
+    hours_ago = time.time() - 2 * 3600
+    for path in (stale, other):
+        os.utime(path, (hours_ago, hours_ago))
+    os.utime(link, (hours_ago, hours_ago), follow_symlinks=False)
+    getattr(BlobStore(tmp_path / "out"), method)(
+        "expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh)
+    )
+    assert not stale.exists() and fresh.exists() and other.exists() and link.is_symlink()
+    assert outside.read_bytes() == b"not ours" and (folder / "0.parquet").exists()
+
+
+@pytest.mark.parametrize("content", ["foreign_schema", "garbage", "empty"])
+def test_a_stored_output_that_is_no_output_of_ours_fails_in_one_line(pipeline, example, content):
+    """A foreign Parquet file, garbage or an empty file where raw_corpus is stored: the streamed input
+    of expanded_corpus and the checks that read it fail with one line naming the file and what to do
+    (they ended in pyarrow's errors from deep inside the step)."""
+    p = pipeline(example)
+    p.run("1")
+    stored = p.output("raw_corpus", "1")
+    stored.unlink()
+    if content == "foreign_schema":
+        write_parquet_atomic(pa.table({"a": [1, 2]}), stored)
+    else:
+        stored.write_bytes(os.urandom(3000) if content == "garbage" else b"")
+    job = p.defs.resolve_job_def("corpus_job")
+    expanded = job.get_subset(asset_selection={dg.AssetKey("expanded_corpus")}).execute_in_process(
+        instance=p.instance, partition_key="1", raise_on_error=False
+    )
+    for result in (expanded, p.run_checks("1", "expansion_matches_weights", "tokens_match_tokenizer")):
+        failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert failures
+        for failure in failures:
+            error = failure.event_specific_data.error
+            assert error.cls_name == "Failure", error.message
+            assert f"{stored} is not a raw_corpus output the pipeline wrote" in error.message
+            assert "re-materialize raw_corpus for seed 1" in error.message

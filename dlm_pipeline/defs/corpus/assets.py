@@ -206,7 +206,7 @@ def raw_corpus(
     group_name=GROUP,
     kinds={"python", "parquet"},
     code_version="2",
-    ins={"raw_corpus": dg.AssetIn(metadata={"stream": True})},
+    ins={"raw_corpus": dg.AssetIn(metadata={"stream": True, "columns": ROW_SCHEMA.names})},
 )
 def expanded_corpus(
     context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: ParquetRows, weights_map: pa.Table
