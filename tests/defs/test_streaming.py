@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -185,3 +186,35 @@ def test_streamed_expansion_is_the_in_memory_expansion(tree, tmp_path, monkeypat
         write_parquet_stream(RowStream(streamed.schema, iter(parts)), fh)
     assert pq.read_table(out).equals(expected, check_metadata=True)
     assert parquet_fingerprint(out) == table_fingerprint(expected)
+
+
+def test_tokens_and_dataset_in_many_small_batches_are_the_bytes_of_one_batch(tree, pipeline, monkeypatch):
+    """Texts looked up and tokenized, and ids read back, a few at a time: the same files, byte for byte."""
+    from dlm_pipeline.core import dataset, token_store
+
+    files = {".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: x}\nweights: {k: {x: 1.5}}\n"}
+    files |= {f"d/f{i:03d}.txt": f"word{i} line {i % 7}\n" * (1 + i % 30) for i in range(120)}
+    files |= {f"e/copy{i}.txt": "the same text\n" * 9 for i in range(3)}
+    pipe = pipeline(tree(files), max_seq_len=64)
+    assert pipe.run("5").success
+
+    def stored() -> dict[str, bytes]:
+        folder = pipe.out / "training_dataset" / "5"
+        found = {p.name: p.read_bytes() for p in folder.iterdir()}
+        return found | {"tokens": pipe.output("tokenized_cache", "5").read_bytes()}
+
+    whole = stored()
+    calls, lookup = [], token_store.TokenStore.get_or_compute
+
+    def counting(self, namespace, keys, *args, **kwargs):
+        calls.append(len(keys))
+        return lookup(self, namespace, keys, *args, **kwargs)
+
+    monkeypatch.setattr(token_store.TokenStore, "get_or_compute", counting)
+    for module in (token_store, dataset):
+        monkeypatch.setattr(module, "BATCH_TEXT_BYTES", 300)
+        monkeypatch.setattr(module, "BATCH_IDS", 50)
+    shutil.rmtree(pipe.cache)  # cold: the misses are tokenized in many batches too
+    assert pipe.run("5").success
+    assert len(calls) > 20 and max(calls) < 40
+    assert stored() == whole
