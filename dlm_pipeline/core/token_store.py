@@ -66,7 +66,7 @@ LOCK = ".lock"
 MANIFEST_VERSION = 2
 DEFAULT_MAX_BYTES = 10 * 1024**3
 COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
-COMPACT_SHARD_BYTES = 64 * 1024**2  # shards up to this size are merged; larger ones are left alone
+COMPACT_SHARD_BYTES = 64 * 1024**2  # small shards are merged up to this size in all; larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
@@ -544,8 +544,8 @@ class TokenStore:
             return True
 
     def compact(self, namespace: str | None = None, at_shards: int = COMPACT_AT_SHARDS) -> int:
-        """Merge the small shards of each namespace that has more than `at_shards` of them into one
-        (duplicates dropped); returns how many shards were merged away. Runs under the lock, so
+        """Merge the smallest shards of each namespace that has more than `at_shards` of them into one
+        of at most COMPACT_SHARD_BYTES (duplicates dropped); returns how many shards were merged away. Runs under the lock, so
         writers wait; a reader holding an older snapshot finds a merged shard gone and recomputes."""
         merged_away = 0
         with self._locked() as manifest:
@@ -554,7 +554,13 @@ class TokenStore:
             current = {n.split("/")[0] for n in good if NAMESPACE.fullmatch(n.split("/")[0])}
             for ns in sorted(current if namespace is None else current & {namespace}):
                 members = sorted(n for n in good if n.split("/")[0] == ns)
-                small = [n for n in members if good[n]["bytes"] <= COMPACT_SHARD_BYTES]
+                small, total = [], 0  # the smallest, while together they stay within COMPACT_SHARD_BYTES (memory)
+                for name in sorted(members, key=lambda n: (good[n]["bytes"], n)):
+                    if total + good[name]["bytes"] > COMPACT_SHARD_BYTES:
+                        break
+                    small.append(name)
+                    total += good[name]["bytes"]
+                small.sort()  # merged in name order, as before the size cap
                 if len(members) <= at_shards or len(small) < 2:
                     continue
                 tables, merged_names = [], []
@@ -789,8 +795,8 @@ TOKENIZED_SCHEMA = pa.schema(
 
 
 TOKENS_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("truncated", pa.bool_())])
-BATCH_TEXT_BYTES = 64 << 20  # text bytes looked up (and their misses tokenized) at a time
-BATCH_IDS = 1 << 24  # full ids (64 MiB as int32) read from the store at a time to write rows
+BATCH_TEXT_BYTES = 32 << 20  # text bytes looked up (and their misses tokenized) at a time
+BATCH_IDS = 1 << 22  # full ids (16 MiB as int32) read from the store at a time to write rows
 
 
 @dataclass
