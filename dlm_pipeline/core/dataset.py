@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -105,15 +107,35 @@ def full_token_ids(
 
 
 class StoredIds:
-    """Full ids per unique text of a plan, left in the token store: only their lengths are held, and
-    the ids of consecutive documents are read back a bounded group (BATCH_IDS) at a time."""
+    """Full ids per unique text of a plan, not held in memory: only their lengths are, and the ids of
+    consecutive documents are read back a bounded group (BATCH_IDS) at a time from `spill`, a file
+    of every used text's ids (int32, little-endian) at `positions` (in ids). Documents come in a
+    hashed order, so reading them back from the store's shards would read every shard once per group."""
 
-    def __init__(self, lengths: np.ndarray, fetch: Callable[[np.ndarray], pa.Array]):
+    def __init__(self, lengths: np.ndarray, positions: np.ndarray, spill: BinaryIO):
         self.lengths = lengths  # int64 full ids per unique text (0 for texts no document uses)
-        self.fetch = fetch  # ascending unique-text indexes -> their ids (list<int32>), in that order
+        self.positions, self.spill = positions, spill
 
     def document_lengths(self, rows: np.ndarray) -> np.ndarray:
         return self.lengths[rows] + 1
+
+    def fetch(self, texts: np.ndarray) -> pa.Array:
+        """The ids of the unique texts `texts` (list<int32>), in that order."""
+        lengths = self.lengths[texts]
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.empty(int(offsets[-1]), "<i4")
+        fd = self.spill.fileno()
+        for text, start, end in zip(texts.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+            if (
+                end > start
+                and os.preadv(fd, [memoryview(values[start:end]).cast("B")], int(self.positions[text]) * 4)
+                != (end - start) * 4
+            ):
+                raise DatasetError("the dataset's spill file was cut short; run the step again")
+        return pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32, copy=False))
+        )
 
     def parts(self, rows: np.ndarray) -> Iterator[tuple[pa.Array, np.ndarray]]:
         """(ids, local rows) of consecutive groups of the documents `rows`, as `stream_parts` takes them."""
@@ -136,31 +158,44 @@ def _parts(ids: Ids, rows: np.ndarray) -> Iterable[tuple[pa.Array, np.ndarray]]:
 
 
 def plan_token_ids(
-    store: TokenStore, loaded: LoadedTokenizer, plan: DatasetPlan, raw: pa.Table | ParquetRows, progress=None
+    store: TokenStore,
+    loaded: LoadedTokenizer,
+    plan: DatasetPlan,
+    raw: pa.Table | ParquetRows,
+    progress=None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> StoredIds:
     """Full ids per unique text of the plan, looked up only for the texts its documents use (the
     others get no ids), so the dataset never asks for a text its seed does not need; after
     `tokenized_cache` ran with the same tokenizer, every one is in the store. They are looked up
-    BATCH_TEXT_BYTES of text at a time, and only their lengths kept."""
+    BATCH_TEXT_BYTES of text at a time and written to an unnamed spill file in `spill_dir` (gone
+    when closed, or when the process dies)."""
     raw = TableRows(raw) if isinstance(raw, pa.Table) else raw
     plain = dataclasses.replace(loaded, add_special_tokens=False)
     keys = pa.array(plan.unique_keys, pa.string())
     used = plan.used_texts()
-
-    def lookup(texts: np.ndarray) -> pa.Table:
-        return store.get_or_compute(
-            plain.cache_namespace,
-            keys.take(pa.array(texts, pa.int64())).to_pylist(),
-            lambda positions: row_texts(raw, plan.unique_rows[texts[positions]]),
-            lambda t: plain.encode(t, progress),
-        ).table
-
     lengths = np.zeros(len(plan.unique_keys), dtype=np.int64)
+    positions = np.zeros(len(plan.unique_keys), dtype=np.int64)
+    spill = tempfile.TemporaryFile(dir=spill_dir)
+    written = 0
     cuts = [0, *byte_bounded_slices(plan.text_bytes[plan.unique_rows[used]], BATCH_TEXT_BYTES), len(used)]
     for start, end in zip(cuts, cuts[1:], strict=False):
-        if end > start:
-            lengths[used[start:end]] = lookup(used[start:end])["n_tokens"].to_numpy()
-    return StoredIds(lengths, lambda texts: one_chunk(lookup(texts)["input_ids"]))
+        texts = used[start:end]
+        if not len(texts):
+            continue
+        found = store.get_or_compute(
+            plain.cache_namespace,
+            keys.take(pa.array(texts, pa.int64())).to_pylist(),
+            lambda positions_, texts=texts: row_texts(raw, plan.unique_rows[texts[positions_]]),
+            lambda t: plain.encode(t, progress),
+        ).table
+        lengths[texts] = found["n_tokens"].to_numpy()
+        positions[texts] = written + np.cumsum(lengths[texts]) - lengths[texts]
+        for chunk in found["input_ids"].chunks:
+            spill.write(memoryview(chunk.flatten().to_numpy(zero_copy_only=False).astype("<i4")))
+        written += int(lengths[texts].sum())
+    spill.flush()
+    return StoredIds(lengths, positions, spill)
 
 
 def held_out_among(

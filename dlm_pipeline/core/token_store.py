@@ -59,7 +59,7 @@ from dlm_pipeline.core.parquet_io import (
 )
 from dlm_pipeline.core.safe_read import read_regular_file
 from dlm_pipeline.core.split import content_keys
-from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds, cut
+from dlm_pipeline.core.tokenize import TOKENS_SCHEMA, LoadedTokenizer, chunk_bounds, cut
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -794,7 +794,6 @@ TOKENIZED_SCHEMA = pa.schema(
 )
 
 
-TOKENS_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("truncated", pa.bool_())])
 BATCH_TEXT_BYTES = 32 << 20  # text bytes looked up (and their misses tokenized) at a time
 BATCH_IDS = 1 << 22  # full ids (16 MiB as int32) read from the store at a time to write rows
 
@@ -922,7 +921,7 @@ def tokenized_rows(
 
     row_keys = key_of_needed[np.searchsorted(needed, expanded_rows)]
     schema = pa.schema(
-        [("section_id", section_ids.type), ("copy", copies.type), *((f.name, f.type) for f in TOKENS_SCHEMA)]
+        [("section_id", section_ids.type), ("copy", copies.type), *(f for f in TOKENS_SCHEMA if f.name != "section_id")]
     )
     result = TokenizedRows(
         RowStream(schema, ()),

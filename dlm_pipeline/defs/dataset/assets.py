@@ -56,6 +56,13 @@ def dataset_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance, p
     return io_manager.root(instance) / ASSET / partition_key
 
 
+def spill_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance) -> Path:
+    """Where the dataset's ids are spilled while it is written or checked: beside the datasets."""
+    folder = io_manager.root(instance) / ASSET
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @dataclass(frozen=True)
 class Prepared:
     loaded: LoadedTokenizer
@@ -74,9 +81,11 @@ def prepare(
     raw_corpus: ParquetRows,
     expanded_corpus: pa.Table,
     weights_map: pa.Table,
+    spill_dir: Path,
 ) -> Prepared:
     """The split and order of the documents, and the full ids of the texts they use (the store is
-    shared by all seeds, and `tokenized_cache` put every one of them there)."""
+    shared by all seeds, and `tokenized_cache` put every one of them there), spilled to an unnamed
+    file in `spill_dir` (a folder we own)."""
     loaded = tokenizer.load()
     try:
         plan = plan_dataset(
@@ -90,7 +99,12 @@ def prepare(
     except DatasetError as exc:
         raise dg.Failure(description=str(exc)) from None
     ids = plan_token_ids(
-        token_cache.store(context.instance), loaded, plan, raw_corpus, ProgressLog(context, "texts tokenized")
+        token_cache.store(context.instance),
+        loaded,
+        plan,
+        raw_corpus,
+        ProgressLog(context, "texts tokenized"),
+        spill_dir,
     )
     return Prepared(loaded, plan, ids)
 
@@ -145,6 +159,7 @@ def training_dataset(
         raw_corpus=raw_corpus,
         expanded_corpus=expanded_corpus,
         weights_map=weights_map,
+        spill_dir=spill_folder(io_manager, context.instance),
     )
     loaded, plan, ids = prepared.loaded, prepared.plan, prepared.ids
     try:

@@ -19,7 +19,7 @@ from dlm_pipeline.core.dataset import (
 from dlm_pipeline.core.megatron import MegatronFormatError
 from dlm_pipeline.defs.checked_output import stored_columns, stored_rows
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
-from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, training_dataset
+from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, spill_folder, training_dataset
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import ParquetIOManager, TokenCacheResource, TokenizerResource
 
@@ -112,6 +112,7 @@ def training_dataset_checks(
         tokenizer=tokenizer,
         token_cache=token_cache,
         **{name: _stored_input(io_manager, context, name, spec.metadata or {}) for name, spec in INS.items()},
+        spill_dir=spill_folder(io_manager, context.instance),
     )
     if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
         for name in selected:
