@@ -66,7 +66,8 @@ LOCK = ".lock"
 MANIFEST_VERSION = 2
 DEFAULT_MAX_BYTES = 10 * 1024**3
 COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
-COMPACT_SHARD_BYTES = 64 * 1024**2  # small shards are merged up to this size in all; larger ones are left alone
+COMPACT_SHARD_BYTES = 16 * 1024**2  # the smallest shards are merged up to this size in all (memory: a merge
+# reads them whole, several times their size); larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
