@@ -59,7 +59,7 @@ for seed in range({seeds}):
     expanded, _ = expand_rows(raw, row_map, maps, seed)
     loaded = load_tokenizer()
     store = TokenStore({str(cache)!r})
-    tokens, *_ = tokenized_rows(store, loaded, raw, expanded["section_id"], expanded["copy"])
+    tokens = tokenized_rows(store, loaded, raw, expanded["section_id"], expanded["copy"]).table()
     for name, table in (("c", configs), ("w", weights), ("r", raw), ("e", expanded), ("t", tokens)):
         write_parquet_atomic(table, f"{{out}}/{{name}}/{{seed}}.parquet")
 print(time.perf_counter() - start)

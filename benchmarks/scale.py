@@ -7,7 +7,7 @@ The tree: text files of 2-100 KB (random lines of words) under four anchors with
 (docs 2.0, src 1.0, notes 0.5, tests 1.5). Each asset runs in a fresh process through the real
 definitions on one DAGSTER_HOME (its inputs are read from storage, as in any run); the process
 reports its peak RSS (VmHWM) and the step's wall time. `--skip-tokenize` materializes only
-training_configs, weights_map, raw_corpus and expanded_corpus (tokenized_cache is left out and
+training_configs, weights_map, raw_corpus and expanded_corpus (tokenized_cache and training_dataset are left out and
 the output says so). The plain baseline walks the tree and reads and decodes every file, in a
 process of its own. Time per MB is the step's wall time over the MB of text in the tree.
 """
@@ -33,7 +33,7 @@ WORDS = (
 ).split()
 ANCHORS = {"docs": ("docs", "2.0"), "src": ("src", "1.0"), "notes": ("notes", "0.5"), "tests": ("tests", "1.5")}
 CORPUS_ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus"]
-TOKEN_ASSETS = ["tokenized_cache"]
+TOKEN_ASSETS = ["tokenized_cache", "training_dataset"]
 
 STEP = r"""
 import json, os, sys, time
@@ -133,12 +133,12 @@ def measure(size_mb: int, work: Path, assets: list[str]) -> list[tuple[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,300,1000", help="tree sizes in MB of text, comma separated")
-    parser.add_argument("--skip-tokenize", action="store_true", help="leave tokenized_cache out")
+    parser.add_argument("--skip-tokenize", action="store_true", help="leave tokenized_cache and training_dataset out")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     args = parser.parse_args()
     assets = CORPUS_ASSETS + ([] if args.skip_tokenize else TOKEN_ASSETS)
     if args.skip_tokenize:
-        print("--skip-tokenize: tokenized_cache is not materialized; assets:", ", ".join(assets))
+        print("--skip-tokenize: tokenized_cache and training_dataset are not materialized; assets:", ", ".join(assets))
     work = args.keep or Path(tempfile.mkdtemp(prefix="dlm-scale-"))
     print(f"{'':<18} {'seconds':>9} {'s/MB':>8} {'peak RSS MiB':>13}", flush=True)
     try:

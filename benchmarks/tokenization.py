@@ -87,8 +87,9 @@ def core_benchmark(files: dict[str, str]) -> None:
         store: TokenStore, weights: dict, seed: int, rows: pa.Table = table, tokenizer=loaded
     ) -> tuple[pa.Table, int, int]:
         expanded, _ = expand_rows(rows, np.zeros(rows.num_rows, np.int32), [(weights,)], seed)  # one chain of one map
-        out, lookup, _ = tokenized_rows(store, tokenizer, rows, expanded["section_id"], expanded["copy"])
-        return out, lookup.hits, lookup.misses
+        result = tokenized_rows(store, tokenizer, rows, expanded["section_id"], expanded["copy"])
+        out = result.table()
+        return out, result.lookup.hits, result.lookup.misses
 
     weights_a = {"pkg": {f"pkg{i:02d}": 0.5 + (i % 4) * 0.5 for i in range(50)}}
     weights_b = {"pkg": {f"pkg{i:02d}": 2.25 - (i % 3) * 0.5 for i in range(50)}}

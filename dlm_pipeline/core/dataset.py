@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -32,10 +34,11 @@ from dlm_pipeline.core.packing import (
     row_group_tokens,
     sequence_count,
     sequences_table,
-    stream_groups,
+    stream_parts,
 )
+from dlm_pipeline.core.parquet_io import ParquetRows, TableRows, byte_bounded_slices
 from dlm_pipeline.core.split import content_keys, train_order, validation_order, validation_side
-from dlm_pipeline.core.token_store import TokenStore
+from dlm_pipeline.core.token_store import BATCH_IDS, BATCH_TEXT_BYTES, TokenStore, row_texts
 from dlm_pipeline.core.tokenize import LoadedTokenizer
 
 TRAIN, VALIDATION = "train", "validation"
@@ -103,39 +106,107 @@ def full_token_ids(
     return one_chunk(lookup.table["input_ids"])
 
 
+class StoredIds:
+    """Full ids per unique text of a plan, not held in memory: only their lengths are, and the ids of
+    consecutive documents are read back a bounded group (BATCH_IDS) at a time from `spill`, a file
+    of every used text's ids (int32, little-endian) at `positions` (in ids). Documents come in a
+    hashed order, so reading them back from the store's shards would read every shard once per group."""
+
+    def __init__(self, lengths: np.ndarray, positions: np.ndarray, spill: BinaryIO):
+        self.lengths = lengths  # int64 full ids per unique text (0 for texts no document uses)
+        self.positions, self.spill = positions, spill
+
+    def document_lengths(self, rows: np.ndarray) -> np.ndarray:
+        return self.lengths[rows] + 1
+
+    def fetch(self, texts: np.ndarray) -> pa.Array:
+        """The ids of the unique texts `texts` (list<int32>), in that order."""
+        lengths = self.lengths[texts]
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.empty(int(offsets[-1]), "<i4")
+        fd = self.spill.fileno()
+        for text, start, end in zip(texts.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+            if (
+                end > start
+                and os.preadv(fd, [memoryview(values[start:end]).cast("B")], int(self.positions[text]) * 4)
+                != (end - start) * 4
+            ):
+                raise DatasetError("the dataset's spill file was cut short; run the step again")
+        return pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32, copy=False))
+        )
+
+    def parts(self, rows: np.ndarray) -> Iterator[tuple[pa.Array, np.ndarray]]:
+        """(ids, local rows) of consecutive groups of the documents `rows`, as `stream_parts` takes them."""
+        cuts = [0, *byte_bounded_slices(self.lengths[rows], BATCH_IDS), len(rows)]
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            if end > start:
+                wanted = np.unique(rows[start:end])
+                yield self.fetch(wanted), np.searchsorted(wanted, rows[start:end])
+
+
+Ids = pa.Array | StoredIds  # full ids per unique text: in memory (tests, small corpora) or in the store
+
+
+def _document_lengths(ids: Ids, rows: np.ndarray) -> np.ndarray:
+    return ids.document_lengths(rows) if isinstance(ids, StoredIds) else document_lengths(ids, rows)
+
+
+def _parts(ids: Ids, rows: np.ndarray) -> Iterable[tuple[pa.Array, np.ndarray]]:
+    return ids.parts(rows) if isinstance(ids, StoredIds) else [(ids, rows)]
+
+
 def plan_token_ids(
-    store: TokenStore, loaded: LoadedTokenizer, plan: DatasetPlan, raw_texts: pa.ChunkedArray, progress=None
-) -> pa.Array:
+    store: TokenStore,
+    loaded: LoadedTokenizer,
+    plan: DatasetPlan,
+    raw: pa.Table | ParquetRows,
+    progress=None,
+    spill_dir: str | os.PathLike | None = None,
+) -> StoredIds:
     """Full ids per unique text of the plan, looked up only for the texts its documents use (the
     others get no ids), so the dataset never asks for a text its seed does not need; after
-    `tokenized_cache` ran with the same tokenizer, every one is in the store."""
+    `tokenized_cache` ran with the same tokenizer, every one is in the store. They are looked up
+    BATCH_TEXT_BYTES of text at a time and written to an unnamed spill file in `spill_dir` (gone
+    when closed, or when the process dies)."""
+    raw = TableRows(raw) if isinstance(raw, pa.Table) else raw
+    plain = dataclasses.replace(loaded, add_special_tokens=False)
+    keys = pa.array(plan.unique_keys, pa.string())
     used = plan.used_texts()
-    found = full_token_ids(
-        store,
-        loaded,
-        [plan.unique_keys[i] for i in used.tolist()],
-        RowTexts(raw_texts, plan.unique_rows[used]),
-        progress,
-    )
     lengths = np.zeros(len(plan.unique_keys), dtype=np.int64)
-    lengths[used] = pc.list_value_length(found).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] > np.iinfo(np.int32).max:
-        raise DatasetError("the dataset's texts hold more than 2**31 ids; split the tree")
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), found.flatten().cast(pa.int32()))
+    positions = np.zeros(len(plan.unique_keys), dtype=np.int64)
+    spill = tempfile.TemporaryFile(dir=spill_dir)
+    written = 0
+    cuts = [0, *byte_bounded_slices(plan.text_bytes[plan.unique_rows[used]], BATCH_TEXT_BYTES), len(used)]
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        texts = used[start:end]
+        if not len(texts):
+            continue
+        found = store.get_or_compute(
+            plain.cache_namespace,
+            keys.take(pa.array(texts, pa.int64())).to_pylist(),
+            lambda positions_, texts=texts: row_texts(raw, plan.unique_rows[texts[positions_]]),
+            lambda t: plain.encode(t, progress),
+        ).table
+        lengths[texts] = found["n_tokens"].to_numpy()
+        positions[texts] = written + np.cumsum(lengths[texts]) - lengths[texts]
+        for chunk in found["input_ids"].chunks:
+            spill.write(memoryview(chunk.flatten().to_numpy(zero_copy_only=False).astype("<i4")))
+        written += int(lengths[texts].sum())
+    spill.flush()
+    return StoredIds(lengths, positions, spill)
 
 
-def held_out_rows(
-    texts: pa.ChunkedArray | pa.Array, weights: np.ndarray, split_seed: int, val_fraction: float
+def held_out_among(
+    rows: np.ndarray, keys: Sequence[str], weights: np.ndarray, split_seed: int, val_fraction: float
 ) -> np.ndarray:
-    """Raw rows of the validation set (SPEC §7): validation-side rows of composed weight > 0. Only
-    the texts of rows with weight > 0 are hashed."""
-    candidates = np.flatnonzero(weights > 0.0)
-    if not val_fraction or not len(candidates):
+    """Those of the raw `rows` (content `keys`) that are in the validation set (SPEC §7)."""
+    positive = weights[rows] > 0.0
+    if not val_fraction or not positive.any():
         return np.zeros(0, np.int64)
-    keys = content_keys(one_chunk(texts).take(pa.array(candidates, pa.int64())))
-    return candidates[validation_side(keys, split_seed, val_fraction)]
+    chosen = [key for key, keep in zip(keys, positive.tolist(), strict=True) if keep]
+    return rows[positive][validation_side(chosen, split_seed, val_fraction)]
 
 
 class RowTexts(Sequence):
@@ -156,6 +227,7 @@ class DatasetPlan:
     """Which raw rows become which documents, in order; ids are looked up per unique text."""
 
     content_keys: list[str]  # per raw row
+    text_bytes: np.ndarray  # int64 per raw row: its text's length in bytes
     validation: np.ndarray  # bool per raw row
     text_index: np.ndarray  # int64 per raw row: its unique text
     unique_keys: list[str]  # per unique text
@@ -173,7 +245,7 @@ class DatasetPlan:
 
 
 def plan_dataset(
-    raw: pa.Table,
+    raw: pa.Table | ParquetRows,
     expanded: pa.Table,
     weights: np.ndarray,
     *,
@@ -182,14 +254,19 @@ def plan_dataset(
     val_fraction: float,
 ) -> DatasetPlan:
     """Split raw rows by content key, keep the train side's expanded rows and the validation side's
-    rows of positive weight, and order both (§7)."""
-    keys = content_keys(one_chunk(raw["text"]))
+    rows of positive weight, and order both (§7). Texts are read one stored batch at a time."""
+    raw = TableRows(raw) if isinstance(raw, pa.Table) else raw
+    keys: list[str] = []
+    sizes = [np.zeros(0, np.int64)]
+    for batch in raw.batches(["text"]):
+        keys.extend(content_keys(one_chunk(batch["text"])))
+        sizes.append(pc.binary_length(batch["text"]).to_numpy().astype(np.int64))
     validation = validation_side(keys, split_seed, val_fraction)
     encoded = pc.dictionary_encode(pa.array(keys, pa.string()))
     text_index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     unique_rows = representative_rows(text_index, len(encoded.dictionary))
 
-    raw_ids = one_chunk(raw["section_id"])
+    raw_ids = one_chunk(raw.read(["section_id"])["section_id"])
     source = pc.index_in(expanded["section_id"], value_set=raw_ids)
     if source.null_count:
         raise DatasetError("expanded_corpus holds a section_id that raw_corpus lacks: re-materialize the seed")
@@ -201,7 +278,14 @@ def plan_dataset(
     held_out = np.flatnonzero(validation & (weights > 0.0))
     held_out = held_out[validation_order([keys[i] for i in held_out], raw_ids.take(pa.array(held_out, pa.int64())))]
     return DatasetPlan(
-        keys, validation, text_index, encoded.dictionary.to_pylist(), unique_rows, source[train], held_out
+        keys,
+        np.concatenate(sizes),
+        validation,
+        text_index,
+        encoded.dictionary.to_pylist(),
+        unique_rows,
+        source[train],
+        held_out,
     )
 
 
@@ -232,10 +316,10 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_split(
-    folder: Path, split: str, ids: pa.Array, documents: np.ndarray, eos_id: int, seq_len: int, dtype: np.dtype
+    folder: Path, split: str, ids: Ids, documents: np.ndarray, eos_id: int, seq_len: int, dtype: np.dtype
 ) -> SplitSummary:
     """`<split>.parquet`, `<split>.bin` and `<split>.idx`, written in one pass over the token stream."""
-    lengths = document_lengths(ids, documents)
+    lengths = _document_lengths(ids, documents)
     limit = np.iinfo(dtype).max
     with open(folder / f"{split}.bin", "wb") as bin_file, open(folder / f"{split}.parquet", "wb") as parquet_file:
         # Row groups are encoded on another thread (Arrow releases the GIL), one at a time, while the
@@ -245,7 +329,7 @@ def write_split(
             ThreadPoolExecutor(1) as pool,
         ):
             pending = None
-            for tokens, starts in stream_groups(ids, documents, eos_id, row_group_tokens(seq_len)):
+            for tokens, starts in stream_parts(_parts(ids, documents), eos_id, row_group_tokens(seq_len)):
                 if tokens.min() < 0 or tokens.max() > limit:
                     raise DatasetError(
                         f"the token store holds an id outside 0..{limit}: run `dlm-pipeline cache clear`"
@@ -337,7 +421,7 @@ class DatasetSettings:
 
 
 def write_dataset(
-    target: Path, plan: DatasetPlan, ids: pa.Array, settings: DatasetSettings
+    target: Path, plan: DatasetPlan, ids: Ids, settings: DatasetSettings
 ) -> tuple[dict, dict[str, SplitSummary]]:
     """Every file of the dataset into `target` (replaced whole); returns (dataset.json content, summaries)."""
     summaries: dict[str, SplitSummary] = {}
@@ -383,11 +467,11 @@ def read_manifest(folder: Path) -> dict:
 
 
 def train_tag_tokens(
-    tags: pa.ChunkedArray | pa.Array, train_rows: np.ndarray, ids: pa.Array, text_index: np.ndarray
+    tags: pa.ChunkedArray | pa.Array, train_rows: np.ndarray, ids: Ids, text_index: np.ndarray
 ) -> pa.Table:
     """Per (tag_key, tag_value): the train tokens of rows holding that tag, and their share of all train tokens."""
     row_tokens = np.bincount(
-        train_rows, weights=document_lengths(ids, text_index[train_rows]).astype(np.float64), minlength=len(text_index)
+        train_rows, weights=_document_lengths(ids, text_index[train_rows]).astype(np.float64), minlength=len(text_index)
     ).astype(np.int64)
     total = int(row_tokens.sum())
     entries = TagEntries.of(tags)
@@ -412,18 +496,21 @@ def _digest(tokens: np.ndarray) -> bytes:
     return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
 
 
-def leak_report(folder: Path, plan: DatasetPlan, ids: pa.Array, eos_id: int, dtype: np.dtype) -> dict[str, int]:
+def leak_report(folder: Path, plan: DatasetPlan, ids: Ids, eos_id: int, dtype: np.dtype) -> dict[str, int]:
     """Reads the Megatron documents of both splits back and finds, by their ids, which text each is:
     `leaked` texts appear on both sides, `misplaced` documents sit on a side the split rule does
     not give their text, `unknown` documents match no text of the corpus."""
     sides: dict[bytes, set[str]] = {}
-    offsets = ids.offsets.to_numpy(zero_copy_only=False)
-    values = ids.values.to_numpy(zero_copy_only=False)
     little = dtype.newbyteorder("<")
-    for text in plan.used_texts().tolist():  # the others have no ids (plan_token_ids)
-        row = int(plan.unique_rows[text])
-        document = np.append(values[offsets[text] : offsets[text + 1]], eos_id).astype(little)
-        sides.setdefault(_digest(document), set()).add(VALIDATION if plan.validation[row] else TRAIN)
+    used = plan.used_texts()  # the others have no ids (plan_token_ids)
+    for part, local in _parts(ids, used):
+        offsets = part.offsets.to_numpy(zero_copy_only=False)
+        values = part.values.to_numpy(zero_copy_only=False)
+        for text, at in zip(used[: len(local)].tolist(), local.tolist(), strict=True):
+            row = int(plan.unique_rows[text])
+            document = np.append(values[offsets[at] : offsets[at + 1]], eos_id).astype(little)
+            sides.setdefault(_digest(document), set()).add(VALIDATION if plan.validation[row] else TRAIN)
+        used = used[len(local) :]
     seen: dict[str, set[bytes]] = {}
     report = {"misplaced": 0, "unknown": 0}
     for split in SPLITS:
@@ -463,15 +550,15 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
     return int(differs[0]) if len(differs) else None
 
 
-def _check_megatron(dataset: IndexedDataset, ids: pa.Array, documents: np.ndarray, eos_id: int) -> list[str]:
+def _check_megatron(dataset: IndexedDataset, ids: Ids, documents: np.ndarray, eos_id: int) -> list[str]:
     problems = []
-    lengths = document_lengths(ids, documents)
+    lengths = _document_lengths(ids, documents)
     if not np.array_equal(dataset.lengths, lengths) or not np.array_equal(
         dataset.document_indices, np.arange(len(lengths) + 1)
     ):
         return [f"{len(dataset)} Megatron documents, the token store gives {len(lengths)} of other lengths"]
     position = 0
-    for tokens, _ in stream_groups(ids, documents, eos_id, CHECK_CHUNK_TOKENS):
+    for tokens, _ in stream_parts(_parts(ids, documents), eos_id, CHECK_CHUNK_TOKENS):
         stored = np.asarray(dataset.tokens[position : position + len(tokens)], dtype=np.int64)
         first = _first_difference(stored, tokens.astype(np.int64))
         if first is not None:
@@ -512,7 +599,7 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
     return []
 
 
-def conservation_problems(folder: Path, plan: DatasetPlan, ids: pa.Array, eos_id: int, seq_len: int) -> list[str]:
+def conservation_problems(folder: Path, plan: DatasetPlan, ids: Ids, eos_id: int, seq_len: int) -> list[str]:
     """The Parquet sequences, the Megatron documents and the token store agree id for id, per split."""
     problems = []
     for split in SPLITS:

@@ -97,20 +97,49 @@ def _feed_strings(h: hashlib._Hash, chunks: Callable[[], Iterator[pa.Array]]) ->
             h.update(memoryview(chunk.buffers()[2])[offsets[0] : offsets[-1]])
 
 
+def _is_numeric_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+        pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+    )
+
+
+def _feed_numeric_lists(h: hashlib._Hash, chunks: Callable[[], Iterator[pa.Array]]) -> bool:
+    """What `_feed` hashes for the concatenation of `chunks()` (a list column of numbers without
+    null values, e.g. token ids), in two passes holding one chunk; False (nothing hashed) when a
+    value is null, which only the whole column can encode."""
+    lengths, nulls = [], []
+    for chunk in chunks():
+        if chunk.flatten().null_count:
+            return False
+        lengths.append(pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False).astype("<i8"))
+        nulls.append(chunk.is_null().to_numpy(zero_copy_only=False))
+    sizes = np.concatenate(lengths) if lengths else np.zeros(0, "<i8")
+    h.update(len(sizes).to_bytes(8, "little"))
+    is_null = np.concatenate(nulls) if nulls else np.zeros(0, bool)
+    if is_null.any():
+        h.update(b"V" + np.packbits(is_null).tobytes())
+    h.update(b"L" + sizes.tobytes())
+    h.update(int(sizes.sum()).to_bytes(8, "little") + b"N")
+    for chunk in chunks():
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        h.update(values.astype(values.dtype.newbyteorder("<")).tobytes())
+    return True
+
+
 def parquet_fingerprint(path: str | os.PathLike) -> str:
-    """`table_fingerprint` of the table stored at `path`, holding one row group of a string column
-    at a time (other columns, small per row, are read whole)."""
+    """`table_fingerprint` of the table stored at `path`, holding one row group of a string or
+    numeric list column at a time (other columns, small per row, are read whole)."""
     file = pq.ParquetFile(path)
     h = hashlib.sha256(FINGERPRINT_VERSION)
     for field_ in file.schema_arrow:
         h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
+
+        def chunks(name: str = field_.name) -> Iterator[pa.Array]:
+            for i in range(file.num_row_groups):
+                yield from file.read_row_group(i, columns=[name])[name].chunks
+
         if _is_bytes(field_.type):
-
-            def chunks(name: str = field_.name) -> Iterator[pa.Array]:
-                for i in range(file.num_row_groups):
-                    yield from file.read_row_group(i, columns=[name])[name].chunks
-
             _feed_strings(h, chunks)
-        else:
+        elif not (_is_numeric_list(field_.type) and _feed_numeric_lists(h, chunks)):
             _feed(h, one_chunk(file.read(columns=[field_.name])[field_.name]))
     return h.hexdigest()

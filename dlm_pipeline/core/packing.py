@@ -8,7 +8,7 @@ stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,23 +43,32 @@ def stream_groups(
     """The token stream (document i is `ids[rows[i]]` then `eos_id`) in consecutive pieces of exactly
     `group_tokens` ids (the last may be shorter), each with the offsets where documents begin in it.
     Every id is copied once, straight into its piece."""
-    offsets, values = _list_parts(ids)
+    return stream_parts([(ids, rows)], eos_id, group_tokens)
+
+
+def stream_parts(
+    parts: Iterable[tuple[pa.Array, np.ndarray]], eos_id: int, group_tokens: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`stream_groups` over documents given in consecutive parts `(ids, rows)` (document i of a part
+    is `ids[rows[i]]`), so only one part's ids need be held: the pieces do not depend on the parts."""
     eos = np.array([eos_id], dtype=np.int32)
     buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []
-    for first, last in zip(offsets[rows].tolist(), offsets[rows + 1].tolist(), strict=False):
-        if fill == group_tokens:
-            yield buffer, np.array(starts, np.int64)
-            buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []
-        starts.append(fill)
-        for piece in (values[first:last], eos):
-            done = 0
-            while done < len(piece):
-                if fill == group_tokens:
-                    yield buffer, np.array(starts, np.int64)
-                    buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []
-                count = min(len(piece) - done, group_tokens - fill)
-                buffer[fill : fill + count] = piece[done : done + count]
-                fill, done = fill + count, done + count
+    for ids, rows in parts:
+        offsets, values = _list_parts(ids)
+        for first, last in zip(offsets[rows].tolist(), offsets[rows + 1].tolist(), strict=False):
+            if fill == group_tokens:
+                yield buffer, np.array(starts, np.int64)
+                buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []
+            starts.append(fill)
+            for piece in (values[first:last], eos):
+                done = 0
+                while done < len(piece):
+                    if fill == group_tokens:
+                        yield buffer, np.array(starts, np.int64)
+                        buffer, fill, starts = np.empty(group_tokens, np.int32), 0, []
+                    count = min(len(piece) - done, group_tokens - fill)
+                    buffer[fill : fill + count] = piece[done : done + count]
+                    fill, done = fill + count, done + count
     if fill:
         yield buffer[:fill], np.array(starts, np.int64)
 

@@ -127,12 +127,17 @@ class RowStream:
 
 def row_bytes(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     """int64 size per row used to cut row groups and batches: the bytes of its string and binary
-    values (what dominates a corpus), plus 8 per column."""
+    values and of its numeric lists (token ids), what dominates a corpus, plus 8 per column."""
     sizes = np.full(table.num_rows, 8 * table.num_columns, dtype=np.int64)
     for column in table.columns:
         kind = column.type
         if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
             sizes += pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+            pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+        ):
+            lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            sizes += lengths * (kind.value_type.bit_width // 8)
     return sizes
 
 
@@ -212,3 +217,39 @@ class ParquetRows:
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The columns asked whole (for the small per-row ones: ids, paths, tags)."""
         return self.file.read(columns=columns)
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Rows `rows` (ascending positions), reading only the row groups that hold them, one at a time."""
+        counts = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        parts = []
+        for group in np.unique(group_of).tolist():
+            local = rows[group_of == group] - starts[group]
+            parts.append(self.file.read_row_group(group, columns=columns).take(pa.array(local, pa.int64())))
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        return pa.concat_tables(parts).combine_chunks() if parts else schema.empty_table()
+
+
+class TableRows:
+    """A table in memory behind `ParquetRows`' reading interface (for callers that hold one)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.table.schema
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        yield self.read(columns)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return self.table if columns is None else self.table.select(columns)
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        return self.read(columns).take(pa.array(rows, pa.int64()))

@@ -49,18 +49,25 @@ import pyarrow.parquet as pq
 
 from dlm_pipeline.core import token_index
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
-from dlm_pipeline.core.corpus import content_key
-from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS, write_bytes_atomic
+from dlm_pipeline.core.parquet_io import (
+    PARQUET_OPTIONS,
+    ParquetRows,
+    RowStream,
+    TableRows,
+    byte_bounded_slices,
+    write_bytes_atomic,
+)
 from dlm_pipeline.core.safe_read import read_regular_file
-from dlm_pipeline.core.split import TEXT_BATCH
-from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds, cut
+from dlm_pipeline.core.split import content_keys
+from dlm_pipeline.core.tokenize import TOKENS_SCHEMA, LoadedTokenizer, chunk_bounds, cut
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 MANIFEST_VERSION = 2
 DEFAULT_MAX_BYTES = 10 * 1024**3
 COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small ones merged
-COMPACT_SHARD_BYTES = 64 * 1024**2  # shards up to this size are merged; larger ones are left alone
+COMPACT_SHARD_BYTES = 16 * 1024**2  # the smallest shards are merged up to this size in all (memory: a merge
+# reads them whole, several times their size); larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
@@ -538,8 +545,8 @@ class TokenStore:
             return True
 
     def compact(self, namespace: str | None = None, at_shards: int = COMPACT_AT_SHARDS) -> int:
-        """Merge the small shards of each namespace that has more than `at_shards` of them into one
-        (duplicates dropped); returns how many shards were merged away. Runs under the lock, so
+        """Merge the smallest shards of each namespace that has more than `at_shards` of them into one
+        of at most COMPACT_SHARD_BYTES (duplicates dropped); returns how many shards were merged away. Runs under the lock, so
         writers wait; a reader holding an older snapshot finds a merged shard gone and recomputes."""
         merged_away = 0
         with self._locked() as manifest:
@@ -548,7 +555,13 @@ class TokenStore:
             current = {n.split("/")[0] for n in good if NAMESPACE.fullmatch(n.split("/")[0])}
             for ns in sorted(current if namespace is None else current & {namespace}):
                 members = sorted(n for n in good if n.split("/")[0] == ns)
-                small = [n for n in members if good[n]["bytes"] <= COMPACT_SHARD_BYTES]
+                small, total = [], 0  # the smallest, while together they stay within COMPACT_SHARD_BYTES (memory)
+                for name in sorted(members, key=lambda n: (good[n]["bytes"], n)):
+                    if total + good[name]["bytes"] > COMPACT_SHARD_BYTES:
+                        break
+                    small.append(name)
+                    total += good[name]["bytes"]
+                small.sort()  # merged in name order, as before the size cap
                 if len(members) <= at_shards or len(small) < 2:
                     continue
                 tables, merged_names = [], []
@@ -708,7 +721,7 @@ class TokenStore:
         self,
         namespace: str,
         keys: Sequence[str],
-        texts: Sequence[str],
+        texts: Sequence[str] | Callable[[np.ndarray], list[str]],
         encode: Encoder,
         write_elsewhere: RemoteWriter | None = None,
     ) -> Lookup:
@@ -717,7 +730,8 @@ class TokenStore:
         groups holding them are read, verified; a corrupt shard is deleted and its keys are encoded
         again. With `write_elsewhere` (SPEC §6, `--compute ray`)
         the misses are tokenized and written as shards by workers, this process only commits them
-        to the manifest and reads them back; whatever that leaves missing is encoded here."""
+        to the manifest and reads them back; whatever that leaves missing is encoded here. `texts`
+        may be a function of the (ascending) positions of the misses, so only their texts are read."""
         report = self.repair()
         good, _ = self._entries(self._read_manifest())
         wanted = pa.array(list(keys), pa.string())
@@ -740,14 +754,18 @@ class TokenStore:
             for position, key in zip(pending.tolist(), wanted.take(pa.array(pending)).to_pylist(), strict=True)
         }
         encode_seconds, encoded_tokens = 0.0, 0
+
+        def texts_at(positions: np.ndarray) -> list[str]:
+            return texts(positions) if callable(texts) else [texts[p] for p in positions.tolist()]
+
         if len(pending) and write_elsewhere is not None:
             written, encode_seconds, encoded_tokens = write_elsewhere(
-                namespace, wanted.take(pa.array(pending)).to_pylist(), [texts[p] for p in pending.tolist()]
+                namespace, wanted.take(pa.array(pending)).to_pylist(), texts_at(pending)
             )
             pending = self._gather(self.commit(written), wanted, pending, found_rows, used, repaired)
         if len(pending):
             start = time.perf_counter()
-            encoded = encode([texts[p] for p in pending.tolist()])
+            encoded = encode(texts_at(pending))
             encode_seconds += time.perf_counter() - start
             encoded_tokens += int(pc.sum(encoded["n_tokens"]).as_py() or 0)
             fresh = pa.table(
@@ -789,66 +807,192 @@ TOKENIZED_SCHEMA = pa.schema(
 )
 
 
+BATCH_TEXT_BYTES = 32 << 20  # text bytes looked up (and their misses tokenized) at a time
+BATCH_IDS = 1 << 22  # full ids (16 MiB as int32) read from the store at a time to write rows
+
+
+@dataclass
+class TokenizedRows:
+    """What `tokenized_rows` gives: the rows as a stream (ids read from the store a bounded batch at
+    a time while it is consumed), the lookup's counts, and which texts were tokenized and why.
+    `n_tokens` collects each row's n_tokens as the stream is consumed (for the length histogram)."""
+
+    rows: RowStream
+    lookup: Lookup
+    tokenized: pa.Table
+    unique_sections: int
+    n_tokens: list[np.ndarray] = field(default_factory=list)
+    truncated: int = 0  # rows cut to max_seq_len, counted as the stream is consumed
+
+    def table(self) -> pa.Table:
+        """The rows as one table (for small corpora: tests and benchmarks)."""
+        return pa.concat_tables([self.rows.schema.empty_table(), *self.rows.batches]).combine_chunks()
+
+
+def _keys_of_rows(raw: ParquetRows | TableRows, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(content key, text bytes) of each of the ascending raw `rows`, reading one batch of texts at a time."""
+    keys: list[str] = []
+    sizes: list[np.ndarray] = [np.zeros(0, np.int64)]
+    base = 0
+    for batch in raw.batches(["text"]):
+        lo, hi = np.searchsorted(rows, [base, base + batch.num_rows])
+        texts = one_chunk(batch["text"]).take(pa.array(rows[lo:hi] - base, pa.int64()))
+        keys.extend(content_keys(texts))
+        sizes.append(pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.int64))
+        base += batch.num_rows
+    return keys, np.concatenate(sizes)
+
+
+def _merge(total: Lookup, part: Lookup) -> None:
+    total.hits += part.hits
+    total.misses += part.misses
+    total.shards_used |= part.shards_used
+    total.encode_seconds += part.encode_seconds
+    total.encoded_tokens += part.encoded_tokens
+    total.repaired += part.repaired
+    total.ignored = sorted(set(total.ignored) | set(part.ignored))
+    total.reasons.update(part.reasons)
+    total.shard_bytes_read += part.shard_bytes_read
+
+
+def row_texts(raw: ParquetRows | TableRows, rows: np.ndarray) -> list[str]:
+    """The texts of raw `rows` (any order), reading only the stored batches that hold them."""
+    order = np.argsort(rows, kind="stable")
+    taken = raw.take(rows[order], ["text"])["text"].to_pylist()
+    texts = [""] * len(rows)
+    for slot, text in zip(order.tolist(), taken, strict=True):
+        texts[slot] = text
+    return texts
+
+
 def tokenized_rows(
     store: TokenStore,
     loaded: LoadedTokenizer,
-    raw: pa.Table,
+    raw: pa.Table | ParquetRows,
     section_ids: pa.ChunkedArray,
     copies: pa.ChunkedArray,
     progress=None,
     write_elsewhere: RemoteWriter | None = None,
-    validation_rows: np.ndarray | None = None,
-) -> tuple[pa.Table, Lookup, pa.Table]:
+    validation_rows: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
+    candidate_rows: np.ndarray | None = None,
+) -> TokenizedRows:
     """SPEC §4 rows (section_id, copy, input_ids cut to max_seq_len, n_tokens, truncated) for the
     given rows of `raw` (section_id, path, text). The store is asked once for each distinct text
-    the seed needs: those of these rows and of the raw rows `validation_rows` (the seed's
-    validation set, SPEC §7), and nothing else, so a text no seed needs is never tokenized. Also
-    returns which texts were tokenized (TOKENIZED_SCHEMA: a section holding each, what needed it,
-    why the store did not have it)."""
-    raw_ids = one_chunk(raw["section_id"])
+    the seed needs: those of these rows and of the raw rows `validation_rows(rows, their content
+    keys)` picks among `candidate_rows` (the seed's validation set, SPEC §7), and nothing else, so a
+    text no seed needs is never tokenized. Memory is bounded by batches, not the corpus: texts are
+    read one stored batch at a time (keys), looked up and tokenized BATCH_TEXT_BYTES at a time, and
+    the rows' ids are read back from the store BATCH_IDS at a time while the stream is written.
+    Also gives which texts were tokenized (TOKENIZED_SCHEMA: a section holding each, what needed
+    it, why the store did not have it)."""
+    raw = TableRows(raw) if isinstance(raw, pa.Table) else raw
+    raw_ids = one_chunk(raw.read(["section_id"])["section_id"])
     raw_row = pc.index_in(section_ids, value_set=raw_ids)
     if raw_row.null_count:
         raise ValueError("a section_id is not in raw_corpus; materialize the graph from raw_corpus down")
     expanded_rows = one_chunk(raw_row).to_numpy(zero_copy_only=False).astype(np.int64)
-    extra = np.zeros(0, np.int64) if validation_rows is None else np.asarray(validation_rows, np.int64)
+    candidates = np.unique(
+        expanded_rows if validation_rows is None else np.concatenate([expanded_rows, candidate_rows])
+    )
+    keys, sizes = _keys_of_rows(raw, candidates)
+    extra = np.zeros(0, np.int64)
+    if validation_rows is not None:
+        extra = np.asarray(validation_rows(candidates, keys), np.int64)
     needed = np.unique(np.concatenate([expanded_rows, extra]))
-    key_index: dict[str, int] = {}
-    texts: list[str] = []
-    first_row: list[int] = []  # a raw row holding each distinct text (the first needed one)
-    key_of_needed = np.empty(len(needed), dtype=np.int64)
-    raw_texts = one_chunk(raw["text"])
-    for start in range(0, len(needed), TEXT_BATCH):
-        batch = needed[start : start + TEXT_BATCH]
-        for offset, text in enumerate(raw_texts.take(pa.array(batch)).to_pylist()):
-            key = content_key(text)
-            if key not in key_index:
-                key_index[key] = len(texts)
-                texts.append(text)
-                first_row.append(int(batch[offset]))
-            key_of_needed[start + offset] = key_index[key]
-    lookup = store.get_or_compute(
-        loaded.cache_namespace, list(key_index), texts, lambda t: loaded.encode(t, progress), write_elsewhere
+    at = np.searchsorted(candidates, needed)
+    encoded = pc.dictionary_encode(pa.array([keys[i] for i in at.tolist()], pa.string()))
+    del keys
+    key_of_needed = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    unique_keys = encoded.dictionary
+    _, first = np.unique(key_of_needed, return_index=True)  # the first needed raw row holding each text
+    first_row, key_sizes = needed[first], sizes[at][first]
+
+    def texts_of(indexes: np.ndarray) -> Callable[[np.ndarray], list[str]]:
+        """The texts of the unique keys `indexes[positions]`, read from the stored batches holding them."""
+        return lambda positions: row_texts(raw, first_row[indexes[positions]])
+
+    def encode(texts: Sequence[str]) -> pa.Table:
+        return loaded.encode(texts, progress)
+
+    namespace = loaded.cache_namespace
+    lookup = Lookup(STORE_SCHEMA.empty_table())
+    full_tokens = np.zeros(len(unique_keys), np.int64)
+    bounds = [0, *byte_bounded_slices(key_sizes, BATCH_TEXT_BYTES), len(unique_keys)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end <= start:
+            continue
+        part = store.get_or_compute(
+            namespace,
+            unique_keys.slice(start, end - start).to_pylist(),
+            texts_of(np.arange(start, end)),
+            encode,
+            write_elsewhere,
+        )
+        full_tokens[start:end] = part.table["n_tokens"].to_numpy()
+        part.table = STORE_SCHEMA.empty_table()
+        _merge(lookup, part)
+
+    row_keys = key_of_needed[np.searchsorted(needed, expanded_rows)]
+    schema = pa.schema(
+        [("section_id", section_ids.type), ("copy", copies.type), *(f for f in TOKENS_SCHEMA if f.name != "section_id")]
     )
-    rows = key_of_needed[np.searchsorted(needed, expanded_rows)]
-    per_row = cut(lookup.table, loaded.max_seq_len).take(pa.array(rows, pa.int64()))
-    table = pa.table(
-        {"section_id": section_ids, "copy": copies, **{name: per_row[name] for name in per_row.column_names}}
+    result = TokenizedRows(
+        RowStream(schema, ()),
+        lookup,
+        _tokenized_sections(raw, lookup.reasons, unique_keys, first_row, row_keys),
+        len(pc.unique(section_ids)),
     )
-    return table, lookup, _tokenized_sections(raw, lookup.reasons, key_index, first_row, rows)
+
+    def batches() -> Iterator[pa.Table]:
+        cuts = [0, *byte_bounded_slices(full_tokens[row_keys], BATCH_IDS), len(row_keys)]
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            if end <= start:
+                continue
+            wanted = np.unique(row_keys[start:end])
+            found = store.get_or_compute(
+                namespace, unique_keys.take(pa.array(wanted, pa.int64())).to_pylist(), texts_of(wanted), encode
+            )  # all hit but for a shard evicted or damaged meanwhile, which is tokenized again
+            per_row = cut(found.table, loaded.max_seq_len).take(
+                pa.array(np.searchsorted(wanted, row_keys[start:end]), pa.int64())
+            )
+            result.n_tokens.append(per_row["n_tokens"].to_numpy())
+            result.truncated += int(pc.sum(per_row["truncated"]).as_py() or 0)
+            yield pa.table(
+                {
+                    "section_id": section_ids.slice(start, end - start),
+                    "copy": copies.slice(start, end - start),
+                    **{name: per_row[name] for name in per_row.column_names},
+                }
+            )
+
+    result.rows = RowStream(schema, batches())
+    return result
 
 
 def _tokenized_sections(
-    raw: pa.Table, reasons: dict[str, str], key_index: dict[str, int], first_row: list[int], expanded_texts: np.ndarray
+    raw: ParquetRows | TableRows,
+    reasons: dict[str, str],
+    unique_keys: pa.Array,
+    first_row: np.ndarray,
+    expanded_texts: np.ndarray,
 ) -> pa.Table:
     """One row per text the lookup tokenized, ordered by path then section_id."""
-    expanded_texts = set(np.unique(expanded_texts).tolist()) if reasons else set()
-    rows = [first_row[key_index[key]] for key in reasons]
-    needed_for = [EXPANDED if key_index[key] in expanded_texts else VALIDATION_ONLY for key in reasons]
-    taken = pa.array(rows, pa.int64())
+    if not reasons:
+        return TOKENIZED_SCHEMA.empty_table()
+    position = dict(zip(unique_keys.to_pylist(), range(len(unique_keys)), strict=True))
+    expanded_texts = set(np.unique(expanded_texts).tolist())
+    indexes = np.array([position[key] for key in reasons], np.int64)
+    rows = first_row[indexes]
+    order = np.argsort(rows, kind="stable")
+    held = raw.take(rows[order], ["section_id", "path"])
+    unsorted = np.empty(len(rows), np.int64)
+    unsorted[order] = np.arange(len(rows))
+    held = held.take(pa.array(unsorted, pa.int64()))
+    needed_for = [EXPANDED if i in expanded_texts else VALIDATION_ONLY for i in indexes.tolist()]
     table = pa.table(
         {
-            "section_id": one_chunk(raw["section_id"]).take(taken),
-            "path": one_chunk(raw["path"]).take(taken),
+            "section_id": one_chunk(held["section_id"]),
+            "path": one_chunk(held["path"]),
             "needed_for": pa.array(needed_for, pa.string()),
             "reason": pa.array(list(reasons.values()), pa.string()),
         },

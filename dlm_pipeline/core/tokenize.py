@@ -20,6 +20,9 @@ DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "dlm-bpe-8
 DEFAULT_MAX_SEQ_LEN = 2048
 TOKEN_FILE = "tokenizer.json"
 ENCODE_BATCH = 512
+# Characters per encode call: the tokenizer's Encoding objects take ~100 bytes per token (tokens,
+# offsets, masks) until their ids are copied out, so a batch of 512 large files held over 1 GiB.
+ENCODE_BATCH_CHARS = 4 << 20
 
 MAX_TOKENIZER_BYTES = 256 * 1024**2  # a tokenizer.json above this is refused before it is read
 MAX_LIST_IDS = 2**31 - 1  # ids per list<int32> chunk: its offsets are int32
@@ -63,11 +66,17 @@ class LoadedTokenizer:
         `input_ids` is chunked so no chunk holds more than 2^31-1 ids (int32 list offsets)."""
         rows: list[np.ndarray] = []
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        for start in range(0, len(texts), ENCODE_BATCH):
-            batch = encode(list(texts[start : start + ENCODE_BATCH]), add_special_tokens=self.add_special_tokens)
+        start = 0
+        while start < len(texts):
+            end, chars = start, 0  # at most ENCODE_BATCH texts and about ENCODE_BATCH_CHARS characters
+            while end < len(texts) and end - start < ENCODE_BATCH and (end == start or chars < ENCODE_BATCH_CHARS):
+                chars, end = chars + len(texts[end]), end + 1
+            batch = encode(list(texts[start:end]), add_special_tokens=self.add_special_tokens)
             rows.extend(np.asarray(encoding.ids, dtype=np.int32) for encoding in batch)
+            del batch
             if progress is not None:
-                progress(min(start + ENCODE_BATCH, len(texts)), len(texts))
+                progress(end, len(texts))
+            start = end
         return ids_table(rows)
 
 

@@ -9,15 +9,27 @@ check's cost.)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pyarrow as pa
 
+from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.defs.resources import ParquetIOManager, read_stored
+
+
+def _stored_path(io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str) -> Path:
+    return io_manager.root(context.instance) / asset / f"{context.partition_key}.parquet"
+
+
+def stored_rows(io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str) -> ParquetRows:
+    """A lazy reader of the stored output of `asset` for this check's seed (columns and row groups
+    are read as asked, so a check holds no more than it needs)."""
+    return read_stored(_stored_path(io_manager, context, asset), asset, context.partition_key, stream=True)
 
 
 def stored_columns(
     io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str, columns: list[str] | None = None
 ) -> pa.Table:
-    """`columns` (None: all) of the stored output of `asset` for this check's seed."""
-    path = io_manager.root(context.instance) / asset / f"{context.partition_key}.parquet"
-    return read_stored(path, asset, context.partition_key, columns)
+    """`columns` (None: all) of the stored output of `asset` for this check's seed, whole."""
+    return read_stored(_stored_path(io_manager, context, asset), asset, context.partition_key, columns)

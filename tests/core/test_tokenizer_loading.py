@@ -107,3 +107,16 @@ def test_a_tokenizer_s_own_truncation_or_padding_is_turned_off(tmp_path, setting
         plain.tokenizer.encode(t, add_special_tokens=False).ids for t in [text, "x"]
     ]
     assert encoded["n_tokens"].to_pylist()[0] > 8 and encoded["n_tokens"].to_pylist()[1] < 4
+
+
+def test_encode_calls_hold_a_bounded_number_of_characters(monkeypatch):
+    """The tokenizer's per-token objects live until each call's ids are copied out: calls are cut by characters."""
+    from dlm_pipeline.core import tokenize
+
+    loaded = tokenize.load_tokenizer()
+    texts = ["hello world " * (i * 37 % 500) for i in range(600)]
+    whole = loaded.encode(texts)
+    monkeypatch.setattr(tokenize, "ENCODE_BATCH_CHARS", 10_000)
+    calls = []
+    assert loaded.encode(texts, lambda done, total: calls.append(done)).equals(whole)
+    assert calls[-1] == len(texts) and len(calls) > sum(map(len, texts)) // 10_000 // 2

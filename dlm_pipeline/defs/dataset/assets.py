@@ -21,6 +21,7 @@ from dlm_pipeline.core.dataset import (
     DatasetError,
     DatasetPlan,
     DatasetSettings,
+    StoredIds,
     manifest_bytes,
     plan_dataset,
     plan_token_ids,
@@ -29,6 +30,7 @@ from dlm_pipeline.core.dataset import (
     write_dataset,
 )
 from dlm_pipeline.core.expansion import composed_row_weights
+from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.tokenize import LoadedTokenizer
 from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, input_fingerprints, table_metadata
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
@@ -43,7 +45,7 @@ from dlm_pipeline.defs.resources import (
 GROUP = "dataset"
 ASSET = "training_dataset"
 INS = {
-    "raw_corpus": dg.AssetIn("raw_corpus"),
+    "raw_corpus": dg.AssetIn("raw_corpus", metadata={"stream": True}),  # its texts are read a batch at a time
     # Only the row identity is needed from the (large, text-carrying) expanded corpus.
     "expanded_corpus": dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]}),
     "weights_map": dg.AssetIn("weights_map"),
@@ -54,11 +56,18 @@ def dataset_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance, p
     return io_manager.root(instance) / ASSET / partition_key
 
 
+def spill_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance) -> Path:
+    """Where the dataset's ids are spilled while it is written or checked: beside the datasets."""
+    folder = io_manager.root(instance) / ASSET
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @dataclass(frozen=True)
 class Prepared:
     loaded: LoadedTokenizer
     plan: DatasetPlan
-    ids: pa.Array  # full ids per unique text of the plan (none for texts no document uses)
+    ids: StoredIds  # full ids per unique text of the plan (none for texts no document uses), in the store
 
 
 def prepare(
@@ -69,18 +78,20 @@ def prepare(
     val_fraction: float,
     tokenizer: TokenizerResource,
     token_cache: TokenCacheResource,
-    raw_corpus: pa.Table,
+    raw_corpus: ParquetRows,
     expanded_corpus: pa.Table,
     weights_map: pa.Table,
+    spill_dir: Path,
 ) -> Prepared:
     """The split and order of the documents, and the full ids of the texts they use (the store is
-    shared by all seeds, and `tokenized_cache` put every one of them there)."""
+    shared by all seeds, and `tokenized_cache` put every one of them there), spilled to an unnamed
+    file in `spill_dir` (a folder we own)."""
     loaded = tokenizer.load()
     try:
         plan = plan_dataset(
             raw_corpus,
             expanded_corpus,
-            composed_row_weights(raw_corpus, weights_map),
+            composed_row_weights(raw_corpus.read(["path", "tags"]), weights_map),
             seed=seed,
             split_seed=split_seed,
             val_fraction=val_fraction,
@@ -88,7 +99,12 @@ def prepare(
     except DatasetError as exc:
         raise dg.Failure(description=str(exc)) from None
     ids = plan_token_ids(
-        token_cache.store(context.instance), loaded, plan, raw_corpus["text"], ProgressLog(context, "texts tokenized")
+        token_cache.store(context.instance),
+        loaded,
+        plan,
+        raw_corpus,
+        ProgressLog(context, "texts tokenized"),
+        spill_dir,
     )
     return Prepared(loaded, plan, ids)
 
@@ -125,7 +141,7 @@ def training_dataset(
     token_cache: TokenCacheResource,
     dataset: DatasetResource,
     io_manager: dg.ResourceParam[ParquetIOManager],
-    raw_corpus: pa.Table,
+    raw_corpus: ParquetRows,
     expanded_corpus: pa.Table,
     weights_map: pa.Table,
 ) -> dg.MaterializeResult:
@@ -143,6 +159,7 @@ def training_dataset(
         raw_corpus=raw_corpus,
         expanded_corpus=expanded_corpus,
         weights_map=weights_map,
+        spill_dir=spill_folder(io_manager, context.instance),
     )
     loaded, plan, ids = prepared.loaded, prepared.plan, prepared.ids
     try:
@@ -193,7 +210,7 @@ def training_dataset(
             _share(validation.tokens, train.tokens + validation.tokens)
         ),
         "train_tokens_by_tag": table_metadata(
-            train_tag_tokens(raw_corpus["tags"], plan.train_rows, ids, plan.text_index)
+            train_tag_tokens(raw_corpus.read(["tags"])["tags"], plan.train_rows, ids, plan.text_index)
         ),
         "unique_texts": dg.MetadataValue.int(len(plan.unique_keys)),
         "validation_side_texts": dg.MetadataValue.int(int(np.count_nonzero(plan.validation[plan.unique_rows]))),

@@ -17,9 +17,9 @@ from dlm_pipeline.core.dataset import (
     read_manifest,
 )
 from dlm_pipeline.core.megatron import MegatronFormatError
-from dlm_pipeline.defs.checked_output import stored_columns
+from dlm_pipeline.defs.checked_output import stored_columns, stored_rows
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
-from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, training_dataset
+from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, spill_folder, training_dataset
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import ParquetIOManager, TokenCacheResource, TokenizerResource
 
@@ -39,6 +39,13 @@ PACKING_SPEC = dg.AssetCheckSpec(
     description="The Parquet sequences, the Megatron documents and the token store agree id for id; every sequence "
     "but the last holds seq_len ids, and doc_starts mark where each document begins.",
 )
+
+
+def _stored_input(io_manager, context, name: str, asked: dict):
+    """The stored input as the asset gets it: a lazy reader, or the columns it asks for."""
+    if asked.get("stream"):
+        return stored_rows(io_manager, context, name)
+    return stored_columns(io_manager, context, name, asked.get("columns"))
 
 
 def _leak_result(folder, manifest, prepared, files_equal_plan: bool) -> dg.AssetCheckResult:
@@ -104,10 +111,8 @@ def training_dataset_checks(
         val_fraction=float(manifest["val_fraction"]),
         tokenizer=tokenizer,
         token_cache=token_cache,
-        **{
-            name: stored_columns(io_manager, context, name, (spec.metadata or {}).get("columns"))
-            for name, spec in INS.items()
-        },
+        **{name: _stored_input(io_manager, context, name, spec.metadata or {}) for name, spec in INS.items()},
+        spill_dir=spill_folder(io_manager, context.instance),
     )
     if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
         for name in selected:

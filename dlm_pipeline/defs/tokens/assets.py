@@ -9,13 +9,17 @@ tokenizes nothing, and a weights edit or a new seed only the texts no seed neede
 metadata lists what was tokenized and why.
 """
 
+import functools
+
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.compute import RunStats
-from dlm_pipeline.core.dataset import held_out_rows
+from dlm_pipeline.core.dataset import held_out_among
 from dlm_pipeline.core.expansion import composed_row_weights
+from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.token_store import tokenized_rows
 from dlm_pipeline.core.tokenize import length_histogram
 from dlm_pipeline.defs.compute import ComputeResource
@@ -24,8 +28,8 @@ from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
     input_fingerprints,
+    streamed_output,
     table_metadata,
-    versioned_output,
 )
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import DatasetResource, TokenCacheResource, TokenizerResource
@@ -35,6 +39,8 @@ TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
 
 # Only the row identity is needed from the (large, text-carrying) expanded corpus.
 EXPANDED_KEYS = dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]})
+# The raw corpus is read in stored batches: its texts are never held whole.
+RAW_STREAM = dg.AssetIn("raw_corpus", metadata={"stream": True})
 
 
 def _counts(values: pa.ChunkedArray) -> dict[str, int]:
@@ -47,7 +53,7 @@ def _counts(values: pa.ChunkedArray) -> dict[str, int]:
     group_name=GROUP,
     kinds={"python", "parquet"},
     code_version="1",
-    ins={"expanded_corpus": EXPANDED_KEYS},
+    ins={"expanded_corpus": EXPANDED_KEYS, "raw_corpus": RAW_STREAM},
 )
 def tokenized_cache(
     context: dg.AssetExecutionContext,
@@ -55,7 +61,7 @@ def tokenized_cache(
     token_cache: TokenCacheResource,
     compute: ComputeResource,
     dataset: DatasetResource,
-    raw_corpus: pa.Table,
+    raw_corpus: ParquetRows,
     expanded_corpus: pa.Table,
     weights_map: pa.Table,
 ) -> dg.Output:
@@ -66,13 +72,16 @@ def tokenized_cache(
     store = token_cache.store(context.instance)
     progress = ProgressLog(context, "texts tokenized")
     compute_stats = RunStats()
-    validation_rows = None
+    validation_rows, candidate_rows = None, None
     if not loaded.add_special_tokens:  # the dataset reads ids without specials: only then is it the same namespace
         val_fraction, split_seed = checked_split_settings(dataset)
-        weights = composed_row_weights(raw_corpus, weights_map)
-        validation_rows = held_out_rows(raw_corpus["text"], weights, split_seed, val_fraction)
+        weights = composed_row_weights(raw_corpus.read(["path", "tags"]), weights_map)
+        candidate_rows = np.flatnonzero(weights > 0.0) if val_fraction else np.zeros(0, np.int64)
+        validation_rows = functools.partial(
+            held_out_among, weights=weights, split_seed=split_seed, val_fraction=val_fraction
+        )
     with compute.writer(context, store, loaded, compute_stats) as write_elsewhere:
-        table, lookup, tokenized = tokenized_rows(
+        result = tokenized_rows(
             store,
             loaded,
             raw_corpus,
@@ -81,9 +90,9 @@ def tokenized_cache(
             progress,
             write_elsewhere,
             validation_rows,
+            candidate_rows,
         )
-    n_tokens = table["n_tokens"].to_numpy(zero_copy_only=False)
-    tokens_total = int(n_tokens.sum())
+    lookup, tokenized = result.lookup, result.tokenized
     unique_texts = lookup.hits + lookup.misses
     stats = store.stats()
     context.log.info(
@@ -96,14 +105,23 @@ def tokenized_cache(
         )
     if lookup.ignored:
         context.log.warning(f"token store: {len(lookup.ignored)} foreign entr(y/ies) left alone: {lookup.ignored[:5]}")
-    return versioned_output(
-        table,
+
+    def written_metadata() -> dict:
+        """What is known once the rows (their ids read back from the store) were written."""
+        n_tokens = np.concatenate(result.n_tokens) if result.n_tokens else np.zeros(0, np.int32)
+        return {
+            "tokens_total": dg.MetadataValue.int(int(n_tokens.sum())),
+            "truncated_rows": dg.MetadataValue.int(result.truncated),
+            "sequence_lengths": table_metadata(length_histogram(n_tokens, loaded.max_seq_len)),
+        }
+
+    return streamed_output(
+        result.rows,
         seed,
         input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map),
         {
             **config_lineage(context),
-            "tokens_total": dg.MetadataValue.int(tokens_total),
-            "unique_sections": dg.MetadataValue.int(len(pc.unique(table["section_id"]))),
+            "unique_sections": dg.MetadataValue.int(result.unique_sections),
             "unique_texts": dg.MetadataValue.int(unique_texts),
             "cache_hits": dg.MetadataValue.int(lookup.hits),
             "cache_misses": dg.MetadataValue.int(lookup.misses),
@@ -114,7 +132,6 @@ def tokenized_cache(
             "hit_rate": dg.MetadataValue.float(lookup.hits / unique_texts if unique_texts else 1.0),
             "cache_repaired_shards": dg.MetadataValue.int(len(lookup.repaired)),
             "cache_ignored_entries": dg.MetadataValue.int(len(lookup.ignored)),
-            "truncated_rows": dg.MetadataValue.int(int(pc.sum(table["truncated"]).as_py() or 0)),
             "cache_bytes": dg.MetadataValue.int(stats["bytes"]),
             "tokens_per_second": dg.MetadataValue.float(
                 lookup.encoded_tokens / lookup.encode_seconds if lookup.encode_seconds else 0.0
@@ -126,8 +143,8 @@ def tokenized_cache(
             "cache_namespace": dg.MetadataValue.text(loaded.cache_namespace),
             "tokenizer_truncation_disabled": dg.MetadataValue.bool(loaded.truncation_disabled),
             "tokenizer_padding_disabled": dg.MetadataValue.bool(loaded.padding_disabled),
-            "sequence_lengths": table_metadata(length_histogram(n_tokens, loaded.max_seq_len)),
             "compute": dg.MetadataValue.text(compute.backend),
             **(ComputeResource.metadata(compute_stats) if compute_stats.tasks else {}),
         },
+        written_metadata,
     )

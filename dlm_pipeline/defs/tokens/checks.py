@@ -6,11 +6,12 @@ turned into Python strings.
 """
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.tokenize import mismatched_sections
-from dlm_pipeline.defs.checked_output import stored_columns
+from dlm_pipeline.defs.checked_output import stored_rows
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.partitions import seed_check
 from dlm_pipeline.defs.resources import ParquetIOManager, TokenizerResource
@@ -50,13 +51,19 @@ def tokens_match_tokenizer(
     tokenizer: TokenizerResource,
 ) -> dg.AssetCheckResult:
     loaded = tokenizer.load()
-    stored = stored_columns(io_manager, context, "tokenized_cache", ["section_id", "input_ids", "truncated"])
-    raw_corpus = stored_columns(io_manager, context, "raw_corpus", ["section_id", "text"])
-    sample = bounded_sample(stored["section_id"], raw_corpus["section_id"], pc.binary_length(raw_corpus["text"]))
+    stored = stored_rows(io_manager, context, "tokenized_cache")
+    stored_ids = stored.read(["section_id"])["section_id"]
+    raw_corpus = stored_rows(io_manager, context, "raw_corpus")
+    raw_ids, text_bytes = [], []
+    for batch in raw_corpus.batches(["section_id", "text"]):  # texts one stored batch at a time
+        raw_ids.append(batch["section_id"])
+        text_bytes.append(pc.binary_length(batch["text"]))
+    raw_ids = pa.chunked_array([c for ids in raw_ids for c in ids.chunks], pa.string())
+    sample = bounded_sample(stored_ids, raw_ids, pa.chunked_array(text_bytes, pa.int32()))
     wanted = pa.array(sample, pa.string())
-    sampled_raw = raw_corpus.filter(pc.is_in(raw_corpus["section_id"], wanted))
+    sampled_raw = raw_corpus.take(np.flatnonzero(pc.is_in(raw_ids, wanted)), ["section_id", "text"])
     texts = dict(zip(sampled_raw["section_id"].to_pylist(), sampled_raw["text"].to_pylist(), strict=True))
-    rows = stored.filter(pc.is_in(stored["section_id"], wanted))
+    rows = stored.take(np.flatnonzero(pc.is_in(stored_ids, wanted)), ["section_id", "input_ids", "truncated"])
     sampled, bad = mismatched_sections(loaded, rows, texts, CHECK_SAMPLE)
     return dg.AssetCheckResult(
         passed=not bad,
@@ -67,7 +74,7 @@ def tokens_match_tokenizer(
             "sampled": sampled,
             "sampled_text_bytes": sum(len(t.encode()) for t in texts.values()),
             "sample_budget_bytes": CHECK_SAMPLE_BYTES,
-            "sections_stored": len(pc.unique(stored["section_id"])),
+            "sections_stored": len(pc.unique(stored_ids)),
             "mismatched": len(bad),
             "mismatched_section_ids": dg.MetadataValue.json(bad[:100]),
             "tokenizer_fingerprint": loaded.fingerprint,
