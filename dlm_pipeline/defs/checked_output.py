@@ -22,10 +22,12 @@ def _stored_path(io_manager: ParquetIOManager, context: dg.AssetCheckExecutionCo
     return io_manager.root(context.instance) / asset / f"{context.partition_key}.parquet"
 
 
-def stored_rows(io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str) -> ParquetRows:
+def stored_rows(
+    io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str, columns: list[str]
+) -> ParquetRows:
     """A lazy reader of the stored output of `asset` for this check's seed (columns and row groups
-    are read as asked, so a check holds no more than it needs)."""
-    return read_stored(_stored_path(io_manager, context, asset), asset, context.partition_key, stream=True)
+    are read as asked, so a check holds no more than it needs), once `columns` are known to be there."""
+    return read_stored(_stored_path(io_manager, context, asset), asset, context.partition_key, columns, stream=True)
 
 
 def stored_columns(

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from dlm_pipeline import settings
+from dlm_pipeline.core.corpus import ROW_SCHEMA
 from dlm_pipeline.core.dataset import (
     SPLITS,
     TRAIN,
@@ -45,7 +46,8 @@ from dlm_pipeline.defs.resources import (
 GROUP = "dataset"
 ASSET = "training_dataset"
 INS = {
-    "raw_corpus": dg.AssetIn("raw_corpus", metadata={"stream": True}),  # its texts are read a batch at a time
+    # Its texts are read a batch at a time; the columns are checked to be there.
+    "raw_corpus": dg.AssetIn("raw_corpus", metadata={"stream": True, "columns": ROW_SCHEMA.names}),
     # Only the row identity is needed from the (large, text-carrying) expanded corpus.
     "expanded_corpus": dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]}),
     "weights_map": dg.AssetIn("weights_map"),

@@ -44,7 +44,7 @@ PACKING_SPEC = dg.AssetCheckSpec(
 def _stored_input(io_manager, context, name: str, asked: dict):
     """The stored input as the asset gets it: a lazy reader, or the columns it asks for."""
     if asked.get("stream"):
-        return stored_rows(io_manager, context, name)
+        return stored_rows(io_manager, context, name, asked.get("columns", []))
     return stored_columns(io_manager, context, name, asked.get("columns"))
 
 

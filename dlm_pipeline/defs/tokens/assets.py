@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.compute import RunStats
+from dlm_pipeline.core.corpus import ROW_SCHEMA
 from dlm_pipeline.core.dataset import held_out_among
 from dlm_pipeline.core.expansion import composed_row_weights
 from dlm_pipeline.core.parquet_io import ParquetRows
@@ -40,7 +41,8 @@ TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
 # Only the row identity is needed from the (large, text-carrying) expanded corpus.
 EXPANDED_KEYS = dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]})
 # The raw corpus is read in stored batches: its texts are never held whole.
-RAW_STREAM = dg.AssetIn("raw_corpus", metadata={"stream": True})
+# A lazy reader; the columns are those a stored raw_corpus must have (else one clear Failure).
+RAW_STREAM = dg.AssetIn("raw_corpus", metadata={"stream": True, "columns": ROW_SCHEMA.names})
 
 
 def _counts(values: pa.ChunkedArray) -> dict[str, int]:

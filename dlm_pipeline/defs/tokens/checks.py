@@ -51,9 +51,9 @@ def tokens_match_tokenizer(
     tokenizer: TokenizerResource,
 ) -> dg.AssetCheckResult:
     loaded = tokenizer.load()
-    stored = stored_rows(io_manager, context, "tokenized_cache")
+    stored = stored_rows(io_manager, context, "tokenized_cache", ["section_id", "input_ids", "truncated"])
     stored_ids = stored.read(["section_id"])["section_id"]
-    raw_corpus = stored_rows(io_manager, context, "raw_corpus")
+    raw_corpus = stored_rows(io_manager, context, "raw_corpus", ["section_id", "text"])
     raw_ids, text_bytes = [], []
     for batch in raw_corpus.batches(["section_id", "text"]):  # texts one stored batch at a time
         raw_ids.append(batch["section_id"])
