@@ -78,6 +78,17 @@ def table_fingerprint(table: pa.Table) -> str:
     return h.hexdigest()
 
 
+def _feed_count_and_nulls(h: hashlib._Hash, lengths: list[np.ndarray], nulls: list[np.ndarray]) -> np.ndarray:
+    """The row count and null bitmap `_feed` hashes first, from per-chunk lengths and null flags;
+    returns the lengths of all rows."""
+    sizes = np.concatenate(lengths) if lengths else np.zeros(0, "<i8")
+    h.update(len(sizes).to_bytes(8, "little"))
+    is_null = np.concatenate(nulls) if nulls else np.zeros(0, bool)
+    if is_null.any():
+        h.update(b"V" + np.packbits(is_null).tobytes())
+    return sizes
+
+
 def _feed_strings(h: hashlib._Hash, chunks: Callable[[], Iterator[pa.Array]]) -> None:
     """What `_feed` hashes for the concatenation of `chunks()` (a string or binary column), in two
     passes over it: lengths and nulls first, then the bytes, so no more than one chunk is held."""
@@ -85,11 +96,7 @@ def _feed_strings(h: hashlib._Hash, chunks: Callable[[], Iterator[pa.Array]]) ->
     for chunk in chunks():
         lengths.append(pc.binary_length(chunk).fill_null(0).to_numpy(zero_copy_only=False).astype("<i8"))
         nulls.append(chunk.is_null().to_numpy(zero_copy_only=False))
-    sizes = np.concatenate(lengths) if lengths else np.zeros(0, "<i8")
-    h.update(len(sizes).to_bytes(8, "little"))
-    is_null = np.concatenate(nulls) if nulls else np.zeros(0, bool)
-    if is_null.any():
-        h.update(b"V" + np.packbits(is_null).tobytes())
+    sizes = _feed_count_and_nulls(h, lengths, nulls)
     h.update(b"S" + np.concatenate([np.zeros(1, "<i8"), np.cumsum(sizes, dtype="<i8")]).tobytes())
     for chunk in chunks():
         offsets = string_offsets(chunk)
@@ -113,11 +120,7 @@ def _feed_numeric_lists(h: hashlib._Hash, chunks: Callable[[], Iterator[pa.Array
             return False
         lengths.append(pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False).astype("<i8"))
         nulls.append(chunk.is_null().to_numpy(zero_copy_only=False))
-    sizes = np.concatenate(lengths) if lengths else np.zeros(0, "<i8")
-    h.update(len(sizes).to_bytes(8, "little"))
-    is_null = np.concatenate(nulls) if nulls else np.zeros(0, bool)
-    if is_null.any():
-        h.update(b"V" + np.packbits(is_null).tobytes())
+    sizes = _feed_count_and_nulls(h, lengths, nulls)
     h.update(b"L" + sizes.tobytes())
     h.update(int(sizes.sum()).to_bytes(8, "little") + b"N")
     for chunk in chunks():
