@@ -20,7 +20,8 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -129,43 +130,42 @@ class BlobStore:
     def path(self, folder: str, name: str) -> str:
         return os.path.join(self.root, folder, name)
 
-    def write(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> str:
-        """Write `folder/name` atomically, as a file of its own (outputs that differ per seed)."""
+    @contextmanager
+    def _opened(self, folder: str) -> Iterator[tuple[int, int]]:
+        """(root fd, `folder` fd), the folder created if missing, both closed after the block."""
         root_fd = self._open_root()
         try:
             folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
             try:
-                delete_stale_temps(folder_fd, name)
-                write_bytes_atomic(folder_fd, name, write)
+                yield root_fd, folder_fd
             finally:
                 os.close(folder_fd)
         finally:
             os.close(root_fd)
+
+    def write(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> str:
+        """Write `folder/name` atomically, as a file of its own (outputs that differ per seed)."""
+        with self._opened(folder) as (_, folder_fd):
+            delete_stale_temps(folder_fd, name)
+            write_bytes_atomic(folder_fd, name, write)
         return self.path(folder, name)
 
     def put(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> Stored:
         """Write `folder/name` through `write(fh)`, storing its bytes once across all names."""
-        root_fd = self._open_root()
-        try:
-            folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
+        with self._opened(folder) as (root_fd, folder_fd):
+            delete_stale_temps(folder_fd, name)
+            tmp = temp_name(name)
+            fd = os.open(tmp, os.O_RDWR | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
             try:
-                delete_stale_temps(folder_fd, name)
-                tmp = temp_name(name)
-                fd = os.open(tmp, os.O_RDWR | _CREATE_FLAGS, 0o666, dir_fd=folder_fd)
-                try:
-                    with os.fdopen(os.dup(fd), "wb") as fh:
-                        writer = _HashingWriter(fh)
-                        write(writer)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    return self._publish(root_fd, folder, folder_fd, tmp, fd, name, writer.digest.hexdigest())
-                finally:
-                    os.close(fd)
-                    _unlink_quietly(tmp, folder_fd)
+                with os.fdopen(os.dup(fd), "wb") as fh:
+                    writer = _HashingWriter(fh)
+                    write(writer)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return self._publish(root_fd, folder, folder_fd, tmp, fd, name, writer.digest.hexdigest())
             finally:
-                os.close(folder_fd)
-        finally:
-            os.close(root_fd)
+                os.close(fd)
+                _unlink_quietly(tmp, folder_fd)
 
     def link_from(self, source: str | os.PathLike, folder: str, name: str, sha256: str) -> Stored | None:
         """`folder/name` as the same bytes as the file `source` (another seed's output), if those
@@ -178,9 +178,7 @@ class BlobStore:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode) or _hash_fd(fd) != sha256:
                 return None
-            root_fd = self._open_root()
-            try:
-                folder_fd = open_subdir(root_fd, folder, self.path(folder, ""))
+            with self._opened(folder) as (root_fd, folder_fd):
                 tmp = temp_name(name)
                 try:
                     try:
@@ -194,9 +192,6 @@ class BlobStore:
                     return self._publish(root_fd, folder, folder_fd, tmp, fd, name, sha256)
                 finally:
                     _unlink_quietly(tmp, folder_fd)
-                    os.close(folder_fd)
-            finally:
-                os.close(root_fd)
         finally:
             os.close(fd)
 
