@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import secrets
 import stat
 import time
 import uuid
@@ -125,6 +126,11 @@ SHARD_CORRUPT = "shard corrupt"  # the shard holding it failed its checksum and 
 
 def _is_count(value: object, limit: int = 2**53) -> bool:
     return type(value) is int and 0 <= value < limit
+
+
+def _count(value: object) -> int:
+    """A manifest counter as stored, or 0 for anything else."""
+    return value if _is_count(value) else 0
 
 
 def valid_entry(name: object, info: object) -> bool:
@@ -277,9 +283,12 @@ class TokenStore:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 manifest = self._read_manifest(root)
-                before = json.dumps(manifest, sort_keys=True)
+                before, names = json.dumps(manifest, sort_keys=True), set(manifest["shards"])
                 yield manifest
+                if not names <= set(manifest["shards"]):  # what was stored may be gone: see removal_mark
+                    manifest["removals"] = _count(manifest.get("removals")) + 1
                 if json.dumps(manifest, sort_keys=True) != before:
+                    manifest.setdefault("store_id", secrets.token_hex(8))
                     data = json.dumps(manifest, sort_keys=True, indent=1).encode()
                     write_bytes_atomic(root, MANIFEST, lambda fh: fh.write(data))
             finally:
@@ -301,6 +310,13 @@ class TokenStore:
         except (OSError, ValueError, RecursionError):  # missing, symlink, huge, torn, huge numbers
             pass
         return {"version": MANIFEST_VERSION, "shards": {}}
+
+    def removal_mark(self) -> str:
+        """Changes whenever shards leave the manifest (eviction, clear, repair, compaction) or the
+        store is made anew, never when texts are added: an output whose ids were all in the store at
+        one mark may count on them still being there while the mark is the same."""
+        manifest = self._read_manifest()
+        return f"{str(manifest.get('store_id', ''))[:64]}:{_count(manifest.get('removals'))}"
 
     @staticmethod
     def _entries(manifest: dict) -> tuple[dict[str, dict], list[str]]:

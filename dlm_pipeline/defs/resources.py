@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,27 @@ def own_dirs(instance: dg.DagsterInstance) -> list[str]:
 
 
 SEED_INDEPENDENT_ASSETS = frozenset({"training_configs", "weights_map", "raw_corpus"})
+STORED_FILES = "stored_files"  # metadata: what the stored output is (defs/reuse.py)
+
+
+def stored_files(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
+    """Size, mtime, inode and device of each stored file (a symlink's own): an output whose files
+    still have them was not rewritten since (git's index trusts the same)."""
+    found = {}
+    for path in paths:
+        try:
+            info = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        found[str(path)] = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev]
+    return found
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """What an asset hands over when its stored file is still its output (defs/reuse.py): nothing is written."""
+
+    path: str
 
 
 @dataclass(frozen=True)
@@ -113,11 +135,18 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _base(self, context: dg.OutputContext | dg.InputContext) -> Path:
         return self.root(context.step_context.instance)
 
-    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
-        return self._base(context) / context.asset_key.path[-1] / f"{partition}.parquet"
+    def output_path(self, instance: dg.DagsterInstance, asset: str, partition: str) -> Path:
+        return self.root(instance) / asset / f"{partition}.parquet"
 
-    def handle_output(self, context: dg.OutputContext, obj: pa.Table | ReusedOutput | StreamedOutput) -> None:
+    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str) -> Path:
+        return self.output_path(context.step_context.instance, context.asset_key.path[-1], partition)
+
+    def handle_output(
+        self, context: dg.OutputContext, obj: pa.Table | ReusedOutput | StreamedOutput | Unchanged
+    ) -> None:
         asset, name = context.asset_key.path[-1], f"{context.asset_partition_key}.parquet"
+        if isinstance(obj, Unchanged):  # its metadata, recorded when it was written, is the step's
+            return
         store = BlobStore(self._base(context))
         if isinstance(obj, StreamedOutput):
 
@@ -132,7 +161,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         try:
             if asset not in SEED_INDEPENDENT_ASSETS:
                 path = store.write(asset, name, write)
-                context.add_output_metadata({"path": dg.MetadataValue.path(path)})
+                context.add_output_metadata(
+                    {"path": dg.MetadataValue.path(path), STORED_FILES: dg.MetadataValue.json(stored_files([path]))}
+                )
                 self._streamed_metadata(context, obj, path)
                 return
             if isinstance(obj, ReusedOutput):
@@ -154,6 +185,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 "storage": dg.MetadataValue.text(
                     f"hard link to {OBJECTS_DIR}/{stored.sha256}.parquet" if stored.linked else "copy"
                 ),
+                STORED_FILES: dg.MetadataValue.json(stored_files([stored.path])),
             }
         )
 

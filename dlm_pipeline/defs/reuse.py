@@ -1,4 +1,13 @@
-"""Seed-independent work done once per tree state: `raw_corpus` is reused from any seed whose latest
+"""Work done once per state of its inputs.
+
+A step whose inputs, settings and code equal those its seed's latest materialization was computed
+from, and whose stored output is still the file (or folder) that materialization wrote, is not
+computed again: it re-records that output (`unchanged_output`), and its checks re-record the
+evaluations that passed on it (`unchanged_check_results`). What the inputs are is named by a key
+(`step_key`) recorded with every materialization; what the stored output is, by its files' stats
+(`stored_files`), checked as git checks its index: size, mtime and inode.
+
+Seed-independent work is shared across seeds as well: `raw_corpus` is reused from any seed whose latest
 materialization was computed from the same inputs, instead of reading the tree again.
 
 The inputs are named by a reuse key recorded in the materialization metadata: the configs'
@@ -12,12 +21,16 @@ of the tree state, and costs milliseconds); their bytes are still stored once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import platform
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -25,13 +38,156 @@ from dlm_pipeline.core.rules import Anchor, PathRules
 from dlm_pipeline.core.tree import TreeScan
 from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
 from dlm_pipeline.defs.metadata import config_lineage
-from dlm_pipeline.defs.resources import ReusedOutput, SourceTree
+from dlm_pipeline.defs.resources import (
+    STORED_FILES,
+    ParquetIOManager,
+    ReusedOutput,
+    SourceTree,
+    Unchanged,
+    stored_files,
+)
 
 REUSE_KEY = "reuse_key"
 REUSED_FROM_SEED = "reused_from_seed"
+COMPUTED_IN_RUN = "computed_in_run"  # the run that computed an output; kept while it is re-recorded
 # How many of the asset's newest materializations (any seed) are searched for a match.
 SEARCH_LIMIT = 64
 _NOT_COPIED = {"seed", "path", "file_sha256", "file_bytes", "storage", "reuse", "input_fingerprints"}
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of this package's code and of the libraries that shape its outputs: any change to
+    either computes every step again (no code version to forget to bump)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".so", ".c") and p.is_file()):
+        digest.update(f"{path.relative_to(package)}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    import numpy
+    import pyarrow
+    import tokenizers
+
+    versions = [platform.python_version(), numpy.__version__, pyarrow.__version__, tokenizers.__version__]
+    digest.update("\0".join(versions).encode())
+    return digest.hexdigest()
+
+
+def step_key(context: dg.AssetExecutionContext, inputs: Mapping[str, str], settings: Mapping) -> str:
+    """What this seed's output of this asset is computed from: the input fingerprints, the settings
+    that change it, and the code."""
+    material = {
+        "asset": context.asset_key.to_user_string(),
+        "seed": context.partition_key,
+        "code": code_fingerprint(),
+        "settings": settings,
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def stored_output_path(context: dg.AssetExecutionContext, io_manager: ParquetIOManager) -> Path:
+    """Where the IO manager stores this step's output."""
+    return io_manager.output_path(context.instance, context.asset_key.path[-1], context.partition_key)
+
+
+def computed_metadata(context: dg.AssetExecutionContext, key: str) -> dict:
+    """What a computed output records so that a later run can find it unchanged."""
+    return {REUSE_KEY: dg.MetadataValue.text(key), COMPUTED_IN_RUN: dg.MetadataValue.text(context.run.run_id)}
+
+
+def _latest_of_seed(context: dg.AssetExecutionContext, asset: dg.AssetKey) -> dg.EventLogRecord | None:
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    return records[0] if records and records[0].asset_materialization is not None else None
+
+
+def unchanged_output(
+    context: dg.AssetExecutionContext,
+    key: str,
+    paths: list[Path],
+    *,
+    force: bool,
+    what_this_run_did: Callable[[dict], dict] | None = None,
+    own_files: bool = False,
+    still: Mapping[str, object] | None = None,
+) -> dg.Output | dg.MaterializeResult | None:
+    """This seed's latest output again, when it was computed from `key` and its stored `paths` are
+    the files it wrote (none rewritten, none missing), and each metadata value it recorded that is
+    named in `still` is still that value; None when the step must compute.
+
+    Its metadata is the recorded one (it describes the same bytes), except what describes the work
+    of a run: `what_this_run_did(recorded values)`. The output value is `Unchanged` (the IO manager
+    writes nothing); for an asset that writes its own files (`own_files`), a MaterializeResult.
+    """
+    if force:
+        return None
+    record = _latest_of_seed(context, context.asset_key)
+    if record is None or _metadata_value(record, REUSE_KEY) != key:
+        return None
+    recorded = record.asset_materialization.metadata
+    files = recorded.get(STORED_FILES)
+    if files is None or files.value != stored_files(paths):
+        return None
+    if any(_metadata_value(record, name) != value for name, value in (still or {}).items()):
+        return None
+    origin = _metadata_value(record, COMPUTED_IN_RUN) or record.run_id
+    metadata = {
+        **{name: value for name, value in recorded.items() if not name.startswith("compute")},
+        **(what_this_run_did({name: value.value for name, value in recorded.items()}) if what_this_run_did else {}),
+        "reuse": dg.MetadataValue.text(
+            f"unchanged: same inputs, settings and code as run {origin}, which computed it; its stored "
+            "files are untouched (--full-rescan computes it again)"
+        ),
+        COMPUTED_IN_RUN: dg.MetadataValue.text(origin),
+    }
+    with warnings.catch_warnings():  # data versions are beta in Dagster 1.13 (as in metadata.versioned_output)
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        version = dg.DataVersion(recorded["fingerprint"].value)
+        if own_files:
+            return dg.MaterializeResult(metadata=metadata, data_version=version)
+        return dg.Output(Unchanged(str(paths[0])), metadata=metadata, data_version=version)
+
+
+def unchanged_check_results(
+    context: dg.AssetCheckExecutionContext, asset: str, check_names: Iterable[str], *, force: bool
+) -> list[dg.AssetCheckResult] | None:
+    """The evaluations of `check_names` that passed on this very output, when this run did not
+    compute it (it re-recorded an unchanged one) and the run that computed it evaluated them all;
+    else None: the checks run. What they check (inputs, settings, code, stored files) is what made
+    the output unchanged, so evaluating them again would read the same bytes to the same verdict."""
+    record = None if force else _latest_of_seed(context, dg.AssetKey(asset))
+    if record is None or record.run_id != context.run.run_id:
+        return None
+    origin = _metadata_value(record, COMPUTED_IN_RUN)
+    if not origin or origin == context.run.run_id:
+        return None
+    wanted = set(check_names)
+    passed = {}
+    for entry in context.instance.all_logs(origin, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = entry.dagster_event.event_specific_data if entry.dagster_event else None
+        if (
+            evaluation is not None
+            and evaluation.check_name in wanted
+            and evaluation.asset_key == dg.AssetKey(asset)
+            and evaluation.partition in (None, context.partition_key)
+        ):
+            passed[evaluation.check_name] = evaluation if evaluation.passed else None
+    if set(passed) != wanted or not all(passed.values()):
+        return None
+    note = dg.MetadataValue.text(
+        f"passed in run {origin} on this same output, unchanged since (--full-rescan evaluates it again)"
+    )
+    return [
+        dg.AssetCheckResult(
+            check_name=name,
+            passed=True,
+            description=passed[name].description,
+            metadata={**passed[name].metadata, "reuse": note, "evaluated_in_run": dg.MetadataValue.text(origin)},
+        )
+        for name in sorted(wanted)
+    ]
 
 
 @dataclass
@@ -100,7 +256,7 @@ def raw_corpus_reuse(
         )
         return Reuse("", metadata={REUSE_KEY: dg.MetadataValue.text(""), "reuse": dg.MetadataValue.text(why)})
     settings = {
-        "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+        "code": code_fingerprint(),
         "max_file_bytes": source.max_file_bytes,
         "secret_entropy": source.secret_entropy,
         "euid": os.geteuid(),  # what is readable depends on who reads

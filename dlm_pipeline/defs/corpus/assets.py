@@ -37,8 +37,14 @@ from dlm_pipeline.defs.metadata import (
     versioned_output,
 )
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
-from dlm_pipeline.defs.resources import SourceTree
-from dlm_pipeline.defs.reuse import raw_corpus_reuse
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
+from dlm_pipeline.defs.reuse import (
+    computed_metadata,
+    raw_corpus_reuse,
+    step_key,
+    stored_output_path,
+    unchanged_output,
+)
 
 GROUP = "corpus"
 SKIP_COUNTS_KEY = b"dlm.skip_counts"
@@ -100,19 +106,29 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
 
 
 @dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
-def weights_map(context: dg.AssetExecutionContext, source: SourceTree, training_configs: pa.Table) -> dg.Output:
+def weights_map(
+    context: dg.AssetExecutionContext,
+    source: SourceTree,
+    io_manager: dg.ResourceParam[ParquetIOManager],
+    training_configs: pa.Table,
+) -> dg.Output:
     """The merged weights map (global view) and each anchor's own map; the scope in use is recorded."""
     seed = parse_seed_or_fail(context)
     scope = source.scope()
+    inputs = input_fingerprints(context, training_configs=training_configs)
+    key = step_key(context, inputs, {"scope": scope})
+    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], force=source.full_rescan):
+        return same
     table = weights_table(anchors_from_table(training_configs), scope)
     active = table.filter(pc.equal(table["scope"], scope))
     own = table.filter(pc.equal(table["scope"], SCOPE_NEAREST))
     return versioned_output(
         table,
         seed,
-        input_fingerprints(context, training_configs=training_configs),
+        inputs,
         {
             **config_lineage(context),
+            **computed_metadata(context, key),
             "weights_scope": dg.MetadataValue.text(scope),
             "anchors_with_weights": dg.MetadataValue.int(len(pc.unique(own["anchor"]))),
             "weights": table_metadata(active.select(["anchor", "tag_key", "tag_value", "weight"])),
@@ -209,11 +225,19 @@ def raw_corpus(
     ins={"raw_corpus": dg.AssetIn(metadata={"stream": True, "columns": ROW_SCHEMA.names})},
 )
 def expanded_corpus(
-    context: dg.AssetExecutionContext, source: SourceTree, raw_corpus: ParquetRows, weights_map: pa.Table
+    context: dg.AssetExecutionContext,
+    source: SourceTree,
+    io_manager: dg.ResourceParam[ParquetIOManager],
+    raw_corpus: ParquetRows,
+    weights_map: pa.Table,
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
     seed = parse_seed_or_fail(context)
     scope, mode = table_scope(weights_map), source.mode()
+    inputs = input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map)
+    key = step_key(context, inputs, {"mode": mode, "max_expanded_bytes": source.max_expanded_bytes})
+    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], force=source.full_rescan):
+        return same
     try:
         expansion = stream_expansion(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
     except ExpansionTooLarge as exc:
@@ -230,9 +254,10 @@ def expanded_corpus(
     return streamed_output(
         RowStream(expansion.schema, expansion.batches()),
         seed,
-        input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map),
+        inputs,
         {
             **config_lineage(context),
+            **computed_metadata(context, key),
             "rows_in": dg.MetadataValue.int(raw_corpus.num_rows),
             "rows_out": dg.MetadataValue.int(rows_out),
             "rows_dropped": dg.MetadataValue.int(int((plan.copies == 0).sum())),

@@ -28,7 +28,8 @@ from dlm_pipeline.defs.constants import EXPANSION_DETERMINISTIC, EXPANSION_MATCH
 from dlm_pipeline.defs.corpus.assets import expanded_corpus
 from dlm_pipeline.defs.metadata import table_metadata, text_block
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
-from dlm_pipeline.defs.resources import ParquetIOManager
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
+from dlm_pipeline.defs.reuse import unchanged_check_results
 
 # Up to this many raw rows the recomputation uses the plain row-by-row implementation (independent
 # of the vectorised one the asset uses); above it, the vectorised one.
@@ -170,13 +171,17 @@ def weights_result(
 def expanded_corpus_checks(
     context: dg.AssetCheckExecutionContext,
     io_manager: dg.ResourceParam[ParquetIOManager],
+    source: SourceTree,
 ):
     """One recomputation of the copy decisions, shared by the selected checks."""
     seed = parse_seed_or_fail(context)
+    selected = {key.name for key in context.selected_asset_check_keys}
+    if (same := unchanged_check_results(context, "expanded_corpus", selected, force=source.full_rescan)) is not None:
+        yield from same
+        return
     stored = stored_columns(io_manager, context, "expanded_corpus", EXPANDED_COLUMNS)
     raw_corpus = stored_columns(io_manager, context, "raw_corpus", RAW_COLUMNS)
     weights_map = stored_columns(io_manager, context, "weights_map")
-    selected = {key.name for key in context.selected_asset_check_keys}
     mode = table_mode(stored)  # the rule that made the stored rows, recorded with them
     if raw_corpus.num_rows <= PLAIN_RECOMPUTE_MAX_ROWS:
         plan, method = plain_plan(raw_corpus, weights_map, seed, mode), "row by row (hashlib)"

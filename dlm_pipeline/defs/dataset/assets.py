@@ -16,6 +16,7 @@ import pyarrow as pa
 from dlm_pipeline import settings
 from dlm_pipeline.core.corpus import ROW_SCHEMA
 from dlm_pipeline.core.dataset import (
+    MANIFEST,
     SPLITS,
     TRAIN,
     VALIDATION,
@@ -36,12 +37,15 @@ from dlm_pipeline.core.tokenize import LoadedTokenizer
 from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, input_fingerprints, table_metadata
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import (
+    STORED_FILES,
     DatasetResource,
     ParquetIOManager,
     SourceTree,
     TokenCacheResource,
     TokenizerResource,
+    stored_files,
 )
+from dlm_pipeline.defs.reuse import computed_metadata, step_key, unchanged_output
 
 GROUP = "dataset"
 ASSET = "training_dataset"
@@ -56,6 +60,11 @@ INS = {
 
 def dataset_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance, partition_key: str) -> Path:
     return io_manager.root(instance) / ASSET / partition_key
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    """The files a dataset folder holds (SPEC §7)."""
+    return [folder / MANIFEST, *(folder / f"{split}{ext}" for split in SPLITS for ext in (".parquet", ".bin", ".idx"))]
 
 
 def spill_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance) -> Path:
@@ -78,7 +87,7 @@ def prepare(
     seed: int,
     split_seed: int,
     val_fraction: float,
-    tokenizer: TokenizerResource,
+    loaded: LoadedTokenizer,
     token_cache: TokenCacheResource,
     raw_corpus: ParquetRows,
     expanded_corpus: pa.Table,
@@ -88,7 +97,6 @@ def prepare(
     """The split and order of the documents, and the full ids of the texts they use (the store is
     shared by all seeds, and `tokenized_cache` put every one of them there), spilled to an unnamed
     file in `spill_dir` (a folder we own)."""
-    loaded = tokenizer.load()
     try:
         plan = plan_dataset(
             raw_corpus,
@@ -151,19 +159,38 @@ def training_dataset(
     max_seq_len sequences (Parquet) and one sequence per document (Megatron .bin/.idx); dataset.json."""
     seed = parse_seed_or_fail(context)
     val_fraction, split_seed = checked_split_settings(dataset)
+    folder = dataset_folder(io_manager, context.instance, context.partition_key)
+    loaded = tokenizer.load()
+    inputs = input_fingerprints(
+        context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map
+    )
+    key = step_key(
+        context,
+        inputs,
+        {
+            "tokenizer": loaded.fingerprint,
+            "seq_len": loaded.max_seq_len,
+            "val_fraction": val_fraction,
+            "split_seed": split_seed,
+            "eos_token": dataset.eos_token,
+            "mode": source.mode(),
+        },
+    )
+    if same := unchanged_output(context, key, dataset_files(folder), force=source.full_rescan, own_files=True):
+        return same
     prepared = prepare(
         context,
         seed=seed,
         split_seed=split_seed,
         val_fraction=val_fraction,
-        tokenizer=tokenizer,
+        loaded=loaded,
         token_cache=token_cache,
         raw_corpus=raw_corpus,
         expanded_corpus=expanded_corpus,
         weights_map=weights_map,
         spill_dir=spill_folder(io_manager, context.instance),
     )
-    loaded, plan, ids = prepared.loaded, prepared.plan, prepared.ids
+    plan, ids = prepared.plan, prepared.ids
     try:
         eos_id = resolve_eos_id(loaded, dataset.eos_token)
     except DatasetError as exc:
@@ -178,7 +205,6 @@ def training_dataset(
         eos_id=eos_id,
         vocab_size=loaded.tokenizer.get_vocab_size(with_added_tokens=True),
     )
-    folder = dataset_folder(io_manager, context.instance, context.partition_key)
     try:
         manifest, summaries = write_dataset(folder, plan, ids, options)
     except DatasetError as exc:
@@ -189,12 +215,7 @@ def training_dataset(
         f"{train.documents:,} train documents ({train.tokens:,} tokens), {validation.documents:,} validation "
         f"documents ({validation.tokens:,} tokens) in {folder}"
     )
-    base = base_metadata(
-        seed,
-        pa.table({}),
-        fingerprint,
-        input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map),
-    )
+    base = base_metadata(seed, pa.table({}), fingerprint, inputs)
     base["dagster/row_count"] = dg.MetadataValue.int(train.sequences + validation.sequences)
     split_numbers = {
         f"{split}/{name}": dg.MetadataValue.int(value)
@@ -225,6 +246,8 @@ def training_dataset(
         "tokenizer_fingerprint": dg.MetadataValue.text(loaded.fingerprint),
         "dataset_json": dg.MetadataValue.json(manifest),
         **config_lineage(context),
+        **computed_metadata(context, key),
+        STORED_FILES: dg.MetadataValue.json(stored_files(dataset_files(folder))),
         **base,
     }
     with warnings.catch_warnings():  # data versions are beta in Dagster 1.13; we rely on them knowingly

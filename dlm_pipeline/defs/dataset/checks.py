@@ -21,7 +21,8 @@ from dlm_pipeline.defs.checked_output import stored_columns, stored_rows
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
 from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, spill_folder, training_dataset
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
-from dlm_pipeline.defs.resources import ParquetIOManager, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.reuse import unchanged_check_results
 
 LEAK_SPEC = dg.AssetCheckSpec(
     SPLIT_IS_LEAK_FREE,
@@ -94,9 +95,13 @@ def training_dataset_checks(
     io_manager: dg.ResourceParam[ParquetIOManager],
     tokenizer: TokenizerResource,
     token_cache: TokenCacheResource,
+    source: SourceTree,
 ):
     """One recomputation of the split, order and ids from the stored inputs, shared by the selected checks."""
     selected = [spec.name for spec in (LEAK_SPEC, PACKING_SPEC) if spec.key in context.selected_asset_check_keys]
+    if (same := unchanged_check_results(context, "training_dataset", selected, force=source.full_rescan)) is not None:
+        yield from same
+        return
     folder = dataset_folder(io_manager, context.instance, context.partition_key)
     try:
         manifest = read_manifest(folder)
@@ -109,7 +114,7 @@ def training_dataset_checks(
         seed=parse_seed_or_fail(context),
         split_seed=int(manifest["split_seed"]),
         val_fraction=float(manifest["val_fraction"]),
-        tokenizer=tokenizer,
+        loaded=tokenizer.load(),
         token_cache=token_cache,
         **{name: _stored_input(io_manager, context, name, spec.metadata or {}) for name, spec in INS.items()},
         spill_dir=spill_folder(io_manager, context.instance),

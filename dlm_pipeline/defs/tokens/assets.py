@@ -21,7 +21,7 @@ from dlm_pipeline.core.corpus import ROW_SCHEMA
 from dlm_pipeline.core.dataset import held_out_among
 from dlm_pipeline.core.expansion import composed_row_weights
 from dlm_pipeline.core.parquet_io import ParquetRows
-from dlm_pipeline.core.token_store import tokenized_rows
+from dlm_pipeline.core.token_store import TOKENIZED_SCHEMA, TokenStore, tokenized_rows
 from dlm_pipeline.core.tokenize import length_histogram
 from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.dataset.assets import checked_split_settings
@@ -33,9 +33,17 @@ from dlm_pipeline.defs.metadata import (
     table_metadata,
 )
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
-from dlm_pipeline.defs.resources import DatasetResource, TokenCacheResource, TokenizerResource
+from dlm_pipeline.defs.resources import (
+    DatasetResource,
+    ParquetIOManager,
+    SourceTree,
+    TokenCacheResource,
+    TokenizerResource,
+)
+from dlm_pipeline.defs.reuse import computed_metadata, step_key, stored_output_path, unchanged_output
 
 GROUP = "tokens"
+TOKEN_STORE_MARK = "token_store_mark"  # core/token_store.py TokenStore.removal_mark
 TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
 
 # Only the row identity is needed from the (large, text-carrying) expanded corpus.
@@ -48,6 +56,29 @@ RAW_STREAM = dg.AssetIn("raw_corpus", metadata={"stream": True, "columns": ROW_S
 def _counts(values: pa.ChunkedArray) -> dict[str, int]:
     counted = pc.value_counts(values)
     return dict(sorted(zip(counted.field(0).to_pylist(), counted.field(1).to_pylist(), strict=True)))
+
+
+def _nothing_tokenized(store: TokenStore):
+    """What an unchanged output records of its run's work: nothing looked up or tokenized, every text
+    it holds counts as a hit."""
+
+    def metadata(recorded: dict) -> dict:
+        return {
+            "cache_hits": dg.MetadataValue.int(recorded["unique_texts"]),
+            "cache_misses": dg.MetadataValue.int(0),
+            "hit_rate": dg.MetadataValue.float(1.0),
+            "tokenized_by_reason": dg.MetadataValue.json({}),
+            "tokenized_by_need": dg.MetadataValue.json({}),
+            "tokenized_sections": table_metadata(TOKENIZED_SCHEMA.empty_table()),
+            "shard_bytes_read": dg.MetadataValue.int(0),
+            "cache_repaired_shards": dg.MetadataValue.int(0),
+            "cache_ignored_entries": dg.MetadataValue.int(0),
+            "cache_bytes": dg.MetadataValue.int(store.stats()["bytes"]),
+            "tokens_per_second": dg.MetadataValue.float(0.0),
+            "tokenize_seconds": dg.MetadataValue.float(0.0),
+        }
+
+    return metadata
 
 
 @dg.asset(
@@ -63,6 +94,8 @@ def tokenized_cache(
     token_cache: TokenCacheResource,
     compute: ComputeResource,
     dataset: DatasetResource,
+    source: SourceTree,
+    io_manager: dg.ResourceParam[ParquetIOManager],
     raw_corpus: ParquetRows,
     expanded_corpus: pa.Table,
     weights_map: pa.Table,
@@ -72,6 +105,30 @@ def tokenized_cache(
     seed = parse_seed_or_fail(context)
     loaded = tokenizer.load()
     store = token_cache.store(context.instance)
+    inputs = input_fingerprints(
+        context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map
+    )
+    key = step_key(
+        context,
+        inputs,
+        {
+            "tokenizer": loaded.fingerprint,
+            "max_seq_len": loaded.max_seq_len,
+            "add_special_tokens": loaded.add_special_tokens,
+            # they choose which texts are tokenized ahead for the dataset
+            "validation": [dataset.val_fraction, dataset.split_seed],
+        },
+    )
+    same = unchanged_output(
+        context,
+        key,
+        [stored_output_path(context, io_manager)],
+        force=source.full_rescan,
+        what_this_run_did=_nothing_tokenized(store),
+        still={TOKEN_STORE_MARK: store.removal_mark()},  # the texts it holds are in the store for the dataset
+    )
+    if same:
+        return same
     progress = ProgressLog(context, "texts tokenized")
     compute_stats = RunStats()
     validation_rows, candidate_rows = None, None
@@ -95,6 +152,7 @@ def tokenized_cache(
             candidate_rows,
         )
     lookup, tokenized = result.lookup, result.tokenized
+    mark = store.removal_mark()  # every text the seed needs is in the store now
     unique_texts = lookup.hits + lookup.misses
     stats = store.stats()
     context.log.info(
@@ -120,9 +178,11 @@ def tokenized_cache(
     return streamed_output(
         result.rows,
         seed,
-        input_fingerprints(context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map),
+        inputs,
         {
             **config_lineage(context),
+            **computed_metadata(context, key),
+            TOKEN_STORE_MARK: dg.MetadataValue.text(mark),
             "unique_sections": dg.MetadataValue.int(result.unique_sections),
             "unique_texts": dg.MetadataValue.int(unique_texts),
             "cache_hits": dg.MetadataValue.int(lookup.hits),

@@ -14,7 +14,8 @@ from dlm_pipeline.core.tokenize import mismatched_sections
 from dlm_pipeline.defs.checked_output import stored_rows
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.partitions import seed_check
-from dlm_pipeline.defs.resources import ParquetIOManager, TokenizerResource
+from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenizerResource
+from dlm_pipeline.defs.reuse import unchanged_check_results
 from dlm_pipeline.defs.tokens.assets import tokenized_cache
 
 CHECK_SAMPLE = 64  # sections at most
@@ -49,7 +50,11 @@ def tokens_match_tokenizer(
     context: dg.AssetCheckExecutionContext,
     io_manager: dg.ResourceParam[ParquetIOManager],
     tokenizer: TokenizerResource,
+    source: SourceTree,
 ) -> dg.AssetCheckResult:
+    same = unchanged_check_results(context, "tokenized_cache", [TOKENS_MATCH_TOKENIZER], force=source.full_rescan)
+    if same is not None:
+        return same[0]
     loaded = tokenizer.load()
     stored = stored_rows(io_manager, context, "tokenized_cache", ["section_id", "input_ids", "truncated"])
     stored_ids = stored.read(["section_id"])["section_id"]
