@@ -39,7 +39,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,11 +311,22 @@ class TokenStore:
             pass
         return {"version": MANIFEST_VERSION, "shards": {}}
 
-    def removal_mark(self) -> str:
+    def removal_mark(self, namespace: str) -> str:
         """Changes whenever shards leave the manifest (eviction, clear, repair, compaction) or the
         store is made anew, never when texts are added: an output whose ids were all in the store at
-        one mark may count on them still being there while the mark is the same."""
+        one mark may count on them still being there while the mark is the same. While a shard of
+        `namespace` is missing or not its listed size (damaged by hand), it is new at every call."""
         manifest = self._read_manifest()
+        good, _ = self._entries(manifest)
+        listed = {name.split("/")[1]: info["bytes"] for name, info in good.items() if name.split("/")[0] == namespace}
+        try:
+            with self._namespace_fd(namespace) if listed else nullcontext() as fd:
+                for shard, size in listed.items():
+                    found = os.stat(shard, dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISREG(found.st_mode) or found.st_size != size:
+                        return f"damaged:{secrets.token_hex(8)}"
+        except (OSError, TokenStoreError):
+            return f"damaged:{secrets.token_hex(8)}"
         return f"{str(manifest.get('store_id', ''))[:64]}:{_count(manifest.get('removals'))}"
 
     @staticmethod

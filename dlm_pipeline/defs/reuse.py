@@ -52,7 +52,8 @@ REUSED_FROM_SEED = "reused_from_seed"
 COMPUTED_IN_RUN = "computed_in_run"  # the run that computed an output; kept while it is re-recorded
 # How many of the asset's newest materializations (any seed) are searched for a match.
 SEARCH_LIMIT = 64
-_NOT_COPIED = {"seed", "path", "file_sha256", "file_bytes", "storage", "reuse", "input_fingerprints"}
+_FILE_FACTS = {"path", "file_sha256", "file_bytes", "storage", STORED_FILES}  # the IO manager's, of the file it stores
+_NOT_COPIED = {"seed", "reuse", "input_fingerprints", *_FILE_FACTS}
 
 
 @functools.cache
@@ -96,11 +97,21 @@ def computed_metadata(context: dg.AssetExecutionContext, key: str) -> dict:
     return {REUSE_KEY: dg.MetadataValue.text(key), COMPUTED_IN_RUN: dg.MetadataValue.text(context.run.run_id)}
 
 
-def _latest_of_seed(context: dg.AssetExecutionContext, asset: dg.AssetKey) -> dg.EventLogRecord | None:
+def _latest_of_seed(
+    context: dg.AssetExecutionContext, asset: dg.AssetKey, seed: str | None = None
+) -> dg.EventLogRecord | None:
+    """The newest materialization of `asset` for `seed` (default: this step's)."""
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[context.partition_key]), limit=1
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[seed or context.partition_key]), limit=1
     ).records
     return records[0] if records and records[0].asset_materialization is not None else None
+
+
+def _untouched(record: dg.EventLogRecord, key: str, paths: list[Path]) -> bool:
+    """Whether `record` was computed from `key` and its stored files at `paths` still have the stats
+    it recorded (none rewritten, none missing)."""
+    files = _metadata_value(record, STORED_FILES)
+    return _metadata_value(record, REUSE_KEY) == key and files is not None and files == stored_files(paths)
 
 
 def unchanged_output(
@@ -124,12 +135,9 @@ def unchanged_output(
     if force:
         return None
     record = _latest_of_seed(context, context.asset_key)
-    if record is None or _metadata_value(record, REUSE_KEY) != key:
+    if record is None or not _untouched(record, key, paths):
         return None
     recorded = record.asset_materialization.metadata
-    files = recorded.get(STORED_FILES)
-    if files is None or files.value != stored_files(paths):
-        return None
     if any(_metadata_value(record, name) != value for name, value in (still or {}).items()):
         return None
     origin = _metadata_value(record, COMPUTED_IN_RUN) or record.run_id
@@ -215,10 +223,14 @@ def _file_sha256(path: str) -> str | None:
 
 
 def _latest_of_its_seed(context: dg.AssetExecutionContext, record: dg.EventLogRecord) -> bool:
-    newest = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[record.partition_key]), limit=1
-    ).records
-    return bool(newest) and newest[0].storage_id == record.storage_id
+    newest = _latest_of_seed(context, context.asset_key, record.partition_key)
+    return newest is not None and newest.storage_id == record.storage_id
+
+
+def _own_unchanged(context: dg.AssetExecutionContext, key: str, path: Path) -> dg.EventLogRecord | None:
+    """This seed's latest materialization, when it has this reuse key and its file at `path` is untouched."""
+    own = _latest_of_seed(context, context.asset_key)
+    return own if own is not None and _untouched(own, key, [path]) else None
 
 
 def _find(context: dg.AssetExecutionContext, key: str) -> dg.EventLogRecord | None:
@@ -242,9 +254,12 @@ def raw_corpus_reuse(
     anchors: list[Anchor],
     inputs: dict[str, str],
     seed: int,
+    path: Path,
 ) -> Reuse:
     """The reused output when another materialization was made from these exact inputs, else the
-    metadata the computed one records (its reuse key, or why it has none)."""
+    metadata the computed one records (its reuse key, or why it has none). `path`: where this
+    seed's output is stored; when it still holds this seed's own result from these inputs, untouched
+    since (its recorded stats), nothing is hashed or linked."""
     fence = time.time_ns()
     rules = PathRules(anchors)
     signature = tree_signature(scan, (f for f in scan.files if rules.is_included(f.path)), fence)
@@ -264,7 +279,8 @@ def raw_corpus_reuse(
         "tree": signature.digest,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    found = None if source.full_rescan else _find(context, key)
+    own = None if source.full_rescan else _own_unchanged(context, key, path)
+    found = own or (None if source.full_rescan else _find(context, key))
     if found is None and source.full_rescan:
         why = "computed: a full rescan was asked for (--full-rescan / DLM_FULL_RESCAN)"
         return Reuse(key, metadata={REUSE_KEY: dg.MetadataValue.text(key), "reuse": dg.MetadataValue.text(why)})
@@ -284,7 +300,9 @@ def raw_corpus_reuse(
         **{
             name: value
             for name, value in recorded.items()
-            if name not in _NOT_COPIED and name != REUSED_FROM_SEED and not name.startswith("compute")
+            if name not in (_NOT_COPIED - _FILE_FACTS if own else _NOT_COPIED)
+            and name != REUSED_FROM_SEED
+            and not name.startswith("compute")
         },
         # What this run did, not what the reused one did: it read no file and used no index entry.
         "files_read": dg.MetadataValue.int(0),
@@ -294,7 +312,11 @@ def raw_corpus_reuse(
         "input_fingerprints": dg.MetadataValue.json(inputs),
     }
     context.log.info(f"raw_corpus reused from seed {source_seed}: the tree is unchanged since it was read")
-    output = ReusedOutput(path=_metadata_value(found, "path"), sha256=_metadata_value(found, "file_sha256"))
+    output = (  # its own stored file, untouched: nothing to write or link
+        Unchanged(str(path))
+        if own
+        else ReusedOutput(path=_metadata_value(found, "path"), sha256=_metadata_value(found, "file_sha256"))
+    )
     with warnings.catch_warnings():  # data versions are beta in Dagster 1.13 (as in metadata.versioned_output)
         warnings.simplefilter("ignore", dg.BetaWarning)
         return Reuse(key, output=dg.Output(output, metadata=metadata, data_version=dg.DataVersion(fingerprint)))

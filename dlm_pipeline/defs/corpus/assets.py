@@ -138,7 +138,11 @@ def weights_map(
 
 @dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
 def raw_corpus(
-    context: dg.AssetExecutionContext, source: SourceTree, compute: ComputeResource, training_configs: pa.Table
+    context: dg.AssetExecutionContext,
+    source: SourceTree,
+    compute: ComputeResource,
+    io_manager: dg.ResourceParam[ParquetIOManager],
+    training_configs: pa.Table,
 ) -> dg.Output:
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
@@ -147,7 +151,7 @@ def raw_corpus(
         anchors_from_table(training_configs),
         input_fingerprints(context, training_configs=training_configs),
     )
-    reuse = raw_corpus_reuse(context, source, scan, anchors, inputs, seed)
+    reuse = raw_corpus_reuse(context, source, scan, anchors, inputs, seed, stored_output_path(context, io_manager))
     if reuse.output is not None:
         return reuse.output
     index = source.ingest_index(context.instance, scan)

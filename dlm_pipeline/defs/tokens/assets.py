@@ -125,7 +125,9 @@ def tokenized_cache(
         [stored_output_path(context, io_manager)],
         force=source.full_rescan,
         what_this_run_did=_nothing_tokenized(store),
-        still={TOKEN_STORE_MARK: store.removal_mark()},  # the texts it holds are in the store for the dataset
+        still={
+            TOKEN_STORE_MARK: store.removal_mark(loaded.cache_namespace)
+        },  # the texts it holds are in the store for the dataset
     )
     if same:
         return same
@@ -152,7 +154,7 @@ def tokenized_cache(
             candidate_rows,
         )
     lookup, tokenized = result.lookup, result.tokenized
-    mark = store.removal_mark()  # every text the seed needs is in the store now
+    mark = store.removal_mark(loaded.cache_namespace)  # every text the seed needs is in the store now
     unique_texts = lookup.hits + lookup.misses
     stats = store.stats()
     context.log.info(
