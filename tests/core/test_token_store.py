@@ -256,3 +256,34 @@ def test_an_old_path_keyed_namespace_misses_and_ages_out(tmp_path):
     store.max_bytes = 1
     store.get_or_compute(loaded.cache_namespace, IDS[:5], TEXTS[:5], loaded.encode)
     assert not old_shard.exists() and set(store.stats()["namespaces"]) == {loaded.cache_namespace}
+
+
+def test_removal_mark_holds_while_texts_are_only_added(tmp_path):
+    """What lets an unchanged tokenized_cache count on its texts being in the store: the mark moves
+    when anything may have left the store, or a shard of the namespace is damaged, never on additions."""
+    loaded, namespace = load_tokenizer(), load_tokenizer().cache_namespace
+    store = TokenStore(tmp_path / "cache")
+    empty = store.removal_mark(namespace)
+    assert empty == store.removal_mark(namespace)  # an empty store is not damaged
+    store.get_or_compute(namespace, IDS[:100], TEXTS[:100], loaded.encode)
+    mark = store.removal_mark(namespace)
+    store.get_or_compute(namespace, IDS[100:200], TEXTS[100:200], loaded.encode)
+    assert store.removal_mark(namespace) == mark  # more texts: the same mark
+
+    (shard, *_) = sorted((tmp_path / "cache").glob("*/shard-*.parquet"))
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[: len(saved) // 2])  # damaged by hand: a new mark at every call
+    damaged = store.removal_mark(namespace)
+    assert damaged != mark and damaged != store.removal_mark(namespace)
+    shard.write_bytes(saved)
+    assert store.removal_mark(namespace) == mark
+
+    store.evict(max_bytes=0)
+    evicted = store.removal_mark(namespace)
+    assert evicted != mark
+    store.get_or_compute(namespace, IDS[:10], TEXTS[:10], loaded.encode)
+    store.clear()
+    assert store.removal_mark(namespace) not in (mark, evicted)
+    (tmp_path / "cache" / MANIFEST).unlink()  # made anew: another store id
+    store.get_or_compute(namespace, IDS[:10], TEXTS[:10], loaded.encode)
+    assert store.removal_mark(namespace) not in (mark, evicted, empty)
