@@ -128,11 +128,6 @@ def _is_count(value: object, limit: int = 2**53) -> bool:
     return type(value) is int and 0 <= value < limit
 
 
-def _count(value: object) -> int:
-    """A manifest counter as stored, or 0 for anything else."""
-    return value if _is_count(value) else 0
-
-
 def valid_entry(name: object, info: object) -> bool:
     """A manifest entry the store could have written: a shard name it creates and sane numbers
     (current namespaces also need a sha256; legacy ones only need what eviction uses)."""
@@ -283,12 +278,9 @@ class TokenStore:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 manifest = self._read_manifest(root)
-                before, names = json.dumps(manifest, sort_keys=True), set(manifest["shards"])
+                before = json.dumps(manifest, sort_keys=True)
                 yield manifest
-                if not names <= set(manifest["shards"]):  # what was stored may be gone: see removal_mark
-                    manifest["removals"] = _count(manifest.get("removals")) + 1
                 if json.dumps(manifest, sort_keys=True) != before:
-                    manifest.setdefault("store_id", secrets.token_hex(8))
                     data = json.dumps(manifest, sort_keys=True, indent=1).encode()
                     write_bytes_atomic(root, MANIFEST, lambda fh: fh.write(data))
             finally:
@@ -311,23 +303,26 @@ class TokenStore:
             pass
         return {"version": MANIFEST_VERSION, "shards": {}}
 
-    def removal_mark(self, namespace: str) -> str:
-        """Changes whenever shards leave the manifest (eviction, clear, repair, compaction) or the
-        store is made anew, never when texts are added: an output whose ids were all in the store at
-        one mark may count on them still being there while the mark is the same. While a shard of
-        `namespace` is missing or not its listed size (damaged by hand), it is new at every call."""
-        manifest = self._read_manifest()
-        good, _ = self._entries(manifest)
-        listed = {name.split("/")[1]: info["bytes"] for name, info in good.items() if name.split("/")[0] == namespace}
+    def namespace_mark(self, namespace: str) -> str:
+        """sha256 of what the manifest lists for `namespace` (each shard's name, size and sha256):
+        it changes whenever texts are added, evicted, cleared, repaired, merged or rewritten. While a
+        listed shard is missing or not its listed size (damaged by hand), it is new at every call.
+        An output made from the store at one mark may count on the same ids being there at that mark."""
+        good, _ = self._entries(self._read_manifest())
+        listed = sorted(
+            (name.split("/")[1], info["bytes"], str(info.get("sha256")))
+            for name, info in good.items()
+            if name.split("/")[0] == namespace
+        )
         try:
             with self._namespace_fd(namespace) if listed else nullcontext() as fd:
-                for shard, size in listed.items():
+                for shard, size, _ in listed:
                     found = os.stat(shard, dir_fd=fd, follow_symlinks=False)
                     if not stat.S_ISREG(found.st_mode) or found.st_size != size:
                         return f"damaged:{secrets.token_hex(8)}"
         except (OSError, TokenStoreError):
             return f"damaged:{secrets.token_hex(8)}"
-        return f"{str(manifest.get('store_id', ''))[:64]}:{_count(manifest.get('removals'))}"
+        return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
     @staticmethod
     def _entries(manifest: dict) -> tuple[dict[str, dict], list[str]]:

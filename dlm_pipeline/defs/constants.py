@@ -11,3 +11,4 @@ CORPUS_JOB = "corpus_job"
 CONFIG_CHANGE_SENSOR = "config_change_sensor"
 SOURCE_CHANGE_SENSOR = "source_change_sensor"
 NIGHTLY_SCHEDULE = "nightly_all_seeds"
+TOKEN_STORE_MARK = "token_store_mark"  # metadata: the token store namespace it read (TokenStore.namespace_mark)

@@ -144,6 +144,7 @@ def unchanged_output(
     metadata = {
         **{name: value for name, value in recorded.items() if not name.startswith("compute")},
         **(what_this_run_did({name: value.value for name, value in recorded.items()}) if what_this_run_did else {}),
+        **config_lineage(context),  # the configs now (a comment edit changes them, not the output)
         "reuse": dg.MetadataValue.text(
             f"unchanged: same inputs, settings and code as run {origin}, which computed it; its stored "
             "files are untouched (--full-rescan computes it again)"

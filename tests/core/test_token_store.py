@@ -258,32 +258,31 @@ def test_an_old_path_keyed_namespace_misses_and_ages_out(tmp_path):
     assert not old_shard.exists() and set(store.stats()["namespaces"]) == {loaded.cache_namespace}
 
 
-def test_removal_mark_holds_while_texts_are_only_added(tmp_path):
-    """What lets an unchanged tokenized_cache count on its texts being in the store: the mark moves
-    when anything may have left the store, or a shard of the namespace is damaged, never on additions."""
-    loaded, namespace = load_tokenizer(), load_tokenizer().cache_namespace
+def test_namespace_mark_names_what_the_store_holds(tmp_path):
+    """What lets an unchanged tokenized_cache or dataset count on the store it read: the mark is
+    the same while the namespace's listed shards are, and new at every call while one is damaged."""
+    loaded = load_tokenizer()
+    namespace = loaded.cache_namespace
     store = TokenStore(tmp_path / "cache")
-    empty = store.removal_mark(namespace)
-    assert empty == store.removal_mark(namespace)  # an empty store is not damaged
+    empty = store.namespace_mark(namespace)
+    assert empty == store.namespace_mark(namespace)  # an empty store is not damaged
     store.get_or_compute(namespace, IDS[:100], TEXTS[:100], loaded.encode)
-    mark = store.removal_mark(namespace)
-    store.get_or_compute(namespace, IDS[100:200], TEXTS[100:200], loaded.encode)
-    assert store.removal_mark(namespace) == mark  # more texts: the same mark
+    mark = store.namespace_mark(namespace)
+    assert mark != empty and TokenStore(tmp_path / "cache").namespace_mark(namespace) == mark
+    assert store.namespace_mark("other-namespace") == empty
 
-    (shard, *_) = sorted((tmp_path / "cache").glob("*/shard-*.parquet"))
+    (shard,) = (tmp_path / "cache").glob("*/shard-*.parquet")
     saved = shard.read_bytes()
     shard.write_bytes(saved[: len(saved) // 2])  # damaged by hand: a new mark at every call
-    damaged = store.removal_mark(namespace)
-    assert damaged != mark and damaged != store.removal_mark(namespace)
+    damaged = store.namespace_mark(namespace)
+    assert damaged != mark and damaged != store.namespace_mark(namespace)
     shard.write_bytes(saved)
-    assert store.removal_mark(namespace) == mark
+    assert store.namespace_mark(namespace) == mark
 
+    store.get_or_compute(namespace, IDS[100:200], TEXTS[100:200], loaded.encode)
+    added = store.namespace_mark(namespace)
+    assert added != mark
     store.evict(max_bytes=0)
-    evicted = store.removal_mark(namespace)
-    assert evicted != mark
-    store.get_or_compute(namespace, IDS[:10], TEXTS[:10], loaded.encode)
+    assert store.namespace_mark(namespace) not in (mark, added)
     store.clear()
-    assert store.removal_mark(namespace) not in (mark, evicted)
-    (tmp_path / "cache" / MANIFEST).unlink()  # made anew: another store id
-    store.get_or_compute(namespace, IDS[:10], TEXTS[:10], loaded.encode)
-    assert store.removal_mark(namespace) not in (mark, evicted, empty)
+    assert store.namespace_mark(namespace) == empty

@@ -87,11 +87,13 @@ def test_what_could_change_an_output_makes_its_step_compute(tree, pipeline):
     assert not unchanged(pipe, "training_dataset")
     assert (pipe.out / "training_dataset" / "3" / "train.idx").is_file()
 
-    # The token store was cleared: tokenized_cache puts its texts back; the dataset is unchanged.
+    # The token store changed (here: cleared): both steps that read it compute again, and the texts
+    # are put back; so would ids planted in it be read, and caught by tokens_match_tokenizer.
     shutil.rmtree(pipe.cache)
     pipe.run("3")
-    assert not unchanged(pipe, "tokenized_cache") and unchanged(pipe, "training_dataset")
+    assert not unchanged(pipe, "tokenized_cache") and not unchanged(pipe, "training_dataset")
     assert pipe.metadata("tokenized_cache", "3")["cache_misses"] > 0
+    assert unchanged(pipe, "expanded_corpus")
 
     # A weights edit changes the inputs of everything after weights_map.
     config = root / ".dlm" / "training.yaml"

@@ -34,6 +34,7 @@ from dlm_pipeline.core.dataset import (
 from dlm_pipeline.core.expansion import composed_row_weights
 from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.tokenize import LoadedTokenizer
+from dlm_pipeline.defs.constants import TOKEN_STORE_MARK
 from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, input_fingerprints, table_metadata
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import (
@@ -132,6 +133,18 @@ def checked_split_settings(dataset: DatasetResource) -> tuple[float, int]:
     return val_fraction, split_seed
 
 
+def token_settings(loaded: LoadedTokenizer, val_fraction: float, split_seed: int) -> dict:
+    """The settings that decide a seed's token rows and dataset (part of their step keys): the
+    validation side also decides which texts tokenized_cache tokenizes ahead for the dataset."""
+    return {
+        "tokenizer": loaded.fingerprint,
+        "max_seq_len": loaded.max_seq_len,
+        "add_special_tokens": loaded.add_special_tokens,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+    }
+
+
 def _share(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
@@ -164,19 +177,22 @@ def training_dataset(
     inputs = input_fingerprints(
         context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map
     )
-    key = step_key(
+    settings_used = {
+        **token_settings(loaded, val_fraction, split_seed),
+        "eos": dataset.eos_token,
+        "mode": source.mode(),
+    }
+    key = step_key(context, inputs, settings_used)
+    store = token_cache.store(context.instance)
+    same = unchanged_output(
         context,
-        inputs,
-        {
-            "tokenizer": loaded.fingerprint,
-            "seq_len": loaded.max_seq_len,
-            "val_fraction": val_fraction,
-            "split_seed": split_seed,
-            "eos_token": dataset.eos_token,
-            "mode": source.mode(),
-        },
+        key,
+        dataset_files(folder),
+        force=source.full_rescan,
+        own_files=True,
+        still={TOKEN_STORE_MARK: store.namespace_mark(loaded.cache_namespace)},  # the ids it read are the store's
     )
-    if same := unchanged_output(context, key, dataset_files(folder), force=source.full_rescan, own_files=True):
+    if same:
         return same
     prepared = prepare(
         context,
@@ -247,6 +263,7 @@ def training_dataset(
         "dataset_json": dg.MetadataValue.json(manifest),
         **config_lineage(context),
         **computed_metadata(context, key),
+        TOKEN_STORE_MARK: dg.MetadataValue.text(store.namespace_mark(loaded.cache_namespace)),
         STORED_FILES: dg.MetadataValue.json(stored_files(dataset_files(folder))),
         **base,
     }

@@ -24,7 +24,8 @@ from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.token_store import TOKENIZED_SCHEMA, TokenStore, tokenized_rows
 from dlm_pipeline.core.tokenize import length_histogram
 from dlm_pipeline.defs.compute import ComputeResource
-from dlm_pipeline.defs.dataset.assets import checked_split_settings
+from dlm_pipeline.defs.constants import TOKEN_STORE_MARK
+from dlm_pipeline.defs.dataset.assets import checked_split_settings, token_settings
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
@@ -43,7 +44,6 @@ from dlm_pipeline.defs.resources import (
 from dlm_pipeline.defs.reuse import computed_metadata, step_key, stored_output_path, unchanged_output
 
 GROUP = "tokens"
-TOKEN_STORE_MARK = "token_store_mark"  # core/token_store.py TokenStore.removal_mark
 TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
 
 # Only the row identity is needed from the (large, text-carrying) expanded corpus.
@@ -108,17 +108,8 @@ def tokenized_cache(
     inputs = input_fingerprints(
         context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map
     )
-    key = step_key(
-        context,
-        inputs,
-        {
-            "tokenizer": loaded.fingerprint,
-            "max_seq_len": loaded.max_seq_len,
-            "add_special_tokens": loaded.add_special_tokens,
-            # they choose which texts are tokenized ahead for the dataset
-            "validation": [dataset.val_fraction, dataset.split_seed],
-        },
-    )
+    val_fraction, split_seed = checked_split_settings(dataset)
+    key = step_key(context, inputs, token_settings(loaded, val_fraction, split_seed))
     same = unchanged_output(
         context,
         key,
@@ -126,7 +117,7 @@ def tokenized_cache(
         force=source.full_rescan,
         what_this_run_did=_nothing_tokenized(store),
         still={
-            TOKEN_STORE_MARK: store.removal_mark(loaded.cache_namespace)
+            TOKEN_STORE_MARK: store.namespace_mark(loaded.cache_namespace)
         },  # the texts it holds are in the store for the dataset
     )
     if same:
@@ -135,7 +126,6 @@ def tokenized_cache(
     compute_stats = RunStats()
     validation_rows, candidate_rows = None, None
     if not loaded.add_special_tokens:  # the dataset reads ids without specials: only then is it the same namespace
-        val_fraction, split_seed = checked_split_settings(dataset)
         weights = composed_row_weights(raw_corpus.read(["path", "tags"]), weights_map)
         candidate_rows = np.flatnonzero(weights > 0.0) if val_fraction else np.zeros(0, np.int64)
         validation_rows = functools.partial(
@@ -154,7 +144,7 @@ def tokenized_cache(
             candidate_rows,
         )
     lookup, tokenized = result.lookup, result.tokenized
-    mark = store.removal_mark(loaded.cache_namespace)  # every text the seed needs is in the store now
+    mark = store.namespace_mark(loaded.cache_namespace)  # the store as read, with every text the seed needs
     unique_texts = lookup.hits + lookup.misses
     stats = store.stats()
     context.log.info(
