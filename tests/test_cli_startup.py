@@ -80,3 +80,49 @@ def test_materialize_builds_the_definitions_once_and_opens_the_instance_once(tre
     monkeypatch.setattr(cli, "_worker", {})  # what the run leaves there goes with the test
     assert cli.main(["materialize", "--source", str(root), "--seed", "3"]) == cli.EXIT_OK, capsys.readouterr().err
     assert calls == {"build_defs": 1, "instance": 1}
+
+
+RUN_PROBE = """
+import gc, sys
+from dlm_pipeline import cli
+
+seen = {}
+run_seed = cli._materialize_seed
+
+def probed(seed):
+    seen["modules"] = {m.split(".")[0] for m in sys.modules}
+    seen["gc"] = (gc.get_freeze_count(), gc.isenabled())
+    return run_seed(seed)
+
+cli._materialize_seed = probed
+code = cli.main(sys.argv[1:])
+print("BEFORE_RUN", *sorted(seen["modules"]))
+print("GC", *seen["gc"])
+print("AFTER_RUN", *sorted({m.split(".")[0] for m in sys.modules}))
+sys.exit(code)
+"""
+# Not needed before a run starts: pandas (pyarrow imports it at its first conversion of Python
+# values, inside a step), detect-secrets (only when files are read) and what it pulls in.
+NOT_BEFORE_THE_RUN = {"pandas", "detect_secrets", "requests", "ray"}
+
+
+def probe_materialize(tmp_path, root) -> dict[str, list[str]]:
+    """`materialize --seed 1` in a fresh process: the lines of RUN_PROBE, by their first word."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    args = [sys.executable, "-c", RUN_PROBE, "materialize", "--source", str(root), "--seed", "1"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == cli.EXIT_OK, done.stderr[-2000:]
+    return {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+
+
+def test_materialize_starts_its_run_without_the_modules_only_steps_need_and_with_start_up_frozen(tree, tmp_path):
+    root = tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\n", "a.txt": "one file\n"})
+    cold = probe_materialize(tmp_path, root)
+    assert not NOT_BEFORE_THE_RUN & set(cold["BEFORE_RUN"])
+    frozen, collecting = cold["GC"]
+    # What start-up made is out of the collector's sight (gc.freeze), and it runs again for the run.
+    assert int(frozen) > 10_000 and collecting == "True"
+    assert "detect_secrets" in cold["AFTER_RUN"]  # the cold run read the file, so it scanned it
+    warm = probe_materialize(tmp_path, root)  # nothing changed: no file is read again
+    assert "detect_secrets" not in warm["AFTER_RUN"]
