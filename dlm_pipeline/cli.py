@@ -293,10 +293,10 @@ def _progress_bars():
 
 @contextmanager
 def _loading():
-    """Start-up: imports, definitions and the instance make some 200,000 objects that live as long as
-    the process. The cyclic garbage collector would walk them at each full collection (0.3-0.5 s
-    before the first step) and again at exit (~1 s): it is off while they are made, then they are
-    frozen out of its sight (gc.freeze), and it runs on what the runs make."""
+    """Start-up of `materialize` and `status`: imports, definitions and the instance make some 200,000
+    objects that live as long as the process. The cyclic garbage collector would walk them at each
+    full collection (0.3-0.5 s before the first step) and again at exit (~1 s): it is off while they
+    are made, then they are frozen out of its sight (gc.freeze), and it runs on what comes after."""
     gc.disable()
     try:
         yield
@@ -479,15 +479,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.tree import SourceTreeError
 
     _apply_source_flags(args)
-    try:
-        settings.check_all()
-        from dlm_pipeline.definitions import build_defs
-        from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
+    with _loading():
+        try:
+            settings.check_all()
+            from dlm_pipeline.definitions import build_defs
+            from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
 
-        graph = build_defs().resolve_asset_graph()
-    except settings.SettingsError as exc:
-        raise CliError(str(exc)) from None
-    instance = _instance()
+            graph = build_defs().resolve_asset_graph()
+        except settings.SettingsError as exc:
+            raise CliError(str(exc)) from None
+        instance = _instance()
     seeds = _seeds(args.seed or []) or _registered(instance)
     if not seeds:
         print("no seeds registered: nothing materialized (dlm-pipeline materialize)")
