@@ -297,6 +297,9 @@ def _loading():
     objects that live as long as the process. The cyclic garbage collector would walk them at each
     full collection (0.3-0.5 s before the first step) and again at exit (~1 s): it is off while they
     are made, then they are frozen out of its sight (gc.freeze), and it runs on what comes after."""
+    if gc.get_freeze_count():  # main() called again in one process (tests): what the last call froze
+        gc.unfreeze()  # may be garbage by now
+        gc.collect()
     gc.disable()
     try:
         yield

@@ -3,9 +3,11 @@ and opens the instance once. Counts of modules and calls, not times."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import dagster as dg
 import pytest
@@ -16,6 +18,7 @@ from dlm_pipeline import cli, definitions, settings
 HEAVY = ["dagster", "pyarrow", "tokenizers", "ray", "detect_secrets", "sqlalchemy"]
 PROBE = """
 import sys
+import weakref
 from dlm_pipeline import cli
 try:
     cli.main(sys.argv[1:])
@@ -126,3 +129,24 @@ def test_materialize_starts_its_run_without_the_modules_only_steps_need_and_with
     assert "detect_secrets" in cold["AFTER_RUN"]  # the cold run read the file, so it scanned it
     warm = probe_materialize(tmp_path, root)  # nothing changed: no file is read again
     assert "detect_secrets" not in warm["AFTER_RUN"]
+
+
+def test_loading_again_in_one_process_gives_what_the_last_call_froze_back_to_the_collector():
+    """Tests call main() many times in one process: start-up's freeze must not keep their garbage for good."""
+
+    class Node:
+        pass
+
+    try:
+        with cli._loading():
+            node = Node()
+            node.cycle = node  # garbage once `node` is gone, freed only by the collector
+            freed = weakref.ref(node)
+            del node
+        gc.collect()
+        assert freed() is not None  # frozen: out of the collector's sight
+        with cli._loading():
+            pass
+        assert freed() is None
+    finally:
+        gc.unfreeze()
