@@ -3,7 +3,8 @@
     python benchmarks/startup.py [--files 5000] [--runs 5] [--compare DIR ...] [--keep DIR]
 
 The tree is `benchmarks/incremental.py`'s (`--files` text files under five anchors). Each checkout
-(this one, then every `--compare` checkout, e.g. an unpacked `git archive main`) gets its own
+(this one, then every `--compare` checkout, e.g. an unpacked `git archive main` with the built
+`dlm_pipeline/core/_blake2b*.so` copied in) gets its own
 DAGSTER_HOME, warmed by one cold `materialize --seed 1`; then `--runs` rounds each run every
 checkout once, interleaved so that a busy machine slows them alike. Per checkout, the median of:
 

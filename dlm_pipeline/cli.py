@@ -345,8 +345,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _materialize_setup(args: argparse.Namespace) -> tuple[list[str], object]:
-    """(seeds to run, the instance), with the job built into `_worker`."""
+def _materialize_setup(args: argparse.Namespace) -> tuple:
+    """(the seeds to run, the DagsterInstance opened), with the job built into `_worker`."""
     try:
         settings.check_all()  # before the definitions load: a bad setting is reported at once
         from dlm_pipeline.definitions import resolved_corpus_job
