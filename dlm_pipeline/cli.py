@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import multiprocessing
+import gc
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -292,24 +291,32 @@ def _progress_bars():
             yield current_seed
 
 
+@contextmanager
+def _loading():
+    """Start-up of `materialize` and `status`: imports, definitions and the instance make some 200,000
+    objects that live as long as the process. The cyclic garbage collector would walk them at each
+    full collection (0.3-0.5 s before the first step) and again at exit (~1 s): it is off while they
+    are made, then they are frozen out of its sight (gc.freeze), and it runs on what comes after."""
+    if gc.get_freeze_count():  # main() called again in one process (tests): what the last call froze
+        gc.unfreeze()  # may be garbage by now
+        gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     _apply_source_flags(args)
-    try:
-        settings.check_all()  # before the definitions load: a bad setting is reported at once
-        from dlm_pipeline.definitions import resolved_corpus_job
-
-        # Built once, here: what else the definitions refuse surfaces before any run.
-        _worker["job"] = resolved_corpus_job()
-    except settings.SettingsError as exc:
-        raise CliError(str(exc)) from None
-    seeds = _seeds(args.seed or [])
-    if settings.deployment() == "k8s":
-        _check_cluster()
-    instance = _instance()
-    seeds = seeds or _registered(instance) or ["0"]
-    _register(instance, seeds)
+    with _loading():
+        seeds, instance = _materialize_setup(args)
     workers = min(max(args.parallel, 1), len(seeds))
     if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         instance.dispose()  # each worker opens its own
         # Forked workers start with everything imported and the job built: no start-up cost per
         # seed. (Not a multiprocessing.Pool: its daemonic workers could not start an executor's
@@ -336,6 +343,25 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             for line in lines:
                 print(f"  {line}", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _materialize_setup(args: argparse.Namespace) -> tuple:
+    """(the seeds to run, the DagsterInstance opened), with the job built into `_worker`."""
+    try:
+        settings.check_all()  # before the definitions load: a bad setting is reported at once
+        from dlm_pipeline.definitions import resolved_corpus_job
+
+        # Built once, here: what else the definitions refuse surfaces before any run.
+        _worker["job"] = resolved_corpus_job()
+    except settings.SettingsError as exc:
+        raise CliError(str(exc)) from None
+    seeds = _seeds(args.seed or [])
+    if settings.deployment() == "k8s":
+        _check_cluster()
+    instance = _instance()
+    seeds = seeds or _registered(instance) or ["0"]
+    _register(instance, seeds)
+    return seeds, instance
 
 
 def _check_cluster() -> None:
@@ -456,15 +482,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.tree import SourceTreeError
 
     _apply_source_flags(args)
-    try:
-        settings.check_all()
-        from dlm_pipeline.definitions import build_defs
-        from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
+    with _loading():
+        try:
+            settings.check_all()
+            from dlm_pipeline.definitions import build_defs
+            from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
 
-        graph = build_defs().resolve_asset_graph()
-    except settings.SettingsError as exc:
-        raise CliError(str(exc)) from None
-    instance = _instance()
+            graph = build_defs().resolve_asset_graph()
+        except settings.SettingsError as exc:
+            raise CliError(str(exc)) from None
+        instance = _instance()
     seeds = _seeds(args.seed or []) or _registered(instance)
     if not seeds:
         print("no seeds registered: nothing materialized (dlm-pipeline materialize)")

@@ -3,9 +3,11 @@ and opens the instance once. Counts of modules and calls, not times."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import dagster as dg
 import pytest
@@ -16,6 +18,7 @@ from dlm_pipeline import cli, definitions, settings
 HEAVY = ["dagster", "pyarrow", "tokenizers", "ray", "detect_secrets", "sqlalchemy"]
 PROBE = """
 import sys
+import weakref
 from dlm_pipeline import cli
 try:
     cli.main(sys.argv[1:])
@@ -80,3 +83,70 @@ def test_materialize_builds_the_definitions_once_and_opens_the_instance_once(tre
     monkeypatch.setattr(cli, "_worker", {})  # what the run leaves there goes with the test
     assert cli.main(["materialize", "--source", str(root), "--seed", "3"]) == cli.EXIT_OK, capsys.readouterr().err
     assert calls == {"build_defs": 1, "instance": 1}
+
+
+RUN_PROBE = """
+import gc, sys
+from dlm_pipeline import cli
+
+seen = {}
+run_seed = cli._materialize_seed
+
+def probed(seed):
+    seen["modules"] = {m.split(".")[0] for m in sys.modules}
+    seen["gc"] = (gc.get_freeze_count(), gc.isenabled())
+    return run_seed(seed)
+
+cli._materialize_seed = probed
+code = cli.main(sys.argv[1:])
+print("BEFORE_RUN", *sorted(seen["modules"]))
+print("GC", *seen["gc"])
+print("AFTER_RUN", *sorted({m.split(".")[0] for m in sys.modules}))
+sys.exit(code)
+"""
+# Not needed before a run starts: pandas (pyarrow imports it at its first conversion of Python
+# values, inside a step), detect-secrets (only when files are read) and what it pulls in.
+NOT_BEFORE_THE_RUN = {"pandas", "detect_secrets", "requests", "ray"}
+
+
+def probe_materialize(tmp_path, root) -> dict[str, list[str]]:
+    """`materialize --seed 1` in a fresh process: the lines of RUN_PROBE, by their first word."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    args = [sys.executable, "-c", RUN_PROBE, "materialize", "--source", str(root), "--seed", "1"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == cli.EXIT_OK, done.stderr[-2000:]
+    return {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+
+
+def test_materialize_starts_its_run_without_the_modules_only_steps_need_and_with_start_up_frozen(tree, tmp_path):
+    root = tree({".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\n", "a.txt": "one file\n"})
+    cold = probe_materialize(tmp_path, root)
+    assert not NOT_BEFORE_THE_RUN & set(cold["BEFORE_RUN"])
+    frozen, collecting = cold["GC"]
+    # What start-up made is out of the collector's sight (gc.freeze), and it runs again for the run.
+    assert int(frozen) > 10_000 and collecting == "True"
+    assert "detect_secrets" in cold["AFTER_RUN"]  # the cold run read the file, so it scanned it
+    warm = probe_materialize(tmp_path, root)  # nothing changed: no file is read again
+    assert "detect_secrets" not in warm["AFTER_RUN"]
+
+
+def test_loading_again_in_one_process_gives_what_the_last_call_froze_back_to_the_collector():
+    """Tests call main() many times in one process: start-up's freeze must not keep their garbage for good."""
+
+    class Node:
+        pass
+
+    try:
+        with cli._loading():
+            node = Node()
+            node.cycle = node  # garbage once `node` is gone, freed only by the collector
+            freed = weakref.ref(node)
+            del node
+        gc.collect()
+        assert freed() is not None  # frozen: out of the collector's sight
+        with cli._loading():
+            pass
+        assert freed() is None
+    finally:
+        gc.unfreeze()

@@ -28,7 +28,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.ingest_index import Entry, read_entry
-from dlm_pipeline.core.secrets import secret_scanner
 from dlm_pipeline.core.token_store import STORE_SCHEMA, TokenStore
 from dlm_pipeline.core.tokenize import LoadedTokenizer, chunk_bounds
 from dlm_pipeline.core.tree import FileEntry, StatKey
@@ -143,6 +142,8 @@ def read_batch(
     attempt: int = 0,
 ) -> ReadResult:
     """The ingest task: read (path, walk stat, scan for secrets) files under `root` as the local run does."""
+    from dlm_pipeline.core.secrets import secret_scanner  # detect-secrets: only in a task that reads
+
     start = time.perf_counter()
     scanner = secret_scanner(secret_entropy)
     entries = tuple(

@@ -16,11 +16,11 @@ import pyarrow as pa
 
 from dlm_pipeline.core.rules import Anchor, PathRules, parent_dir
 from dlm_pipeline.core.safe_read import FileReplaced, FileTooLarge, NotRegularFile, read_regular_file
-from dlm_pipeline.core.secrets import SecretScanner, secret_scanner
 from dlm_pipeline.core.tree import FileEntry, StatKey, TreeScan
 
 if TYPE_CHECKING:
     from dlm_pipeline.core.ingest_index import IngestIndex
+    from dlm_pipeline.core.secrets import SecretScanner
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20
 BINARY_SNIFF_BYTES = 8192
@@ -185,6 +185,7 @@ def stream_raw_corpus(
     compute backend) reads the files of each batch that the index misses; by default they are read here.
     """
     from dlm_pipeline.core.ingest_index import IngestIndex  # it builds on this module
+    from dlm_pipeline.core.secrets import secret_scanner  # detect-secrets: only when files may be read
 
     if index is None:
         index = IngestIndex(None, scan.root, max_file_bytes=max_file_bytes, secret_entropy=secret_entropy)

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +47,10 @@ from dlm_pipeline.core.corpus import content_key, read_text
 from dlm_pipeline.core.parquet_io import RowStream, delete_stale_temps, write_bytes_atomic, write_parquet_stream
 from dlm_pipeline.core.rules import PathRules
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile
-from dlm_pipeline.core.secrets import CREDENTIAL_PLUGINS, ENTROPY_PLUGINS, SecretScanner
 from dlm_pipeline.core.tree import FileEntry, StatKey, TreeScan
+
+if TYPE_CHECKING:  # detect-secrets is imported when an index is opened, not with this module
+    from dlm_pipeline.core.secrets import SecretScanner
 
 INDEX_DIR = "ingest_index"
 INDEX_FILE = "index.parquet"
@@ -180,6 +183,8 @@ def scanned(entry: Entry, scanner: SecretScanner, path: str) -> Entry:
 
 def index_settings(root: str | os.PathLike, max_file_bytes: int, secret_entropy: bool) -> str:
     """Everything a cached read result depends on besides the file itself, as one string."""
+    from dlm_pipeline.core.secrets import CREDENTIAL_PLUGINS, ENTROPY_PLUGINS
+
     plugins = CREDENTIAL_PLUGINS + (ENTROPY_PLUGINS if secret_entropy else ())
     return json.dumps(
         {
