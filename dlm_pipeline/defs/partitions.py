@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import dagster as dg
 
@@ -49,16 +50,26 @@ def registered_seeds(instance: dg.DagsterInstance) -> tuple[list[str], list[str]
     return sorted(valid, key=lambda k: (len(k), k)), sorted(invalid)
 
 
-def seed_check(**kwargs):
-    """`dg.asset_check` evaluated per seed partition.
+@contextmanager
+def _partitioned_checks_accepted():
+    """Dagster 1.13 flags partitioned checks as "preview"; we rely on them knowingly, so the
+    warning is silenced where they are declared rather than shown on every import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        yield
 
-    Dagster 1.13 flags partitioned checks as "preview"; we rely on them knowingly, so the
-    warning is silenced here rather than shown on every import.
-    """
+
+def seed_check(**kwargs):
+    """`dg.asset_check` evaluated per seed partition."""
 
     def decorate(fn):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", dg.PreviewWarning)
+        with _partitioned_checks_accepted():
             return dg.asset_check(partitions_def=seeds_partitions, **kwargs)(fn)
 
     return decorate
+
+
+def seed_check_spec(name: str, **kwargs) -> dg.AssetCheckSpec:
+    """A check spec evaluated per seed partition (for checks that share a step)."""
+    with _partitioned_checks_accepted():
+        return dg.AssetCheckSpec(name, partitions_def=seeds_partitions, **kwargs)

@@ -27,7 +27,7 @@ from dlm_pipeline.defs.checked_output import stored_columns
 from dlm_pipeline.defs.constants import EXPANSION_DETERMINISTIC, EXPANSION_MATCHES_WEIGHTS
 from dlm_pipeline.defs.corpus.assets import expanded_corpus
 from dlm_pipeline.defs.metadata import table_metadata, text_block
-from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
 from dlm_pipeline.defs.reuse import unchanged_check_results
 
@@ -39,18 +39,16 @@ EXPANDED_COLUMNS = ["section_id", "copy", "weight"]
 RAW_COLUMNS = ["section_id", "path", "tags"]
 INPUTS = ["raw_corpus", "weights_map", "training_configs"]
 
-DETERMINISTIC_SPEC = dg.AssetCheckSpec(
+DETERMINISTIC_SPEC = seed_check_spec(
     EXPANSION_DETERMINISTIC,
     asset=expanded_corpus,
-    partitions_def=seeds_partitions,
     additional_deps=INPUTS,
     description="Recomputing the copy decisions from the stored raw corpus and weights gives the stored rows "
     "(section_id, copy, weight, in order); an earlier materialization from the same inputs has the same fingerprint.",
 )
-WEIGHTS_SPEC = dg.AssetCheckSpec(
+WEIGHTS_SPEC = seed_check_spec(
     EXPANSION_MATCHES_WEIGHTS,
     asset=expanded_corpus,
-    partitions_def=seeds_partitions,
     additional_deps=INPUTS,
     description="Per row, copies are int(weight) or int(weight)+1; per tag, realized copies stay within "
     "4 standard deviations (+1) of the expected sum of weights; in exact mode each weight group holds "

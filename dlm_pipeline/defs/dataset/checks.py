@@ -20,22 +20,20 @@ from dlm_pipeline.core.megatron import MegatronFormatError
 from dlm_pipeline.defs.checked_output import stored_columns, stored_rows
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
 from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, spill_folder, training_dataset
-from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
+from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
 from dlm_pipeline.defs.reuse import unchanged_check_results
 
-LEAK_SPEC = dg.AssetCheckSpec(
+LEAK_SPEC = seed_check_spec(
     SPLIT_IS_LEAK_FREE,
     asset=training_dataset,
-    partitions_def=seeds_partitions,
     additional_deps=list(INS),
     description="Reads every Megatron document of both splits back and finds its text by its ids: no text is on "
     "both sides, and every document is on the side the split rule gives its content key.",
 )
-PACKING_SPEC = dg.AssetCheckSpec(
+PACKING_SPEC = seed_check_spec(
     PACKING_CONSERVES_TOKENS,
     asset=training_dataset,
-    partitions_def=seeds_partitions,
     additional_deps=list(INS),
     description="The Parquet sequences, the Megatron documents and the token store agree id for id; every sequence "
     "but the last holds seq_len ids, and doc_starts mark where each document begins.",
