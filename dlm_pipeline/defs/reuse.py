@@ -312,7 +312,6 @@ def raw_corpus_reuse(
         **config_lineage(context),
         "input_fingerprints": dg.MetadataValue.json(inputs),
     }
-    context.log.info(f"raw_corpus reused from seed {source_seed}: the tree is unchanged since it was read")
     output = (  # its own stored file, untouched: nothing to write or link
         Unchanged(str(path))
         if own
