@@ -97,6 +97,14 @@ class TokenStoreError(ValueError):
     """The store cannot be used as configured; the message names the path and what to set."""
 
 
+def _taken(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """`table.take(rows)`, without copying every id when `rows` is every row in order (the usual
+    case: a seed asks for texts in the order an earlier one stored them)."""
+    if len(rows) == table.num_rows and np.array_equal(rows, np.arange(len(rows))):
+        return table
+    return table.take(pa.array(rows, pa.int64()))
+
+
 class CorruptShard(Exception):
     """A shard whose file does not match its manifest entry."""
 
@@ -641,7 +649,7 @@ class TokenStore:
                 raise CorruptShard(f"{name}: row groups hold other rows than the index says")
             bases = np.cumsum(sizes) - sizes
             local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
-            return table.take(pa.array(local, pa.int64())).cast(STORE_SCHEMA)
+            return _taken(table, local).cast(STORE_SCHEMA)
         except CorruptShard:
             raise
         except Exception as exc:  # OSError, a checksum mismatch, or pyarrow's several types for a damaged file
@@ -668,6 +676,8 @@ class TokenStore:
                 if rebuild:
                     raise CorruptShard(f"{name}: its index points outside it") from None
                 continue
+            in_shard_order = np.argsort(rows, kind="stable")  # whole row groups then need no reordering
+            at, rows = at[in_shard_order], rows[in_shard_order]
             if not len(at):
                 return at, at, STORE_SCHEMA.empty_table()
             try:
@@ -683,7 +693,7 @@ class TokenStore:
         hits = np.flatnonzero(same)
         _, first = np.unique(at[hits], return_index=True)  # one row per key, should a shard hold it twice
         hits = hits[first]
-        return pending[at], pending[at[hits]], table.take(pa.array(hits, pa.int64()))
+        return pending[at], pending[at[hits]], _taken(table, hits)
 
     def _gather(
         self,
@@ -780,8 +790,7 @@ class TokenStore:
             found_rows.append((pending, fresh))
         combined = pa.concat_tables([rows for _, rows in found_rows]) if found_rows else STORE_SCHEMA.empty_table()
         positions = np.concatenate([p for p, _ in found_rows]) if found_rows else np.zeros(0, np.int64)
-        order = np.argsort(positions, kind="stable")
-        table = combined.take(pa.array(order, pa.int64())) if len(order) else combined
+        table = _taken(combined, np.argsort(positions, kind="stable"))
         self._touch(used)
         self.evict(protect=used)
         if misses:

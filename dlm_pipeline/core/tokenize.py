@@ -111,9 +111,12 @@ def ids_table(rows: Sequence[np.ndarray], limit: int = MAX_LIST_IDS) -> pa.Table
 def cut(encoded: pa.Table, max_seq_len: int) -> pa.Table:
     """Full ids -> input_ids cut to max_seq_len, n_tokens after the cut, truncated (SPEC §4)."""
     full = encoded["n_tokens"]
+    longest = pc.max(full).as_py()
     return pa.table(
         {
-            "input_ids": pc.list_slice(encoded["input_ids"], 0, max_seq_len),
+            "input_ids": pc.list_slice(encoded["input_ids"], 0, max_seq_len)
+            if longest is not None and longest > max_seq_len
+            else encoded["input_ids"],  # nothing to cut: the ids as they are, not a copy
             "n_tokens": pc.min_element_wise(full, pa.scalar(max_seq_len, pa.int32())),
             "truncated": pc.greater(full, max_seq_len),
         }
