@@ -92,6 +92,14 @@ def test_hits_in_stored_order_shuffled_and_across_shards_are_the_encoded_rows(tm
         cut_rows = cut(found.table, 12)
         assert cut_rows["input_ids"].to_pylist() == [ids[:12] for ids in expected["input_ids"].to_pylist()]
         assert cut(found.table, 10**6)["input_ids"].to_pylist() == expected["input_ids"].to_pylist()
+        lengths = store.get_or_compute(
+            loaded.cache_namespace, [IDS[i] for i in rows], [TEXTS[i] for i in rows], loaded.encode, lengths_only=True
+        )
+        assert lengths.table.column_names == ["content_key", "n_tokens"] and lengths.hits == len(rows)
+        assert lengths.table["n_tokens"].to_pylist() == expected["n_tokens"].to_pylist()
+    fresh = TokenStore(tmp_path / "fresh").get_or_compute(loaded.cache_namespace, IDS, TEXTS, loaded.encode, None, True)
+    assert fresh.misses == 300 and fresh.table.column_names == ["content_key", "n_tokens"]
+    assert fresh.table["n_tokens"].to_pylist() == loaded.encode(TEXTS)["n_tokens"].to_pylist()
 
 
 def test_namespaces_separate_special_tokens_but_not_lengths(tmp_path):
