@@ -113,9 +113,10 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
 # decided by the rows alone, never by how they arrived in batches, so the file is deterministic.
 ROW_GROUP_ROWS = 1024 * 1024
 ROW_GROUP_BYTES = 32 << 20
-# A stream whose row groups (Arrow bytes) fit this is fingerprinted from them once written, so the
-# file is not read back for it; a larger one is (memory: at most this much is held besides one group).
-FINGERPRINT_HELD_BYTES = 64 << 20
+# A stream whose row groups (their Arrow bytes) fit this many ROW_GROUP_BYTES is fingerprinted from
+# them once written, so the file is not read back for it (a larger one is): a one-group output is
+# held no longer than its write needs it, a larger one holds at most this budget besides one group.
+FINGERPRINT_HELD_GROUPS = 2
 _ARROW_SCHEMA_KEY = b"ARROW:schema"
 
 
@@ -182,10 +183,11 @@ def write_parquet_stream(stream: RowStream, fh: BinaryIO) -> int:
     """Write the rows group by group (memory: one row group); returns the row count. A stream whose
     rows fit one row group gives exactly `write_parquet`'s bytes for the same table: the schema,
     with its late metadata, goes into the footer as pyarrow itself stores it. Sets `stream.fingerprint`
-    (the stored table's `table_fingerprint`) when the row groups fit FINGERPRINT_HELD_BYTES."""
+    (the stored table's `table_fingerprint`) when the row groups fit FINGERPRINT_HELD_GROUPS budgets."""
     schema = stream.schema.remove_metadata()
     rows = held_bytes = 0
     held: list[pa.Table] | None = []
+    held_budget = FINGERPRINT_HELD_GROUPS * ROW_GROUP_BYTES
     writer = pq.ParquetWriter(
         fh, schema, store_schema=False, use_dictionary=_dictionary_columns(schema), **PARQUET_OPTIONS
     )
@@ -194,7 +196,7 @@ def write_parquet_stream(stream: RowStream, fh: BinaryIO) -> int:
             writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
             rows += group.num_rows
             held_bytes += group.nbytes
-            held = held + [group] if held is not None and held_bytes <= FINGERPRINT_HELD_BYTES else None
+            held = held + [group] if held is not None and held_bytes <= held_budget else None
         metadata = {**(stream.schema.metadata or {}), **(stream.late_metadata() if stream.late_metadata else {})}
         full = schema.with_metadata(metadata) if metadata else schema
         writer.add_key_value_metadata({**metadata, _ARROW_SCHEMA_KEY: base64.b64encode(full.serialize().to_pybytes())})

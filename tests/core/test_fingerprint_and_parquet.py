@@ -72,7 +72,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
 def test_fingerprint_taken_while_writing_a_stream_is_the_stored_files(tmp_path, monkeypatch):
     """The fingerprint `write_parquet_stream` computes from the row groups it wrote (so the IO manager
     need not read the file back) is the stored file's, over one or many row groups, with nulls,
-    maps, id lists and numbers; past the held budget it gives none and the file is read instead."""
+    maps, id lists and numbers; past the held budget (two row groups' bytes) it gives none and the file is read instead."""
     n = 400
     ids = pa.array([None if i % 7 == 3 else list(range(i % 9)) for i in range(n)], pa.list_(pa.int32()))
     table = pa.concat_tables([sample()] * (n // 3 + 1)).slice(0, n)
@@ -81,19 +81,16 @@ def test_fingerprint_taken_while_writing_a_stream_is_the_stored_files(tmp_path, 
     )
     table = table.append_column("cut", pa.array([i % 3 == 0 for i in range(n)]))
     table = table.append_column("full_ids", pa.array([list(range(i % 5)) for i in range(n)], pa.list_(pa.int32())))
-    for row_group_bytes, held_bytes, expect_held in (
-        (32 << 20, 64 << 20, True),
-        (300, 64 << 20, True),
-        (300, 500, False),
-    ):
+    cases = [(32 << 20, 1024 * 1024, True), (32 << 20, 150, True), (4_000, 1024 * 1024, False)]
+    for row_group_bytes, row_group_rows, expect_held in cases:  # one group, groups cut by rows, by bytes
         monkeypatch.setattr(parquet_io, "ROW_GROUP_BYTES", row_group_bytes)
-        monkeypatch.setattr(parquet_io, "FINGERPRINT_HELD_BYTES", held_bytes)
+        monkeypatch.setattr(parquet_io, "ROW_GROUP_ROWS", row_group_rows)
         stream = RowStream(table.schema, table.to_batches(max_chunksize=37))
-        path = tmp_path / f"{row_group_bytes}-{held_bytes}.parquet"
+        path = tmp_path / f"{row_group_bytes}-{row_group_rows}.parquet"
         with open(path, "wb") as fh:
             write_parquet_stream(stream, fh)
         assert (stream.fingerprint is not None) == expect_held
         assert parquet_fingerprint(path) == table_fingerprint(table)
+        assert (pq.ParquetFile(path).num_row_groups > 1) == (row_group_bytes == 4_000 or row_group_rows == 150)
         if expect_held:
             assert stream.fingerprint == parquet_fingerprint(path)
-            assert (pq.ParquetFile(path).num_row_groups > 1) == (row_group_bytes == 300)
