@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -159,29 +160,38 @@ def load_tokenizer(
     path = Path(source).expanduser()
     try:
         if is_hub_id(source):
-            tokenizer = _from_hub(source)
+            tokenizer, fingerprint, truncation_disabled, padding_disabled = _without_cuts(_from_hub(source))
         elif path.is_dir():
             if not os.path.lexists(path / TOKEN_FILE):
                 raise TokenizerError(f"{path} is a directory without a {TOKEN_FILE}")
-            tokenizer = Tokenizer.from_str(read_tokenizer_file(path / TOKEN_FILE))
+            tokenizer, fingerprint, truncation_disabled, padding_disabled = _parsed(
+                read_tokenizer_file(path / TOKEN_FILE)
+            )
         else:
-            tokenizer = Tokenizer.from_str(read_tokenizer_file(path))
+            tokenizer, fingerprint, truncation_disabled, padding_disabled = _parsed(read_tokenizer_file(path))
     except TokenizerError:
         raise
     except Exception as exc:  # tokenizers raises bare Exceptions for unparsable files
         raise TokenizerError(f"cannot load tokenizer from {source!r}: {_one_line(exc)}") from None
+    return LoadedTokenizer(
+        tokenizer, fingerprint, source, max_seq_len, add_special_tokens, truncation_disabled, padding_disabled
+    )
+
+
+def _without_cuts(tokenizer: Tokenizer) -> tuple[Tokenizer, str, bool, bool]:
+    """(the tokenizer with its own truncation and padding turned off, its fingerprint, whether each was on)."""
     truncation_disabled, padding_disabled = tokenizer.truncation is not None, tokenizer.padding is not None
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return LoadedTokenizer(
-        tokenizer,
-        fingerprint_of(tokenizer),
-        source,
-        max_seq_len,
-        add_special_tokens,
-        truncation_disabled,
-        padding_disabled,
-    )
+    return tokenizer, fingerprint_of(tokenizer), truncation_disabled, padding_disabled
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(text: str) -> tuple[Tokenizer, str, bool, bool]:
+    """`_without_cuts` of the tokenizer serialised as `text`, parsed once per process per content:
+    each step of a run loads the same file, and parsing was most of a step's load (the file is still
+    read every time, so an edited file is parsed again). Nothing changes a tokenizer after this."""
+    return _without_cuts(Tokenizer.from_str(text))
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
