@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -186,12 +185,22 @@ def _without_cuts(tokenizer: Tokenizer) -> tuple[Tokenizer, str, bool, bool]:
     return tokenizer, fingerprint_of(tokenizer), truncation_disabled, padding_disabled
 
 
-@functools.lru_cache(maxsize=2)
+PARSED_KEPT = 2  # tokenizers kept parsed per process (by the sha256 of their file's text)
+_parsed_by_digest: dict[str, tuple[Tokenizer, str, bool, bool]] = {}
+
+
 def _parsed(text: str) -> tuple[Tokenizer, str, bool, bool]:
     """`_without_cuts` of the tokenizer serialised as `text`, parsed once per process per content:
     each step of a run loads the same file, and parsing was most of a step's load (the file is still
-    read every time, so an edited file is parsed again). Nothing changes a tokenizer after this."""
-    return _without_cuts(Tokenizer.from_str(text))
+    read every time, so an edited file is parsed again; the text itself is not kept). Nothing
+    changes a tokenizer after this."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if digest not in _parsed_by_digest:
+        parsed = _without_cuts(Tokenizer.from_str(text))
+        while len(_parsed_by_digest) >= PARSED_KEPT:
+            _parsed_by_digest.pop(next(iter(_parsed_by_digest)))
+        _parsed_by_digest[digest] = parsed
+    return _parsed_by_digest[digest]
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
