@@ -193,10 +193,10 @@ def write_parquet_stream(stream: RowStream, fh: BinaryIO) -> int:
     )
     try:
         for group in _row_groups(stream.batches, schema):
+            held_bytes += group.nbytes  # dropped before the write, which is where memory peaks
+            held = held + [group] if held is not None and held_bytes <= held_budget else None
             writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
             rows += group.num_rows
-            held_bytes += group.nbytes
-            held = held + [group] if held is not None and held_bytes <= held_budget else None
         metadata = {**(stream.schema.metadata or {}), **(stream.late_metadata() if stream.late_metadata else {})}
         full = schema.with_metadata(metadata) if metadata else schema
         writer.add_key_value_metadata({**metadata, _ARROW_SCHEMA_KEY: base64.b64encode(full.serialize().to_pybytes())})
