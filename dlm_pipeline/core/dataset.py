@@ -126,11 +126,14 @@ class StoredIds:
         np.cumsum(lengths, out=offsets[1:])
         values = np.empty(int(offsets[-1]), "<i4")
         fd = self.spill.fileno()
-        for text, start, end in zip(texts.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        where = self.positions[texts]
+        # Texts that lie back to back in the spill (the usual case: both are in ascending order) are one read.
+        runs = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1] + lengths[:-1]])).tolist()
+        for run, next_run in zip(runs, [*runs[1:], len(texts)], strict=False):
+            start, end = int(offsets[run]), int(offsets[next_run])
             if (
                 end > start
-                and os.preadv(fd, [memoryview(values[start:end]).cast("B")], int(self.positions[text]) * 4)
-                != (end - start) * 4
+                and os.preadv(fd, [memoryview(values[start:end]).cast("B")], int(where[run]) * 4) != (end - start) * 4
             ):
                 raise DatasetError("the dataset's spill file was cut short; run the step again")
         return pa.ListArray.from_arrays(
@@ -192,7 +195,7 @@ def plan_token_ids(
         lengths[texts] = found["n_tokens"].to_numpy()
         positions[texts] = written + np.cumsum(lengths[texts]) - lengths[texts]
         for chunk in found["input_ids"].chunks:
-            spill.write(memoryview(chunk.flatten().to_numpy(zero_copy_only=False).astype("<i4")))
+            spill.write(memoryview(chunk.flatten().to_numpy(zero_copy_only=False).astype("<i4", copy=False)))
         written += int(lengths[texts].sum())
     spill.flush()
     return StoredIds(lengths, positions, spill)
@@ -559,8 +562,7 @@ def _check_megatron(dataset: IndexedDataset, ids: Ids, documents: np.ndarray, eo
         return [f"{len(dataset)} Megatron documents, the token store gives {len(lengths)} of other lengths"]
     position = 0
     for tokens, _ in stream_parts(_parts(ids, documents), eos_id, CHECK_CHUNK_TOKENS):
-        stored = np.asarray(dataset.tokens[position : position + len(tokens)], dtype=np.int64)
-        first = _first_difference(stored, tokens.astype(np.int64))
+        first = _first_difference(dataset.tokens[position : position + len(tokens)], tokens)  # numpy widens both
         if first is not None:
             problems.append(f"Megatron id {position + first} differs from the token store")
             break
@@ -581,8 +583,8 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
         if previous_short or np.any(lengths[:-1] != seq_len) or not 0 < lengths[-1] <= seq_len:
             return [f"{path.name}: a sequence other than the last is not {seq_len} ids long near sequence {sequence}"]
         previous_short = lengths[-1] != seq_len
-        flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        first = _first_difference(flat, np.asarray(stream[position : position + len(flat)], dtype=np.int64))
+        flat = lists.flatten().to_numpy(zero_copy_only=False)
+        first = _first_difference(flat, stream[position : position + len(flat)])  # numpy widens both
         if first is not None:
             return [f"{path.name}: id {position + first} differs from the Megatron documents"]
         doc_starts = batch.column("doc_starts")

@@ -391,13 +391,14 @@ class StreamedExpansion:
     schema: pa.Schema  # of the expanded rows, with the mode in its metadata
     raw: ParquetRows
     batch_bytes: int
+    whole: pa.Table | None = None  # a raw corpus of one row group, already read for the plan
 
     def batches(self) -> Iterator[pa.Table]:
         """The expanded rows in order, one raw row group at a time, each cut into parts of about
         `batch_bytes` (a row of 100 copies must not multiply a row group's memory by 100)."""
         start = 0
         sources = self.plan.source_rows
-        for table in self.raw.batches():
+        for table in [self.whole] if self.whole is not None else self.raw.batches():
             n = table.num_rows
             lo, hi = np.searchsorted(sources, [start, start + n], side="left").tolist()
             local = ExpansionPlan(
@@ -425,16 +426,19 @@ def stream_expansion(
 ) -> StreamedExpansion:
     """`expand_corpus` for a stored raw corpus, never holding more text than a row group: the plan
     is made from the small per-row columns and the texts' lengths (read row group by row group),
-    the rows are gathered when `batches()` is consumed. Same rows, same schema."""
-    rows = raw.read(columns=PLAN_COLUMNS)
-    lengths = [text_bytes(table["text"]) for table in raw.batches(columns=["text"])]
+    the rows are gathered when `batches()` is consumed. Same rows, same schema. A raw corpus of one
+    row group (the most a batch holds anyway) is read once, for the plan and the rows."""
+    whole = raw.read() if raw.file.num_row_groups == 1 else None
+    rows = whole.select(PLAN_COLUMNS) if whole is not None else raw.read(columns=PLAN_COLUMNS)
+    texts = [whole] if whole is not None else raw.batches(columns=["text"])
+    lengths = [text_bytes(table["text"]) for table in texts]
     row_chain, chains = resolve_weights(rows["path"], weights_map_table)
     plan = plan_expansion(
         rows, row_chain, chains, seed, mode, max_bytes, np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     )
     schema = raw.schema.append(pa.field("weight", pa.float64())).append(pa.field("copy", pa.int32()))
     schema = schema.with_metadata({**(schema.metadata or {}), MODE_METADATA_KEY: check_mode(mode).encode()})
-    return StreamedExpansion(plan, rows, schema, raw, batch_bytes or ROW_GROUP_BYTES)
+    return StreamedExpansion(plan, rows, schema, raw, batch_bytes or ROW_GROUP_BYTES, whole)
 
 
 def tag_stats(tags: pa.ChunkedArray | pa.Array, weights: np.ndarray, copies: np.ndarray) -> pa.Table:

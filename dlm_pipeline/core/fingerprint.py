@@ -7,6 +7,7 @@ its file with the same definition, its string columns streamed row group by row 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -28,6 +29,13 @@ def _is_bytes(kind: pa.DataType) -> bool:
         or pa.types.is_binary(kind)
         or pa.types.is_large_binary(kind)
     )
+
+
+def _little_endian(values: np.ndarray) -> memoryview:
+    """The bytes of `values` as little-endian, without a copy when they already are (hashing a
+    view, not `tobytes()`, keeps a large id column from being copied twice)."""
+    values = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
+    return memoryview(values).cast("B")
 
 
 def _feed(h: hashlib._Hash, array: pa.Array) -> None:
@@ -53,8 +61,8 @@ def _feed(h: hashlib._Hash, array: pa.Array) -> None:
     elif pa.types.is_boolean(kind):
         h.update(b"B" + array.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        values = array.fill_null(0).to_numpy(zero_copy_only=False)
-        h.update(b"N" + values.astype(values.dtype.newbyteorder("<")).tobytes())
+        h.update(b"N")
+        h.update(_little_endian((array.fill_null(0) if array.null_count else array).to_numpy(zero_copy_only=False)))
     else:
         raise TypeError(f"no canonical encoding for column type {kind}")
 
@@ -124,25 +132,42 @@ def _feed_numeric_lists(h: hashlib._Hash, chunks: Callable[[], Iterator[pa.Array
     h.update(b"L" + sizes.tobytes())
     h.update(int(sizes.sum()).to_bytes(8, "little") + b"N")
     for chunk in chunks():
-        values = chunk.flatten().to_numpy(zero_copy_only=False)
-        h.update(values.astype(values.dtype.newbyteorder("<")).tobytes())
+        h.update(_little_endian(chunk.flatten().to_numpy(zero_copy_only=False)))
     return True
+
+
+def _fingerprint(schema: pa.Schema, column: Callable[[str], Iterator[pa.Array]]) -> str:
+    """`table_fingerprint` of the table of `schema` whose column `name` is the concatenation of
+    `column(name)` (called again for each pass): string and numeric list columns are hashed one
+    chunk at a time, the others (small per row) are combined whole."""
+    h = hashlib.sha256(FINGERPRINT_VERSION)
+    for field_ in schema:
+        h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
+        chunks = functools.partial(column, field_.name)
+        if _is_bytes(field_.type):
+            _feed_strings(h, chunks)
+        elif not (_is_numeric_list(field_.type) and _feed_numeric_lists(h, chunks)):
+            _feed(h, one_chunk(pa.chunked_array(list(chunks()), field_.type)))
+    return h.hexdigest()
 
 
 def parquet_fingerprint(path: str | os.PathLike) -> str:
     """`table_fingerprint` of the table stored at `path`, holding one row group of a string or
     numeric list column at a time (other columns, small per row, are read whole)."""
     file = pq.ParquetFile(path)
-    h = hashlib.sha256(FINGERPRINT_VERSION)
-    for field_ in file.schema_arrow:
-        h.update(f"{field_.name}:{_type_name(field_.type)}\n".encode())
 
-        def chunks(name: str = field_.name) -> Iterator[pa.Array]:
-            for i in range(file.num_row_groups):
-                yield from file.read_row_group(i, columns=[name])[name].chunks
+    @functools.lru_cache(maxsize=1)  # a column's two passes over a file of one row group read it once
+    def read(group: int, name: str) -> list[pa.Array]:
+        return file.read_row_group(group, columns=[name])[name].chunks
 
-        if _is_bytes(field_.type):
-            _feed_strings(h, chunks)
-        elif not (_is_numeric_list(field_.type) and _feed_numeric_lists(h, chunks)):
-            _feed(h, one_chunk(file.read(columns=[field_.name])[field_.name]))
-    return h.hexdigest()
+    def column(name: str) -> Iterator[pa.Array]:
+        for i in range(file.num_row_groups):
+            yield from read(i, name)
+
+    return _fingerprint(file.schema_arrow, column)
+
+
+def tables_fingerprint(schema: pa.Schema, tables: list[pa.Table]) -> str:
+    """`table_fingerprint` of the concatenation of `tables` (of `schema`), without combining their
+    large columns: what a stream's writer holds gives the fingerprint of the file it wrote."""
+    return _fingerprint(schema, lambda name: (chunk for table in tables for chunk in table[name].chunks))

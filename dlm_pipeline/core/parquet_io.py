@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core.fingerprint import tables_fingerprint
+
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True}
 
 
@@ -111,6 +113,10 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
 # decided by the rows alone, never by how they arrived in batches, so the file is deterministic.
 ROW_GROUP_ROWS = 1024 * 1024
 ROW_GROUP_BYTES = 32 << 20
+# A stream whose row groups (their Arrow bytes) fit this many ROW_GROUP_BYTES is fingerprinted from
+# them once written, so the file is not read back for it (a larger one is): a one-group output is
+# held no longer than its write needs it, a larger one holds at most this budget besides one group.
+FINGERPRINT_HELD_GROUPS = 2
 _ARROW_SCHEMA_KEY = b"ARROW:schema"
 
 
@@ -123,6 +129,7 @@ class RowStream:
     schema: pa.Schema
     batches: Iterable[pa.Table | pa.RecordBatch]
     late_metadata: Callable[[], dict[bytes, bytes]] | None = None
+    fingerprint: str | None = None  # set by `write_parquet_stream` when it could hold every row group
 
 
 def row_bytes(table: pa.Table | pa.RecordBatch) -> np.ndarray:
@@ -175,14 +182,19 @@ def _row_groups(batches: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema)
 def write_parquet_stream(stream: RowStream, fh: BinaryIO) -> int:
     """Write the rows group by group (memory: one row group); returns the row count. A stream whose
     rows fit one row group gives exactly `write_parquet`'s bytes for the same table: the schema,
-    with its late metadata, goes into the footer as pyarrow itself stores it."""
+    with its late metadata, goes into the footer as pyarrow itself stores it. Sets `stream.fingerprint`
+    (the stored table's `table_fingerprint`) when the row groups fit FINGERPRINT_HELD_GROUPS budgets."""
     schema = stream.schema.remove_metadata()
-    rows = 0
+    rows = held_bytes = 0
+    held: list[pa.Table] | None = []
+    held_budget = FINGERPRINT_HELD_GROUPS * ROW_GROUP_BYTES
     writer = pq.ParquetWriter(
         fh, schema, store_schema=False, use_dictionary=_dictionary_columns(schema), **PARQUET_OPTIONS
     )
     try:
         for group in _row_groups(stream.batches, schema):
+            held_bytes += group.nbytes  # dropped before the write, which is where memory peaks
+            held = held + [group] if held is not None and held_bytes <= held_budget else None
             writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
             rows += group.num_rows
         metadata = {**(stream.schema.metadata or {}), **(stream.late_metadata() if stream.late_metadata else {})}
@@ -190,6 +202,7 @@ def write_parquet_stream(stream: RowStream, fh: BinaryIO) -> int:
         writer.add_key_value_metadata({**metadata, _ARROW_SCHEMA_KEY: base64.b64encode(full.serialize().to_pybytes())})
     finally:
         writer.close()
+    stream.fingerprint = tables_fingerprint(schema, held) if held is not None else None
     return rows
 
 

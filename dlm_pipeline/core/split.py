@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dlm_pipeline.core.arrow_utils import string_offsets
 from dlm_pipeline.core.corpus import content_key
-
-TEXT_BATCH = 1024  # texts turned into Python strings at a time (content keys), to bound memory
 
 
 def _digest64(message: str) -> int:
@@ -24,10 +23,18 @@ def _digest64(message: str) -> int:
 
 
 def content_keys(texts: pa.ChunkedArray | pa.Array) -> list[str]:
-    """sha256 hex of each text, converting a batch of texts to Python at a time."""
+    """`content_key` of each text, hashed from the Arrow buffer in place (its UTF-8 bytes are what
+    `str.encode` gives): no text becomes a Python string."""
     keys: list[str] = []
-    for start in range(0, len(texts), TEXT_BATCH):
-        keys.extend(content_key(text) for text in texts.slice(start, TEXT_BATCH).to_pylist())
+    for chunk in texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]:
+        if chunk.null_count:  # no text of ours is null: fail as content_key does
+            keys.extend(content_key(text) for text in chunk.to_pylist())
+            continue
+        offsets = string_offsets(chunk).tolist()
+        data = memoryview(chunk.buffers()[2] or b"")
+        keys.extend(
+            hashlib.sha256(data[start:end]).hexdigest() for start, end in zip(offsets, offsets[1:], strict=False)
+        )
     return keys
 
 

@@ -98,6 +98,14 @@ class TokenStoreError(ValueError):
     """The store cannot be used as configured; the message names the path and what to set."""
 
 
+def _taken(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """`table.take(rows)`, without copying any id when `rows` are consecutive rows in order (the
+    usual case: a seed asks for texts in the order an earlier one stored them): a slice."""
+    if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+        return table.slice(int(rows[0]), len(rows))
+    return table.take(pa.array(rows, pa.int64()))
+
+
 class CorruptShard(Exception):
     """A shard whose file does not match its manifest entry."""
 
@@ -108,7 +116,7 @@ class CorruptShard(Exception):
 class Lookup:
     """Result of get_or_compute, aligned with the requested content keys."""
 
-    table: pa.Table  # STORE_SCHEMA, one row per requested key, same order
+    table: pa.Table  # STORE_SCHEMA (no input_ids when asked `lengths_only`), one row per requested key, same order
     hits: int = 0
     misses: int = 0
     shards_used: set[str] = field(default_factory=set)
@@ -643,8 +651,11 @@ class TokenStore:
                     pass
         return token_index.KeyIndex.parse(content, info)
 
-    def _read_rows(self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray) -> pa.Table:
-        """Rows `rows` of the shard, reading only its footer and the row groups holding them."""
+    def _read_rows(
+        self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
+    ) -> pa.Table:
+        """Rows `rows` of the shard (`columns` of STORE_SCHEMA), reading only its footer and the row
+        groups holding them (all their bytes are verified; only `columns` are decoded)."""
         namespace, shard = name.split("/")
         groups = index.group_of(rows)
         needed = np.unique(groups)
@@ -655,7 +666,7 @@ class TokenStore:
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise CorruptShard(f"{name}: not a regular file")
-                table = token_index.read_verified(fd, info["bytes"], index, needed, STORE_SCHEMA.names)
+                table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
             finally:
                 os.close(fd)
             self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
@@ -663,14 +674,20 @@ class TokenStore:
                 raise CorruptShard(f"{name}: row groups hold other rows than the index says")
             bases = np.cumsum(sizes) - sizes
             local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
-            return table.take(pa.array(local, pa.int64())).cast(STORE_SCHEMA)
+            return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
         except CorruptShard:
             raise
         except Exception as exc:  # OSError, a checksum mismatch, or pyarrow's several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
 
     def _find_in_shard(
-        self, name: str, info: dict, wanted: pa.Array, prefixes: np.ndarray, pending: np.ndarray
+        self,
+        name: str,
+        info: dict,
+        wanted: pa.Array,
+        prefixes: np.ndarray,
+        pending: np.ndarray,
+        columns: Sequence[str] = STORE_SCHEMA.names,
     ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         """(positions of `pending` keys the index points into this shard, positions found, their rows).
         Every returned row's full content key is compared; an index that points at other keys is
@@ -690,10 +707,12 @@ class TokenStore:
                 if rebuild:
                     raise CorruptShard(f"{name}: its index points outside it") from None
                 continue
+            in_shard_order = np.argsort(rows, kind="stable")  # whole row groups then need no reordering
+            at, rows = at[in_shard_order], rows[in_shard_order]
             if not len(at):
                 return at, at, STORE_SCHEMA.empty_table()
             try:
-                table = self._read_rows(name, info, index, rows)
+                table = self._read_rows(name, info, index, rows, columns)
             except CorruptShard as exc:
                 pointed = exc.pointed = pending[at]
                 if rebuild:
@@ -705,7 +724,7 @@ class TokenStore:
         hits = np.flatnonzero(same)
         _, first = np.unique(at[hits], return_index=True)  # one row per key, should a shard hold it twice
         hits = hits[first]
-        return pending[at], pending[at[hits]], table.take(pa.array(hits, pa.int64()))
+        return pending[at], pending[at[hits]], _taken(table, hits)
 
     def _gather(
         self,
@@ -716,6 +735,7 @@ class TokenStore:
         used: set,
         repaired: list,
         corrupt: set | None = None,
+        columns: Sequence[str] = STORE_SCHEMA.names,
     ) -> np.ndarray:
         """Look the keys at `pending` positions of `wanted` up in the shards `names` through their key
         indexes; appends (positions, rows) to `found_rows`; returns the positions still missing. A
@@ -725,7 +745,7 @@ class TokenStore:
             if not len(pending):
                 break
             try:
-                pointed, found, rows = self._find_in_shard(name, names[name], wanted, prefixes, pending)
+                pointed, found, rows = self._find_in_shard(name, names[name], wanted, prefixes, pending, columns)
             except CorruptShard as exc:
                 if self._drop_corrupt(name, names[name]):
                     repaired.append(name)
@@ -746,6 +766,7 @@ class TokenStore:
         texts: Sequence[str] | Callable[[np.ndarray], list[str]],
         encode: Encoder,
         write_elsewhere: RemoteWriter | None = None,
+        lengths_only: bool = False,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
         encode and store the rest. Keys are found through each shard's key index and only the row
@@ -753,7 +774,9 @@ class TokenStore:
         again. With `write_elsewhere` (SPEC §6, `--compute ray`)
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here. `texts`
-        may be a function of the (ascending) positions of the misses, so only their texts are read."""
+        may be a function of the (ascending) positions of the misses, so only their texts are read.
+        With `lengths_only`, the table has no input_ids: the stored ids are verified but not decoded."""
+        columns = ("content_key", "n_tokens") if lengths_only else tuple(STORE_SCHEMA.names)
         report = self.repair()
         good, _ = self._entries(self._read_manifest())
         wanted = pa.array(list(keys), pa.string())
@@ -769,6 +792,7 @@ class TokenStore:
             used,
             repaired,
             corrupt,
+            columns,
         )
         misses = len(pending)
         reasons = {
@@ -784,7 +808,7 @@ class TokenStore:
             written, encode_seconds, encoded_tokens = write_elsewhere(
                 namespace, wanted.take(pa.array(pending)).to_pylist(), texts_at(pending)
             )
-            pending = self._gather(self.commit(written), wanted, pending, found_rows, used, repaired)
+            pending = self._gather(self.commit(written), wanted, pending, found_rows, used, repaired, None, columns)
         if len(pending):
             start = time.perf_counter()
             encoded = encode(texts_at(pending))
@@ -800,10 +824,11 @@ class TokenStore:
             )
             used.update(self._write_shards(namespace, fresh))
             found_rows.append((pending, fresh))
-        combined = pa.concat_tables([rows for _, rows in found_rows]) if found_rows else STORE_SCHEMA.empty_table()
+        combined = pa.concat_tables(
+            [rows.select(columns) for _, rows in found_rows] or [STORE_SCHEMA.empty_table().select(columns)]
+        )
         positions = np.concatenate([p for p, _ in found_rows]) if found_rows else np.zeros(0, np.int64)
-        order = np.argsort(positions, kind="stable")
-        table = combined.take(pa.array(order, pa.int64())) if len(order) else combined
+        table = _taken(combined, np.argsort(positions, kind="stable"))
         self._touch(used)
         self.evict(protect=used)
         if misses:
@@ -949,6 +974,7 @@ def tokenized_rows(
             texts_of(np.arange(start, end)),
             encode,
             write_elsewhere,
+            lengths_only=True,  # the ids are read again, a batch at a time, when the rows are written
         )
         full_tokens[start:end] = part.table["n_tokens"].to_numpy()
         part.table = STORE_SCHEMA.empty_table()

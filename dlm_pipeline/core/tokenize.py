@@ -111,9 +111,12 @@ def ids_table(rows: Sequence[np.ndarray], limit: int = MAX_LIST_IDS) -> pa.Table
 def cut(encoded: pa.Table, max_seq_len: int) -> pa.Table:
     """Full ids -> input_ids cut to max_seq_len, n_tokens after the cut, truncated (SPEC §4)."""
     full = encoded["n_tokens"]
+    longest = pc.max(full).as_py()
     return pa.table(
         {
-            "input_ids": pc.list_slice(encoded["input_ids"], 0, max_seq_len),
+            "input_ids": pc.list_slice(encoded["input_ids"], 0, max_seq_len)
+            if longest is not None and longest > max_seq_len
+            else encoded["input_ids"],  # nothing to cut: the ids as they are, not a copy
             "n_tokens": pc.min_element_wise(full, pa.scalar(max_seq_len, pa.int32())),
             "truncated": pc.greater(full, max_seq_len),
         }
@@ -156,29 +159,48 @@ def load_tokenizer(
     path = Path(source).expanduser()
     try:
         if is_hub_id(source):
-            tokenizer = _from_hub(source)
+            tokenizer, fingerprint, truncation_disabled, padding_disabled = _without_cuts(_from_hub(source))
         elif path.is_dir():
             if not os.path.lexists(path / TOKEN_FILE):
                 raise TokenizerError(f"{path} is a directory without a {TOKEN_FILE}")
-            tokenizer = Tokenizer.from_str(read_tokenizer_file(path / TOKEN_FILE))
+            tokenizer, fingerprint, truncation_disabled, padding_disabled = _parsed(
+                read_tokenizer_file(path / TOKEN_FILE)
+            )
         else:
-            tokenizer = Tokenizer.from_str(read_tokenizer_file(path))
+            tokenizer, fingerprint, truncation_disabled, padding_disabled = _parsed(read_tokenizer_file(path))
     except TokenizerError:
         raise
     except Exception as exc:  # tokenizers raises bare Exceptions for unparsable files
         raise TokenizerError(f"cannot load tokenizer from {source!r}: {_one_line(exc)}") from None
+    return LoadedTokenizer(
+        tokenizer, fingerprint, source, max_seq_len, add_special_tokens, truncation_disabled, padding_disabled
+    )
+
+
+def _without_cuts(tokenizer: Tokenizer) -> tuple[Tokenizer, str, bool, bool]:
+    """(the tokenizer with its own truncation and padding turned off, its fingerprint, whether each was on)."""
     truncation_disabled, padding_disabled = tokenizer.truncation is not None, tokenizer.padding is not None
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return LoadedTokenizer(
-        tokenizer,
-        fingerprint_of(tokenizer),
-        source,
-        max_seq_len,
-        add_special_tokens,
-        truncation_disabled,
-        padding_disabled,
-    )
+    return tokenizer, fingerprint_of(tokenizer), truncation_disabled, padding_disabled
+
+
+PARSED_KEPT = 2  # tokenizers kept parsed per process (by the sha256 of their file's text)
+_parsed_by_digest: dict[str, tuple[Tokenizer, str, bool, bool]] = {}
+
+
+def _parsed(text: str) -> tuple[Tokenizer, str, bool, bool]:
+    """`_without_cuts` of the tokenizer serialised as `text`, parsed once per process per content:
+    each step of a run loads the same file, and parsing was most of a step's load (the file is still
+    read every time, so an edited file is parsed again; the text itself is not kept). Nothing
+    changes a tokenizer after this."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if digest not in _parsed_by_digest:
+        parsed = _without_cuts(Tokenizer.from_str(text))
+        while len(_parsed_by_digest) >= PARSED_KEPT:
+            _parsed_by_digest.pop(next(iter(_parsed_by_digest)))
+        _parsed_by_digest[digest] = parsed
+    return _parsed_by_digest[digest]
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

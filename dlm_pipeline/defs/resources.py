@@ -196,7 +196,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         output itself carries none)."""
         if not isinstance(obj, StreamedOutput):
             return
-        fingerprint = parquet_fingerprint(path)
+        fingerprint = obj.rows.fingerprint or parquet_fingerprint(path)  # from the rows written, when held
         context.add_output_metadata(obj.metadata(ParquetRows(path).num_rows, fingerprint))
         with warnings.catch_warnings():  # data versions are beta in Dagster 1.13 (as in metadata.versioned_output)
             warnings.simplefilter("ignore", dg.BetaWarning)

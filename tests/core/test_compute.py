@@ -82,6 +82,11 @@ def test_backend_writes_give_the_same_rows_as_local_and_then_hit(tmp_path):
         loaded.cache_namespace, KEYS[::-1], TEXTS[::-1], refuse, in_process_writer(store, loaded, 1_500, RunStats())
     )
     assert warm.hits == len(TEXTS) and warm.table.equals(local.table.take(list(range(len(TEXTS)))[::-1]))
+    lengths_store = TokenStore(tmp_path / "lengths")  # tokenized_cache's first pass: workers write, lengths read back
+    lengths = lengths_store.get_or_compute(
+        loaded.cache_namespace, KEYS, TEXTS, refuse, in_process_writer(lengths_store, loaded, 1_500, RunStats()), True
+    )
+    assert lengths.misses == len(TEXTS) and lengths.table.equals(local.table.select(["content_key", "n_tokens"]))
 
 
 def test_commit_lists_only_regular_shards_of_the_stated_size(tmp_path):

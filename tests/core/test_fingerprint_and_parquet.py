@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dlm_pipeline.core import parquet_io
 from dlm_pipeline.core.corpus import rows_table
-from dlm_pipeline.core.fingerprint import table_fingerprint
-from dlm_pipeline.core.parquet_io import write_parquet_atomic
+from dlm_pipeline.core.fingerprint import parquet_fingerprint, table_fingerprint
+from dlm_pipeline.core.parquet_io import RowStream, write_parquet_atomic, write_parquet_stream
 
 
 def sample() -> pa.Table:
@@ -66,3 +67,30 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         write_parquet_atomic("not a table", target)  # type: ignore[arg-type]
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["x.parquet"]
+
+
+def test_fingerprint_taken_while_writing_a_stream_is_the_stored_files(tmp_path, monkeypatch):
+    """The fingerprint `write_parquet_stream` computes from the row groups it wrote (so the IO manager
+    need not read the file back) is the stored file's, over one or many row groups, with nulls,
+    maps, id lists and numbers; past the held budget (two row groups' bytes) it gives none and the file is read instead."""
+    n = 400
+    ids = pa.array([None if i % 7 == 3 else list(range(i % 9)) for i in range(n)], pa.list_(pa.int32()))
+    table = pa.concat_tables([sample()] * (n // 3 + 1)).slice(0, n)
+    table = table.append_column("input_ids", ids).append_column(
+        "n", pa.array([None if i % 5 == 0 else i for i in range(n)], pa.int64())
+    )
+    table = table.append_column("cut", pa.array([i % 3 == 0 for i in range(n)]))
+    table = table.append_column("full_ids", pa.array([list(range(i % 5)) for i in range(n)], pa.list_(pa.int32())))
+    cases = [(32 << 20, 1024 * 1024, True), (32 << 20, 150, True), (4_000, 1024 * 1024, False)]
+    for row_group_bytes, row_group_rows, expect_held in cases:  # one group, groups cut by rows, by bytes
+        monkeypatch.setattr(parquet_io, "ROW_GROUP_BYTES", row_group_bytes)
+        monkeypatch.setattr(parquet_io, "ROW_GROUP_ROWS", row_group_rows)
+        stream = RowStream(table.schema, table.to_batches(max_chunksize=37))
+        path = tmp_path / f"{row_group_bytes}-{row_group_rows}.parquet"
+        with open(path, "wb") as fh:
+            write_parquet_stream(stream, fh)
+        assert (stream.fingerprint is not None) == expect_held
+        assert parquet_fingerprint(path) == table_fingerprint(table)
+        assert (pq.ParquetFile(path).num_row_groups > 1) == (row_group_bytes == 4_000 or row_group_rows == 150)
+        if expect_held:
+            assert stream.fingerprint == parquet_fingerprint(path)

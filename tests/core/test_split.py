@@ -8,7 +8,7 @@ import pyarrow as pa
 from dlm_pipeline.core.corpus import content_key, rows_table, section_id
 from dlm_pipeline.core.dataset import plan_dataset
 from dlm_pipeline.core.expansion import apply_plan, plan_from_weights
-from dlm_pipeline.core.split import train_order, validation_side
+from dlm_pipeline.core.split import content_keys, train_order, validation_side
 
 
 def corpus(files: dict[str, str], tags: dict[str, dict] | None = None) -> pa.Table:
@@ -137,3 +137,16 @@ def test_split_seed_changes_the_split():
     raw = corpus(many_files(100))
     weights = np.ones(raw.num_rows)
     assert plan(raw, weights, split_seed=0).validation.tolist() != plan(raw, weights, split_seed=1).validation.tolist()
+
+
+def test_content_keys_hashed_in_place_are_content_key_of_each_text():
+    """Keys hashed from the Arrow buffers equal `content_key` of each Python string, for sliced,
+    chunked and large string columns, empty and non-ASCII texts."""
+    texts = ["", "a", "café\n", "日本語 " * 50, "x" * 5000, "\r\n"] * 7
+    expected = [content_key(t) for t in texts]
+    array = pa.array(texts, pa.string())
+    assert content_keys(array) == expected
+    assert content_keys(array.slice(5, 20)) == expected[5:25]
+    assert content_keys(pa.chunked_array([array.slice(0, 3), array.slice(3)])) == expected
+    assert content_keys(pa.array(texts, pa.large_string()).slice(1)) == expected[1:]
+    assert content_keys(pa.array([], pa.string())) == []

@@ -70,6 +70,38 @@ def test_hits_after_misses_and_same_ids(tmp_path):
     assert store.stats()["rows"] == 300 and store.stats()["shards"] == 1
 
 
+def test_hits_in_stored_order_shuffled_and_across_shards_are_the_encoded_rows(tmp_path):
+    """Rows read back in the order they were stored are used without reordering (no copy); any other
+    order, a subset or keys spread over two shards give the same rows as the encoder."""
+    import random
+
+    loaded = load_tokenizer(max_seq_len=12)
+    store = TokenStore(tmp_path / "cache")
+    store.get_or_compute(loaded.cache_namespace, IDS[:200], TEXTS[:200], loaded.encode)
+    store.get_or_compute(loaded.cache_namespace, IDS[200:], TEXTS[200:], loaded.encode)
+    assert store.stats()["shards"] == 2
+    order = list(range(300))
+    picks = [order[:200], order, order[::-1], random.Random(3).sample(order, 150), [250, 3, 250 - 1, 7]]
+    for rows in picks:
+        found = store.get_or_compute(
+            loaded.cache_namespace, [IDS[i] for i in rows], [TEXTS[i] for i in rows], loaded.encode
+        )
+        assert found.misses == 0
+        expected = loaded.encode([TEXTS[i] for i in rows])
+        assert found.table.select(["input_ids", "n_tokens"]).equals(expected.cast(found.table.schema.remove(0)))
+        cut_rows = cut(found.table, 12)
+        assert cut_rows["input_ids"].to_pylist() == [ids[:12] for ids in expected["input_ids"].to_pylist()]
+        assert cut(found.table, 10**6)["input_ids"].to_pylist() == expected["input_ids"].to_pylist()
+        lengths = store.get_or_compute(
+            loaded.cache_namespace, [IDS[i] for i in rows], [TEXTS[i] for i in rows], loaded.encode, lengths_only=True
+        )
+        assert lengths.table.column_names == ["content_key", "n_tokens"] and lengths.hits == len(rows)
+        assert lengths.table["n_tokens"].to_pylist() == expected["n_tokens"].to_pylist()
+    fresh = TokenStore(tmp_path / "fresh").get_or_compute(loaded.cache_namespace, IDS, TEXTS, loaded.encode, None, True)
+    assert fresh.misses == 300 and fresh.table.column_names == ["content_key", "n_tokens"]
+    assert fresh.table["n_tokens"].to_pylist() == loaded.encode(TEXTS)["n_tokens"].to_pylist()
+
+
 def test_namespaces_separate_special_tokens_but_not_lengths(tmp_path):
     store = TokenStore(tmp_path / "cache")
     a, b = load_tokenizer(max_seq_len=2048), load_tokenizer(max_seq_len=4)

@@ -99,6 +99,14 @@ def test_a_tokenizer_s_own_truncation_or_padding_is_turned_off(tmp_path, setting
     path.write_text(json.dumps(spec))
     loaded = load_tokenizer(str(path), max_seq_len=8)
     assert (loaded.truncation_disabled, loaded.padding_disabled) == ("truncation" in setting, "padding" in setting)
+    again = load_tokenizer(str(path), max_seq_len=8)  # parsed once per process: the same answer the second time
+    assert (again.truncation_disabled, again.padding_disabled, again.fingerprint) == (
+        loaded.truncation_disabled,
+        loaded.padding_disabled,
+        loaded.fingerprint,
+    )
+    path.write_text(json.dumps({**spec, "truncation": None, "padding": None}))  # an edited file is parsed again
+    assert (load_tokenizer(str(path)).truncation_disabled, load_tokenizer(str(path)).padding_disabled) == (False, False)
     assert loaded.tokenizer.truncation is None and loaded.tokenizer.padding is None
     assert loaded.fingerprint == plain.fingerprint  # the same ids, so the same store namespace
     text = "def f(x):\n    return x + 1  # a line long enough for more than four tokens\n"
