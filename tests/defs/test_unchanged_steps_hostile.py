@@ -1,0 +1,71 @@
+"""A hostile user against unchanged steps (defs/reuse.py): whatever changed what a step would compute,
+or what a check would say, must not be answered with the old output or the old verdict."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from dlm_pipeline.definitions import CORPUS_JOB
+from dlm_pipeline.defs.reuse import SHAPING_DISTRIBUTIONS
+from tests.conftest import check_evaluations
+from tests.defs.test_unchanged_steps import FILES, trusted_timestamps, unchanged  # noqa: F401 (fixture)
+
+CORE = Path(__file__).resolve().parents[2] / "dlm_pipeline" / "core"
+NOT_SHAPING = {"ray"}  # runs the same code elsewhere; what it computes does not depend on its version
+
+
+def run_assets(pipe, seed: str, *assets: str):
+    """Only the named assets (their inputs as stored), as `materialize --select` would."""
+    subset = pipe.defs.resolve_job_def(CORPUS_JOB).get_subset(asset_selection={dg.AssetKey(a) for a in assets})
+    return subset.execute_in_process(instance=pipe.instance, partition_key=seed, raise_on_error=False)
+
+
+def test_an_input_rewritten_since_its_materialization_makes_the_step_compute(tree, pipeline):
+    """The key names an input by the fingerprint its materialization recorded; a stored input
+    rewritten since (its own step not run again) is another input, whatever its record says."""
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    expanded = pipe.output("expanded_corpus", "3")
+    rows = pq.read_table(expanded).num_rows
+    pq.write_table(pq.read_table(expanded).slice(1), expanded)  # a row lost since
+    assert run_assets(pipe, "3", "tokenized_cache").success
+    assert not unchanged(pipe, "tokenized_cache")
+    assert pq.read_table(pipe.output("tokenized_cache", "3")).num_rows == rows - 1  # what the input now holds
+
+
+def test_a_check_that_failed_since_is_evaluated_again(tree, pipeline, monkeypatch):
+    """A check run alone after the output was computed failed: the next run that finds the output
+    unchanged evaluates it again instead of re-recording the older pass."""
+    from dlm_pipeline.defs.tokens import checks
+
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    monkeypatch.setattr(checks, "mismatched_sections", lambda loaded, rows, texts, n: (1, ["forced"]))
+    assert not check_evaluations(pipe.run_checks("3", "tokens_match_tokenizer"))["tokens_match_tokenizer"].passed
+    evaluation = check_evaluations(pipe.run("3", raise_on_error=False))["tokens_match_tokenizer"]
+    assert unchanged(pipe, "tokenized_cache")
+    assert not evaluation.passed and "evaluated_in_run" not in evaluation.metadata
+    monkeypatch.undo()
+    evaluation = check_evaluations(pipe.run("3"))["tokens_match_tokenizer"]
+    assert evaluation.passed and "evaluated_in_run" not in evaluation.metadata  # the pass came from this run
+
+
+def test_every_library_the_core_computes_with_is_in_the_code_fingerprint():
+    """A new detect-secrets (say) may skip other files as secrets: its version is part of every step key."""
+    modules = set()
+    for path in CORE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"dlm_pipeline", "__future__"} - NOT_SHAPING
+    distributions = importlib.metadata.packages_distributions()
+    missing = {m for m in third_party if not set(distributions.get(m, [])) & set(SHAPING_DISTRIBUTIONS)}
+    assert not missing
