@@ -85,10 +85,13 @@ STORED_FILES = "stored_files"  # metadata: what the stored output is (defs/reuse
 
 def stored_files(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
     """Size, mtime, inode and device of each stored file (a symlink's own): an output whose files
-    still have them was not rewritten since (git's index trusts the same)."""
+    still have them was not rewritten since (git's index trusts the same). A file whose folder is
+    now a symlink (to where it was moved) counts as missing: the pipeline never reads through one."""
     found = {}
     for path in paths:
         try:
+            if stat.S_ISLNK(os.lstat(os.path.dirname(path)).st_mode):
+                continue
             info = os.stat(path, follow_symlinks=False)
         except OSError:
             continue

@@ -69,3 +69,27 @@ def test_every_library_the_core_computes_with_is_in_the_code_fingerprint():
     distributions = importlib.metadata.packages_distributions()
     missing = {m for m in third_party if not set(distributions.get(m, [])) & set(SHAPING_DISTRIBUTIONS)}
     assert not missing
+
+
+def test_an_output_folder_swapped_for_a_symlink_is_not_an_unchanged_output(tree, pipeline, tmp_path):
+    """The same files (same inodes), moved and reached through a symlink where their folder was: the
+    pipeline never reads through one, so the step computes as it would (and says what is wrong)."""
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    dataset = pipe.out / "training_dataset" / "3"
+    dataset.rename(tmp_path / "moved_dataset")
+    dataset.symlink_to(tmp_path / "moved_dataset")
+    tokens = pipe.out / "tokenized_cache"
+    tokens.rename(tmp_path / "moved_tokens")
+    tokens.symlink_to(tmp_path / "moved_tokens")
+    result = pipe.run("3", raise_on_error=False)
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert [e.step_key for e in failures] == ["tokenized_cache"]
+    assert "not a plain folder (a symlink" in failures[0].event_specific_data.error.message
+    assert not unchanged(pipe, "tokenized_cache")
+
+    tokens.unlink()
+    (tmp_path / "moved_tokens").rename(tokens)
+    assert pipe.run("3").success
+    assert unchanged(pipe, "tokenized_cache") and not unchanged(pipe, "training_dataset")
+    assert dataset.is_dir() and not dataset.is_symlink()  # written again, as a folder of its own
