@@ -93,3 +93,22 @@ def test_an_output_folder_swapped_for_a_symlink_is_not_an_unchanged_output(tree,
     assert pipe.run("3").success
     assert unchanged(pipe, "tokenized_cache") and not unchanged(pipe, "training_dataset")
     assert dataset.is_dir() and not dataset.is_symlink()  # written again, as a folder of its own
+
+
+def test_the_dataset_watches_the_namespace_it_reads_with_special_tokens_on(tree, pipeline):
+    """With add_special_tokens the token rows live in the "-special" namespace, but the dataset reads
+    ids without specials from the plain one: a shard lost there makes the dataset compute again."""
+    from dlm_pipeline.definitions import build_defs
+    from dlm_pipeline.defs.resources import TokenizerResource
+
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.defs = build_defs(
+        {**pipe.defs.resources, "tokenizer": TokenizerResource(max_seq_len=64, add_special_tokens=True)}
+    )
+    pipe.run("3")
+    plain = next(p for p in pipe.cache.iterdir() if p.is_dir() and not p.name.endswith("-special"))
+    next(plain.glob("shard-*.parquet")).unlink()
+    pipe.run("3")
+    assert unchanged(pipe, "tokenized_cache") and not unchanged(pipe, "training_dataset")
+    pipe.run("3")
+    assert unchanged(pipe, "training_dataset")  # the mark it recorded is the plain namespace's
