@@ -112,3 +112,15 @@ def test_the_dataset_watches_the_namespace_it_reads_with_special_tokens_on(tree,
     assert unchanged(pipe, "tokenized_cache") and not unchanged(pipe, "training_dataset")
     pipe.run("3")
     assert unchanged(pipe, "training_dataset")  # the mark it recorded is the plain namespace's
+
+
+def test_an_output_made_unreadable_is_written_again(tree, pipeline):
+    """chmod keeps size and mtime; a trainer (not root) could no longer read the file, so the step computes."""
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    (pipe.out / "training_dataset" / "3" / "train.bin").chmod(0)
+    pipe.output("expanded_corpus", "3").chmod(0)
+    pipe.run("3")
+    assert not unchanged(pipe, "expanded_corpus") and not unchanged(pipe, "training_dataset")
+    assert (pipe.out / "training_dataset" / "3" / "train.bin").stat().st_mode & 0o444
+    assert pipe.output("expanded_corpus", "3").stat().st_mode & 0o444
