@@ -124,3 +124,19 @@ def test_an_output_made_unreadable_is_written_again(tree, pipeline):
     assert not unchanged(pipe, "expanded_corpus") and not unchanged(pipe, "training_dataset")
     assert (pipe.out / "training_dataset" / "3" / "train.bin").stat().st_mode & 0o444
     assert pipe.output("expanded_corpus", "3").stat().st_mode & 0o444
+
+
+def test_a_new_expansion_mode_is_not_reported_as_nondeterminism(tree, pipeline):
+    """Same inputs, another setting (the mode): a different expansion is expected, not a failed
+    expansion_deterministic; the earlier output it compares with must share inputs, settings and code."""
+    root = tree(FILES)
+    pipeline(root, max_seq_len=64).run("3")
+    pipe = pipeline(root, max_seq_len=64, expansion_mode="exact")
+    evaluation = check_evaluations(pipe.run("3", raise_on_error=False))["expansion_deterministic"]
+    assert not unchanged(pipe, "expanded_corpus")
+    assert evaluation.passed, evaluation.description
+    # Computed again from the same inputs, settings and code: compared with the previous one.
+    again = pipeline(root, max_seq_len=64, expansion_mode="exact", full_rescan=True).run("3")
+    evaluation = check_evaluations(again)["expansion_deterministic"]
+    assert evaluation.passed
+    assert evaluation.metadata["previous_fingerprint"].value == pipe.metadata("expanded_corpus", "3")["fingerprint"]
