@@ -140,3 +140,33 @@ def test_a_new_expansion_mode_is_not_reported_as_nondeterminism(tree, pipeline):
     evaluation = check_evaluations(again)["expansion_deterministic"]
     assert evaluation.passed
     assert evaluation.metadata["previous_fingerprint"].value == pipe.metadata("expanded_corpus", "3")["fingerprint"]
+
+
+def test_a_deleted_origin_run_leaves_the_checks_to_evaluate(tree, pipeline):
+    """The run that computed the output is gone (its evaluations with it): nothing to re-record from."""
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    first = pipe.run("3")
+    pipe.run("3")
+    pipe.instance.delete_run(first.run_id)
+    evaluations = check_evaluations(pipe.run("3"))
+    assert unchanged(pipe, "tokenized_cache") and unchanged(pipe, "training_dataset")
+    assert all(e.passed and "evaluated_in_run" not in e.metadata for e in evaluations.values())
+
+
+def test_an_edited_dataset_json_or_a_broken_token_store_makes_the_steps_compute(tree, pipeline, tmp_path):
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    manifest = pipe.out / "training_dataset" / "3" / "dataset.json"
+    manifest.write_text(manifest.read_text().replace('"seq_len": 64', '"seq_len": 65'))
+    pipe.run("3")
+    assert not unchanged(pipe, "training_dataset") and '"seq_len": 64' in manifest.read_text()
+
+    (pipe.cache / "manifest.json").write_text("garbage")
+    pipe.run("3")
+    assert not unchanged(pipe, "tokenized_cache")  # its shards are adopted again: read, not re-tokenized
+
+    namespace = next(p for p in pipe.cache.iterdir() if p.is_dir())  # swapped for a symlink: refused
+    namespace.rename(tmp_path / "moved_namespace")
+    namespace.symlink_to(tmp_path / "moved_namespace")
+    assert not pipe.run("3", raise_on_error=False).success
+    assert not unchanged(pipe, "tokenized_cache")
