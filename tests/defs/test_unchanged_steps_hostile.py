@@ -21,7 +21,8 @@ NOT_SHAPING = {"ray"}  # runs the same code elsewhere; what it computes does not
 
 
 def run_assets(pipe, seed: str, *assets: str):
-    """Only the named assets (their inputs as stored), as the UI's "Materialize selected" or a re-execution from failure runs them."""
+    """Only the named assets (their inputs as stored), as the UI's "Materialize selected" or a
+    re-execution from failure runs them."""
     subset = pipe.defs.resolve_job_def(CORPUS_JOB).get_subset(asset_selection={dg.AssetKey(a) for a in assets})
     return subset.execute_in_process(instance=pipe.instance, partition_key=seed, raise_on_error=False)
 
