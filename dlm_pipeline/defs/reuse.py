@@ -161,8 +161,8 @@ def unchanged_output(
 ) -> dg.Output | dg.MaterializeResult | None:
     """This seed's latest output again, when it was computed from `key` and its stored `paths` are
     the files it wrote (none rewritten, none missing), its inputs are the files their materializations
-    wrote, and each metadata value it recorded that is
-    named in `still` is still that value; None when the step must compute.
+    wrote, and each metadata value it recorded that is named in `still` is still that value; None
+    when the step must compute.
 
     Its metadata is the recorded one (it describes the same bytes), except what describes the work
     of a run: `what_this_run_did(recorded values)`. The output value is `Unchanged` (the IO manager
@@ -200,8 +200,9 @@ def unchanged_check_results(
 ) -> list[dg.AssetCheckResult] | None:
     """The evaluations of `check_names` that passed on this very output, when this run did not
     compute it (it re-recorded an unchanged one), the run that computed it evaluated them all and
-    none failed since; else None: the checks run. What they check (inputs, settings, code, stored files) is what made
-    the output unchanged, so evaluating them again would read the same bytes to the same verdict."""
+    none failed since; else None: the checks run. What they check (inputs, settings, code, stored
+    files) is what made the output unchanged, so evaluating them again would read the same bytes to
+    the same verdict."""
     record = None if force else _latest_of_seed(context, dg.AssetKey(asset))
     if record is None or record.run_id != context.run.run_id:
         return None
