@@ -84,15 +84,18 @@ STORED_FILES = "stored_files"  # metadata: what the stored output is (defs/reuse
 
 
 def stored_files(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
-    """Size, mtime, inode and device of each stored file (a symlink's own): an output whose files
-    still have them was not rewritten since (git's index trusts the same)."""
+    """Size, mtime, inode, device and mode of each stored file (a symlink's own): an output whose
+    files still have them was not rewritten (nor made unreadable) since (git's index trusts the same). A file whose folder is
+    now a symlink (to where it was moved) counts as missing: the pipeline never reads through one."""
     found = {}
     for path in paths:
         try:
+            if stat.S_ISLNK(os.lstat(os.path.dirname(path)).st_mode):
+                continue
             info = os.stat(path, follow_symlinks=False)
         except OSError:
             continue
-        found[str(path)] = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev]
+        found[str(path)] = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev, info.st_mode]
     return found
 
 

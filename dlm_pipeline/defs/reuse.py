@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -33,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from dlm_pipeline.core.rules import Anchor, PathRules
 from dlm_pipeline.core.tree import TreeScan
 from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
-from dlm_pipeline.defs.metadata import config_lineage
+from dlm_pipeline.defs.metadata import config_lineage, loaded_input_record
 from dlm_pipeline.defs.resources import (
     STORED_FILES,
     ParquetIOManager,
@@ -56,20 +59,38 @@ _FILE_FACTS = {"path", "file_sha256", "file_bytes", "storage", STORED_FILES}  # 
 _NOT_COPIED = {"seed", "reuse", "input_fingerprints", *_FILE_FACTS}
 
 
+# The libraries the core computes outputs with (each decides bytes or verdicts: Arrow and NumPy the
+# tables, tokenizers the ids, detect-secrets and re2 which files are secrets, pathspec which are
+# included, PyYAML and pydantic what a config says): a new version of any computes every step again.
+SHAPING_DISTRIBUTIONS = (
+    "numpy",
+    "pyarrow",
+    "tokenizers",
+    "detect-secrets",
+    "google-re2",
+    "pathspec",
+    "PyYAML",
+    "pydantic",
+)
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """sha256 of this package's code and of the libraries that shape its outputs: any change to
-    either computes every step again (no code version to forget to bump)."""
+    """sha256 of this package's code and of the versions of Python and the libraries that shape its
+    outputs: any change to either computes every step again (no code version to forget to bump)."""
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".so", ".c") and p.is_file()):
         digest.update(f"{path.relative_to(package)}\0{path.stat().st_size}\0".encode())
         digest.update(path.read_bytes())
-    import numpy
-    import pyarrow
-    import tokenizers
-
-    versions = [platform.python_version(), numpy.__version__, pyarrow.__version__, tokenizers.__version__]
+    versions = [platform.python_version(), *(f"{name}=={_version(name)}" for name in SHAPING_DISTRIBUTIONS)]
     digest.update("\0".join(versions).encode())
     return digest.hexdigest()
 
@@ -114,6 +135,20 @@ def _untouched(record: dg.EventLogRecord, key: str, paths: list[Path]) -> bool:
     return _metadata_value(record, REUSE_KEY) == key and files is not None and files == stored_files(paths)
 
 
+def _inputs_untouched(context: dg.AssetExecutionContext) -> bool:
+    """Whether each input this step reads is still the stored file its loaded materialization wrote:
+    the key names an input by its recorded fingerprint, which a file rewritten since (by hand, and
+    its step not run again) no longer has."""
+    for input_def in context.assets_def.node_def.input_defs:
+        if input_def.dagster_type.is_nothing:  # a dependency it does not read
+            continue
+        record = loaded_input_record(context, context.assets_def.keys_by_input_name[input_def.name].to_user_string())
+        files = _metadata_value(record, STORED_FILES) if record is not None else None
+        if not files or files != stored_files(files):
+            return False
+    return True
+
+
 def unchanged_output(
     context: dg.AssetExecutionContext,
     key: str,
@@ -125,8 +160,9 @@ def unchanged_output(
     still: Mapping[str, object] | None = None,
 ) -> dg.Output | dg.MaterializeResult | None:
     """This seed's latest output again, when it was computed from `key` and its stored `paths` are
-    the files it wrote (none rewritten, none missing), and each metadata value it recorded that is
-    named in `still` is still that value; None when the step must compute.
+    the files it wrote (none rewritten, none missing), its inputs are the files their materializations
+    wrote, and each metadata value it recorded that is named in `still` is still that value; None
+    when the step must compute.
 
     Its metadata is the recorded one (it describes the same bytes), except what describes the work
     of a run: `what_this_run_did(recorded values)`. The output value is `Unchanged` (the IO manager
@@ -135,7 +171,7 @@ def unchanged_output(
     if force:
         return None
     record = _latest_of_seed(context, context.asset_key)
-    if record is None or not _untouched(record, key, paths):
+    if record is None or not _untouched(record, key, paths) or not _inputs_untouched(context):
         return None
     recorded = record.asset_materialization.metadata
     if any(_metadata_value(record, name) != value for name, value in (still or {}).items()):
@@ -163,9 +199,10 @@ def unchanged_check_results(
     context: dg.AssetCheckExecutionContext, asset: str, check_names: Iterable[str], *, force: bool
 ) -> list[dg.AssetCheckResult] | None:
     """The evaluations of `check_names` that passed on this very output, when this run did not
-    compute it (it re-recorded an unchanged one) and the run that computed it evaluated them all;
-    else None: the checks run. What they check (inputs, settings, code, stored files) is what made
-    the output unchanged, so evaluating them again would read the same bytes to the same verdict."""
+    compute it (it re-recorded an unchanged one), the run that computed it evaluated them all and
+    none failed since; else None: the checks run. What they check (inputs, settings, code, stored
+    files) is what made the output unchanged, so evaluating them again would read the same bytes to
+    the same verdict."""
     record = None if force else _latest_of_seed(context, dg.AssetKey(asset))
     if record is None or record.run_id != context.run.run_id:
         return None
@@ -185,6 +222,8 @@ def unchanged_check_results(
             passed[evaluation.check_name] = evaluation if evaluation.passed else None
     if set(passed) != wanted or not all(passed.values()):
         return None
+    if not all(_last_verdict_passed(context, dg.AssetCheckKey(dg.AssetKey(asset), name)) for name in wanted):
+        return None
     note = dg.MetadataValue.text(
         f"passed in run {origin} on this same output, unchanged since (--full-rescan evaluates it again)"
     )
@@ -197,6 +236,18 @@ def unchanged_check_results(
         )
         for name in sorted(wanted)
     ]
+
+
+def _last_verdict_passed(context: dg.AssetCheckExecutionContext, check: dg.AssetCheckKey) -> bool:
+    """Whether the newest evaluation of `check` for this seed passed: one that failed since the
+    output was computed (a run of the checks alone, say) is not overruled by the older pass."""
+    newest = context.instance.event_log_storage.get_asset_check_execution_history(
+        check,
+        limit=1,
+        status={AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED},
+        partition_filter=PartitionKeyFilter(key=context.partition_key),
+    )
+    return bool(newest) and newest[0].status == AssetCheckExecutionRecordStatus.SUCCEEDED
 
 
 @dataclass

@@ -29,7 +29,7 @@ from dlm_pipeline.defs.corpus.assets import expanded_corpus
 from dlm_pipeline.defs.metadata import table_metadata, text_block
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
-from dlm_pipeline.defs.reuse import unchanged_check_results
+from dlm_pipeline.defs.reuse import REUSE_KEY, unchanged_check_results
 
 # Up to this many raw rows the recomputation uses the plain row-by-row implementation (independent
 # of the vectorised one the asset uses); above it, the vectorised one.
@@ -44,7 +44,8 @@ DETERMINISTIC_SPEC = seed_check_spec(
     asset=expanded_corpus,
     additional_deps=INPUTS,
     description="Recomputing the copy decisions from the stored raw corpus and weights gives the stored rows "
-    "(section_id, copy, weight, in order); an earlier materialization from the same inputs has the same fingerprint.",
+    "(section_id, copy, weight, in order); an earlier materialization from the same inputs, settings and code has "
+    "the same fingerprint.",
 )
 WEIGHTS_SPEC = seed_check_spec(
     EXPANSION_MATCHES_WEIGHTS,
@@ -94,10 +95,13 @@ def deterministic_result(
         metadata["first_differing_row"] = -1 if first is None else first
         problems.append(f"stored rows differ from a recomputation (first difference at row {first})")
     recorded = _recorded(context)
-    if len(recorded) == 2 and recorded[0].get("input_fingerprints") == recorded[1].get("input_fingerprints"):
+    # The same work: the same inputs, settings (the mode) and code (defs/reuse.py's key), not only the same inputs.
+    if len(recorded) == 2 and recorded[0].get(REUSE_KEY) == recorded[1].get(REUSE_KEY) is not None:
         metadata["previous_fingerprint"] = recorded[1].get("fingerprint")
         if recorded[1].get("fingerprint") != recorded[0].get("fingerprint"):
-            problems.append("the previous materialization from the same inputs has another fingerprint")
+            problems.append(
+                "the previous materialization from the same inputs, settings and code has another fingerprint"
+            )
     return dg.AssetCheckResult(
         check_name=EXPANSION_DETERMINISTIC,
         passed=not problems,

@@ -4,6 +4,7 @@ Files under `<output_dir>/training_dataset/<seed>/`, written by the asset itself
 Parquet, Megatron and JSON files is not one table for the IO manager).
 """
 
+import dataclasses
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -145,6 +146,12 @@ def token_settings(loaded: LoadedTokenizer, val_fraction: float, split_seed: int
     }
 
 
+def read_namespace(loaded: LoadedTokenizer) -> str:
+    """The store namespace the dataset reads ids from: without special tokens (core/dataset.plan_token_ids),
+    whatever `tokenized_cache` stores its rows under."""
+    return dataclasses.replace(loaded, add_special_tokens=False).cache_namespace
+
+
 def _share(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
@@ -190,7 +197,7 @@ def training_dataset(
         dataset_files(folder),
         force=source.full_rescan,
         own_files=True,
-        still={TOKEN_STORE_MARK: store.namespace_mark(loaded.cache_namespace)},  # the ids it read are the store's
+        still={TOKEN_STORE_MARK: store.namespace_mark(read_namespace(loaded))},  # the ids it read are the store's
     )
     if same:
         return same
@@ -263,7 +270,7 @@ def training_dataset(
         "dataset_json": dg.MetadataValue.json(manifest),
         **config_lineage(context),
         **computed_metadata(context, key),
-        TOKEN_STORE_MARK: dg.MetadataValue.text(store.namespace_mark(loaded.cache_namespace)),
+        TOKEN_STORE_MARK: dg.MetadataValue.text(store.namespace_mark(read_namespace(loaded))),
         STORED_FILES: dg.MetadataValue.json(stored_files(dataset_files(folder))),
         **base,
     }
