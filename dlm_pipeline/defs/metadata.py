@@ -105,6 +105,11 @@ def _same_version(recorded: str | None, version: str | None) -> bool:
     return recorded in (version, hashlib.sha256(version.encode()).hexdigest())
 
 
+# (run, step, input asset) -> the record that step loaded; bounded, and never stale (see below).
+_loaded_records: dict[tuple[str, str, str], dg.EventLogRecord | None] = {}
+MAX_REMEMBERED_INPUTS = 256
+
+
 def loaded_input_record(context: dg.AssetExecutionContext, asset: str) -> dg.EventLogRecord | None:
     """The materialization of input `asset`, for this seed, that this step loaded.
 
@@ -114,8 +119,18 @@ def loaded_input_record(context: dg.AssetExecutionContext, asset: str) -> dg.Eve
     newest materialization at or before it is the one loaded; its data version must match the
     recorded one. A run of the same seed that lands later cannot change the answer.
     """
+    step = context.get_step_execution_context()
+    memo = (context.run.run_id, step.step.key, asset)  # what a step loaded never changes: asked once
+    if memo not in _loaded_records:
+        if len(_loaded_records) >= MAX_REMEMBERED_INPUTS:
+            _loaded_records.clear()
+        _loaded_records[memo] = _loaded_input_record(context, step, asset)
+    return _loaded_records[memo]
+
+
+def _loaded_input_record(context: dg.AssetExecutionContext, step, asset: str) -> dg.EventLogRecord | None:
     key = dg.AssetKey(asset)
-    info = context.get_step_execution_context().maybe_fetch_and_get_input_asset_version_info(key)
+    info = step.maybe_fetch_and_get_input_asset_version_info(key)
     if info is None or info.storage_id is None:
         return None
     records = context.instance.fetch_materializations(

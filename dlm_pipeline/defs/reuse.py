@@ -15,8 +15,8 @@ fingerprint, the settings that change what is read, and a stat-only signature of
 files (core/tree_signature.py; a racy signature gets no key, so it is never matched). A candidate
 is reused only while it is still its seed's latest materialization and its file still hashes to
 what was recorded; the output is then a hard link to the same bytes, with metadata of its own.
-`training_configs` and `weights_map` are always recomputed (reading the configs is their proof
-of the tree state, and costs milliseconds); their bytes are still stored once.
+`training_configs` is always computed (reading the configs is the proof of the tree state, and
+costs milliseconds); its bytes are still stored once.
 """
 
 from __future__ import annotations
@@ -171,11 +171,13 @@ def unchanged_output(
     if force:
         return None
     record = _latest_of_seed(context, context.asset_key)
-    if record is None or not _untouched(record, key, paths) or not _inputs_untouched(context):
+    if record is None or not _untouched(record, key, paths):
         return None
-    recorded = record.asset_materialization.metadata
     if any(_metadata_value(record, name) != value for name, value in (still or {}).items()):
         return None
+    if not _inputs_untouched(context):
+        return None
+    recorded = record.asset_materialization.metadata
     origin = _metadata_value(record, COMPUTED_IN_RUN) or record.run_id
     metadata = {
         **{name: value for name, value in recorded.items() if not name.startswith("compute")},
