@@ -12,7 +12,13 @@ from dlm_pipeline.core.config_records import anchors_from_table, load_configs, r
 from dlm_pipeline.core.ingest_index import source_fingerprint
 from dlm_pipeline.core.rules import PathRules
 from dlm_pipeline.core.tree import SourceTreeError
-from dlm_pipeline.defs.constants import CONFIG_CHANGE_SENSOR, CORPUS_JOB, NIGHTLY_SCHEDULE, SOURCE_CHANGE_SENSOR
+from dlm_pipeline.defs.constants import (
+    CONFIG_CHANGE_SENSOR,
+    CORPUS_JOB,
+    FULL_RESCAN_TAG,
+    NIGHTLY_SCHEDULE,
+    SOURCE_CHANGE_SENSOR,
+)
 from dlm_pipeline.defs.partitions import registered_seeds
 from dlm_pipeline.defs.resources import SourceTree
 
@@ -84,7 +90,7 @@ def _source_change(context: dg.SensorEvaluationContext, source: SourceTree):
         anchors = anchors_from_table(records_table(load_configs(scan, max_weight=source.max_weight)))
     except ValueError:
         return dg.SkipReason(f"invalid configs: left to {CONFIG_CHANGE_SENSOR} and the configs_valid check")
-    index = source.ingest_index(context.instance, scan)
+    index = source.ingest_index(context.instance, scan, source.full_rescan)
     fingerprint, n_files = source_fingerprint(scan, PathRules(anchors), index)
     what = f"{n_files} included file(s), {index.files_read} read"
     return _requests_on_change(context, fingerprint, what, "source", SOURCE_CHANGE_SENSOR)
@@ -106,7 +112,9 @@ def _nightly(context: dg.ScheduleEvaluationContext):
     if not seeds:
         return dg.SkipReason("no seed is registered")
     tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-    return [dg.RunRequest(run_key=f"nightly-{tick}-seed-{seed}", partition_key=seed) for seed in seeds]
+    # Nightly runs trust nothing remembered (what stats cannot see, an mtime set back, is caught here).
+    tags = {FULL_RESCAN_TAG: "1"}
+    return [dg.RunRequest(run_key=f"nightly-{tick}-seed-{seed}", partition_key=seed, tags=tags) for seed in seeds]
 
 
 def build_nightly_schedule(cron: str) -> dg.ScheduleDefinition:
@@ -115,7 +123,8 @@ def build_nightly_schedule(cron: str) -> dg.ScheduleDefinition:
         job_name=CORPUS_JOB,
         cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Re-materializes every registered seed once a night (off until switched on).",
+        description="Re-materializes every registered seed once a night, computing every step and reading "
+        "every file again (off until switched on).",
     )(_nightly)
 
 

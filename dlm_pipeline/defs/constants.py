@@ -12,3 +12,4 @@ CONFIG_CHANGE_SENSOR = "config_change_sensor"
 SOURCE_CHANGE_SENSOR = "source_change_sensor"
 NIGHTLY_SCHEDULE = "nightly_all_seeds"
 TOKEN_STORE_MARK = "token_store_mark"  # metadata: the token store namespace it read (TokenStore.namespace_mark)
+FULL_RESCAN_TAG = "dlm/full_rescan"  # a run tag: "1" computes every step, as --full-rescan does

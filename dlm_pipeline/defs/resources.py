@@ -63,14 +63,15 @@ class SourceTree(dg.ConfigurableResource):
         """Walk the tree; with `instance`, the pipeline's own folders in it are passed over."""
         return scan_tree(self.root, files=files, exclude_dirs=own_dirs(instance) if instance is not None else ())
 
-    def ingest_index(self, instance: dg.DagsterInstance, scan: TreeScan) -> IngestIndex:
-        """The incremental-ingest index of this tree, kept under $DAGSTER_HOME (a folder the pipeline owns)."""
+    def ingest_index(self, instance: dg.DagsterInstance, scan: TreeScan, full_rescan: bool) -> IngestIndex:
+        """The incremental-ingest index of this tree, kept under $DAGSTER_HOME (a folder the pipeline
+        owns); with `full_rescan` (this setting, or the run's tag) every file is read again."""
         return IngestIndex(
             instance.root_directory,
             scan.root,
             max_file_bytes=self.max_file_bytes,
             secret_entropy=self.secret_entropy,
-            full_rescan=self.full_rescan,
+            full_rescan=full_rescan,
         )
 
 

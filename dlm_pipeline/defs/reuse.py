@@ -40,6 +40,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from dlm_pipeline.core.rules import Anchor, PathRules
 from dlm_pipeline.core.tree import TreeScan
 from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
+from dlm_pipeline.defs.constants import FULL_RESCAN_TAG
 from dlm_pipeline.defs.metadata import config_lineage, loaded_input_record
 from dlm_pipeline.defs.resources import (
     STORED_FILES,
@@ -106,6 +107,13 @@ def step_key(context: dg.AssetExecutionContext, inputs: Mapping[str, str], setti
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def full_rescan(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, source: SourceTree) -> bool:
+    """Whether this run trusts nothing remembered: the source's setting (--full-rescan,
+    DLM_FULL_RESCAN) or the run's tag `dlm/full_rescan=1` (the nightly schedule's runs; a run
+    launched from the UI with that tag)."""
+    return source.full_rescan or context.run.tags.get(FULL_RESCAN_TAG, "").strip().lower() in ("1", "true")
 
 
 def stored_output_path(context: dg.AssetExecutionContext, io_manager: ParquetIOManager) -> Path:
@@ -333,10 +341,11 @@ def raw_corpus_reuse(
         "tree": signature.digest,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    own = None if source.full_rescan else _own_unchanged(context, key, path)
-    found = own or (None if source.full_rescan else _find(context, key))
-    if found is None and source.full_rescan:
-        why = "computed: a full rescan was asked for (--full-rescan / DLM_FULL_RESCAN)"
+    rescan = full_rescan(context, source)
+    own = None if rescan else _own_unchanged(context, key, path)
+    found = own or (None if rescan else _find(context, key))
+    if found is None and rescan:
+        why = "computed: a full rescan was asked for (--full-rescan / DLM_FULL_RESCAN / run tag dlm/full_rescan)"
         return Reuse(key, metadata={REUSE_KEY: dg.MetadataValue.text(key), "reuse": dg.MetadataValue.text(why)})
     if found is None:
         why = "computed: no materialization of any seed has these inputs (configs, settings, file stats)"

@@ -178,3 +178,30 @@ def test_the_cli_reruns_compute_nothing_but_the_configs(tmp_path, monkeypatch):
             if not (reuse.startswith("unchanged") or reuse.startswith("reused")):
                 computed.add(entry.step_key)
     assert computed == {"training_configs"}
+
+
+def test_the_full_rescan_tag_computes_every_step_and_the_nightly_runs_carry_it(tree, pipeline):
+    """A run tagged `dlm/full_rescan=1` (what the nightly schedule requests, and what a UI user can
+    add at launch) trusts nothing remembered, as --full-rescan does."""
+    from datetime import datetime
+
+    import dagster as dg
+
+    from dlm_pipeline.defs.automation import nightly_all_seeds
+    from dlm_pipeline.defs.constants import CORPUS_JOB, FULL_RESCAN_TAG
+    from dlm_pipeline.defs.partitions import SEEDS_PARTITION
+
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    job = pipe.defs.resolve_job_def(CORPUS_JOB)
+    result = job.execute_in_process(instance=pipe.instance, partition_key="3", tags={FULL_RESCAN_TAG: "1"})
+    assert not any(unchanged(pipe, a) for a in PER_SEED)
+    assert pipe.metadata("raw_corpus", "3")["files_read"] > 0 and "reused_from_seed" not in pipe.metadata(
+        "raw_corpus", "3"
+    )
+    assert not any("evaluated_in_run" in e.metadata for e in check_evaluations(result).values())
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(SEEDS_PARTITION, ["3"])
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 2)) as context:
+            (request,) = nightly_all_seeds(context)
+    assert request.tags[FULL_RESCAN_TAG] == "1"

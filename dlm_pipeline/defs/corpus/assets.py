@@ -40,6 +40,7 @@ from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
 from dlm_pipeline.defs.reuse import (
     computed_metadata,
+    full_rescan,
     raw_corpus_reuse,
     step_key,
     stored_output_path,
@@ -117,7 +118,9 @@ def weights_map(
     scope = source.scope()
     inputs = input_fingerprints(context, training_configs=training_configs)
     key = step_key(context, inputs, {"scope": scope})
-    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], force=source.full_rescan):
+    if same := unchanged_output(
+        context, key, [stored_output_path(context, io_manager)], force=full_rescan(context, source)
+    ):
         return same
     table = weights_table(anchors_from_table(training_configs), scope)
     active = table.filter(pc.equal(table["scope"], scope))
@@ -154,7 +157,7 @@ def raw_corpus(
     reuse = raw_corpus_reuse(context, source, scan, anchors, inputs, seed, stored_output_path(context, io_manager))
     if reuse.output is not None:
         return reuse.output
-    index = source.ingest_index(context.instance, scan)
+    index = source.ingest_index(context.instance, scan, full_rescan(context, source))
     compute_stats = RunStats()
     # The rows are read while the IO manager writes them, after this function returns: the compute
     # backend's reader stays open until the last batch was read.
@@ -240,7 +243,9 @@ def expanded_corpus(
     scope, mode = table_scope(weights_map), source.mode()
     inputs = input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map)
     key = step_key(context, inputs, {"mode": mode, "max_expanded_bytes": source.max_expanded_bytes})
-    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], force=source.full_rescan):
+    if same := unchanged_output(
+        context, key, [stored_output_path(context, io_manager)], force=full_rescan(context, source)
+    ):
         return same
     try:
         expansion = stream_expansion(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
