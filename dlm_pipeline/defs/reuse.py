@@ -161,8 +161,8 @@ def unchanged_output(
     context: dg.AssetExecutionContext,
     key: str,
     paths: list[Path],
+    source: SourceTree,
     *,
-    force: bool,
     what_this_run_did: Callable[[dict], dict] | None = None,
     own_files: bool = False,
     still: Mapping[str, object] | None = None,
@@ -170,13 +170,13 @@ def unchanged_output(
     """This seed's latest output again, when it was computed from `key` and its stored `paths` are
     the files it wrote (none rewritten, none missing), its inputs are the files their materializations
     wrote, and each metadata value it recorded that is named in `still` is still that value; None
-    when the step must compute.
+    when the step must compute, or on a full rescan (`full_rescan`).
 
     Its metadata is the recorded one (it describes the same bytes), except what describes the work
     of a run: `what_this_run_did(recorded values)`. The output value is `Unchanged` (the IO manager
     writes nothing); for an asset that writes its own files (`own_files`), a MaterializeResult.
     """
-    if force:
+    if full_rescan(context, source):
         return None
     record = _latest_of_seed(context, context.asset_key)
     if record is None or not _untouched(record, key, paths):
@@ -206,14 +206,14 @@ def unchanged_output(
 
 
 def unchanged_check_results(
-    context: dg.AssetCheckExecutionContext, asset: str, check_names: Iterable[str], *, force: bool
+    context: dg.AssetCheckExecutionContext, asset: str, check_names: Iterable[str], source: SourceTree
 ) -> list[dg.AssetCheckResult] | None:
     """The evaluations of `check_names` that passed on this very output, when this run did not
     compute it (it re-recorded an unchanged one), the run that computed it evaluated them all and
     none failed since; else None: the checks run. What they check (inputs, settings, code, stored
     files) is what made the output unchanged, so evaluating them again would read the same bytes to
     the same verdict."""
-    record = None if force else _latest_of_seed(context, dg.AssetKey(asset))
+    record = None if full_rescan(context, source) else _latest_of_seed(context, dg.AssetKey(asset))
     if record is None or record.run_id != context.run.run_id:
         return None
     origin = _metadata_value(record, COMPUTED_IN_RUN)

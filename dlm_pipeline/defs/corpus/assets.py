@@ -118,9 +118,7 @@ def weights_map(
     scope = source.scope()
     inputs = input_fingerprints(context, training_configs=training_configs)
     key = step_key(context, inputs, {"scope": scope})
-    if same := unchanged_output(
-        context, key, [stored_output_path(context, io_manager)], force=full_rescan(context, source)
-    ):
+    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], source):
         return same
     table = weights_table(anchors_from_table(training_configs), scope)
     active = table.filter(pc.equal(table["scope"], scope))
@@ -243,9 +241,7 @@ def expanded_corpus(
     scope, mode = table_scope(weights_map), source.mode()
     inputs = input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map)
     key = step_key(context, inputs, {"mode": mode, "max_expanded_bytes": source.max_expanded_bytes})
-    if same := unchanged_output(
-        context, key, [stored_output_path(context, io_manager)], force=full_rescan(context, source)
-    ):
+    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], source):
         return same
     try:
         expansion = stream_expansion(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)

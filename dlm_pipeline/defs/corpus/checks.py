@@ -29,7 +29,7 @@ from dlm_pipeline.defs.corpus.assets import expanded_corpus
 from dlm_pipeline.defs.metadata import table_metadata, text_block
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree
-from dlm_pipeline.defs.reuse import REUSE_KEY, full_rescan, unchanged_check_results
+from dlm_pipeline.defs.reuse import REUSE_KEY, unchanged_check_results
 
 # Up to this many raw rows the recomputation uses the plain row-by-row implementation (independent
 # of the vectorised one the asset uses); above it, the vectorised one.
@@ -178,9 +178,7 @@ def expanded_corpus_checks(
     """One recomputation of the copy decisions, shared by the selected checks."""
     seed = parse_seed_or_fail(context)
     selected = {key.name for key in context.selected_asset_check_keys}
-    if (
-        same := unchanged_check_results(context, "expanded_corpus", selected, force=full_rescan(context, source))
-    ) is not None:
+    if (same := unchanged_check_results(context, "expanded_corpus", selected, source)) is not None:
         yield from same
         return
     stored = stored_columns(io_manager, context, "expanded_corpus", EXPANDED_COLUMNS)

@@ -47,7 +47,7 @@ from dlm_pipeline.defs.resources import (
     TokenizerResource,
     stored_files,
 )
-from dlm_pipeline.defs.reuse import computed_metadata, full_rescan, step_key, unchanged_output
+from dlm_pipeline.defs.reuse import computed_metadata, step_key, unchanged_output
 
 GROUP = "dataset"
 ASSET = "training_dataset"
@@ -195,7 +195,7 @@ def training_dataset(
         context,
         key,
         dataset_files(folder),
-        force=full_rescan(context, source),
+        source,
         own_files=True,
         still={TOKEN_STORE_MARK: store.namespace_mark(read_namespace(loaded))},  # the ids it read are the store's
     )

@@ -22,7 +22,7 @@ from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_
 from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, spill_folder, training_dataset
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
-from dlm_pipeline.defs.reuse import full_rescan, unchanged_check_results
+from dlm_pipeline.defs.reuse import unchanged_check_results
 
 LEAK_SPEC = seed_check_spec(
     SPLIT_IS_LEAK_FREE,
@@ -97,9 +97,7 @@ def training_dataset_checks(
 ):
     """One recomputation of the split, order and ids from the stored inputs, shared by the selected checks."""
     selected = [spec.name for spec in (LEAK_SPEC, PACKING_SPEC) if spec.key in context.selected_asset_check_keys]
-    if (
-        same := unchanged_check_results(context, "training_dataset", selected, force=full_rescan(context, source))
-    ) is not None:
+    if (same := unchanged_check_results(context, "training_dataset", selected, source)) is not None:
         yield from same
         return
     folder = dataset_folder(io_manager, context.instance, context.partition_key)

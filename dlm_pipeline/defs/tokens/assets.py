@@ -41,7 +41,7 @@ from dlm_pipeline.defs.resources import (
     TokenCacheResource,
     TokenizerResource,
 )
-from dlm_pipeline.defs.reuse import computed_metadata, full_rescan, step_key, stored_output_path, unchanged_output
+from dlm_pipeline.defs.reuse import computed_metadata, step_key, stored_output_path, unchanged_output
 
 GROUP = "tokens"
 TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
@@ -114,11 +114,10 @@ def tokenized_cache(
         context,
         key,
         [stored_output_path(context, io_manager)],
-        force=full_rescan(context, source),
+        source,
         what_this_run_did=_nothing_tokenized(store),
-        still={
-            TOKEN_STORE_MARK: store.namespace_mark(loaded.cache_namespace)
-        },  # the texts it holds are in the store for the dataset
+        # the store it read is as it was: the texts it holds are there for the dataset
+        still={TOKEN_STORE_MARK: store.namespace_mark(loaded.cache_namespace)},
     )
     if same:
         return same

@@ -15,7 +15,7 @@ from dlm_pipeline.defs.checked_output import stored_rows
 from dlm_pipeline.defs.constants import TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.partitions import seed_check
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenizerResource
-from dlm_pipeline.defs.reuse import full_rescan, unchanged_check_results
+from dlm_pipeline.defs.reuse import unchanged_check_results
 from dlm_pipeline.defs.tokens.assets import tokenized_cache
 
 CHECK_SAMPLE = 64  # sections at most
@@ -52,9 +52,7 @@ def tokens_match_tokenizer(
     tokenizer: TokenizerResource,
     source: SourceTree,
 ) -> dg.AssetCheckResult:
-    same = unchanged_check_results(
-        context, "tokenized_cache", [TOKENS_MATCH_TOKENIZER], force=full_rescan(context, source)
-    )
+    same = unchanged_check_results(context, "tokenized_cache", [TOKENS_MATCH_TOKENIZER], source)
     if same is not None:
         return same[0]
     loaded = tokenizer.load()
