@@ -10,7 +10,6 @@ most 0.2). Start-up is the time from the command to the first step's start event
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from incremental import REPO, workspace  # noqa: E402
+from incremental import REPO, workspace, workspace_parser  # noqa: E402
 
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache", "training_dataset"]
 WARM_RUNS = 3
@@ -47,10 +46,7 @@ def checked_asset(step: str) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=5000)
-    parser.add_argument("--keep", type=Path, help="build the tree and DAGSTER_HOME here (default: a temp folder)")
-    args = parser.parse_args()
+    args = workspace_parser(__doc__).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
         root, home, env = workspace(base, args.files)

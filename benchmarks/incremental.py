@@ -76,6 +76,14 @@ def workspace(base: Path, n_files: int, home_name: str = "dagster_home") -> tupl
     return root, home, env
 
 
+def workspace_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every benchmark on this generated tree: its size and where to keep it."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--keep", type=Path, help="build the tree and the DAGSTER_HOMEs here (default: a temp folder)")
+    return parser
+
+
 def disk_usage(*paths: Path) -> int:
     """Bytes allocated under `paths`, each inode counted once (hard links shared by seeds count once)."""
     seen, total = set(), 0
@@ -167,10 +175,7 @@ def run_facts(home: Path, spawned: list[float]) -> list[RunFacts]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=5000)
-    parser.add_argument("--keep", type=Path, help="build the tree and DAGSTER_HOME here (default: a temp folder)")
-    args = parser.parse_args()
+    args = workspace_parser(__doc__).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
         root, home, env = workspace(base, args.files)

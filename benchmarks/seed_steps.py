@@ -12,7 +12,6 @@ the IO manager), since other jobs on a shared machine only ever add time.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from incremental import REPO, workspace  # noqa: E402
+from incremental import REPO, workspace, workspace_parser  # noqa: E402
 
 
 def step_seconds(home: Path) -> dict[str, float]:
@@ -50,11 +49,9 @@ def outputs(home: Path, seed: int) -> dict[str, bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=5000)
+    parser = workspace_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="new seeds after the cold seed 1")
     parser.add_argument("--baseline", type=Path, help="another checkout to run beside this one")
-    parser.add_argument("--keep", type=Path, help="build the tree and DAGSTER_HOMEs here (default: a temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)

@@ -19,7 +19,6 @@ to exit); each time is also given as a ratio to the `import dagster` baseline.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from incremental import workspace  # noqa: E402  (the same generated tree)
+from incremental import workspace, workspace_parser  # noqa: E402  (the same generated tree)
 
 RUN_ID = re.compile(r"seed 1: ok \(run ([0-9a-f-]+)\)")
 
@@ -67,11 +66,9 @@ def run_times(home: Path, run_id: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=5000)
+    parser = workspace_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, help="warm runs per checkout (the median is shown)")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other checkouts to time alike")
-    parser.add_argument("--keep", type=Path, help="build the tree and the homes here (default: a temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
