@@ -1,10 +1,12 @@
-"""What a check reads of the stored outputs: only the columns it needs, without an input per asset.
+"""What a step reads of the stored outputs it depends on: only the columns it needs, when it needs them.
 
-Dagster refuses input metadata (`AssetIn(metadata={"columns": ...})`) in a check that evaluates
-several checks in one step, and on a check's own asset, so such a check declares its upstream assets
-as dependencies and reads their stored files itself, where the IO manager stores them, with the
-same refusals as the IO manager. (It also saves Dagster's per-input events, a good part of a small
-check's cost.)
+Assets and checks declare the assets they read as dependencies (`deps=`), not as inputs, and read
+the stored files themselves, where the IO manager stores them, with the same refusals as the IO
+manager. Dagster refuses input metadata (`AssetIn(metadata={"columns": ...})`) in a check that
+evaluates several checks in one step and on a check's own asset; and an input costs Dagster two
+events and a partition lookup per step whether or not the step reads it, which was most of what an
+unchanged step cost. A dependency read here costs nothing until it is read, so a step that finds
+its output unchanged reads none of its inputs.
 """
 
 from __future__ import annotations
@@ -14,24 +16,40 @@ from pathlib import Path
 import dagster as dg
 import pyarrow as pa
 
+from dlm_pipeline.core.fingerprint import parquet_fingerprint
 from dlm_pipeline.core.parquet_io import ParquetRows
-from dlm_pipeline.defs.resources import ParquetIOManager, read_stored
+from dlm_pipeline.defs.metadata import loaded_metadata
+from dlm_pipeline.defs.resources import ParquetIOManager, read_stored, stored_file
+
+StepContext = dg.AssetExecutionContext | dg.AssetCheckExecutionContext
 
 
-def _stored_path(io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str) -> Path:
-    return io_manager.root(context.instance) / asset / f"{context.partition_key}.parquet"
+def stored_path(io_manager: ParquetIOManager, context: StepContext, asset: str) -> Path:
+    """Where the IO manager stores `asset` for this step's seed."""
+    return io_manager.output_path(context.instance, asset, context.partition_key)
 
 
-def stored_rows(
-    io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str, columns: list[str]
-) -> ParquetRows:
-    """A lazy reader of the stored output of `asset` for this check's seed (columns and row groups
-    are read as asked, so a check holds no more than it needs), once `columns` are known to be there."""
-    return read_stored(_stored_path(io_manager, context, asset), asset, context.partition_key, columns, stream=True)
+def stored_rows(io_manager: ParquetIOManager, context: StepContext, asset: str, columns: list[str]) -> ParquetRows:
+    """A lazy reader of the stored output of `asset` for this step's seed (columns and row groups
+    are read as asked, so a step holds no more than it needs), once `columns` are known to be there."""
+    return read_stored(stored_path(io_manager, context, asset), asset, context.partition_key, columns, stream=True)
 
 
 def stored_columns(
-    io_manager: ParquetIOManager, context: dg.AssetCheckExecutionContext, asset: str, columns: list[str] | None = None
+    io_manager: ParquetIOManager, context: StepContext, asset: str, columns: list[str] | None = None
 ) -> pa.Table:
-    """`columns` (None: all) of the stored output of `asset` for this check's seed, whole."""
-    return read_stored(_stored_path(io_manager, context, asset), asset, context.partition_key, columns)
+    """`columns` (None: all) of the stored output of `asset` for this step's seed, whole."""
+    return read_stored(stored_path(io_manager, context, asset), asset, context.partition_key, columns)
+
+
+def input_fingerprints(io_manager: ParquetIOManager, context: dg.AssetExecutionContext, assets: list[str]) -> dict:
+    """Fingerprints of the stored outputs this step depends on (each must be there: else one clear
+    Failure), as the materializations it loaded recorded them (a few instance queries instead of
+    hashing large files); one whose loaded materialization cannot be identified is hashed from its file."""
+    for asset in assets:
+        stored_file(stored_path(io_manager, context, asset), asset, context.partition_key)
+    return {
+        asset: loaded_metadata(context, asset, "fingerprint")
+        or parquet_fingerprint(stored_rows(io_manager, context, asset, []).path)
+        for asset in assets
+    }

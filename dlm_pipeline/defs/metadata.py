@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 import pyarrow as pa
 
-from dlm_pipeline.core.fingerprint import parquet_fingerprint, table_fingerprint
-from dlm_pipeline.core.parquet_io import ParquetRows, RowStream
+from dlm_pipeline.core.fingerprint import table_fingerprint
+from dlm_pipeline.core.parquet_io import RowStream
 
 DATA_VERSION_TAG = "dagster/data_version"  # where Dagster keeps an event's data version
 
@@ -93,10 +93,6 @@ def streamed_output(rows: RowStream, seed: int, inputs: dict[str, str], extra: d
     )
 
 
-def fingerprint_of(value: pa.Table | ParquetRows) -> str:
-    return parquet_fingerprint(value.path) if isinstance(value, ParquetRows) else table_fingerprint(value)
-
-
 def _same_version(recorded: str | None, version: str | None) -> bool:
     """Whether Dagster's recorded input data version names `version`: for a partitioned input it
     records sha256 of the partition's data version, for another the version itself."""
@@ -147,21 +143,11 @@ def _loaded_input_record(context: dg.AssetExecutionContext, step, asset: str) ->
     return record if _same_version(recorded, version) else None
 
 
-def _loaded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
+def loaded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
+    """Metadata value `key` of the materialization of `asset` this step loaded (None when unknown)."""
     record = loaded_input_record(context, asset)
     value = record.asset_materialization.metadata.get(key) if record is not None else None
     return value.value if value is not None else None
-
-
-def input_fingerprints(context: dg.AssetExecutionContext, **inputs: pa.Table | ParquetRows) -> dict[str, str]:
-    """Fingerprints of the loaded inputs, as the materializations this step loaded recorded them.
-
-    Reading the recorded value (a few instance queries) instead of re-hashing keeps large inputs
-    cheap; an input whose loaded materialization cannot be identified is hashed.
-    """
-    return {
-        name: _loaded_metadata(context, name, "fingerprint") or fingerprint_of(table) for name, table in inputs.items()
-    }
 
 
 def config_lineage(context: dg.AssetExecutionContext) -> dict:
@@ -171,7 +157,7 @@ def config_lineage(context: dg.AssetExecutionContext) -> dict:
         {
             value
             for key in context.assets_def.keys_by_input_name.values()
-            if (value := _loaded_metadata(context, key.to_user_string(), "config_fingerprint"))
+            if (value := loaded_metadata(context, key.to_user_string(), "config_fingerprint"))
         }
     )
     if len(found) > 1:

@@ -143,14 +143,12 @@ def _untouched(record: dg.EventLogRecord, key: str, paths: list[Path]) -> bool:
     return _metadata_value(record, REUSE_KEY) == key and files is not None and files == stored_files(paths)
 
 
-def _inputs_untouched(context: dg.AssetExecutionContext) -> bool:
+def _inputs_untouched(context: dg.AssetExecutionContext, inputs: Iterable[str]) -> bool:
     """Whether each input this step reads is still the stored file its loaded materialization wrote:
     the key names an input by its recorded fingerprint, which a file rewritten since (by hand, and
     its step not run again) no longer has."""
-    for input_def in context.assets_def.node_def.input_defs:
-        if input_def.dagster_type.is_nothing:  # a dependency it does not read
-            continue
-        record = loaded_input_record(context, context.assets_def.keys_by_input_name[input_def.name].to_user_string())
+    for asset in inputs:
+        record = loaded_input_record(context, asset)
         files = _metadata_value(record, STORED_FILES) if record is not None else None
         if not files or files != stored_files(files):
             return False
@@ -160,6 +158,7 @@ def _inputs_untouched(context: dg.AssetExecutionContext) -> bool:
 def unchanged_output(
     context: dg.AssetExecutionContext,
     key: str,
+    inputs: Iterable[str],
     paths: list[Path],
     source: SourceTree,
     *,
@@ -168,7 +167,7 @@ def unchanged_output(
     still: Mapping[str, object] | None = None,
 ) -> dg.Output | dg.MaterializeResult | None:
     """This seed's latest output again, when it was computed from `key` and its stored `paths` are
-    the files it wrote (none rewritten, none missing), its inputs are the files their materializations
+    the files it wrote (none rewritten, none missing), the `inputs` it reads are the files their materializations
     wrote, and each metadata value it recorded that is named in `still` is still that value; None
     when the step must compute, or on a full rescan (`full_rescan`).
 
@@ -183,7 +182,7 @@ def unchanged_output(
         return None
     if any(_metadata_value(record, name) != value for name, value in (still or {}).items()):
         return None
-    if not _inputs_untouched(context):
+    if not _inputs_untouched(context, inputs):
         return None
     recorded = record.asset_materialization.metadata
     origin = _metadata_value(record, COMPUTED_IN_RUN) or record.run_id

@@ -194,20 +194,24 @@ def test_definitions_load_with_every_asset_and_the_job():
 
 
 class ConcurrentRunIOManager(ParquetIOManager):
-    """The real IO manager; right after this step loads `raw_corpus`, another run of the same seed
-    lands a newer materialization of it (what an overlapping run does), deterministically."""
+    """The real IO manager; when a step first asks where `raw_corpus` is stored (the step has
+    started: Dagster has fetched the versions of its inputs), another run of the same seed lands a
+    newer materialization of it (what an overlapping run does), deterministically."""
 
-    def load_input(self, context):
-        table = super().load_input(context)
-        if context.asset_key.path[-1] == "raw_corpus":
-            context.step_context.instance.report_runless_asset_event(
+    def output_path(self, instance, asset, partition):
+        if asset == "raw_corpus" and not LANDED:
+            LANDED.append(asset)
+            instance.report_runless_asset_event(
                 dg.AssetMaterialization(
                     "raw_corpus",
-                    partition=context.asset_partition_key,
+                    partition=partition,
                     metadata={"fingerprint": "f" * 64, "config_fingerprint": "c" * 64},
                 )
             )
-        return table
+        return super().output_path(instance, asset, partition)
+
+
+LANDED: list[str] = []
 
 
 def test_lineage_names_the_input_version_loaded_not_the_latest(tree, pipeline):
@@ -217,6 +221,7 @@ def test_lineage_names_the_input_version_loaded_not_the_latest(tree, pipeline):
     loaded = table_fingerprint(pq.read_table(pipe.output("raw_corpus", "0")))
     defs = build_defs({**pipe.defs.resources, "io_manager": ConcurrentRunIOManager(output_dir=str(pipe.out))})
     downstream_only = defs.resolve_job_def(CORPUS_JOB).get_subset(asset_selection={dg.AssetKey("expanded_corpus")})
+    LANDED.clear()
     assert downstream_only.execute_in_process(instance=pipe.instance, partition_key="0").success
     assert pipe.metadata("raw_corpus", "0")["fingerprint"] == "f" * 64  # the latest is not what was loaded
     meta = pipe.metadata("expanded_corpus", "0")

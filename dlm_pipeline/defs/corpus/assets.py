@@ -22,15 +22,15 @@ from dlm_pipeline.core.config_records import (
 )
 from dlm_pipeline.core.corpus import ROW_SCHEMA, SKIP_REASONS, stream_raw_corpus
 from dlm_pipeline.core.expansion import ExpansionTooLarge, stream_expansion, tag_stats
-from dlm_pipeline.core.parquet_io import ParquetRows, RowStream
+from dlm_pipeline.core.parquet_io import RowStream
 from dlm_pipeline.core.tree import SourceTreeError
 from dlm_pipeline.core.weights import SCOPE_NEAREST, table_scope, weights_table
+from dlm_pipeline.defs.checked_output import input_fingerprints, stored_columns, stored_rows
 from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import CONFIGS_VALID
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
-    input_fingerprints,
     streamed_output,
     table_metadata,
     text_block,
@@ -106,21 +106,26 @@ def training_configs(context: dg.AssetExecutionContext, source: SourceTree):
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="2")
+@dg.asset(
+    partitions_def=seeds_partitions,
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    code_version="2",
+    deps=["training_configs"],
+)
 def weights_map(
     context: dg.AssetExecutionContext,
     source: SourceTree,
     io_manager: dg.ResourceParam[ParquetIOManager],
-    training_configs: pa.Table,
 ) -> dg.Output:
     """The merged weights map (global view) and each anchor's own map; the scope in use is recorded."""
     seed = parse_seed_or_fail(context)
     scope = source.scope()
-    inputs = input_fingerprints(context, training_configs=training_configs)
+    inputs = input_fingerprints(io_manager, context, ["training_configs"])
     key = step_key(context, inputs, {"scope": scope})
-    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], source):
+    if same := unchanged_output(context, key, inputs, [stored_output_path(context, io_manager)], source):
         return same
-    table = weights_table(anchors_from_table(training_configs), scope)
+    table = weights_table(anchors_from_table(stored_columns(io_manager, context, "training_configs")), scope)
     active = table.filter(pc.equal(table["scope"], scope))
     own = table.filter(pc.equal(table["scope"], SCOPE_NEAREST))
     return versioned_output(
@@ -137,20 +142,25 @@ def weights_map(
     )
 
 
-@dg.asset(partitions_def=seeds_partitions, group_name=GROUP, kinds={"python", "parquet"}, code_version="1")
+@dg.asset(
+    partitions_def=seeds_partitions,
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    code_version="1",
+    deps=["training_configs"],
+)
 def raw_corpus(
     context: dg.AssetExecutionContext,
     source: SourceTree,
     compute: ComputeResource,
     io_manager: dg.ResourceParam[ParquetIOManager],
-    training_configs: pa.Table,
 ) -> dg.Output:
     """One row per included text file (section_id, path, text, tags), ordered by path; skips counted by reason."""
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source)
     anchors, inputs = (
-        anchors_from_table(training_configs),
-        input_fingerprints(context, training_configs=training_configs),
+        anchors_from_table(stored_columns(io_manager, context, "training_configs")),
+        input_fingerprints(io_manager, context, ["training_configs"]),
     )
     reuse = raw_corpus_reuse(context, source, scan, anchors, inputs, seed, stored_output_path(context, io_manager))
     if reuse.output is not None:
@@ -227,22 +237,23 @@ def raw_corpus(
     group_name=GROUP,
     kinds={"python", "parquet"},
     code_version="2",
-    ins={"raw_corpus": dg.AssetIn(metadata={"stream": True, "columns": ROW_SCHEMA.names})},
+    deps=["raw_corpus", "weights_map"],
 )
 def expanded_corpus(
     context: dg.AssetExecutionContext,
     source: SourceTree,
     io_manager: dg.ResourceParam[ParquetIOManager],
-    raw_corpus: ParquetRows,
-    weights_map: pa.Table,
 ) -> dg.Output:
     """Each raw row repeated or dropped by its composed weight; fractional copies decided by a seeded hash."""
     seed = parse_seed_or_fail(context)
-    scope, mode = table_scope(weights_map), source.mode()
-    inputs = input_fingerprints(context, raw_corpus=raw_corpus, weights_map=weights_map)
+    mode = source.mode()
+    inputs = input_fingerprints(io_manager, context, ["raw_corpus", "weights_map"])
     key = step_key(context, inputs, {"mode": mode, "max_expanded_bytes": source.max_expanded_bytes})
-    if same := unchanged_output(context, key, [stored_output_path(context, io_manager)], source):
+    if same := unchanged_output(context, key, inputs, [stored_output_path(context, io_manager)], source):
         return same
+    raw_corpus = stored_rows(io_manager, context, "raw_corpus", ROW_SCHEMA.names)
+    weights_map = stored_columns(io_manager, context, "weights_map")
+    scope = table_scope(weights_map)
     try:
         expansion = stream_expansion(raw_corpus, weights_map, seed, mode, source.max_expanded_bytes)
     except ExpansionTooLarge as exc:

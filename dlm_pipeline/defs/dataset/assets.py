@@ -9,6 +9,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -35,8 +36,9 @@ from dlm_pipeline.core.dataset import (
 from dlm_pipeline.core.expansion import composed_row_weights
 from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.tokenize import LoadedTokenizer
+from dlm_pipeline.defs.checked_output import input_fingerprints, stored_columns, stored_rows
 from dlm_pipeline.defs.constants import TOKEN_STORE_MARK
-from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, input_fingerprints, table_metadata
+from dlm_pipeline.defs.metadata import ProgressLog, base_metadata, config_lineage, table_metadata
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seeds_partitions
 from dlm_pipeline.defs.resources import (
     STORED_FILES,
@@ -51,13 +53,23 @@ from dlm_pipeline.defs.reuse import computed_metadata, step_key, unchanged_outpu
 
 GROUP = "dataset"
 ASSET = "training_dataset"
-INS = {
-    # Its texts are read a batch at a time; the columns are checked to be there.
-    "raw_corpus": dg.AssetIn("raw_corpus", metadata={"stream": True, "columns": ROW_SCHEMA.names}),
-    # Only the row identity is needed from the (large, text-carrying) expanded corpus.
-    "expanded_corpus": dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]}),
-    "weights_map": dg.AssetIn("weights_map"),
-}
+# What the token rows and the dataset are made of (read by `read_inputs`, after the unchanged test).
+INPUTS = ["raw_corpus", "expanded_corpus", "weights_map"]
+
+
+class Inputs(NamedTuple):
+    raw_corpus: ParquetRows  # its texts are read a batch at a time; the columns are checked to be there
+    expanded_corpus: pa.Table  # only the row identity of the (large, text-carrying) expanded corpus
+    weights_map: pa.Table
+
+
+def read_inputs(io_manager: ParquetIOManager, context) -> Inputs:
+    """The stored INPUTS of this step's seed, as `tokenized_cache`, `training_dataset` and its checks read them."""
+    return Inputs(
+        stored_rows(io_manager, context, "raw_corpus", ROW_SCHEMA.names),
+        stored_columns(io_manager, context, "expanded_corpus", ["section_id", "copy"]),
+        stored_columns(io_manager, context, "weights_map"),
+    )
 
 
 def dataset_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance, partition_key: str) -> Path:
@@ -161,8 +173,7 @@ def _share(part: int, whole: int) -> float:
     group_name=GROUP,
     kinds={"python", "parquet"},
     code_version="1",
-    ins=INS,
-    deps=["tokenized_cache"],  # after it, so the shared token store is warm and nothing is tokenized twice
+    deps=[*INPUTS, "tokenized_cache"],  # after tokenized_cache, so the shared store is warm: nothing is tokenized twice
 )
 def training_dataset(
     context: dg.AssetExecutionContext,
@@ -171,9 +182,6 @@ def training_dataset(
     token_cache: TokenCacheResource,
     dataset: DatasetResource,
     io_manager: dg.ResourceParam[ParquetIOManager],
-    raw_corpus: ParquetRows,
-    expanded_corpus: pa.Table,
-    weights_map: pa.Table,
 ) -> dg.MaterializeResult:
     """Train/validation split by content before expansion; whole documents ended by EOS, packed into
     max_seq_len sequences (Parquet) and one sequence per document (Megatron .bin/.idx); dataset.json."""
@@ -181,9 +189,7 @@ def training_dataset(
     val_fraction, split_seed = checked_split_settings(dataset)
     folder = dataset_folder(io_manager, context.instance, context.partition_key)
     loaded = tokenizer.load()
-    inputs = input_fingerprints(
-        context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map
-    )
+    inputs = input_fingerprints(io_manager, context, INPUTS)
     settings_used = {
         **token_settings(loaded, val_fraction, split_seed),
         "eos": dataset.eos_token,
@@ -194,6 +200,7 @@ def training_dataset(
     same = unchanged_output(
         context,
         key,
+        inputs,
         dataset_files(folder),
         source,
         own_files=True,
@@ -201,6 +208,7 @@ def training_dataset(
     )
     if same:
         return same
+    read = read_inputs(io_manager, context)
     prepared = prepare(
         context,
         seed=seed,
@@ -208,9 +216,7 @@ def training_dataset(
         val_fraction=val_fraction,
         loaded=loaded,
         token_cache=token_cache,
-        raw_corpus=raw_corpus,
-        expanded_corpus=expanded_corpus,
-        weights_map=weights_map,
+        **read._asdict(),
         spill_dir=spill_folder(io_manager, context.instance),
     )
     plan, ids = prepared.plan, prepared.ids
@@ -256,7 +262,7 @@ def training_dataset(
             _share(validation.tokens, train.tokens + validation.tokens)
         ),
         "train_tokens_by_tag": table_metadata(
-            train_tag_tokens(raw_corpus.read(["tags"])["tags"], plan.train_rows, ids, plan.text_index)
+            train_tag_tokens(read.raw_corpus.read(["tags"])["tags"], plan.train_rows, ids, plan.text_index)
         ),
         "unique_texts": dg.MetadataValue.int(len(plan.unique_keys)),
         "validation_side_texts": dg.MetadataValue.int(int(np.count_nonzero(plan.validation[plan.unique_rows]))),

@@ -17,9 +17,15 @@ from dlm_pipeline.core.dataset import (
     read_manifest,
 )
 from dlm_pipeline.core.megatron import MegatronFormatError
-from dlm_pipeline.defs.checked_output import stored_columns, stored_rows
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
-from dlm_pipeline.defs.dataset.assets import INS, dataset_folder, prepare, spill_folder, training_dataset
+from dlm_pipeline.defs.dataset.assets import (
+    INPUTS,
+    dataset_folder,
+    prepare,
+    read_inputs,
+    spill_folder,
+    training_dataset,
+)
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
 from dlm_pipeline.defs.reuse import unchanged_check_results
@@ -27,24 +33,17 @@ from dlm_pipeline.defs.reuse import unchanged_check_results
 LEAK_SPEC = seed_check_spec(
     SPLIT_IS_LEAK_FREE,
     asset=training_dataset,
-    additional_deps=list(INS),
+    additional_deps=INPUTS,
     description="Reads every Megatron document of both splits back and finds its text by its ids: no text is on "
     "both sides, and every document is on the side the split rule gives its content key.",
 )
 PACKING_SPEC = seed_check_spec(
     PACKING_CONSERVES_TOKENS,
     asset=training_dataset,
-    additional_deps=list(INS),
+    additional_deps=INPUTS,
     description="The Parquet sequences, the Megatron documents and the token store agree id for id; every sequence "
     "but the last holds seq_len ids, and doc_starts mark where each document begins.",
 )
-
-
-def _stored_input(io_manager, context, name: str, asked: dict):
-    """The stored input as the asset gets it: a lazy reader, or the columns it asks for."""
-    if asked.get("stream"):
-        return stored_rows(io_manager, context, name, asked.get("columns", []))
-    return stored_columns(io_manager, context, name, asked.get("columns"))
 
 
 def _leak_result(folder, manifest, prepared, files_equal_plan: bool) -> dg.AssetCheckResult:
@@ -114,7 +113,7 @@ def training_dataset_checks(
         val_fraction=float(manifest["val_fraction"]),
         loaded=tokenizer.load(),
         token_cache=token_cache,
-        **{name: _stored_input(io_manager, context, name, spec.metadata or {}) for name, spec in INS.items()},
+        **read_inputs(io_manager, context)._asdict(),
         spill_dir=spill_folder(io_manager, context.instance),
     )
     if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):

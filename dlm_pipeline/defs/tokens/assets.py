@@ -17,19 +17,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dlm_pipeline.core.compute import RunStats
-from dlm_pipeline.core.corpus import ROW_SCHEMA
 from dlm_pipeline.core.dataset import held_out_among
 from dlm_pipeline.core.expansion import composed_row_weights
-from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.token_store import TOKENIZED_SCHEMA, TokenStore, tokenized_rows
 from dlm_pipeline.core.tokenize import length_histogram
+from dlm_pipeline.defs.checked_output import input_fingerprints
 from dlm_pipeline.defs.compute import ComputeResource
 from dlm_pipeline.defs.constants import TOKEN_STORE_MARK
-from dlm_pipeline.defs.dataset.assets import checked_split_settings, token_settings
+from dlm_pipeline.defs.dataset.assets import INPUTS, checked_split_settings, read_inputs, token_settings
 from dlm_pipeline.defs.metadata import (
     ProgressLog,
     config_lineage,
-    input_fingerprints,
     streamed_output,
     table_metadata,
 )
@@ -45,12 +43,6 @@ from dlm_pipeline.defs.reuse import computed_metadata, step_key, stored_output_p
 
 GROUP = "tokens"
 TOKENIZED_LISTED = 20  # texts listed by name in the metadata; all are counted
-
-# Only the row identity is needed from the (large, text-carrying) expanded corpus.
-EXPANDED_KEYS = dg.AssetIn("expanded_corpus", metadata={"columns": ["section_id", "copy"]})
-# The raw corpus is read in stored batches: its texts are never held whole.
-# A lazy reader; the columns are those a stored raw_corpus must have (else one clear Failure).
-RAW_STREAM = dg.AssetIn("raw_corpus", metadata={"stream": True, "columns": ROW_SCHEMA.names})
 
 
 def _counts(values: pa.ChunkedArray) -> dict[str, int]:
@@ -86,7 +78,7 @@ def _nothing_tokenized(store: TokenStore):
     group_name=GROUP,
     kinds={"python", "parquet"},
     code_version="1",
-    ins={"expanded_corpus": EXPANDED_KEYS, "raw_corpus": RAW_STREAM},
+    deps=INPUTS,
 )
 def tokenized_cache(
     context: dg.AssetExecutionContext,
@@ -96,23 +88,19 @@ def tokenized_cache(
     dataset: DatasetResource,
     source: SourceTree,
     io_manager: dg.ResourceParam[ParquetIOManager],
-    raw_corpus: ParquetRows,
-    expanded_corpus: pa.Table,
-    weights_map: pa.Table,
 ) -> dg.Output:
     """Per expanded row: section_id, copy, input_ids (list<int32>, cut to max_seq_len), n_tokens, truncated;
     each distinct text the seed needs (also for its validation set) is tokenized once, ever, per tokenizer."""
     seed = parse_seed_or_fail(context)
     loaded = tokenizer.load()
     store = token_cache.store(context.instance)
-    inputs = input_fingerprints(
-        context, raw_corpus=raw_corpus, expanded_corpus=expanded_corpus, weights_map=weights_map
-    )
+    inputs = input_fingerprints(io_manager, context, INPUTS)
     val_fraction, split_seed = checked_split_settings(dataset)
     key = step_key(context, inputs, token_settings(loaded, val_fraction, split_seed))
     same = unchanged_output(
         context,
         key,
+        inputs,
         [stored_output_path(context, io_manager)],
         source,
         what_this_run_did=_nothing_tokenized(store),
@@ -121,6 +109,7 @@ def tokenized_cache(
     )
     if same:
         return same
+    raw_corpus, expanded_corpus, weights_map = read_inputs(io_manager, context)
     progress = ProgressLog(context, "texts tokenized")
     compute_stats = RunStats()
     validation_rows, candidate_rows = None, None
