@@ -299,11 +299,17 @@ def full_rescan() -> bool:
 
 
 def _switch(name: str) -> bool:
-    """An on/off variable: unset, 0, false, no or off is off; 1, true, yes or on is on."""
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    """An on/off variable (see `parse_switch`)."""
+    return parse_switch(name, os.environ.get(name, ""))
+
+
+def parse_switch(name: str, raw: str) -> bool:
+    """An on/off value (a variable, or a run tag that mirrors one): empty, 0, false, no or off is
+    off; 1, true, yes or on is on; anything else is refused, so a typo never silently means off."""
+    value = raw.strip().lower()
+    if value in ("", "0", "false", "no", "off"):
         return False
-    if raw in ("1", "true", "yes", "on"):
+    if value in ("1", "true", "yes", "on"):
         return True
     raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
 

@@ -37,6 +37,7 @@ import dagster as dg
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
+from dlm_pipeline import settings
 from dlm_pipeline.core.rules import Anchor, PathRules
 from dlm_pipeline.core.tree import TreeScan
 from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
@@ -112,8 +113,12 @@ def step_key(context: dg.AssetExecutionContext, inputs: Mapping[str, str], setti
 def full_rescan(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, source: SourceTree) -> bool:
     """Whether this run trusts nothing remembered: the source's setting (--full-rescan,
     DLM_FULL_RESCAN) or the run's tag `dlm/full_rescan=1` (the nightly schedule's runs; a run
-    launched from the UI with that tag)."""
-    return source.full_rescan or context.run.tags.get(FULL_RESCAN_TAG, "").strip().lower() in ("1", "true")
+    launched from the UI with that tag). A tag value that is not an on/off value fails the step."""
+    try:
+        tagged = settings.parse_switch(f"the run tag {FULL_RESCAN_TAG}", context.run.tags.get(FULL_RESCAN_TAG, ""))
+    except settings.SettingsError as exc:
+        raise dg.Failure(description=f"{exc}: fix the tag and launch the run again") from None
+    return source.full_rescan or tagged
 
 
 def stored_output_path(context: dg.AssetExecutionContext, io_manager: ParquetIOManager) -> Path:

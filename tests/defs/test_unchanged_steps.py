@@ -205,3 +205,21 @@ def test_the_full_rescan_tag_computes_every_step_and_the_nightly_runs_carry_it(t
         with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 2)) as context:
             (request,) = nightly_all_seeds(context)
     assert request.tags[FULL_RESCAN_TAG] == "1"
+
+
+def test_a_mistyped_full_rescan_tag_fails_the_run_with_one_line_instead_of_meaning_off(tree, pipeline):
+    """A tag typed in the UI is free text: `ture` must not silently run as if it were off."""
+    from dlm_pipeline.defs.constants import CORPUS_JOB, FULL_RESCAN_TAG
+
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.run("3")
+    job = pipe.defs.resolve_job_def(CORPUS_JOB)
+    result = job.execute_in_process(
+        instance=pipe.instance, partition_key="3", tags={FULL_RESCAN_TAG: "ture"}, raise_on_error=False
+    )
+    assert not result.success
+    failures = [
+        e.step_failure_data.user_failure_data for e in result.all_events if e.event_type_value == "STEP_FAILURE"
+    ]
+    assert failures and all(f is not None for f in failures)
+    assert "the run tag dlm/full_rescan must be 1 or 0, got 'ture'" in failures[0].description
