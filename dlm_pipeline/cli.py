@@ -211,6 +211,7 @@ def _run(seed: str):
     import dagster as dg
 
     from dlm_pipeline.definitions import resolved_corpus_job
+    from dlm_pipeline.defs.constants import PARTITION_TAG
 
     job = _worker["job"]
     if job.executor_def.name == "in_process":
@@ -220,7 +221,7 @@ def _run(seed: str):
     with dg.execute_job(
         dg.reconstructable(resolved_corpus_job),
         instance=_worker["instance"],
-        tags={"dagster/partition": seed},
+        tags={PARTITION_TAG: seed},
         run_config=_QUIET,
         raise_on_error=False,
     ) as result:

@@ -245,3 +245,36 @@ def test_non_canonical_registered_partitions_are_ignored_with_a_warning(capsys, 
     captured = capsys.readouterr()
     assert captured.out.split() == ["7"]
     assert "ignoring registered partition 'abc'" in captured.err
+
+
+def test_a_second_run_of_a_seed_waits_for_the_first_and_says_so(tmp_path):
+    """Two runs of one seed must not interleave (one could record an output as unchanged while the
+    other rewrites it): a run holds its seed's lock in the output folder while it writes. Here the
+    test holds it, as a running materialize would; the CLI waits, says why, and runs once it is free."""
+    import fcntl
+
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    (out / ".locks").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(out))
+    with open(out / ".locks" / "4.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--seed", "4"],
+            env=env,
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        seen = []
+        for line in proc.stderr:  # blocks until the CLI writes; it cannot finish while the lock is held
+            seen.append(line)
+            if "waiting for another run of seed 4 to finish" in line:
+                break
+        assert proc.poll() is None, "".join(seen)
+        assert not (out / "expanded_corpus" / "4.parquet").exists()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(seen) + stderr
+    assert "seed 4: ok" in stdout and (out / "expanded_corpus" / "4.parquet").exists()

@@ -2,6 +2,7 @@
 
     <output_dir>/.objects/<sha256 of the bytes>.parquet    the bytes, once
     <output_dir>/<asset>/<seed>.parquet                     a hard link to the object (SPEC §4 path)
+    <output_dir>/.locks/<seed>.lock                         flock'd by the run writing that seed
 
 Readers of the per-seed path see an ordinary file. A publish is atomic: the bytes go to a temp
 file beside the target, the temp file is linked into `.objects` (or an identical object already
@@ -16,6 +17,7 @@ followed through symlinks (the directory itself, chosen by the user, may be one)
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -28,6 +30,7 @@ from typing import BinaryIO
 from dlm_pipeline.core.parquet_io import delete_stale_temps, temp_name, write_bytes_atomic
 
 OBJECTS_DIR = ".objects"
+LOCKS_DIR = ".locks"
 OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
 # Errors that mean "no hard link here", not "something is wrong": fall back to a copy.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -142,6 +145,25 @@ class BlobStore:
                 os.close(folder_fd)
         finally:
             os.close(root_fd)
+
+    @contextmanager
+    def seed_lock(self, seed: str, waiting: Callable[[], object]) -> Iterator[None]:
+        """Held while a run writes and records `seed`'s outputs, so that two runs of one seed take
+        turns (a run that found an output unchanged must not record it while another rewrites it);
+        `waiting()` is called once if another run holds it. The lock dies with its process."""
+        with self._opened(LOCKS_DIR) as (_, folder_fd):
+            fd = os.open(f"{seed}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BlobStoreError(f"{self.path(LOCKS_DIR, seed + '.lock')} is not a regular file: remove it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def write(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> str:
         """Write `folder/name` atomically, as a file of its own (outputs that differ per seed)."""

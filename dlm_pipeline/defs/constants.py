@@ -12,4 +12,5 @@ CONFIG_CHANGE_SENSOR = "config_change_sensor"
 SOURCE_CHANGE_SENSOR = "source_change_sensor"
 NIGHTLY_SCHEDULE = "nightly_all_seeds"
 TOKEN_STORE_MARK = "token_store_mark"  # metadata: the token store namespace it read (TokenStore.namespace_mark)
+PARTITION_TAG = "dagster/partition"  # the run tag naming the seed a run materializes
 FULL_RESCAN_TAG = "dlm/full_rescan"  # a run tag: "1" computes every step, as --full-rescan does

@@ -25,6 +25,15 @@ def parse_seed(key: str) -> int:
         ) from None
 
 
+def is_seed(key: str) -> bool:
+    """Whether `key` is a seed `parse_seed` accepts (safe in a file name)."""
+    try:
+        parse_seed(key)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_seed_or_fail(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
     """The run's seed, or a run failure that says how to fix the partition key."""
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
 from dlm_pipeline.core.tree import TreeScan, scan_tree
 from dlm_pipeline.core.weights import SCOPE_NEAREST, check_scope
+from dlm_pipeline.defs.constants import PARTITION_TAG
 from dlm_pipeline.defs.metadata import StreamedOutput
+from dlm_pipeline.defs.partitions import is_seed
 
 
 class SourceTree(dg.ConfigurableResource):
@@ -131,6 +134,25 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     """
 
     output_dir: str = ""
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[ParquetIOManager]:
+        """The run's seed's outputs are written by this run alone: it holds the seed's lock (core
+        BlobStore.seed_lock) while the IO manager is up: the whole run in process, each step in a
+        process of its own. Another run of the seed waits for it, and says so."""
+        seed = context.dagster_run.tags.get(PARTITION_TAG) if context.dagster_run else None
+        with contextlib.ExitStack() as held:
+            if context.instance is not None and seed is not None and is_seed(seed):
+                try:
+                    held.enter_context(
+                        BlobStore(self.root(context.instance)).seed_lock(
+                            seed, lambda: context.log.warning(f"waiting for another run of seed {seed} to finish")
+                        )
+                    )
+                except (BlobStoreError, OSError) as exc:
+                    raise dg.Failure(description=f"cannot lock seed {seed}'s outputs: {exc}") from None
+            with super().yield_for_execution(context) as value:
+                yield value
 
     def root(self, instance: dg.DagsterInstance) -> Path:
         """The output folder: `output_dir`, else the instance's storage directory."""

@@ -24,6 +24,7 @@ from dagster._core.event_api import PartitionKeyFilter
 from dlm_pipeline import settings
 from dlm_pipeline.core.config_records import tree_configs_fingerprint
 from dlm_pipeline.core.tree import scan_tree
+from dlm_pipeline.defs.constants import PARTITION_TAG
 from dlm_pipeline.defs.metadata import DATA_VERSION_TAG, _same_version
 from dlm_pipeline.defs.resources import own_dirs
 
@@ -68,7 +69,7 @@ def _unpartitioned_execution(instance: dg.DagsterInstance, check_key: dg.AssetCh
     newest execution whose run ran this seed."""
     for execution in instance.event_log_storage.get_asset_check_execution_history(check_key, limit=look_back):
         run = instance.get_run_by_id(execution.run_id)
-        if run is not None and run.tags.get("dagster/partition") == seed:
+        if run is not None and run.tags.get(PARTITION_TAG) == seed:
             return execution
     return None
 

@@ -345,3 +345,43 @@ def test_a_stored_output_that_is_no_output_of_ours_fails_in_one_line(pipeline, e
             assert error.cls_name == "Failure", error.message
             assert f"{stored} is not a raw_corpus output the pipeline wrote" in error.message
             assert "re-materialize raw_corpus for seed 1" in error.message
+
+
+class Waited(Exception):
+    pass
+
+
+def _wait_refused():
+    raise Waited
+
+
+def test_a_held_seed_lock_makes_the_next_run_wait_and_a_planted_one_is_never_followed(tmp_path):
+    """`BlobStore.seed_lock`: another holder means waiting (told first); a symlink or a folder planted
+    where the lock belongs is refused, and what it points at is left untouched."""
+    import fcntl
+
+    from dlm_pipeline.core.blob_store import LOCKS_DIR, BlobStoreError
+
+    out = tmp_path / "out"
+    store = BlobStore(out)
+    with store.seed_lock("1", _wait_refused):  # free: taken without waiting
+        assert (out / LOCKS_DIR / "1.lock").is_file()
+        with store.seed_lock("2", _wait_refused):  # another seed's lock is another lock
+            pass
+    with open(out / LOCKS_DIR / "1.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused):
+            pass
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not ours")
+    (out / LOCKS_DIR / "3.lock").symlink_to(elsewhere)
+    with pytest.raises(OSError), store.seed_lock("3", _wait_refused):
+        pass
+    (out / LOCKS_DIR / "5.lock").mkdir()
+    with pytest.raises((OSError, BlobStoreError)), store.seed_lock("5", _wait_refused):
+        pass
+    shutil.rmtree(out / LOCKS_DIR)
+    (out / LOCKS_DIR).symlink_to(tmp_path)
+    with pytest.raises(BlobStoreError), store.seed_lock("1", _wait_refused):
+        pass
+    assert elsewhere.read_text() == "not ours" and not (tmp_path / "1.lock").exists()
