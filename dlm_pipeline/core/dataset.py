@@ -673,9 +673,20 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
     return []
 
 
-def conservation_problems(folder: Path, plan: DatasetPlan, text_ids: TextIds, eos_id: int, seq_len: int) -> list[str]:
-    """The Parquet sequences, the Megatron documents and the token store agree id for id, per split.
-    The store is read once, a batch of texts at a time, for both splits; each file is read once."""
+def parquet_problems(folder: Path, seq_len: int) -> dict[str, list[str]]:
+    """Per split: the Parquet sequences are the Megatron documents cut at seq_len. Files only (no
+    plan, no store), so it can run while the plan is recomputed; Arrow decodes without the GIL."""
+    return {
+        split: _check_parquet(folder / f"{split}.parquet", read_indexed(folder / split), seq_len) for split in SPLITS
+    }
+
+
+def conservation_problems(
+    folder: Path, plan: DatasetPlan, text_ids: TextIds, eos_id: int, parquet: dict[str, list[str]]
+) -> list[str]:
+    """The Parquet sequences (`parquet`: parquet_problems), the Megatron documents and the token
+    store agree id for id, per split. The store is read once, a batch of texts at a time, for both
+    splits; each file is read once."""
     splits = {split: _SplitDocuments(read_indexed(folder / split), plan.documents(split)) for split in SPLITS}
     problems = {split: [p] if (p := files.layout_problem()) else [] for split, files in splits.items()}
     if not any(problems.values()):
@@ -686,5 +697,4 @@ def conservation_problems(folder: Path, plan: DatasetPlan, text_ids: TextIds, eo
     for split, files in splits.items():
         if files.first_bad is not None:
             problems[split].append(files.first_bad[1])
-        problems[split] = problems[split] or _check_parquet(folder / f"{split}.parquet", files.dataset, seq_len)
-    return [f"{split}: {p}" for split in SPLITS for p in problems[split]]
+    return [f"{split}: {p}" for split in SPLITS for p in (problems[split] or parquet[split])]

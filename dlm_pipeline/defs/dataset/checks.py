@@ -7,6 +7,8 @@ The ids are read from the store a batch of texts at a time and compared with eve
 uses them, in place in the memory-mapped .bin (no spill file, the store decoded once).
 """
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import dagster as dg
 import numpy as np
 
@@ -15,6 +17,7 @@ from dlm_pipeline.core.dataset import (
     DatasetPlan,
     conservation_problems,
     leak_report,
+    parquet_problems,
     plan_leak_report,
     read_manifest,
     used_text_ids,
@@ -75,9 +78,9 @@ def _leak_result(folder, manifest, plan: DatasetPlan, text_ids, files_equal_plan
     )
 
 
-def _packing_result(folder, manifest, plan: DatasetPlan, text_ids) -> dg.AssetCheckResult:
+def _packing_result(folder, manifest, plan: DatasetPlan, text_ids, parquet: Future) -> dg.AssetCheckResult:
     try:
-        problems = conservation_problems(folder, plan, text_ids(), int(manifest["eos_id"]), int(manifest["seq_len"]))
+        problems = conservation_problems(folder, plan, text_ids(), int(manifest["eos_id"]), parquet.result())
     except (OSError, MegatronFormatError) as exc:
         problems = [f"cannot read the dataset: {exc}"]
     return dg.AssetCheckResult(
@@ -96,7 +99,7 @@ def training_dataset_checks(
     token_cache: TokenCacheResource,
     source: SourceTree,
 ):
-    """One recomputation of the split, order and ids from the stored inputs, shared by the selected checks."""
+    """One recomputation of the split and order from the stored inputs, shared by the selected checks."""
     selected = [spec.name for spec in (LEAK_SPEC, PACKING_SPEC) if spec.key in context.selected_asset_check_keys]
     if (same := unchanged_check_results(context, "training_dataset", selected, source)) is not None:
         yield from same
@@ -117,19 +120,23 @@ def training_dataset_checks(
                 description="the dataset was written with another tokenizer: re-materialize it",
             )
         return
-    inputs = {name: _stored_input(io_manager, context, name, spec.metadata or {}) for name, spec in INS.items()}
-    plan = plan_of(
-        **inputs,
-        seed=parse_seed_or_fail(context),
-        split_seed=int(manifest["split_seed"]),
-        val_fraction=float(manifest["val_fraction"]),
-    )
-    store = token_cache.store(context.instance)
+    with ThreadPoolExecutor(1) as pool:
+        # The Parquet files against the Megatron files (no plan needed) while the plan is recomputed.
+        packing_selected = PACKING_CONSERVES_TOKENS in selected
+        parquet = pool.submit(parquet_problems, folder, int(manifest["seq_len"])) if packing_selected else None
+        inputs = {name: _stored_input(io_manager, context, name, spec.metadata or {}) for name, spec in INS.items()}
+        plan = plan_of(
+            **inputs,
+            seed=parse_seed_or_fail(context),
+            split_seed=int(manifest["split_seed"]),
+            val_fraction=float(manifest["val_fraction"]),
+        )
+        store = token_cache.store(context.instance)
 
-    def text_ids():
-        return used_text_ids(store, loaded, plan, inputs["raw_corpus"])
+        def text_ids():
+            return used_text_ids(store, loaded, plan, inputs["raw_corpus"])
 
-    packing = _packing_result(folder, manifest, plan, text_ids) if PACKING_CONSERVES_TOKENS in selected else None
+        packing = _packing_result(folder, manifest, plan, text_ids, parquet) if packing_selected else None
     if packing is not None:
         yield packing
     if SPLIT_IS_LEAK_FREE in selected:
