@@ -594,7 +594,7 @@ class _SplitDocuments:
         ):
             return f"{len(self.dataset)} Megatron documents, the plan gives {len(self.documents)}"
         lengths = self.dataset.lengths.astype(np.int64)
-        if not np.array_equal(self.starts, np.cumsum(lengths) - lengths):
+        if not np.array_equal(self.dataset.pointers, (np.cumsum(lengths) - lengths) * self.dataset.dtype.itemsize):
             return "the Megatron index's pointers do not lay the documents back to back"
         return None
 

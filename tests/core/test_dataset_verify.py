@@ -93,9 +93,11 @@ def test_pointers_that_do_not_lay_documents_back_to_back_are_refused(written):
     good = index_bytes(lengths, np.dtype(np.uint16))
     assert bytes(data) == good
     pointers_at = len(good) - (len(lengths) + 1) * 8 - len(lengths) * 8
-    data[pointers_at + 8] += 2  # document 1 starts one id later
-    idx.write_bytes(bytes(data))
-    assert _problems(written) == ["train: the Megatron index's pointers do not lay the documents back to back"]
+    for shift in (2, 1):  # document 1 starts one id later; half an id later
+        changed = bytearray(data)
+        changed[pointers_at + 8] += shift
+        idx.write_bytes(bytes(changed))
+        assert _problems(written) == ["train: the Megatron index's pointers do not lay the documents back to back"]
 
 
 def test_a_flipped_parquet_id_is_found_when_the_megatron_files_are_right(written):
