@@ -645,7 +645,7 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
     stream = dataset.tokens
     starts = np.cumsum(dataset.lengths.astype(np.int64)) - dataset.lengths
     position, sequence, previous_short, starts_seen = 0, 0, False, []
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path, memory_map=True)  # like the .bin: no copy of the file into memory first
     for group in range(parquet.num_row_groups):  # written in row groups of bounded ids
         batch = parquet.read_row_group(group, columns=["input_ids", "n_tokens", "doc_starts"])
         lists = one_chunk(batch.column("input_ids"))
