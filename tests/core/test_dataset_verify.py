@@ -19,9 +19,10 @@ from dlm_pipeline.core.dataset import (
 from dlm_pipeline.core.megatron import index_bytes, read_indexed
 
 EOS, SEQ_LEN = 0, 8
-TEXT_IDS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18], []]  # the last: an empty text
-# Text 2 twice and text 0 twice in train (copies, spread apart), text 3 in validation; text 4 unused.
-TRAIN_ROWS, VALIDATION_ROWS = [2, 0, 1, 2, 0], [3]
+TEXT_IDS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18], [], [19]]  # text 4 is empty
+# Text 2 twice and text 0 twice in train (copies, spread apart); texts 3 and 4 (a document of the EOS
+# id alone) in validation; text 5 is in no document (the store is not asked for it).
+TRAIN_ROWS, VALIDATION_ROWS = [2, 0, 1, 2, 0], [3, 4]
 
 
 def _plan() -> DatasetPlan:
@@ -29,7 +30,7 @@ def _plan() -> DatasetPlan:
     return DatasetPlan(
         content_keys=[f"k{i}" for i in range(n)],
         text_bytes=np.full(n, 10, np.int64),
-        validation=np.array([False, False, False, True, False]),
+        validation=np.array([False, False, False, True, True, False]),
         text_index=np.arange(n, dtype=np.int64),
         unique_keys=[f"k{i}" for i in range(n)],
         unique_rows=np.arange(n, dtype=np.int64),
@@ -38,7 +39,7 @@ def _plan() -> DatasetPlan:
     )
 
 
-def _batches(groups=((0, 1), (2, 3))) -> list[tuple[np.ndarray, pa.Table]]:
+def _batches(groups=((0, 1), (2, 3, 4))) -> list[tuple[np.ndarray, pa.Table]]:
     """What `used_text_ids` yields: ascending texts, a batch at a time, with the store's rows."""
     return [
         (
@@ -60,7 +61,7 @@ def _problems(folder, batches=None) -> list[str]:
     return conservation_problems(folder, _plan(), batches or _batches(), EOS, parquet_problems(folder, SEQ_LEN))
 
 
-@pytest.mark.parametrize("groups", [((0, 1), (2, 3)), ((0, 1, 2, 3),), ((0,), (1,), (2,), (3,))])
+@pytest.mark.parametrize("groups", [((0, 1), (2, 3, 4)), ((0, 1, 2, 3, 4),), ((0,), (1,), (2,), (3,), (4,))])
 def test_good_files_pass_whatever_the_batches(written, groups):
     assert _problems(written, _batches(groups)) == []
     assert leak_report(written, _plan(), _batches(groups), EOS, np.dtype(np.uint16)) == plan_leak_report(_plan())
