@@ -52,7 +52,8 @@ STALE_TEMP_SECONDS = 3600.0
 # for files 1.5x larger; statistics of token ids help no reader and cost a third of the write.
 SEQUENCE_PARQUET_OPTIONS = {"compression": "snappy", "use_dictionary": False, "write_statistics": ["n_tokens"]}
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-CHECK_CHUNK_TOKENS = 1 << 22
+CHECK_CHUNK_TOKENS = 1 << 22  # ids the packing check compares at a time
+CHECK_CHUNK_DOCUMENTS = 1 << 16  # and documents (each a Python slice per side)
 
 
 class DatasetError(ValueError):
@@ -605,7 +606,7 @@ class _SplitDocuments:
     def compare(self, texts: np.ndarray, offsets: np.ndarray, values: np.ndarray, eos_id: int) -> None:
         """The documents of `texts` (ascending; their ids `values` at `offsets`) against the .bin:
         lengths and EOS ids vectorised, the ids as one concatenation per side (at most
-        CHECK_CHUNK_TOKENS ids at a time) and one comparison."""
+        CHECK_CHUNK_TOKENS ids and CHECK_CHUNK_DOCUMENTS documents at a time) and one comparison."""
         low = int(np.searchsorted(self.sorted_texts, texts[0], side="left"))
         high = int(np.searchsorted(self.sorted_texts, texts[-1], side="right"))
         chosen = self.by_text[low:high]  # document numbers
@@ -625,7 +626,8 @@ class _SplitDocuments:
         if len(no_eos := np.flatnonzero(ends != eos_id)):
             position = int((starts + lengths)[no_eos].min())
             self._found(position, f"Megatron id {position} is not the end-of-document id")
-        cuts = [0, *byte_bounded_slices(lengths, CHECK_CHUNK_TOKENS), len(chosen)]
+        weights = lengths + CHECK_CHUNK_TOKENS // CHECK_CHUNK_DOCUMENTS  # bounds both ids and documents
+        cuts = [0, *byte_bounded_slices(weights, CHECK_CHUNK_TOKENS), len(chosen)]
         for a, b in zip(cuts, cuts[1:], strict=False):
             if b <= a:
                 continue

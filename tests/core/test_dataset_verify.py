@@ -109,3 +109,14 @@ def test_a_flipped_parquet_id_is_found_when_the_megatron_files_are_right(written
     ids[1][2] += 1
     pq.write_table(table.set_column(0, "input_ids", pa.array(ids, pa.list_(pa.int32()))), written / "train.parquet")
     assert _problems(written) == [f"train: train.parquet: id {SEQ_LEN + 2} differs from the Megatron documents"]
+
+
+def test_comparison_in_small_chunks_finds_the_same(written, monkeypatch):
+    from dlm_pipeline.core import dataset
+
+    monkeypatch.setattr(dataset, "CHECK_CHUNK_TOKENS", 8)  # chunks of 2 documents, or fewer ids
+    monkeypatch.setattr(dataset, "CHECK_CHUNK_DOCUMENTS", 2)
+    assert _problems(written) == []
+    _flip(written, "train", 14)
+    _flip(written, "train", 17)  # two faults: the first by position is named
+    assert _problems(written) == ["train: Megatron id 14 differs from the token store"]
