@@ -30,6 +30,7 @@ from dlm_pipeline.core.expansion import TagEntries
 from dlm_pipeline.core.megatron import IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
 from dlm_pipeline.core.packing import (
     SEQUENCE_SCHEMA,
+    _list_parts,
     document_lengths,
     row_group_tokens,
     sequence_count,
@@ -51,7 +52,8 @@ STALE_TEMP_SECONDS = 3600.0
 # for files 1.5x larger; statistics of token ids help no reader and cost a third of the write.
 SEQUENCE_PARQUET_OPTIONS = {"compression": "snappy", "use_dictionary": False, "write_statistics": ["n_tokens"]}
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-CHECK_CHUNK_TOKENS = 1 << 22
+CHECK_CHUNK_TOKENS = 1 << 22  # ids the packing check compares at a time
+CHECK_CHUNK_DOCUMENTS = 1 << 16  # and documents (each a Python slice per side)
 
 
 class DatasetError(ValueError):
@@ -160,6 +162,32 @@ def _parts(ids: Ids, rows: np.ndarray) -> Iterable[tuple[pa.Array, np.ndarray]]:
     return ids.parts(rows) if isinstance(ids, StoredIds) else [(ids, rows)]
 
 
+def used_text_ids(
+    store: TokenStore, loaded: LoadedTokenizer, plan: DatasetPlan, raw: pa.Table | ParquetRows, progress=None
+) -> Iterator[tuple[np.ndarray, pa.Table]]:
+    """(unique-text indexes, the store's rows for them: `input_ids`, `n_tokens`) for the texts the
+    plan's documents use (the others get no ids, so the dataset never asks for a text its seed does
+    not need), ascending, BATCH_TEXT_BYTES of text at a time; after `tokenized_cache` ran with the same
+    tokenizer, every one is in the store (misses are tokenized)."""
+    raw = TableRows(raw) if isinstance(raw, pa.Table) else raw
+    plain = dataclasses.replace(loaded, add_special_tokens=False)
+    keys = pa.array(plan.unique_keys, pa.string())
+    used = plan.used_texts()
+    cuts = [0, *byte_bounded_slices(plan.text_bytes[plan.unique_rows[used]], BATCH_TEXT_BYTES), len(used)]
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        texts = used[start:end]
+        if len(texts):
+            yield (
+                texts,
+                store.get_or_compute(
+                    plain.cache_namespace,
+                    keys.take(pa.array(texts, pa.int64())).to_pylist(),
+                    lambda positions_, texts=texts: row_texts(raw, plan.unique_rows[texts[positions_]]),
+                    lambda t: plain.encode(t, progress),
+                ).table,
+            )
+
+
 def plan_token_ids(
     store: TokenStore,
     loaded: LoadedTokenizer,
@@ -168,30 +196,13 @@ def plan_token_ids(
     progress=None,
     spill_dir: str | os.PathLike | None = None,
 ) -> StoredIds:
-    """Full ids per unique text of the plan, looked up only for the texts its documents use (the
-    others get no ids), so the dataset never asks for a text its seed does not need; after
-    `tokenized_cache` ran with the same tokenizer, every one is in the store. They are looked up
-    BATCH_TEXT_BYTES of text at a time and written to an unnamed spill file in `spill_dir` (gone
-    when closed, or when the process dies)."""
-    raw = TableRows(raw) if isinstance(raw, pa.Table) else raw
-    plain = dataclasses.replace(loaded, add_special_tokens=False)
-    keys = pa.array(plan.unique_keys, pa.string())
-    used = plan.used_texts()
+    """Full ids per unique text of the plan (`used_text_ids`), written to an unnamed spill file in
+    `spill_dir` (gone when closed, or when the process dies)."""
     lengths = np.zeros(len(plan.unique_keys), dtype=np.int64)
     positions = np.zeros(len(plan.unique_keys), dtype=np.int64)
     spill = tempfile.TemporaryFile(dir=spill_dir)
     written = 0
-    cuts = [0, *byte_bounded_slices(plan.text_bytes[plan.unique_rows[used]], BATCH_TEXT_BYTES), len(used)]
-    for start, end in zip(cuts, cuts[1:], strict=False):
-        texts = used[start:end]
-        if not len(texts):
-            continue
-        found = store.get_or_compute(
-            plain.cache_namespace,
-            keys.take(pa.array(texts, pa.int64())).to_pylist(),
-            lambda positions_, texts=texts: row_texts(raw, plan.unique_rows[texts[positions_]]),
-            lambda t: plain.encode(t, progress),
-        ).table
+    for texts, found in used_text_ids(store, loaded, plan, raw, progress):
         lengths[texts] = found["n_tokens"].to_numpy()
         positions[texts] = written + np.cumsum(lengths[texts]) - lengths[texts]
         for chunk in found["input_ids"].chunks:
@@ -495,32 +506,45 @@ def train_tag_tokens(
 
 
 # -- verification (the asset checks) ------------------------------------------------------------
-def _digest(tokens: np.ndarray) -> bytes:
-    return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+# What the checks take from the store: `used_text_ids`'s batches, read once per check.
+TextIds = Iterable[tuple[np.ndarray, pa.Table]]
 
 
-def leak_report(folder: Path, plan: DatasetPlan, ids: Ids, eos_id: int, dtype: np.dtype) -> dict[str, int]:
+def _digest(*parts) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
+def _document_views(dataset: IndexedDataset) -> Iterator[memoryview]:
+    """The bytes of each Megatron document, in place in the memory-mapped .bin."""
+    data = memoryview(dataset.tokens).cast("B") if len(dataset.tokens) else memoryview(b"")
+    lengths = dataset.lengths.astype(np.int64) * dataset.dtype.itemsize
+    for start, size in zip(dataset.pointers.tolist(), lengths.tolist(), strict=True):
+        yield data[start : start + size]
+
+
+def leak_report(folder: Path, plan: DatasetPlan, text_ids: TextIds, eos_id: int, dtype: np.dtype) -> dict[str, int]:
     """Reads the Megatron documents of both splits back and finds, by their ids, which text each is:
     `leaked` texts appear on both sides, `misplaced` documents sit on a side the split rule does
     not give their text, `unknown` documents match no text of the corpus."""
     sides: dict[bytes, set[str]] = {}
     little = dtype.newbyteorder("<")
-    used = plan.used_texts()  # the others have no ids (plan_token_ids)
-    for part, local in _parts(ids, used):
-        offsets = part.offsets.to_numpy(zero_copy_only=False)
-        values = part.values.to_numpy(zero_copy_only=False)
-        for text, at in zip(used[: len(local)].tolist(), local.tolist(), strict=True):
-            row = int(plan.unique_rows[text])
-            document = np.append(values[offsets[at] : offsets[at + 1]], eos_id).astype(little)
-            sides.setdefault(_digest(document), set()).add(VALIDATION if plan.validation[row] else TRAIN)
-        used = used[len(local) :]
+    eos = np.array([eos_id], little).tobytes()
+    for texts, found in text_ids:
+        offsets, values = _list_parts(one_chunk(found["input_ids"]))
+        values = values.astype(little)
+        for text, first, last in zip(texts.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+            side = VALIDATION if plan.validation[int(plan.unique_rows[text])] else TRAIN
+            sides.setdefault(_digest(memoryview(values[first:last]), eos), set()).add(side)
     seen: dict[str, set[bytes]] = {}
     report = {"misplaced": 0, "unknown": 0}
     for split in SPLITS:
         dataset = read_indexed(folder / split)
         seen[split] = set()
-        for i in range(len(dataset)):
-            digest = _digest(np.asarray(dataset[i]))
+        for document in _document_views(dataset):
+            digest = _digest(document)
             seen[split].add(digest)
             expected = sides.get(digest)
             if expected is None:
@@ -553,21 +577,69 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
     return int(differs[0]) if len(differs) else None
 
 
-def _check_megatron(dataset: IndexedDataset, ids: Ids, documents: np.ndarray, eos_id: int) -> list[str]:
-    problems = []
-    lengths = _document_lengths(ids, documents)
-    if not np.array_equal(dataset.lengths, lengths) or not np.array_equal(
-        dataset.document_indices, np.arange(len(lengths) + 1)
-    ):
-        return [f"{len(dataset)} Megatron documents, the token store gives {len(lengths)} of other lengths"]
-    position = 0
-    for tokens, _ in stream_parts(_parts(ids, documents), eos_id, CHECK_CHUNK_TOKENS):
-        first = _first_difference(dataset.tokens[position : position + len(tokens)], tokens)  # numpy widens both
-        if first is not None:
-            problems.append(f"Megatron id {position + first} differs from the token store")
-            break
-        position += len(tokens)
-    return problems
+class _SplitDocuments:
+    """A split's Megatron documents beside the plan's, grouped by text, so that each batch of texts
+    from the store is compared with every document that uses one of them, wherever it lies."""
+
+    def __init__(self, dataset: IndexedDataset, documents: np.ndarray):
+        self.dataset, self.documents = dataset, documents
+        self.by_text = np.argsort(documents, kind="stable")
+        self.sorted_texts = documents[self.by_text]
+        self.starts = dataset.pointers // dataset.dtype.itemsize
+        self.first_bad: tuple[int, str] | None = None  # (position in the .bin, problem)
+
+    def layout_problem(self) -> str | None:
+        """One sequence per document, back to back in the .bin, as many as the plan has."""
+        if len(self.dataset) != len(self.documents) or not np.array_equal(
+            self.dataset.document_indices, np.arange(len(self.documents) + 1)
+        ):
+            return f"{len(self.dataset)} Megatron documents, the plan gives {len(self.documents)}"
+        lengths = self.dataset.lengths.astype(np.int64)
+        if not np.array_equal(self.dataset.pointers, (np.cumsum(lengths) - lengths) * self.dataset.dtype.itemsize):
+            return "the Megatron index's pointers do not lay the documents back to back"
+        return None
+
+    def _found(self, position: int, problem: str) -> None:
+        if self.first_bad is None or position < self.first_bad[0]:
+            self.first_bad = (position, problem)
+
+    def compare(self, texts: np.ndarray, offsets: np.ndarray, values: np.ndarray, eos_id: int) -> None:
+        """The documents of `texts` (ascending; their ids `values` at `offsets`) against the .bin:
+        lengths and EOS ids vectorised, the ids as one concatenation per side (at most
+        CHECK_CHUNK_TOKENS ids and CHECK_CHUNK_DOCUMENTS documents at a time) and one comparison."""
+        low = int(np.searchsorted(self.sorted_texts, texts[0], side="left"))
+        high = int(np.searchsorted(self.sorted_texts, texts[-1], side="right"))
+        chosen = self.by_text[low:high]  # document numbers
+        at = np.searchsorted(texts, self.documents[chosen])
+        first, lengths = offsets[at], offsets[at + 1] - offsets[at]
+        starts, tokens = self.starts[chosen], self.dataset.tokens.view(np.ndarray)  # no memmap per slice
+        wrong = np.flatnonzero(self.dataset.lengths[chosen] != lengths + 1)
+        if len(wrong):
+            bad = wrong[np.argmin(chosen[wrong])]
+            self._found(
+                int(starts[bad]),
+                f"Megatron document {int(chosen[bad])} holds {int(self.dataset.lengths[chosen[bad]])} ids, "
+                f"the token store gives {int(lengths[bad])} + EOS",
+            )
+            return
+        ends = tokens[starts + lengths] if len(chosen) else np.zeros(0, tokens.dtype)
+        if len(no_eos := np.flatnonzero(ends != eos_id)):
+            position = int((starts + lengths)[no_eos].min())
+            self._found(position, f"Megatron id {position} is not the end-of-document id")
+        weights = lengths + CHECK_CHUNK_TOKENS // CHECK_CHUNK_DOCUMENTS  # bounds both ids and documents
+        cuts = [0, *byte_bounded_slices(weights, CHECK_CHUNK_TOKENS), len(chosen)]
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            if b <= a:
+                continue
+            spans = list(zip(starts[a:b].tolist(), first[a:b].tolist(), lengths[a:b].tolist(), strict=True))
+            stored = np.concatenate([tokens[s : s + n] for s, _, n in spans])
+            expected = np.concatenate([values[f : f + n] for _, f, n in spans])
+            differs = np.flatnonzero(stored != expected)  # numpy widens both
+            if len(differs):
+                begins = np.cumsum(lengths[a:b]) - lengths[a:b]
+                document = np.searchsorted(begins, differs, side="right") - 1
+                position = int((starts[a:b][document] + differs - begins[document]).min())
+                self._found(position, f"Megatron id {position} differs from the token store")
 
 
 def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[str]:
@@ -575,10 +647,12 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
     stream = dataset.tokens
     starts = np.cumsum(dataset.lengths.astype(np.int64)) - dataset.lengths
     position, sequence, previous_short, starts_seen = 0, 0, False, []
-    for batch in pq.ParquetFile(path).iter_batches(columns=["input_ids", "n_tokens", "doc_starts"]):
-        lists = batch.column("input_ids")
+    parquet = pq.ParquetFile(path, memory_map=True)  # like the .bin: no copy of the file into memory first
+    for group in range(parquet.num_row_groups):  # written in row groups of bounded ids
+        batch = parquet.read_row_group(group, columns=["input_ids", "n_tokens", "doc_starts"])
+        lists = one_chunk(batch.column("input_ids"))
         lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-        if not np.array_equal(lengths, batch.column("n_tokens").to_numpy(zero_copy_only=False)):
+        if not np.array_equal(lengths, batch.column("n_tokens").to_numpy()):
             return [f"{path.name}: n_tokens differs from the length of input_ids near sequence {sequence}"]
         if previous_short or np.any(lengths[:-1] != seq_len) or not 0 < lengths[-1] <= seq_len:
             return [f"{path.name}: a sequence other than the last is not {seq_len} ids long near sequence {sequence}"]
@@ -587,7 +661,7 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
         first = _first_difference(flat, stream[position : position + len(flat)])  # numpy widens both
         if first is not None:
             return [f"{path.name}: id {position + first} differs from the Megatron documents"]
-        doc_starts = batch.column("doc_starts")
+        doc_starts = one_chunk(batch.column("doc_starts"))
         counts = pc.list_value_length(doc_starts).to_numpy(zero_copy_only=False)
         bases = position + np.repeat(np.cumsum(lengths) - lengths, counts)
         starts_seen.append(doc_starts.flatten().to_numpy(zero_copy_only=False) + bases)
@@ -601,12 +675,28 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
     return []
 
 
-def conservation_problems(folder: Path, plan: DatasetPlan, ids: Ids, eos_id: int, seq_len: int) -> list[str]:
-    """The Parquet sequences, the Megatron documents and the token store agree id for id, per split."""
-    problems = []
-    for split in SPLITS:
-        dataset = read_indexed(folder / split)
-        found = _check_megatron(dataset, ids, plan.documents(split), eos_id)
-        found = found or _check_parquet(folder / f"{split}.parquet", dataset, seq_len)
-        problems += [f"{split}: {p}" for p in found]
-    return problems
+def parquet_problems(folder: Path, seq_len: int) -> dict[str, list[str]]:
+    """Per split: the Parquet sequences are the Megatron documents cut at seq_len. Files only (no
+    plan, no store), so it can run while the plan is recomputed; Arrow decodes without the GIL."""
+    return {
+        split: _check_parquet(folder / f"{split}.parquet", read_indexed(folder / split), seq_len) for split in SPLITS
+    }
+
+
+def conservation_problems(
+    folder: Path, plan: DatasetPlan, text_ids: TextIds, eos_id: int, parquet: dict[str, list[str]]
+) -> list[str]:
+    """The Parquet sequences (`parquet`: parquet_problems), the Megatron documents and the token
+    store agree id for id, per split. The store is read once, a batch of texts at a time, for both
+    splits; each file is read once."""
+    splits = {split: _SplitDocuments(read_indexed(folder / split), plan.documents(split)) for split in SPLITS}
+    problems = {split: [p] if (p := files.layout_problem()) else [] for split, files in splits.items()}
+    if not any(problems.values()):
+        for texts, found in text_ids:
+            offsets, values = _list_parts(one_chunk(found["input_ids"]))
+            for files in splits.values():
+                files.compare(texts, offsets, values, eos_id)
+    for split, files in splits.items():
+        if files.first_bad is not None:
+            problems[split].append(files.first_bad[1])
+    return [f"{split}: {p}" for split in SPLITS for p in (problems[split] or parquet[split])]

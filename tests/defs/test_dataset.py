@@ -216,6 +216,24 @@ def test_packing_check_fails_on_a_changed_or_dropped_id(built):
     assert not check_evaluations(pipe.run_checks("0", PACKING_CONSERVES_TOKENS))[PACKING_CONSERVES_TOKENS].passed
 
 
+def test_packing_check_fails_on_one_flipped_id_in_the_megatron_bin(built):
+    pipe, _ = built
+    prefix = folder(pipe, "0") / "train"
+    dataset = read_indexed(prefix)
+    last = len(dataset) - 1  # a document far from the first, its id in the middle
+    position = int(dataset.pointers[last]) // dataset.dtype.itemsize + int(dataset.lengths[last]) // 2
+    tokens = np.fromfile(f"{prefix}.bin", dataset.dtype)
+    tokens[position] = (int(tokens[position]) + 1) % 200
+    Path(f"{prefix}.bin").write_bytes(tokens.tobytes())
+    evaluations = check_evaluations(pipe.run_checks("0", SPLIT_IS_LEAK_FREE, PACKING_CONSERVES_TOKENS))
+    packing = evaluations[PACKING_CONSERVES_TOKENS]
+    assert not packing.passed and f"train: Megatron id {position} differs from the token store" in packing.description
+    leak = evaluations[SPLIT_IS_LEAK_FREE]  # read back from the files: the changed document is no text's
+    assert (
+        not leak.passed and leak.metadata["method"].value == "files read back" and leak.metadata["unknown"].value == 1
+    )
+
+
 def _failure(result) -> str:
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     return failure.step_failure_data.user_failure_data.description

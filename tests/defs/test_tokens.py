@@ -250,7 +250,7 @@ def test_a_tokenizer_s_own_truncation_and_padding_are_turned_off(pipeline, tmp_p
 
 def test_the_check_samples_within_its_text_budget_and_still_fails_on_a_planted_fault(tree, pipeline):
     from dlm_pipeline.core.parquet_io import write_parquet_atomic
-    from dlm_pipeline.defs.tokens.checks import CHECK_SAMPLE_BYTES
+    from dlm_pipeline.defs.tokens.checks import CHECK_SAMPLE_BYTES, sample_order
 
     size = CHECK_SAMPLE_BYTES // 4 + 100  # at most 3 texts fit the budget beside the first
     files = {f"f{i:02d}.txt": f"file {i} " + "word " * (size // 5) for i in range(12)}
@@ -262,8 +262,27 @@ def test_the_check_samples_within_its_text_budget_and_still_fails_on_a_planted_f
     path = pipe.output("tokenized_cache", "0")
     table = pq.read_table(path)
     ids = table["input_ids"].to_pylist()
-    victim = min(range(len(ids)), key=lambda i: table["section_id"][i].as_py())  # always sampled
+    first = sample_order(table["section_id"], 0)[0]  # always sampled
+    victim = table["section_id"].to_pylist().index(first)
     ids[victim] = ids[victim][:-1]
     write_parquet_atomic(table.set_column(2, "input_ids", pa.array(ids, pa.list_(pa.int32()))), path)
     evaluation = check_evaluations(pipe.run_checks("0", TOKENS_MATCH_TOKENIZER))[TOKENS_MATCH_TOKENIZER]
     assert not evaluation.passed and evaluation.metadata["mismatched"].value == 1
+
+
+def test_the_sample_is_seeded_deterministic_and_within_its_budget():
+    from dlm_pipeline.defs.tokens.checks import (
+        CHECK_CANDIDATES,
+        CHECK_SAMPLE,
+        CHECK_SAMPLE_BYTES,
+        bounded_sample,
+        sample_order,
+    )
+
+    ids = pa.chunked_array([[f"s{i:04d}" for i in range(1000)], [f"s{i:04d}" for i in range(500)]])  # copies
+    order = sample_order(ids, 3)
+    assert order == sample_order(ids, 3) and order != sample_order(ids, 4)  # each seed its own sample
+    assert len(order) == len(set(order)) == CHECK_CANDIDATES
+    assert bounded_sample(order, {order[0]: 10 * CHECK_SAMPLE_BYTES}) == [order[0]]  # the first is always checked
+    chosen = bounded_sample(order, {s: CHECK_SAMPLE_BYTES if s == order[1] else 100 for s in order})
+    assert chosen[0] == order[0] and order[1] not in chosen and len(chosen) == CHECK_SAMPLE  # too big: passed over

@@ -95,6 +95,29 @@ class Prepared:
     ids: StoredIds  # full ids per unique text of the plan (none for texts no document uses), in the store
 
 
+def plan_of(
+    raw_corpus: ParquetRows,
+    expanded_corpus: pa.Table,
+    weights_map: pa.Table,
+    *,
+    seed: int,
+    split_seed: int,
+    val_fraction: float,
+) -> DatasetPlan:
+    """The split and order of the documents (what the checks recompute without the ids)."""
+    try:
+        return plan_dataset(
+            raw_corpus,
+            expanded_corpus,
+            composed_row_weights(raw_corpus.read(["path", "tags"]), weights_map),
+            seed=seed,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+        )
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+
+
 def prepare(
     context,
     *,
@@ -111,17 +134,9 @@ def prepare(
     """The split and order of the documents, and the full ids of the texts they use (the store is
     shared by all seeds, and `tokenized_cache` put every one of them there), spilled to an unnamed
     file in `spill_dir` (a folder we own)."""
-    try:
-        plan = plan_dataset(
-            raw_corpus,
-            expanded_corpus,
-            composed_row_weights(raw_corpus.read(["path", "tags"]), weights_map),
-            seed=seed,
-            split_seed=split_seed,
-            val_fraction=val_fraction,
-        )
-    except DatasetError as exc:
-        raise dg.Failure(description=str(exc)) from None
+    plan = plan_of(
+        raw_corpus, expanded_corpus, weights_map, seed=seed, split_seed=split_seed, val_fraction=val_fraction
+    )
     ids = plan_token_ids(
         token_cache.store(context.instance),
         loaded,

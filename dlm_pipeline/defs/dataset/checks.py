@@ -2,30 +2,29 @@
 
 Both read the written files back and compare them with a recomputation from the stored inputs and
 the token store, using the settings recorded in dataset.json. They run in one step
-(`training_dataset_checks`) that recomputes the plan and gathers the ids once for both; either can
-still be run alone.
+(`training_dataset_checks`) that recomputes the plan once for both; either can still be run alone.
+The ids are read from the store a batch of texts at a time and compared with every document that
+uses them, in place in the memory-mapped .bin (no spill file, the store decoded once).
 """
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 import numpy as np
 
 from dlm_pipeline.core.dataset import (
     DatasetError,
+    DatasetPlan,
     conservation_problems,
     leak_report,
+    parquet_problems,
     plan_leak_report,
     read_manifest,
+    used_text_ids,
 )
 from dlm_pipeline.core.megatron import MegatronFormatError
 from dlm_pipeline.defs.constants import PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
-from dlm_pipeline.defs.dataset.assets import (
-    INPUTS,
-    dataset_folder,
-    prepare,
-    read_inputs,
-    spill_folder,
-    training_dataset,
-)
+from dlm_pipeline.defs.dataset.assets import INPUTS, dataset_folder, plan_of, read_inputs, training_dataset
 from dlm_pipeline.defs.partitions import parse_seed_or_fail, seed_check_spec
 from dlm_pipeline.defs.resources import ParquetIOManager, SourceTree, TokenCacheResource, TokenizerResource
 from dlm_pipeline.defs.reuse import unchanged_check_results
@@ -46,14 +45,14 @@ PACKING_SPEC = seed_check_spec(
 )
 
 
-def _leak_result(folder, manifest, prepared, files_equal_plan: bool) -> dg.AssetCheckResult:
+def _leak_result(folder, manifest, plan: DatasetPlan, text_ids, files_equal_plan: bool) -> dg.AssetCheckResult:
     """From the plan when the packing check just found the files equal to it id for id (reading
     every document back again would cost as much as writing it); else from the files read back."""
     try:
         report = (
-            plan_leak_report(prepared.plan)
+            plan_leak_report(plan)
             if files_equal_plan
-            else leak_report(folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), np.dtype(manifest["dtype"]))
+            else leak_report(folder, plan, text_ids(), int(manifest["eos_id"]), np.dtype(manifest["dtype"]))
         )
     except (OSError, MegatronFormatError) as exc:
         return dg.AssetCheckResult(
@@ -71,11 +70,9 @@ def _leak_result(folder, manifest, prepared, files_equal_plan: bool) -> dg.Asset
     )
 
 
-def _packing_result(folder, manifest, prepared) -> dg.AssetCheckResult:
+def _packing_result(folder, manifest, plan: DatasetPlan, text_ids, parquet: Future) -> dg.AssetCheckResult:
     try:
-        problems = conservation_problems(
-            folder, prepared.plan, prepared.ids, int(manifest["eos_id"]), int(manifest["seq_len"])
-        )
+        problems = conservation_problems(folder, plan, text_ids(), int(manifest["eos_id"]), parquet.result())
     except (OSError, MegatronFormatError) as exc:
         problems = [f"cannot read the dataset: {exc}"]
     return dg.AssetCheckResult(
@@ -94,7 +91,7 @@ def training_dataset_checks(
     token_cache: TokenCacheResource,
     source: SourceTree,
 ):
-    """One recomputation of the split, order and ids from the stored inputs, shared by the selected checks."""
+    """One recomputation of the split and order from the stored inputs, shared by the selected checks."""
     selected = [spec.name for spec in (LEAK_SPEC, PACKING_SPEC) if spec.key in context.selected_asset_check_keys]
     if (same := unchanged_check_results(context, "training_dataset", selected, source)) is not None:
         yield from same
@@ -106,17 +103,8 @@ def training_dataset_checks(
         for name in selected:
             yield dg.AssetCheckResult(check_name=name, passed=False, description=str(exc))
         return
-    prepared = prepare(
-        context,
-        seed=parse_seed_or_fail(context),
-        split_seed=int(manifest["split_seed"]),
-        val_fraction=float(manifest["val_fraction"]),
-        loaded=tokenizer.load(),
-        token_cache=token_cache,
-        **read_inputs(io_manager, context)._asdict(),
-        spill_dir=spill_folder(io_manager, context.instance),
-    )
-    if prepared.loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
+    loaded = tokenizer.load()
+    if loaded.fingerprint != manifest.get("tokenizer_fingerprint"):
         for name in selected:
             yield dg.AssetCheckResult(
                 check_name=name,
@@ -124,8 +112,24 @@ def training_dataset_checks(
                 description="the dataset was written with another tokenizer: re-materialize it",
             )
         return
-    packing = _packing_result(folder, manifest, prepared) if PACKING_CONSERVES_TOKENS in selected else None
+    with ThreadPoolExecutor(1) as pool:
+        # The Parquet files against the Megatron files (no plan needed) while the plan is recomputed.
+        packing_selected = PACKING_CONSERVES_TOKENS in selected
+        parquet = pool.submit(parquet_problems, folder, int(manifest["seq_len"])) if packing_selected else None
+        inputs = read_inputs(io_manager, context)
+        plan = plan_of(
+            *inputs,
+            seed=parse_seed_or_fail(context),
+            split_seed=int(manifest["split_seed"]),
+            val_fraction=float(manifest["val_fraction"]),
+        )
+        store = token_cache.store(context.instance)
+
+        def text_ids():
+            return used_text_ids(store, loaded, plan, inputs.raw_corpus)
+
+        packing = _packing_result(folder, manifest, plan, text_ids, parquet) if packing_selected else None
     if packing is not None:
         yield packing
     if SPLIT_IS_LEAK_FREE in selected:
-        yield _leak_result(folder, manifest, prepared, files_equal_plan=packing is not None and packing.passed)
+        yield _leak_result(folder, manifest, plan, text_ids, files_equal_plan=packing is not None and packing.passed)
