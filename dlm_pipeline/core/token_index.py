@@ -5,17 +5,25 @@ One file per shard, `<namespace>/shard-<hex>.keys`, beside `shard-<hex>.parquet`
 the namespace's index. A shard is immutable, so its index never goes stale: it names the shard's
 sha256, size and row count, and is used only while they match the manifest entry. Layout:
 
-    b"DLMKEYS1"  uint64 header length  header (JSON)  padding to 8
-    uint64[groups] x 3  start, length and first row of each row group
+    b"DLMKEYS2"  uint64 header length  header (JSON)  padding to 8
+    uint64[groups] x 4  start, length, first row and ids start of each row group
     bytes32[groups]     sha256 of each row group's bytes
+    uint32[rows + 1]    ids before each row (the running sum of the rows' id counts), padding to 8
+    bytes16[rows]       blake2b-128 of each row's content key (length-prefixed) and ids (int32 little-endian)
     uint64[keys]        first 16 hex digits of each content key, ascending
     uint32[keys]        the row of each, in the same order
 
 The header holds the shard's identity (sha256, size, rows), the number of groups and keys, and the
-byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup memory-maps the two arrays, binary-searches the wanted keys, reads only
-the footer and the row groups holding them (each checked against its sha256 before it is decoded)
-and compares the full content key of every row it returns. The file is hostile input like the rest
-of the store: anything that does not check out is rebuilt from the shard, read whole and verified.
+byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup
+memory-maps the arrays and binary-searches the wanted keys. A row group whose ids column chunk ends
+with the group's ids as plain int32 (the store writes `input_ids` uncompressed, one page per group;
+checked byte for byte when the index is built) has an ids start: a row's ids are then the bytes
+`ids start + 4 * (ids before the row - ids before the group)`, read alone and checked with the wanted
+key against the row's checksum, without the footer or pyarrow. Other groups (ids start 0: shards
+written before, or one text too large for one page) and rows whose read does not check out are read
+as whole row groups: the footer and the group, each checked against its sha256, and the full content
+key compared. The file is hostile input like the rest of the store: anything that does not check out
+is rebuilt from the shard, read whole and verified.
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-MAGIC = b"DLMKEYS1"
+MAGIC = b"DLMKEYS2"  # DLMKEYS1 (no per-row ranges) reads as a bad index: rebuilt once from its shard
 SUFFIX = ".keys"
 MAX_HEADER_BYTES = 64 * 1024**2
 PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
+ROW_DIGEST_BYTES = 16
+READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
@@ -93,13 +103,63 @@ def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
     return data_size - length, length
 
 
-def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> bytes:
-    """The index file of the shard whose verified bytes are `data` and whose content keys are `keys`."""
+def row_digest(key: bytes, ids: bytes | memoryview) -> bytes:
+    """Checksum of one row: its content key and its ids, so a row read by its range is proven to be the
+    wanted key's (two keys sharing the 64-bit prefix the index searches never pass for each other)."""
+    digest = hashlib.blake2b(len(key).to_bytes(8, "little") + key, digest_size=ROW_DIGEST_BYTES)
+    digest.update(ids)
+    return digest.digest()
+
+
+def _row_arrays(data: bytes, metadata: pq.FileMetaData, groups: np.ndarray, table: pa.Table):
+    """(ids start per group, ids before each row, each row's digest) of a shard's verified bytes `data`
+    and its decoded `table`. A group gets an ids start only if its ids column chunk ends with exactly
+    the group's ids as int32 little-endian; a row's digest is only ever checked in such a group."""
+    n_rows = table.num_rows
+    ids = table["input_ids"].combine_chunks()
+    lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    before = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(lengths, out=before[1:])
+    starts = np.zeros(len(groups), np.uint64)
+    digests = bytearray(ROW_DIGEST_BYTES * n_rows)
+    plain = (
+        ids.null_count == 0
+        and table["n_tokens"].null_count == 0
+        and before[-1] < 2**32
+        and np.array_equal(table["n_tokens"].to_numpy(zero_copy_only=False), lengths)
+    )
+    if not plain:  # ids a row range cannot stand for (or too many for uint32): every group is read whole
+        return starts, np.zeros(n_rows + 1, np.uint32), bytes(digests)
+    values = np.ascontiguousarray(pc.list_flatten(ids).to_numpy(zero_copy_only=False), "<i4").view(np.uint8)
+    stored = np.frombuffer(data, np.uint8)
+    (column,) = [c for c in range(metadata.num_columns) if metadata.schema.column(c).path.split(".")[0] == "input_ids"]
+    ends = np.append(groups[:, 2].astype(np.int64), n_rows)
+    for g in range(len(groups)):
+        chunk = metadata.row_group(g).column(column)
+        end = chunk.data_page_offset + chunk.total_compressed_size
+        first, last = 4 * int(before[ends[g]]), 4 * int(before[ends[g + 1]])
+        if last - first <= end and np.array_equal(stored[end - (last - first) : end], values[first:last]):
+            starts[g] = end - (last - first)
+    keys = table["content_key"].combine_chunks().cast(pa.binary())
+    key_offsets = np.frombuffer(keys.buffers()[1], np.int32)[keys.offset : keys.offset + n_rows + 1].tolist()
+    key_data = memoryview(keys.buffers()[2] or b"")
+    view = memoryview(values)
+    at = before.tolist()
+    for row in range(n_rows):
+        digests[ROW_DIGEST_BYTES * row : ROW_DIGEST_BYTES * (row + 1)] = row_digest(
+            key_data[key_offsets[row] : key_offsets[row + 1]], view[4 * at[row] : 4 * at[row + 1]]
+        )
+    return starts, before.astype(np.uint32), bytes(digests)
+
+
+def build(data: bytes, table: pa.Table, shard_sha256: str) -> bytes:
+    """The index file of the shard whose verified bytes are `data` and whose rows are `table`."""
     metadata = pq.read_metadata(pa.BufferReader(data))
     footer_start, footer_length = _footer_range(len(data), data[-8:])
     groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
     digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
-    prefixes, valid = key_prefixes(keys)
+    ids_starts, ids_before, row_digests = _row_arrays(data, metadata, groups, table)
+    prefixes, valid = key_prefixes(table["content_key"])
     rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
     order = np.argsort(prefixes[rows], kind="stable")
     header = {
@@ -118,8 +178,11 @@ def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> b
             struct.pack("<Q", len(encoded)),
             encoded,
             padding,
-            groups.T.copy().tobytes(),
+            np.vstack([groups.T, ids_starts[None, :]]).astype("<u8").tobytes(),
             digests,
+            ids_before.astype("<u4").tobytes(),
+            b"\0" * (4 * (len(ids_before) % 2)),  # to 8 bytes
+            row_digests,
             prefixes[rows][order].astype("<u8").tobytes(),
             rows[order].astype("<u4").tobytes(),
         ]
@@ -142,6 +205,9 @@ class KeyIndex:
     group_first_rows: np.ndarray  # ascending, from 0
     group_digests: np.ndarray  # uint8, 32 per row group (not numpy's bytes type: it drops trailing NULs)
     n_rows: int
+    ids_starts: np.ndarray  # uint64 per row group: where its ids are, plain; 0 when they are not
+    ids_before: np.ndarray  # uint32 per row, and one more: ids in the shard before it
+    row_digests: np.ndarray  # uint8, ROW_DIGEST_BYTES per row
 
     @classmethod
     def open(cls, dir_fd: int, name: str, entry: dict) -> KeyIndex:
@@ -194,17 +260,24 @@ class KeyIndex:
             raise BadIndex("malformed footer range")
         start = len(MAGIC) + 8 + length
         start += -start % 8
-        if start + 56 * n_groups + 12 * n_keys != size:
+        before_bytes = 4 * (n_rows + 1) + 4 * ((n_rows + 1) % 2)
+        if start + 64 * n_groups + before_bytes + ROW_DIGEST_BYTES * n_rows + 12 * n_keys != size:
             raise BadIndex("arrays do not fit the file")
-        groups = np.frombuffer(buffer, dtype="<u8", count=3 * n_groups, offset=start).reshape(3, n_groups)
-        digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 24 * n_groups)
-        at = start + 56 * n_groups
-        starts, lengths, first_rows = groups.astype(np.int64)
+        groups = np.frombuffer(buffer, dtype="<u8", count=4 * n_groups, offset=start).reshape(4, n_groups)
+        digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 32 * n_groups)
+        at = start + 64 * n_groups
+        ids_before = np.frombuffer(buffer, dtype="<u4", count=n_rows + 1, offset=at)
+        at += before_bytes
+        row_digests = np.frombuffer(buffer, dtype=np.uint8, count=ROW_DIGEST_BYTES * n_rows, offset=at)
+        at += ROW_DIGEST_BYTES * n_rows
+        starts, lengths, first_rows = groups[:3].astype(np.int64)
+        ids_starts = groups[3]
         if n_groups and (
             first_rows[0] != 0
             or np.any(np.diff(first_rows) < 0)
             or first_rows[-1] > n_rows
             or np.any(starts + lengths > footer[0])
+            or np.any((ids_starts != 0) & ((ids_starts < groups[0]) | (ids_starts > groups[0] + groups[1])))
         ):
             raise BadIndex("row groups out of order or outside the shard")
         return cls(
@@ -216,6 +289,9 @@ class KeyIndex:
             first_rows,
             digests,
             n_rows,
+            ids_starts.astype(np.int64),
+            ids_before,
+            row_digests,
         )
 
     def candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,10 +300,15 @@ class KeyIndex:
         order = np.argsort(wanted, kind="stable")  # sorted needles: each search starts where the last ended
         ordered = wanted[order]
         low = np.searchsorted(self.prefixes, ordered, side="left")
-        high = np.searchsorted(self.prefixes, ordered, side="right")
-        counts = (high - low).astype(np.int64)
+        hit = (
+            np.flatnonzero(self.prefixes[np.minimum(low, len(self.prefixes) - 1)] == ordered)
+            if len(self.prefixes)
+            else np.zeros(0, np.int64)
+        )
+        low = low[hit]  # the upper bound only for prefixes present (most needles are not, in most shards)
+        counts = (np.searchsorted(self.prefixes, ordered[hit], side="right") - low).astype(np.int64)
         total = int(counts.sum())
-        positions = np.repeat(order.astype(np.int64), counts)
+        positions = np.repeat(order[hit].astype(np.int64), counts)
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         rows = self.rows[np.repeat(low, counts) + within].astype(np.int64)
         if total and (int(rows.max()) >= self.n_rows or not len(self.group_first_rows)):
@@ -268,3 +349,48 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
         checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
     reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
     return reader.read_row_groups(groups.tolist(), columns=columns)
+
+
+def read_direct(
+    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes]
+) -> tuple[np.ndarray, np.ndarray, bytes, int]:
+    """The ids of shard `rows` (in row groups with an ids start; `keys` their wanted content keys),
+    reading only each row's own bytes (ranges closer than READ_GAP read as one): (whether each row's
+    range lies inside its row group and its bytes and key match the row's checksum, the id count of
+    each, the ids of the rows that match as int32 little-endian bytes in `rows` order, bytes read).
+    A row that does not match is never returned; the caller reads its row group the checked way."""
+    groups = index.group_of(rows)
+    group_before = index.ids_before[index.group_first_rows[groups]].astype(np.int64)
+    before = index.ids_before[rows].astype(np.int64)
+    counts = index.ids_before[rows + 1].astype(np.int64) - before
+    starts = index.ids_starts[groups] + 4 * (before - group_before)
+    ends = starts + 4 * counts
+    inside = (counts >= 0) & (starts >= index.group_starts[groups])
+    inside &= ends <= index.group_starts[groups] + index.group_lengths[groups]  # bounded by the groups' sizes
+    ok = inside.copy()
+    if not inside.any():
+        return ok, counts, b"", 0
+    take = np.flatnonzero(inside)[np.argsort(starts[inside], kind="stable")]
+    reach = np.maximum.accumulate(ends[take])
+    span_of = np.concatenate([[0], np.cumsum(starts[take][1:] > reach[:-1] + READ_GAP)])
+    firsts = np.flatnonzero(np.diff(span_of, prepend=-1))
+    span_starts = starts[take][firsts]
+    span_lengths = reach[np.append(firsts[1:] - 1, len(take) - 1)] - span_starts
+    span_at = np.cumsum(span_lengths) - span_lengths  # where each span lands in the buffer
+    buffer = bytearray(int(span_lengths.sum()))
+    view = memoryview(buffer)
+    for start, length, at in zip(span_starts.tolist(), span_lengths.tolist(), span_at.tolist(), strict=True):
+        if os.preadv(fd, [view[at : at + length]], start) != length:
+            ok[:] = False  # the file is shorter than its index says
+            return ok, counts, b"", len(buffer)
+    kept = np.flatnonzero(inside)
+    where = np.zeros(len(rows), np.int64)
+    where[take] = span_at[span_of] + starts[take] - span_starts[span_of]
+    pieces = [
+        view[at : at + length] for at, length in zip(where[kept].tolist(), (4 * counts[kept]).tolist(), strict=True)
+    ]
+    digests = b"".join([row_digest(keys[row], piece) for row, piece in zip(kept.tolist(), pieces, strict=True)])
+    expected = index.row_digests.reshape(-1, ROW_DIGEST_BYTES)[rows[kept]]
+    ok[kept] = (np.frombuffer(digests, np.uint8).reshape(-1, ROW_DIGEST_BYTES) == expected).all(axis=1)
+    values = b"".join([piece for piece, keep in zip(pieces, ok[kept].tolist(), strict=True) if keep])
+    return ok, counts, values, len(buffer)

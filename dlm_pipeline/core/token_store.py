@@ -72,8 +72,6 @@ COMPACT_SHARD_BYTES = 16 * 1024**2  # the smallest shards are merged up to this 
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
-SHARD_WRITE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": False}  # nothing reads them; they bloat the footer
-# (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
@@ -88,6 +86,14 @@ TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern}|{KEYS.pattern})\.[
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 STORE_SCHEMA = pa.schema([("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())])
+SHARD_WRITE_OPTIONS = {
+    **PARQUET_OPTIONS,
+    "write_statistics": False,  # nothing reads them; they bloat the footer
+    # ids plain and uncompressed, one page per row group: a row's ids are then a byte range a lookup reads
+    # alone (`token_index.read_direct`); the other columns stay compressed
+    "compression": {**dict.fromkeys(STORE_SCHEMA.names, PARQUET_OPTIONS["compression"]), "input_ids": "none"},
+    "data_page_size": 8 * GROUP_MAX_IDS,  # twice a group's ids: one page, unless one text alone has more
+}  # (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 
 Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids (full), n_tokens
 # (namespace, keys, texts) -> ((shard name, manifest entry) written by workers, encode seconds, tokens)
@@ -269,10 +275,12 @@ class TokenStore:
 
     def _read_shard(self, name: str, info: dict) -> pa.Table:
         """The whole shard as a table, verified (compaction reads shards whole)."""
-        data = self._shard_bytes(name, info)
+        return self._decode(name, self._shard_bytes(name, info))
+
+    @staticmethod
+    def _decode(name: str, data: bytes) -> pa.Table:
         try:
-            table = pq.read_table(pa.BufferReader(data))
-            return table.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+            return pq.read_table(pa.BufferReader(data)).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
 
@@ -559,7 +567,7 @@ class TokenStore:
         digest = hashlib.sha256(data).hexdigest()
         shard = f"shard-{digest[:32] if content_named else uuid.uuid4().hex}.parquet"
         write_bytes_atomic(fd, shard, lambda fh: fh.write(data))
-        index = token_index.build(data, table["content_key"], digest)
+        index = token_index.build(data, table, digest)
         write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(index))
         entry = {"rows": table.num_rows, "bytes": len(data), "sha256": digest, "last_used": last_used}
         return f"{namespace}/{shard}", entry
@@ -635,11 +643,12 @@ class TokenStore:
             except (token_index.BadIndex, TokenStoreError, OSError):
                 pass
         data = self._shard_bytes(name, info)
+        table = self._decode(name, data)
         try:
-            keys = pq.read_table(pa.BufferReader(data), columns=["content_key"])["content_key"]
-            content = token_index.build(data, keys, info["sha256"])
+            content = token_index.build(data, table, info["sha256"])
         except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
             raise CorruptShard(f"{name}: {exc}") from None
+        del table
         self.bytes_read += len(data)
         with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
             current = manifest["shards"].get(name)
@@ -652,33 +661,79 @@ class TokenStore:
         return token_index.KeyIndex.parse(content, info)
 
     def _read_rows(
-        self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
-    ) -> pa.Table:
-        """Rows `rows` of the shard (`columns` of STORE_SCHEMA), reading only its footer and the row
-        groups holding them (all their bytes are verified; only `columns` are decoded)."""
+        self,
+        name: str,
+        info: dict,
+        index: token_index.KeyIndex,
+        rows: np.ndarray,
+        keys: pa.Array,
+        columns: Sequence[str],
+    ) -> tuple[pa.Table, np.ndarray]:
+        """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there),
+        and which rows' own byte ranges did not match their checksum. A row in a group with plain ids
+        is read alone (`token_index.read_direct`); the others, and any such row that does not match,
+        are read as whole row groups with the footer (all their bytes verified; only `columns`
+        decoded)."""
         namespace, shard = name.split("/")
-        groups = index.group_of(rows)
-        needed = np.unique(groups)
-        sizes = index.group_sizes()[needed]
+        direct = np.flatnonzero(index.ids_starts[index.group_of(rows)] != 0)
+        suspect, slow = np.zeros(len(rows), bool), np.ones(len(rows), bool)
+        parts: list[tuple[np.ndarray, pa.Table]] = []
         try:
             with self._namespace_fd(namespace) as dir_fd:
                 fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CorruptShard(f"{name}: not a regular file")
-                table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
+                found = os.fstat(fd)
+                if not stat.S_ISREG(found.st_mode) or found.st_size != info["bytes"]:
+                    raise CorruptShard(f"{name}: not a regular file of the size the manifest says")
+                if len(direct):
+                    wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
+                    ok, counts, values, read = token_index.read_direct(fd, index, rows[direct], wanted)
+                    self.bytes_read += read
+                    suspect[direct[~ok]], slow[direct[ok]] = True, False
+                    parts.append((direct[ok], self._direct_table(keys, direct[ok], counts[ok], values, columns)))
+                if slow.any():
+                    at = np.flatnonzero(slow)
+                    parts.append((at, self._read_groups(name, info, fd, index, rows[at], columns)))
             finally:
                 os.close(fd)
-            self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
-            if table.num_rows != int(sizes.sum()):
-                raise CorruptShard(f"{name}: row groups hold other rows than the index says")
-            bases = np.cumsum(sizes) - sizes
-            local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
-            return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
         except CorruptShard:
             raise
         except Exception as exc:  # OSError, a checksum mismatch, or pyarrow's several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
+        table = pa.concat_tables([part for _, part in parts])
+        return _taken(table, np.argsort(np.concatenate([at for at, _ in parts]), kind="stable")), suspect
+
+    @staticmethod
+    def _direct_table(
+        keys: pa.Array, at: np.ndarray, counts: np.ndarray, values: bytes, columns: Sequence[str]
+    ) -> pa.Table:
+        """The rows read by their byte ranges (checked with their keys, so the keys are the wanted ones)."""
+        offsets = np.zeros(len(at) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        table = {
+            "content_key": keys.take(pa.array(at, pa.int64())).cast(pa.string()),
+            "n_tokens": pa.array(counts, pa.int32()),
+        }
+        if "input_ids" in columns:
+            ids = np.frombuffer(values, "<i4").astype(np.int32, copy=False)
+            table["input_ids"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int32()))
+        return pa.table({c: table[c] for c in columns}, schema=pa.schema([STORE_SCHEMA.field(c) for c in columns]))
+
+    def _read_groups(
+        self, name: str, info: dict, fd: int, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
+    ) -> pa.Table:
+        """Rows `rows` of the shard open at `fd`, reading only its footer and the row groups holding
+        them (all their bytes are verified; only `columns` are decoded)."""
+        groups = index.group_of(rows)
+        needed = np.unique(groups)
+        sizes = index.group_sizes()[needed]
+        table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
+        self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
+        if table.num_rows != int(sizes.sum()):
+            raise CorruptShard(f"{name}: row groups hold other rows than the index says")
+        bases = np.cumsum(sizes) - sizes
+        local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
+        return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
 
     def _find_in_shard(
         self,
@@ -712,14 +767,14 @@ class TokenStore:
             if not len(at):
                 return at, at, STORE_SCHEMA.empty_table()
             try:
-                table = self._read_rows(name, info, index, rows, columns)
+                table, suspect = self._read_rows(name, info, index, rows, wanted.take(pa.array(pending[at])), columns)
             except CorruptShard as exc:
                 pointed = exc.pointed = pending[at]
                 if rebuild:
                     raise
                 continue
             same = pc.equal(table["content_key"], wanted.take(pa.array(pending[at]))).to_numpy(zero_copy_only=False)
-            if same.all() or rebuild:
+            if (same.all() and not suspect.any()) or rebuild:
                 break
         hits = np.flatnonzero(same)
         _, first = np.unique(at[hits], return_index=True)  # one row per key, should a shard hold it twice
