@@ -46,6 +46,9 @@ SUFFIX = ".keys"
 MAX_HEADER_BYTES = 64 * 1024**2
 PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
 ROW_DIGEST_BYTES = 16
+PACKED = "packed_ids"  # a shard's ids column: one value per row (`pack_ids`)
+MIN_PACKED_BYTES = 64  # ids shorter than this are stored plain (a zstd frame would not be smaller)
+_ZSTD = pa.Codec("zstd")
 READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -103,62 +106,125 @@ def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
     return data_size - length, length
 
 
-def row_digest(key: bytes, ids: bytes | memoryview) -> bytes:
-    """Checksum of one row: its content key and its ids, so a row read by its range is proven to be the
-    wanted key's (two keys sharing the 64-bit prefix the index searches never pass for each other)."""
-    digest = hashlib.blake2b(len(key).to_bytes(8, "little") + key, digest_size=ROW_DIGEST_BYTES)
-    digest.update(ids)
+def pack_ids(ids: pa.Array | pa.ChunkedArray, n_tokens: np.ndarray) -> pa.Array:
+    """Each row's ids as one stored value (the shard's PACKED column): a zstd frame of them as int32
+    little-endian, or those bytes themselves when the frame would not be smaller (short texts). One
+    text's ids are then one byte range of the shard, read and decoded alone."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    if ids.null_count or ids.values.null_count or not np.array_equal(np.diff(offsets), n_tokens):
+        raise ValueError("token rows need ids without nulls, as many as n_tokens")
+    raw = memoryview(np.ascontiguousarray(ids.values.to_numpy(zero_copy_only=False), "<i4").view(np.uint8))
+    packed = []
+    for start, end in zip((4 * offsets[:-1]).tolist(), (4 * offsets[1:]).tolist(), strict=True):
+        plain = raw[start:end].tobytes()
+        frame = _ZSTD.compress(plain, asbytes=True) if end - start >= MIN_PACKED_BYTES else plain
+        packed.append(frame if len(frame) < len(plain) else plain)
+    return pa.array(packed, pa.binary())
+
+
+def unpack_one(value: bytes | memoryview, count: int) -> bytes:
+    """The `count` ids (int32 little-endian bytes) of one PACKED value; ValueError when it holds others."""
+    if len(value) == 4 * count:
+        return bytes(value)
+    if len(value) > 4 * count:
+        raise ValueError("a packed value longer than its ids")
+    try:
+        plain = _ZSTD.decompress(value, decompressed_size=4 * count, asbytes=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"a packed value does not decode: {exc}") from None
+    if len(plain) != 4 * count:
+        raise ValueError("a packed value holds another number of ids")
+    return plain
+
+
+def unpacked(table: pa.Table) -> pa.Table:
+    """Rows read from a shard, with `input_ids` in place of PACKED (a shard written before holds
+    `input_ids` itself); ValueError when a value does not decode to its n_tokens ids."""
+    if PACKED not in table.column_names:
+        return table
+    counts = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+    if table["n_tokens"].null_count or (counts < 0).any():
+        raise ValueError("n_tokens missing or negative")
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    values = b"".join([unpack_one(v, n) for v, n in zip(table[PACKED].to_pylist(), counts.tolist(), strict=True)])
+    ids = pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(np.frombuffer(values, "<i4").astype(np.int32, copy=False))
+    )
+    return table.set_column(table.column_names.index(PACKED), "input_ids", ids)
+
+
+def row_digest(key: bytes, count: int, value: bytes | memoryview) -> bytes:
+    """Checksum of one row: its content key, id count and PACKED value, so a value read by its range
+    is proven to be the wanted key's (two keys sharing the 64-bit prefix the index searches never pass
+    for each other) before it is decoded."""
+    digest = hashlib.blake2b(
+        len(key).to_bytes(8, "little") + key + count.to_bytes(4, "little"), digest_size=ROW_DIGEST_BYTES
+    )
+    digest.update(value)
     return digest.digest()
 
 
 def _row_arrays(data: bytes, metadata: pq.FileMetaData, groups: np.ndarray, table: pa.Table):
-    """(ids start per group, ids before each row, each row's digest) of a shard's verified bytes `data`
-    and its decoded `table`. A group gets an ids start only if its ids column chunk ends with exactly
-    the group's ids as int32 little-endian; a row's digest is only ever checked in such a group."""
+    """(packed start per group, stored bytes before each row, id count of each, each row's digest) of
+    a shard's verified bytes `data` and its rows `table` as stored. A group gets a packed start only if
+    its PACKED column chunk ends with exactly its values, plain-encoded (4-byte length, then the
+    value, each); a row's digest is only ever checked in such a group."""
     n_rows = table.num_rows
-    ids = table["input_ids"].combine_chunks()
-    lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    before = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(lengths, out=before[1:])
     starts = np.zeros(len(groups), np.uint64)
-    digests = bytearray(ROW_DIGEST_BYTES * n_rows)
-    plain = (
-        ids.null_count == 0
-        and table["n_tokens"].null_count == 0
-        and before[-1] < 2**32
-        and np.array_equal(table["n_tokens"].to_numpy(zero_copy_only=False), lengths)
-    )
-    if not plain:  # ids a row range cannot stand for (or too many for uint32): every group is read whole
-        return starts, np.zeros(n_rows + 1, np.uint32), bytes(digests)
-    values = np.ascontiguousarray(pc.list_flatten(ids).to_numpy(zero_copy_only=False), "<i4").view(np.uint8)
+    no_ranges = starts, np.zeros(n_rows + 1, np.uint32), np.zeros(n_rows, np.uint32), bytes(16 * n_rows)
+    if PACKED not in table.column_names or table[PACKED].null_count or table["n_tokens"].null_count:
+        return no_ranges  # a shard written before packing, or not by us: every group is read whole
+    packed = table[PACKED].combine_chunks()
+    counts = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+    value_offsets = np.frombuffer(packed.buffers()[1], np.int32)[packed.offset : packed.offset + n_rows + 1]
+    value_offsets = value_offsets.astype(np.int64)
+    lengths = np.diff(value_offsets)
+    before = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(4 + lengths, out=before[1:])
+    if before[-1] >= 2**32 or (counts < 0).any() or (counts >= 2**32).any():
+        return no_ranges
+    value_data = np.frombuffer(packed.buffers()[2] or b"", np.uint8)
     stored = np.frombuffer(data, np.uint8)
-    (column,) = [c for c in range(metadata.num_columns) if metadata.schema.column(c).path.split(".")[0] == "input_ids"]
+    (column,) = [c for c in range(metadata.num_columns) if metadata.schema.column(c).path == PACKED]
     ends = np.append(groups[:, 2].astype(np.int64), n_rows)
     for g in range(len(groups)):
         chunk = metadata.row_group(g).column(column)
         end = chunk.data_page_offset + chunk.total_compressed_size
-        first, last = 4 * int(before[ends[g]]), 4 * int(before[ends[g + 1]])
-        if last - first <= end and np.array_equal(stored[end - (last - first) : end], values[first:last]):
-            starts[g] = end - (last - first)
+        first, last = int(ends[g]), int(ends[g + 1])
+        size = int(before[last] - before[first])
+        if size > end:
+            continue
+        tail = stored[end - size : end]
+        length_at = (before[first:last] - before[first])[:, None] + np.arange(4)
+        is_value = np.ones(size, bool)
+        is_value[length_at.ravel()] = False
+        if np.array_equal(
+            tail[length_at].astype(np.int64) @ (256 ** np.arange(4)), lengths[first:last]
+        ) and np.array_equal(tail[is_value], value_data[value_offsets[first] : value_offsets[last]]):
+            starts[g] = end - size
     keys = table["content_key"].combine_chunks().cast(pa.binary())
     key_offsets = np.frombuffer(keys.buffers()[1], np.int32)[keys.offset : keys.offset + n_rows + 1].tolist()
     key_data = memoryview(keys.buffers()[2] or b"")
-    view = memoryview(values)
-    at = before.tolist()
-    for row in range(n_rows):
-        digests[ROW_DIGEST_BYTES * row : ROW_DIGEST_BYTES * (row + 1)] = row_digest(
-            key_data[key_offsets[row] : key_offsets[row + 1]], view[4 * at[row] : 4 * at[row + 1]]
-        )
-    return starts, before.astype(np.uint32), bytes(digests)
+    values = memoryview(value_data)
+    at = value_offsets.tolist()
+    digests = b"".join(
+        [
+            row_digest(key_data[key_offsets[row] : key_offsets[row + 1]], count, values[at[row] : at[row + 1]])
+            for row, count in enumerate(counts.tolist())
+        ]
+    )
+    return starts, before.astype(np.uint32), counts.astype(np.uint32), digests
 
 
 def build(data: bytes, table: pa.Table, shard_sha256: str) -> bytes:
-    """The index file of the shard whose verified bytes are `data` and whose rows are `table`."""
+    """The index file of the shard whose verified bytes are `data` and whose rows, as stored, are `table`."""
     metadata = pq.read_metadata(pa.BufferReader(data))
     footer_start, footer_length = _footer_range(len(data), data[-8:])
     groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
     digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
-    ids_starts, ids_before, row_digests = _row_arrays(data, metadata, groups, table)
+    packed_starts, stored_before, counts, row_digests = _row_arrays(data, metadata, groups, table)
     prefixes, valid = key_prefixes(table["content_key"])
     rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
     order = np.argsort(prefixes[rows], kind="stable")
@@ -178,10 +244,11 @@ def build(data: bytes, table: pa.Table, shard_sha256: str) -> bytes:
             struct.pack("<Q", len(encoded)),
             encoded,
             padding,
-            np.vstack([groups.T, ids_starts[None, :]]).astype("<u8").tobytes(),
+            np.vstack([groups.T, packed_starts[None, :]]).astype("<u8").tobytes(),
             digests,
-            ids_before.astype("<u4").tobytes(),
-            b"\0" * (4 * (len(ids_before) % 2)),  # to 8 bytes
+            stored_before.astype("<u4").tobytes(),
+            counts.astype("<u4").tobytes(),
+            b"\0" * 4,  # to 8 bytes
             row_digests,
             prefixes[rows][order].astype("<u8").tobytes(),
             rows[order].astype("<u4").tobytes(),
@@ -205,8 +272,9 @@ class KeyIndex:
     group_first_rows: np.ndarray  # ascending, from 0
     group_digests: np.ndarray  # uint8, 32 per row group (not numpy's bytes type: it drops trailing NULs)
     n_rows: int
-    ids_starts: np.ndarray  # uint64 per row group: where its ids are, plain; 0 when they are not
-    ids_before: np.ndarray  # uint32 per row, and one more: ids in the shard before it
+    packed_starts: np.ndarray  # int64 per row group: where its PACKED values start; 0 when they cannot be read alone
+    stored_before: np.ndarray  # uint32 per row, and one more: PACKED bytes (4 + value) in the shard before it
+    counts: np.ndarray  # uint32 per row: its ids
     row_digests: np.ndarray  # uint8, ROW_DIGEST_BYTES per row
 
     @classmethod
@@ -260,24 +328,24 @@ class KeyIndex:
             raise BadIndex("malformed footer range")
         start = len(MAGIC) + 8 + length
         start += -start % 8
-        before_bytes = 4 * (n_rows + 1) + 4 * ((n_rows + 1) % 2)
-        if start + 64 * n_groups + before_bytes + ROW_DIGEST_BYTES * n_rows + 12 * n_keys != size:
+        if start + 64 * n_groups + (8 + ROW_DIGEST_BYTES) * n_rows + 8 + 12 * n_keys != size:
             raise BadIndex("arrays do not fit the file")
         groups = np.frombuffer(buffer, dtype="<u8", count=4 * n_groups, offset=start).reshape(4, n_groups)
         digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 32 * n_groups)
         at = start + 64 * n_groups
-        ids_before = np.frombuffer(buffer, dtype="<u4", count=n_rows + 1, offset=at)
-        at += before_bytes
+        stored_before = np.frombuffer(buffer, dtype="<u4", count=n_rows + 1, offset=at)
+        counts = np.frombuffer(buffer, dtype="<u4", count=n_rows, offset=at + 4 * (n_rows + 1))
+        at += 8 * n_rows + 8
         row_digests = np.frombuffer(buffer, dtype=np.uint8, count=ROW_DIGEST_BYTES * n_rows, offset=at)
         at += ROW_DIGEST_BYTES * n_rows
         starts, lengths, first_rows = groups[:3].astype(np.int64)
-        ids_starts = groups[3]
+        packed_starts = groups[3]
         if n_groups and (
             first_rows[0] != 0
             or np.any(np.diff(first_rows) < 0)
             or first_rows[-1] > n_rows
             or np.any(starts + lengths > footer[0])
-            or np.any((ids_starts != 0) & ((ids_starts < groups[0]) | (ids_starts > groups[0] + groups[1])))
+            or np.any((packed_starts != 0) & ((packed_starts < groups[0]) | (packed_starts > groups[0] + groups[1])))
         ):
             raise BadIndex("row groups out of order or outside the shard")
         return cls(
@@ -289,8 +357,9 @@ class KeyIndex:
             first_rows,
             digests,
             n_rows,
-            ids_starts.astype(np.int64),
-            ids_before,
+            packed_starts.astype(np.int64),
+            stored_before,
+            counts,
             row_digests,
         )
 
@@ -323,9 +392,9 @@ class KeyIndex:
 
 
 def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows of the row groups `groups` (ascending) of the shard open at `fd`, reading only the footer
-    and those groups, each checked against its sha256 first; ValueError or OSError when anything
-    differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    """Rows of the row groups `groups` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA,
+    ids unpacked), reading only the footer and those groups, each checked against its sha256 first;
+    ValueError or OSError when anything differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
     memory); the verified footer must place each group exactly where its checked bytes are."""
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
@@ -348,24 +417,27 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
             raise ValueError("the footer and the index describe different row groups")
         checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
     reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
-    return reader.read_row_groups(groups.tolist(), columns=columns)
+    if PACKED in reader.schema_arrow.names and "input_ids" in columns:
+        columns = [*(PACKED if c == "input_ids" else c for c in columns), *(["n_tokens"] * ("n_tokens" not in columns))]
+    return unpacked(reader.read_row_groups(groups.tolist(), columns=columns))
 
 
 def read_direct(
-    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes]
+    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], decode: bool = True
 ) -> tuple[np.ndarray, np.ndarray, bytes, int]:
-    """The ids of shard `rows` (in row groups with an ids start; `keys` their wanted content keys),
-    reading only each row's own bytes (ranges closer than READ_GAP read as one): (whether each row's
-    range lies inside its row group and its bytes and key match the row's checksum, the id count of
-    each, the ids of the rows that match as int32 little-endian bytes in `rows` order, bytes read).
-    A row that does not match is never returned; the caller reads its row group the checked way."""
+    """The ids of shard `rows` (in row groups with a packed start; `keys` their wanted content keys),
+    reading only each row's own PACKED value (ranges closer than READ_GAP read as one): (whether each
+    row's range lies inside its row group, its bytes, key and id count match the row's checksum and it
+    decodes, the id count of each, the ids of the rows that match as int32 little-endian bytes in
+    `rows` order (none unless `decode`), bytes read). A row that does not match is never returned;
+    the caller reads its row group the checked way."""
     groups = index.group_of(rows)
-    group_before = index.ids_before[index.group_first_rows[groups]].astype(np.int64)
-    before = index.ids_before[rows].astype(np.int64)
-    counts = index.ids_before[rows + 1].astype(np.int64) - before
-    starts = index.ids_starts[groups] + 4 * (before - group_before)
-    ends = starts + 4 * counts
-    inside = (counts >= 0) & (starts >= index.group_starts[groups])
+    before = index.stored_before[rows].astype(np.int64)
+    starts = index.packed_starts[groups] + before - index.stored_before[index.group_first_rows[groups]] + 4
+    lengths = index.stored_before[rows + 1].astype(np.int64) - before - 4
+    counts = index.counts[rows].astype(np.int64)
+    ends = starts + lengths
+    inside = (lengths >= 0) & (starts >= index.group_starts[groups])
     inside &= ends <= index.group_starts[groups] + index.group_lengths[groups]  # bounded by the groups' sizes
     ok = inside.copy()
     if not inside.any():
@@ -386,11 +458,21 @@ def read_direct(
     kept = np.flatnonzero(inside)
     where = np.zeros(len(rows), np.int64)
     where[take] = span_at[span_of] + starts[take] - span_starts[span_of]
-    pieces = [
-        view[at : at + length] for at, length in zip(where[kept].tolist(), (4 * counts[kept]).tolist(), strict=True)
-    ]
-    digests = b"".join([row_digest(keys[row], piece) for row, piece in zip(kept.tolist(), pieces, strict=True)])
+    values = [view[at : at + n] for at, n in zip(where[kept].tolist(), lengths[kept].tolist(), strict=True)]
+    digests = b"".join(
+        [
+            row_digest(keys[row], count, value)
+            for row, count, value in zip(kept.tolist(), counts[kept].tolist(), values, strict=True)
+        ]
+    )
     expected = index.row_digests.reshape(-1, ROW_DIGEST_BYTES)[rows[kept]]
     ok[kept] = (np.frombuffer(digests, np.uint8).reshape(-1, ROW_DIGEST_BYTES) == expected).all(axis=1)
-    values = b"".join([piece for piece, keep in zip(pieces, ok[kept].tolist(), strict=True) if keep])
-    return ok, counts, values, len(buffer)
+    ids = []
+    if decode:
+        for position, value, count in zip(kept.tolist(), values, counts[kept].tolist(), strict=True):
+            if ok[position]:
+                try:
+                    ids.append(unpack_one(value, count))
+                except ValueError:
+                    ok[position] = False
+    return ok, counts, b"".join(ids), len(buffer)

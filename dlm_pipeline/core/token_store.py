@@ -86,13 +86,15 @@ TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern}|{KEYS.pattern})\.[
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 STORE_SCHEMA = pa.schema([("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())])
+SHARD_SCHEMA = pa.schema([("content_key", pa.string()), (token_index.PACKED, pa.binary()), ("n_tokens", pa.int32())])
+# (shards written before packing hold STORE_SCHEMA: they are read a row group at a time)
 SHARD_WRITE_OPTIONS = {
     **PARQUET_OPTIONS,
     "write_statistics": False,  # nothing reads them; they bloat the footer
-    # ids plain and uncompressed, one page per row group: a row's ids are then a byte range a lookup reads
-    # alone (`token_index.read_direct`); the other columns stay compressed
-    "compression": {**dict.fromkeys(STORE_SCHEMA.names, PARQUET_OPTIONS["compression"]), "input_ids": "none"},
-    "data_page_size": 8 * GROUP_MAX_IDS,  # twice a group's ids: one page, unless one text alone has more
+    # each text's ids packed on their own (`token_index.pack_ids`), the column not compressed again and one
+    # page per row group: a text's ids are then one byte range a lookup reads alone (`token_index.read_direct`)
+    "compression": {**dict.fromkeys(SHARD_SCHEMA.names, PARQUET_OPTIONS["compression"]), token_index.PACKED: "none"},
+    "data_page_size": 8 * GROUP_MAX_IDS,  # twice a group's plain ids: one page, unless one text alone has more
 }  # (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 
 Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids (full), n_tokens
@@ -110,6 +112,18 @@ def _taken(table: pa.Table, rows: np.ndarray) -> pa.Table:
     if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
         return table.slice(int(rows[0]), len(rows))
     return table.take(pa.array(rows, pa.int64()))
+
+
+def _as_stored(table: pa.Table, lengths: np.ndarray) -> pa.Table:
+    """STORE_SCHEMA rows as a shard holds them (SHARD_SCHEMA: each text's ids packed on their own)."""
+    return pa.table(
+        {
+            "content_key": table["content_key"],
+            token_index.PACKED: token_index.pack_ids(table["input_ids"], lengths),
+            "n_tokens": table["n_tokens"],
+        },
+        schema=SHARD_SCHEMA,
+    )
 
 
 class CorruptShard(Exception):
@@ -278,9 +292,15 @@ class TokenStore:
         return self._decode(name, self._shard_bytes(name, info))
 
     @staticmethod
-    def _decode(name: str, data: bytes) -> pa.Table:
+    def _decode(name: str, data: bytes, unpack: bool = True) -> pa.Table:
+        """A verified shard's rows: STORE_SCHEMA, or as stored (SHARD_SCHEMA, or STORE_SCHEMA if older)."""
         try:
-            return pq.read_table(pa.BufferReader(data)).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+            table = pq.read_table(pa.BufferReader(data))
+            if not unpack:
+                return table.select(
+                    SHARD_SCHEMA.names if token_index.PACKED in table.column_names else STORE_SCHEMA.names
+                )
+            return token_index.unpacked(table).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
 
@@ -424,9 +444,9 @@ class TokenStore:
                 try:
                     data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
                     rows = pq.read_metadata(pa.BufferReader(data)).num_rows
-                    if (
-                        NAMESPACE.fullmatch(namespace) is None
-                        or pq.read_schema(pa.BufferReader(data)).names != STORE_SCHEMA.names
+                    if NAMESPACE.fullmatch(namespace) is None or pq.read_schema(pa.BufferReader(data)).names not in (
+                        SHARD_SCHEMA.names,
+                        STORE_SCHEMA.names,
                     ):
                         raise ValueError("not a token shard of this version")
                 except Exception:  # unreadable or foreign, at a name we create: not ours to keep
@@ -554,9 +574,11 @@ class TokenStore:
     ) -> tuple[str, dict]:
         """Write one shard and then its key index into the namespace folder `fd`; (its name, its
         manifest entry). Named by a random id, or by its content (`content_named`: the same bytes
-        always get the same name). Row groups stay small, as a lookup reads whole row groups."""
+        always get the same name). Row groups stay small: a row that cannot be read alone is read with
+        its whole row group."""
         sink = io.BytesIO()
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        table = _as_stored(table, lengths)
         with pq.ParquetWriter(sink, table.schema, use_dictionary=False, **SHARD_WRITE_OPTIONS) as writer:
             for start, end in chunk_bounds(lengths, GROUP_MAX_IDS):
                 for at in range(start, max(end, start + 1), GROUP_MAX_ROWS):
@@ -643,7 +665,7 @@ class TokenStore:
             except (token_index.BadIndex, TokenStoreError, OSError):
                 pass
         data = self._shard_bytes(name, info)
-        table = self._decode(name, data)
+        table = self._decode(name, data, unpack=False)
         try:
             content = token_index.build(data, table, info["sha256"])
         except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
@@ -675,7 +697,7 @@ class TokenStore:
         are read as whole row groups with the footer (all their bytes verified; only `columns`
         decoded)."""
         namespace, shard = name.split("/")
-        direct = np.flatnonzero(index.ids_starts[index.group_of(rows)] != 0)
+        direct = np.flatnonzero(index.packed_starts[index.group_of(rows)] != 0)
         suspect, slow = np.zeros(len(rows), bool), np.ones(len(rows), bool)
         parts: list[tuple[np.ndarray, pa.Table]] = []
         try:
@@ -687,7 +709,9 @@ class TokenStore:
                     raise CorruptShard(f"{name}: not a regular file of the size the manifest says")
                 if len(direct):
                     wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
-                    ok, counts, values, read = token_index.read_direct(fd, index, rows[direct], wanted)
+                    ok, counts, values, read = token_index.read_direct(
+                        fd, index, rows[direct], wanted, decode="input_ids" in columns
+                    )
                     self.bytes_read += read
                     suspect[direct[~ok]], slow[direct[ok]] = True, False
                     parts.append((direct[ok], self._direct_table(keys, direct[ok], counts[ok], values, columns)))

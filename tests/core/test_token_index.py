@@ -26,11 +26,13 @@ def loaded():
 
 @pytest.fixture
 def old_layout(monkeypatch):
-    """Shards written as before ids were stored plain (compressed): every lookup reads whole row groups."""
+    """Shards written as before each text's ids were packed on their own (a compressed list column):
+    every lookup reads whole row groups."""
     from dlm_pipeline.core import token_store
     from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS
 
     monkeypatch.setattr(token_store, "SHARD_WRITE_OPTIONS", {**PARQUET_OPTIONS, "write_statistics": False})
+    monkeypatch.setattr(token_store, "_as_stored", lambda table, _lengths: table)
     return monkeypatch
 
 
@@ -230,30 +232,32 @@ def parsed_index(store, shard):
     return token_index.KeyIndex.parse(shard.with_suffix(".keys").read_bytes(), entry)
 
 
-def ids_range(index, row):
-    """(start, length) of a row's ids in its shard, from its index."""
+def value_range(index, row):
+    """(start, length) of a row's packed ids in its shard, from its index."""
     group = int(index.group_of(np.array([row]))[0])
-    before = int(index.ids_before[row]) - int(index.ids_before[index.group_first_rows[group]])
-    return int(index.ids_starts[group]) + 4 * before, 4 * (int(index.ids_before[row + 1]) - int(index.ids_before[row]))
+    before = int(index.stored_before[row]) - int(index.stored_before[index.group_first_rows[group]])
+    length = int(index.stored_before[row + 1]) - int(index.stored_before[row]) - 4
+    return int(index.packed_starts[group]) + before + 4, length
 
 
 def test_a_lookup_reads_only_the_ids_of_the_texts_it_asks_for(tmp_path, loaded):
-    """Scattered keys read each text's own ids (a byte range checked with its key), not its row group:
-    bytes read = 4 per id asked for, whatever the shard holds besides."""
+    """Scattered keys read each text's own packed ids (a byte range checked with its key), not its row
+    group: bytes read = the packed sizes of the texts asked for, whatever the shard holds besides."""
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
     for shard in (big, small):
-        assert (parsed_index(store, shard).ids_starts != 0).all()  # every group's ids are plain
+        assert (parsed_index(store, shard).packed_starts != 0).all()  # every group's values can be read alone
     spread = [0, 700, 1500, 2100]  # three row groups of the big shard, one of the small
     n_ids = loaded.encode([TEXTS[i] for i in spread])["n_tokens"].to_numpy()
+    sizes = [value_range(parsed_index(store, big if i < 2000 else small), i % 2000)[1] for i in spread]
     lookup = store.get_or_compute(loaded.cache_namespace, [KEYS[i] for i in spread], ["?"] * 4, loaded.encode)
-    assert lookup.hits == 4 and lookup.shard_bytes_read == 4 * int(n_ids.sum())
+    assert lookup.hits == 4 and lookup.shard_bytes_read == sum(sizes) <= 4 * int(n_ids.sum())
     assert lookup.table["input_ids"].to_pylist() == loaded.encode([TEXTS[i] for i in spread])["input_ids"].to_pylist()
     lengths = store.get_or_compute(
         loaded.cache_namespace, [KEYS[i] for i in spread], ["?"] * 4, loaded.encode, lengths_only=True
     )
     assert lengths.table.column_names == ["content_key", "n_tokens"]
     assert lengths.table["n_tokens"].to_numpy().tolist() == n_ids.tolist()
-    assert lengths.shard_bytes_read == 4 * int(n_ids.sum())  # the ids are still read, to be checked
+    assert lengths.shard_bytes_read == sum(sizes)  # the ids are still read, to be checked
     everything = store.get_or_compute(loaded.cache_namespace, KEYS[:2500], TEXTS[:2500], loaded.encode)
     assert everything.hits == 2500 and everything.shard_bytes_read < big.stat().st_size + small.stat().st_size
     assert everything.table["input_ids"].to_pylist() == loaded.encode(TEXTS[:2500])["input_ids"].to_pylist()
@@ -261,9 +265,9 @@ def test_a_lookup_reads_only_the_ids_of_the_texts_it_asks_for(tmp_path, loaded):
 
 def test_a_flipped_bit_in_a_texts_ids_is_never_returned(tmp_path, loaded):
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
-    start, length = ids_range(parsed_index(store, small), 102)
+    start, length = value_range(parsed_index(store, small), 102)
     data = bytearray(small.read_bytes())
-    data[start + length - 1] ^= 0x01  # the last id of KEYS[2102]: same size, its range still in place
+    data[start + length - 1] ^= 0x01  # the last byte of KEYS[2102]'s ids: same size, its range still in place
     small.write_bytes(bytes(data))
     lookup = store.get_or_compute(loaded.cache_namespace, KEYS[2100:2105], TEXTS[2100:2105], loaded.encode)
     assert lookup.repaired == [f"{loaded.cache_namespace}/{small.name}"] and lookup.misses == 5
@@ -272,7 +276,7 @@ def test_a_flipped_bit_in_a_texts_ids_is_never_returned(tmp_path, loaded):
     assert lookup.table["input_ids"].to_pylist() == loaded.encode(TEXTS[2100:2105])["input_ids"].to_pylist()
 
 
-@pytest.mark.parametrize("damage", ["ids_start", "ids_before", "row_checksum", "ids_start_outside"])
+@pytest.mark.parametrize("damage", ["packed_start", "stored_before", "count", "row_checksum", "packed_start_outside"])
 def test_a_lie_in_the_per_text_ranges_is_rebuilt_and_never_deletes_its_good_shard(tmp_path, loaded, damage):
     import json
 
@@ -285,12 +289,14 @@ def test_a_lie_in_the_per_text_ranges_is_rebuilt_and_never_deletes_its_good_shar
     start = 16 + length + (-(16 + length) % 8)
     groups, rows = header["groups"], header["rows"]
     before = start + 64 * groups
-    if damage == "ids_start":
-        data[start + 24 * groups] ^= 4  # group 0's ids start, four bytes off: still inside the group
-    elif damage == "ids_before":
-        data[before + 4 * 3] ^= 1  # row 3's ids begin one id later
+    if damage == "packed_start":
+        data[start + 24 * groups] ^= 4  # group 0's values start four bytes off: still inside the group
+    elif damage == "stored_before":
+        data[before + 4 * 3] ^= 1  # row 3's value begins a byte later
+    elif damage == "count":
+        data[before + 4 * (rows + 1) + 4 * 3] ^= 1  # row 3 holds one id more or less
     elif damage == "row_checksum":
-        data[before + 4 * (rows + 1) + 4 * ((rows + 1) % 2) + 16 * 3] ^= 1
+        data[before + 8 * rows + 8 + 16 * 3] ^= 1
     else:
         data[start + 24 * groups : start + 24 * groups + 8] = (2**63).to_bytes(8, "little")
     index.write_bytes(bytes(data))
@@ -371,5 +377,5 @@ def test_a_shard_and_index_of_the_previous_layout_still_answer(tmp_path, loaded,
             lookup.table["input_ids"].to_pylist() == loaded.encode([TEXTS[i] for i in spread])["input_ids"].to_pylist()
         )
         index = parsed_index(store, big)
-        assert not index.ids_starts.any() and big.with_suffix(".keys").read_bytes()[:8] == token_index.MAGIC
+        assert not index.packed_starts.any() and big.with_suffix(".keys").read_bytes()[:8] == token_index.MAGIC
     assert lookup.shard_bytes_read >= index.group_lengths[index.group_of(np.array([0, 700]))].sum()  # whole groups
