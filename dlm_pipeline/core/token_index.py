@@ -49,6 +49,7 @@ ROW_DIGEST_BYTES = 16
 PACKED = "packed_ids"  # a shard's ids column: one value per row (`pack_ids`)
 MIN_PACKED_BYTES = 64  # ids shorter than this are stored plain (a zstd frame would not be smaller)
 _ZSTD = pa.Codec("zstd")
+_blake2b = hashlib.blake2b
 READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -155,15 +156,15 @@ def unpacked(table: pa.Table) -> pa.Table:
     return table.set_column(table.column_names.index(PACKED), "input_ids", ids)
 
 
-def row_digest(key: bytes, count: int, value: bytes | memoryview) -> bytes:
+def _digest_head(key: bytes | memoryview, count: int) -> bytes:
+    return len(key).to_bytes(8, "little") + key + count.to_bytes(4, "little")
+
+
+def row_digest(key: bytes | memoryview, count: int, value: bytes | memoryview) -> bytes:
     """Checksum of one row: its content key, id count and PACKED value, so a value read by its range
     is proven to be the wanted key's (two keys sharing the 64-bit prefix the index searches never pass
-    for each other) before it is decoded."""
-    digest = hashlib.blake2b(
-        len(key).to_bytes(8, "little") + key + count.to_bytes(4, "little"), digest_size=ROW_DIGEST_BYTES
-    )
-    digest.update(value)
-    return digest.digest()
+    for each other) before it is decoded. (`read_direct` computes the same inline.)"""
+    return _blake2b(_digest_head(key, count) + value, digest_size=ROW_DIGEST_BYTES).digest()
 
 
 def _row_arrays(data: bytes, metadata: pq.FileMetaData, groups: np.ndarray, table: pa.Table):
@@ -459,10 +460,11 @@ def read_direct(
     where = np.zeros(len(rows), np.int64)
     where[take] = span_at[span_of] + starts[take] - span_starts[span_of]
     values = [view[at : at + n] for at, n in zip(where[kept].tolist(), lengths[kept].tolist(), strict=True)]
+    heads = [_digest_head(keys[row], count) for row, count in zip(kept.tolist(), counts[kept].tolist(), strict=True)]
     digests = b"".join(
         [
-            row_digest(keys[row], count, value)
-            for row, count, value in zip(kept.tolist(), counts[kept].tolist(), values, strict=True)
+            _blake2b(head + value, digest_size=ROW_DIGEST_BYTES).digest()
+            for head, value in zip(heads, values, strict=True)
         ]
     )
     expected = index.row_digests.reshape(-1, ROW_DIGEST_BYTES)[rows[kept]]
@@ -470,9 +472,13 @@ def read_direct(
     ids = []
     if decode:
         for position, value, count in zip(kept.tolist(), values, counts[kept].tolist(), strict=True):
-            if ok[position]:
-                try:
-                    ids.append(unpack_one(value, count))
-                except ValueError:
-                    ok[position] = False
+            if not ok[position]:
+                continue
+            if len(value) == 4 * count:  # stored plain (most short texts): no copy until the join
+                ids.append(value)
+                continue
+            try:
+                ids.append(unpack_one(value, count))
+            except ValueError:
+                ok[position] = False
     return ok, counts, b"".join(ids), len(buffer)

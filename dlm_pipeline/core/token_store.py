@@ -835,7 +835,9 @@ class TokenStore:
                 continue
             used.add(name)
             found_rows.append((found, rows))
-            pending = np.setdiff1d(pending, found, assume_unique=True)
+            missing = np.ones(len(pending), bool)
+            missing[np.searchsorted(pending, found)] = False  # `pending` is ascending; `found` within it
+            pending = pending[missing]
         return pending
 
     def get_or_compute(
