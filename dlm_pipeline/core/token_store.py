@@ -4,18 +4,19 @@ Layout under the cache root:
 
     manifest.json                    {"version": 2, "shards": {"<namespace>/<shard>": {rows, bytes, sha256, last_used}}}
     .lock                            flock'd while the manifest changes
-    <namespace>/shard-<hex>.parquet  content_key, input_ids (full, never truncated), n_tokens
-    <namespace>/shard-<hex>.keys     its key index (`token_index`): sorted key prefixes, row group checksums
+    <namespace>/shard-<hex>.parquet  content_key, packed_ids (each text's full ids, never truncated), n_tokens
+    <namespace>/shard-<hex>.keys     its key index (`token_index`): sorted key prefixes, per-text ranges and checksums
 
 A namespace is (tokenizer fingerprint, special tokens); a key is the sha256 of the text, so a
 renamed, moved or duplicated file hits, and `max_seq_len` is applied by the reader. Shards are
 written atomically and never modified; the manifest is replaced atomically under an exclusive
 lock, so concurrent runs (one per seed) and killed runs leave a readable store. A lookup finds
-keys through each shard's key index and reads only the row groups that hold them, so it reads
-O(requested), not the store. A shard is trusted only when its size (always) and the sha256 of
-what is read (the whole file, or the footer and row groups its index names, the index itself
-bound to the manifest's sha256) match; a bad one is deleted and what it held is tokenized again;
-a missing, stale or malformed index is rebuilt from its shard. Eviction is least-recently-used by
+keys through each shard's key index and reads only the wanted texts' packed ids (the row groups
+holding them, for a shard written before packing), so it reads O(requested), not the store. A
+shard is trusted only when its size (always) and the checksums of what is read (the whole file's
+sha256; or each text's checksum, or the footer's and row groups' sha256s, taken by the index from
+the verified shard, the index itself bound to the manifest's sha256) match; a bad one is deleted
+and what it held is tokenized again; a missing, stale or malformed index is rebuilt from its shard. Eviction is least-recently-used by
 shard and never removes a shard the calling run is using.
 
 The store never reaches outside itself: it only opens, writes or deletes regular files whose
@@ -70,7 +71,7 @@ COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small o
 COMPACT_SHARD_BYTES = 16 * 1024**2  # the smallest shards are merged up to this size in all (memory: a merge
 # reads them whole, several times their size); larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
-GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
+GROUP_MAX_ROWS = 256  # a row group (what a lookup reads of a text it cannot read alone) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 MAX_MANIFEST_BYTES = 256 * 1024**2
@@ -692,10 +693,10 @@ class TokenStore:
         columns: Sequence[str],
     ) -> tuple[pa.Table, np.ndarray]:
         """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there),
-        and which rows' own byte ranges did not match their checksum. A row in a group with plain ids
-        is read alone (`token_index.read_direct`); the others, and any such row that does not match,
-        are read as whole row groups with the footer (all their bytes verified; only `columns`
-        decoded)."""
+        and which rows' own byte ranges did not match their checksum. A row in a group whose packed
+        values can be read alone is (`token_index.read_direct`); the others, and any such row that does
+        not match, are read as whole row groups with the footer (all their bytes verified; only
+        `columns` decoded)."""
         namespace, shard = name.split("/")
         direct = np.flatnonzero(index.packed_starts[index.group_of(rows)] != 0)
         suspect, slow = np.zeros(len(rows), bool), np.ones(len(rows), bool)
@@ -850,9 +851,9 @@ class TokenStore:
         lengths_only: bool = False,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
-        encode and store the rest. Keys are found through each shard's key index and only the row
-        groups holding them are read, verified; a corrupt shard is deleted and its keys are encoded
-        again. With `write_elsewhere` (SPEC §6, `--compute ray`)
+        encode and store the rest. Keys are found through each shard's key index and only their
+        packed ids are read (or their row groups), verified; a corrupt shard is deleted and its keys
+        are encoded again. With `write_elsewhere` (SPEC §6, `--compute ray`)
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here. `texts`
         may be a function of the (ascending) positions of the misses, so only their texts are read.
