@@ -36,6 +36,14 @@ def old_layout(monkeypatch):
     return monkeypatch
 
 
+def index_header(data: bytes) -> tuple[dict, int]:
+    """(the header of an index file, where its arrays start)."""
+    import json
+
+    length = int.from_bytes(data[8:16], "little")
+    return json.loads(data[16 : 16 + length]), 16 + length + (-(16 + length) % 8)
+
+
 def two_shards(root, loaded):
     """A store with the first 2,000 texts in one shard (8 row groups) and the next 500 in another."""
     store = TokenStore(root)
@@ -190,15 +198,11 @@ def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_it
     """Row groups that fail the checksums of their index prove nothing about the shard: the index is
     rebuilt from the whole shard (verified), and the shard keeps its texts (it was deleted before).
     (Row groups read whole: shards with compressed ids; the per-text ranges are tested below.)"""
-    import json
-
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
     index = big.with_suffix(".keys")
     good = index.read_bytes()
     data = bytearray(good)
-    length = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16 : 16 + length])
-    start = 16 + length + (-(16 + length) % 8)
+    header, start = index_header(good)
     if damage == "group_checksum":
         data[start + 32 * header["groups"]] ^= 1
     elif damage == "footer_checksum":
@@ -278,15 +282,11 @@ def test_a_flipped_bit_in_a_texts_ids_is_never_returned(tmp_path, loaded):
 
 @pytest.mark.parametrize("damage", ["packed_start", "stored_before", "count", "row_checksum", "packed_start_outside"])
 def test_a_lie_in_the_per_text_ranges_is_rebuilt_and_never_deletes_its_good_shard(tmp_path, loaded, damage):
-    import json
-
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
     index = big.with_suffix(".keys")
     good = index.read_bytes()
     data = bytearray(good)
-    length = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16 : 16 + length])
-    start = 16 + length + (-(16 + length) % 8)
+    header, start = index_header(good)
     groups, rows = header["groups"], header["rows"]
     before = start + 64 * groups
     if damage == "packed_start":
@@ -317,57 +317,22 @@ def test_two_keys_sharing_the_searched_prefix_never_pass_for_each_other(tmp_path
         assert lookup.table["input_ids"].to_pylist() == loaded.encode([text])["input_ids"].to_pylist()
 
 
-def v1_index(data: bytes, keys: pa.ChunkedArray, sha256: str) -> bytes:
-    """The key index as the store wrote it before the per-text ranges (DLMKEYS1)."""
-    import hashlib
-    import json
-
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_metadata(pa.BufferReader(data))
-    footer_start, footer_length = token_index._footer_range(len(data), data[-8:])
-    groups = np.array(token_index._group_ranges(metadata), dtype="<u8").reshape(-1, 3)
-    digests = b"".join(hashlib.sha256(data[s : s + n]).digest() for s, n, _ in groups.tolist())
-    prefixes, valid = token_index.key_prefixes(keys)
-    rows = np.flatnonzero(valid)
-    order = np.argsort(prefixes[rows], kind="stable")
-    header = {
-        "sha256": sha256,
-        "bytes": len(data),
-        "rows": metadata.num_rows,
-        "groups": len(groups),
-        "keys": len(rows),
-        "footer": [footer_start, footer_length, hashlib.sha256(data[footer_start:]).hexdigest()],
-    }
-    encoded = json.dumps(header, sort_keys=True).encode()
-    padding = b"\0" * (-(8 + 8 + len(encoded)) % 8)
-    return b"".join(
-        [
-            b"DLMKEYS1",
-            len(encoded).to_bytes(8, "little"),
-            encoded,
-            padding,
-            groups.T.copy().tobytes(),
-            digests,
-            prefixes[rows][order].astype("<u8").tobytes(),
-            rows[order].astype("<u4").tobytes(),
-        ]
-    )
+def v1_index(today: bytes) -> bytes:
+    """The key index as the store wrote it before the per-text ranges (DLMKEYS1), from today's:
+    the same header, the row groups' start, length and first row and checksums, then the keys."""
+    header, start = index_header(today)
+    groups, keys = header["groups"], header["keys"]
+    row_groups = today[start : start + 24 * groups] + today[start + 32 * groups : start + 64 * groups]
+    return b"DLMKEYS1" + today[8:start] + row_groups + today[len(today) - 12 * keys :]
 
 
 def test_a_shard_and_index_of_the_previous_layout_still_answer(tmp_path, loaded, old_layout):
     """A shard with compressed ids and its DLMKEYS1 index: the index is rebuilt once (ranges of no
     group: its ids are not plain) and lookups read whole row groups, checked, as before."""
-    import hashlib
-
-    import pyarrow.parquet as pq
-
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
     old_layout.undo()
     for shard in (big, small):
-        data = shard.read_bytes()
-        keys = pq.read_table(shard, columns=["content_key"])["content_key"]
-        shard.with_suffix(".keys").write_bytes(v1_index(data, keys, hashlib.sha256(data).hexdigest()))
+        shard.with_suffix(".keys").write_bytes(v1_index(shard.with_suffix(".keys").read_bytes()))
     store = TokenStore(tmp_path / "cache")
     spread = [0, 700, 2100]
     for _ in range(2):
