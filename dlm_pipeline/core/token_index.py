@@ -6,24 +6,26 @@ the namespace's index. A shard is immutable, so its index never goes stale: it n
 sha256, size and row count, and is used only while they match the manifest entry. Layout:
 
     b"DLMKEYS2"  uint64 header length  header (JSON)  padding to 8
-    uint64[groups] x 4  start, length, first row and ids start of each row group
+    uint64[groups] x 4  start, length, first row and packed start of each row group
     bytes32[groups]     sha256 of each row group's bytes
-    uint32[rows + 1]    ids before each row (the running sum of the rows' id counts), padding to 8
-    bytes16[rows]       blake2b-128 of each row's content key (length-prefixed) and ids (int32 little-endian)
+    uint32[rows + 1]    PACKED bytes before each row (4 + the value's length, summed)
+    uint32[rows]        the id count of each row, then 4 bytes of padding
+    bytes16[rows]       blake2b-128 of each row's content key (length-prefixed), id count and value
     uint64[keys]        first 16 hex digits of each content key, ascending
     uint32[keys]        the row of each, in the same order
 
 The header holds the shard's identity (sha256, size, rows), the number of groups and keys, and the
 byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup
-memory-maps the arrays and binary-searches the wanted keys. A row group whose ids column chunk ends
-with the group's ids as plain int32 (the store writes `input_ids` uncompressed, one page per group;
-checked byte for byte when the index is built) has an ids start: a row's ids are then the bytes
-`ids start + 4 * (ids before the row - ids before the group)`, read alone and checked with the wanted
-key against the row's checksum, without the footer or pyarrow. Other groups (ids start 0: shards
-written before, or one text too large for one page) and rows whose read does not check out are read
-as whole row groups: the footer and the group, each checked against its sha256, and the full content
-key compared. The file is hostile input like the rest of the store: anything that does not check out
-is rebuilt from the shard, read whole and verified.
+memory-maps the arrays and binary-searches the wanted keys. A shard holds each text's ids packed on
+their own (`pack_ids`) in its PACKED column, which Parquet stores plain, uncompressed and as one page
+per row group: a group whose column chunk ends with exactly its values (checked byte for byte when
+the index is built) has a packed start, and a row's value is then the bytes at `packed start +
+(bytes before the row - bytes before the group) + 4`, read alone, checked with the wanted key against
+the row's checksum and only then decoded, without the footer or pyarrow's reader. Other groups
+(packed start 0: shards written before packing, or a text too large for one page) and rows whose
+value does not check out are read as whole row groups: the footer and the group, each checked
+against its sha256, and the full content key compared. The file is hostile input like the rest of
+the store: anything that does not check out is rebuilt from the shard, read whole and verified.
 """
 
 from __future__ import annotations
