@@ -6,11 +6,13 @@ Builds one namespace of --entries entries through `TokenStore.get_or_compute` (r
 1-8 ids each, so the store stays a few hundred MB; the tokenizer is not involved), then times
 lookups of --lookup keys:
 - `clustered`: keys written together (what a seed's re-run, a new seed or a weights edit asks for);
-- `random`: keys drawn uniformly from the whole namespace (the worst case for row-group reads);
+- `random`: keys drawn uniformly from the whole namespace (a separate read per key);
 - `absent`: keys the store does not hold (a cold run's question);
 - `index only`: finding where the random keys are (the key indexes alone, no shard read).
 Baseline, in the same run: the plain scan the store did before the index (read every shard of the
-namespace whole, check its sha256, find the keys with `pyarrow.compute.index_in`).
+namespace whole, check its sha256, find the keys with `pyarrow.compute.index_in`). Times are wall
+clock and, beside them, this process's CPU time (user + system: less disturbed by other jobs on a
+loaded machine; the reads come from the page cache).
 """
 
 from __future__ import annotations
@@ -96,12 +98,14 @@ def index_only(store: TokenStore, keys: list[str]) -> int:
 
 
 def timed(run, repeat: int):
-    times, result = [], None
+    """(median wall seconds, median CPU seconds, the last result)."""
+    times, cpu, result = [], [], None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), statistics.median(cpu), result
 
 
 def main() -> None:
@@ -128,23 +132,25 @@ def main() -> None:
         )
         absent = random_keys(rng, args.lookup).to_pylist()
         print(f"\nlookup of {args.lookup:,} keys (median of {args.repeat})")
-        print(f"{'what':<12}{'indexed s':>11}{'shard MiB read':>16}{'shards':>8}{'plain scan s':>14}{'ratio':>8}")
+        print(
+            f"{'what':<12}{'indexed s':>11}{'cpu s':>8}{'shard MiB read':>16}{'shards':>8}{'plain scan s':>14}{'ratio':>8}"
+        )
         for label, keys in (("clustered", clustered), ("random", scattered), ("absent", absent)):
             expect_hits = label != "absent"
             encode = refuse if expect_hits else (lambda texts: fake_ids(rng, len(texts)))
-            seconds, lookup = timed(
+            seconds, cpu, lookup = timed(
                 lambda keys=keys, encode=encode: store.get_or_compute(NAMESPACE, keys, [""] * len(keys), encode),
                 args.repeat if expect_hits else 1,
             )
-            plain, found = timed(lambda keys=keys: plain_scan(store, keys), 1)
+            plain, _, found = timed(lambda keys=keys: plain_scan(store, keys), 1)
             assert found == (len(keys) if expect_hits else 0) or not expect_hits
             print(
-                f"{label:<12}{seconds:>11.3f}{lookup.shard_bytes_read / 2**20:>16.1f}{len(lookup.shards_used):>8}"
+                f"{label:<12}{seconds:>11.3f}{cpu:>8.3f}{lookup.shard_bytes_read / 2**20:>16.1f}{len(lookup.shards_used):>8}"
                 f"{plain:>14.2f}{plain / seconds:>7.0f}x"
             )
-        seconds, found = timed(lambda: index_only(store, scattered), args.repeat)
+        seconds, cpu, found = timed(lambda: index_only(store, scattered), args.repeat)
         assert found >= len(scattered)
-        print(f"{'index only':<12}{seconds:>11.3f}{0:>16.1f}{'-':>8}{'':>14}{'':>8}")
+        print(f"{'index only':<12}{seconds:>11.3f}{cpu:>8.3f}{0:>16.1f}{'-':>8}{'':>14}{'':>8}")
 
 
 if __name__ == "__main__":

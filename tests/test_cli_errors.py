@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
+from dlm_pipeline.core.token_index import unpacked
 from dlm_pipeline.core.token_store import MANIFEST
 
 
@@ -190,7 +191,7 @@ def plant_wrong_token_ids(cache: Path) -> None:
     manifest = json.loads((cache / MANIFEST).read_text())
     for name, entry in manifest["shards"].items():
         shard = cache / name
-        table = pq.read_table(shard)
+        table = unpacked(pq.read_table(shard))  # written back as a shard of the unpacked layout, still read
         ids_type = table.schema.field("input_ids").type
         shifted = pa.array([[i + 1 for i in ids] for ids in table["input_ids"].to_pylist()], ids_type)
         pq.write_table(table.set_column(table.schema.get_field_index("input_ids"), "input_ids", shifted), shard)

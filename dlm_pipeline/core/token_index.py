@@ -5,17 +5,27 @@ One file per shard, `<namespace>/shard-<hex>.keys`, beside `shard-<hex>.parquet`
 the namespace's index. A shard is immutable, so its index never goes stale: it names the shard's
 sha256, size and row count, and is used only while they match the manifest entry. Layout:
 
-    b"DLMKEYS1"  uint64 header length  header (JSON)  padding to 8
-    uint64[groups] x 3  start, length and first row of each row group
+    b"DLMKEYS2"  uint64 header length  header (JSON)  padding to 8
+    uint64[groups] x 4  start, length, first row and packed start of each row group
     bytes32[groups]     sha256 of each row group's bytes
+    uint32[rows + 1]    PACKED bytes before each row (4 + the value's length, summed)
+    uint32[rows]        the id count of each row, then 4 bytes of padding
+    bytes16[rows]       blake2b-128 of each row's content key (length-prefixed), id count and value
     uint64[keys]        first 16 hex digits of each content key, ascending
     uint32[keys]        the row of each, in the same order
 
 The header holds the shard's identity (sha256, size, rows), the number of groups and keys, and the
-byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup memory-maps the two arrays, binary-searches the wanted keys, reads only
-the footer and the row groups holding them (each checked against its sha256 before it is decoded)
-and compares the full content key of every row it returns. The file is hostile input like the rest
-of the store: anything that does not check out is rebuilt from the shard, read whole and verified.
+byte range and sha256 of the Parquet footer. Nothing is parsed per key or per group. A lookup
+memory-maps the arrays and binary-searches the wanted keys. A shard holds each text's ids packed on
+their own (`pack_ids`) in its PACKED column, which Parquet stores plain, uncompressed and as one page
+per row group: a group whose column chunk ends with exactly its values (checked byte for byte when
+the index is built) has a packed start, and a row's value is then the bytes at `packed start +
+(bytes before the row - bytes before the group) + 4`, read alone, checked with the wanted key against
+the row's checksum and only then decoded, without the footer or pyarrow's reader. Other groups
+(packed start 0: shards written before packing, or a text too large for one page) and rows whose
+value does not check out are read as whole row groups: the footer and the group, each checked
+against its sha256, and the full content key compared. The file is hostile input like the rest of
+the store: anything that does not check out is rebuilt from the shard, read whole and verified.
 """
 
 from __future__ import annotations
@@ -33,10 +43,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-MAGIC = b"DLMKEYS1"
+MAGIC = b"DLMKEYS2"  # DLMKEYS1 (no per-row ranges) reads as a bad index: rebuilt once from its shard
 SUFFIX = ".keys"
 MAX_HEADER_BYTES = 64 * 1024**2
 PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
+ROW_DIGEST_BYTES = 16
+PACKED = "packed_ids"  # a shard's ids column: one value per row (`pack_ids`)
+MIN_PACKED_BYTES = 64  # ids shorter than this are stored plain (a zstd frame would not be smaller)
+_ZSTD = pa.Codec("zstd")
+_blake2b = hashlib.blake2b
+READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
@@ -93,13 +109,126 @@ def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
     return data_size - length, length
 
 
-def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> bytes:
-    """The index file of the shard whose verified bytes are `data` and whose content keys are `keys`."""
+def pack_ids(ids: pa.Array | pa.ChunkedArray, n_tokens: np.ndarray) -> pa.Array:
+    """Each row's ids as one stored value (the shard's PACKED column): a zstd frame of them as int32
+    little-endian, or those bytes themselves when the frame would not be smaller (short texts). One
+    text's ids are then one byte range of the shard, read and decoded alone."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    if ids.null_count or ids.values.null_count or not np.array_equal(np.diff(offsets), n_tokens):
+        raise ValueError("token rows need ids without nulls, as many as n_tokens")
+    raw = memoryview(np.ascontiguousarray(ids.values.to_numpy(zero_copy_only=False), "<i4").view(np.uint8))
+    packed = []
+    for start, end in zip((4 * offsets[:-1]).tolist(), (4 * offsets[1:]).tolist(), strict=True):
+        plain = raw[start:end].tobytes()
+        frame = _ZSTD.compress(plain, asbytes=True) if end - start >= MIN_PACKED_BYTES else plain
+        packed.append(frame if len(frame) < len(plain) else plain)
+    return pa.array(packed, pa.binary())
+
+
+def unpack_one(value: bytes | memoryview, count: int) -> bytes:
+    """The `count` ids (int32 little-endian bytes) of one PACKED value; ValueError when it holds others."""
+    if len(value) == 4 * count:
+        return bytes(value)
+    if len(value) > 4 * count:
+        raise ValueError("a packed value longer than its ids")
+    try:
+        plain = _ZSTD.decompress(value, decompressed_size=4 * count, asbytes=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"a packed value does not decode: {exc}") from None
+    if len(plain) != 4 * count:
+        raise ValueError("a packed value holds another number of ids")
+    return plain
+
+
+def unpacked(table: pa.Table) -> pa.Table:
+    """Rows read from a shard, with `input_ids` in place of PACKED (a shard written before holds
+    `input_ids` itself); ValueError when a value does not decode to its n_tokens ids."""
+    if PACKED not in table.column_names:
+        return table
+    counts = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+    if table["n_tokens"].null_count or (counts < 0).any():
+        raise ValueError("n_tokens missing or negative")
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    values = b"".join([unpack_one(v, n) for v, n in zip(table[PACKED].to_pylist(), counts.tolist(), strict=True)])
+    ids = pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(np.frombuffer(values, "<i4").astype(np.int32, copy=False))
+    )
+    return table.set_column(table.column_names.index(PACKED), "input_ids", ids)
+
+
+def _digest_head(key: bytes | memoryview, count: int) -> bytes:
+    return len(key).to_bytes(8, "little") + key + count.to_bytes(4, "little")
+
+
+def row_digest(key: bytes | memoryview, count: int, value: bytes | memoryview) -> bytes:
+    """Checksum of one row: its content key, id count and PACKED value, so a value read by its range
+    is proven to be the wanted key's (two keys sharing the 64-bit prefix the index searches never pass
+    for each other) before it is decoded. (`read_direct` computes the same inline.)"""
+    return _blake2b(_digest_head(key, count) + value, digest_size=ROW_DIGEST_BYTES).digest()
+
+
+def _row_arrays(data: bytes, metadata: pq.FileMetaData, groups: np.ndarray, table: pa.Table):
+    """(packed start per group, stored bytes before each row, id count of each, each row's digest) of
+    a shard's verified bytes `data` and its rows `table` as stored. A group gets a packed start only if
+    its PACKED column chunk ends with exactly its values, plain-encoded (4-byte length, then the
+    value, each); a row's digest is only ever checked in such a group."""
+    n_rows = table.num_rows
+    starts = np.zeros(len(groups), np.uint64)
+    no_ranges = starts, np.zeros(n_rows + 1, np.uint32), np.zeros(n_rows, np.uint32), bytes(16 * n_rows)
+    if PACKED not in table.column_names or table[PACKED].null_count or table["n_tokens"].null_count:
+        return no_ranges  # a shard written before packing, or not by us: every group is read whole
+    packed = table[PACKED].combine_chunks()
+    counts = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+    value_offsets = np.frombuffer(packed.buffers()[1], np.int32)[packed.offset : packed.offset + n_rows + 1]
+    value_offsets = value_offsets.astype(np.int64)
+    lengths = np.diff(value_offsets)
+    before = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(4 + lengths, out=before[1:])
+    if before[-1] >= 2**32 or (counts < 0).any() or (counts >= 2**32).any():
+        return no_ranges
+    value_data = np.frombuffer(packed.buffers()[2] or b"", np.uint8)
+    stored = np.frombuffer(data, np.uint8)
+    (column,) = [c for c in range(metadata.num_columns) if metadata.schema.column(c).path == PACKED]
+    ends = np.append(groups[:, 2].astype(np.int64), n_rows)
+    for g in range(len(groups)):
+        chunk = metadata.row_group(g).column(column)
+        end = chunk.data_page_offset + chunk.total_compressed_size
+        first, last = int(ends[g]), int(ends[g + 1])
+        size = int(before[last] - before[first])
+        if size > end:
+            continue
+        tail = stored[end - size : end]
+        length_at = (before[first:last] - before[first])[:, None] + np.arange(4)
+        is_value = np.ones(size, bool)
+        is_value[length_at.ravel()] = False
+        if np.array_equal(
+            tail[length_at].astype(np.int64) @ (256 ** np.arange(4)), lengths[first:last]
+        ) and np.array_equal(tail[is_value], value_data[value_offsets[first] : value_offsets[last]]):
+            starts[g] = end - size
+    keys = table["content_key"].combine_chunks().cast(pa.binary())
+    key_offsets = np.frombuffer(keys.buffers()[1], np.int32)[keys.offset : keys.offset + n_rows + 1].tolist()
+    key_data = memoryview(keys.buffers()[2] or b"")
+    values = memoryview(value_data)
+    at = value_offsets.tolist()
+    digests = b"".join(
+        [
+            row_digest(key_data[key_offsets[row] : key_offsets[row + 1]], count, values[at[row] : at[row + 1]])
+            for row, count in enumerate(counts.tolist())
+        ]
+    )
+    return starts, before.astype(np.uint32), counts.astype(np.uint32), digests
+
+
+def build(data: bytes, table: pa.Table, shard_sha256: str) -> bytes:
+    """The index file of the shard whose verified bytes are `data` and whose rows, as stored, are `table`."""
     metadata = pq.read_metadata(pa.BufferReader(data))
     footer_start, footer_length = _footer_range(len(data), data[-8:])
     groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
     digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
-    prefixes, valid = key_prefixes(keys)
+    packed_starts, stored_before, counts, row_digests = _row_arrays(data, metadata, groups, table)
+    prefixes, valid = key_prefixes(table["content_key"])
     rows = np.flatnonzero(valid)  # a key that is no sha256 hex is never asked for
     order = np.argsort(prefixes[rows], kind="stable")
     header = {
@@ -118,8 +247,12 @@ def build(data: bytes, keys: pa.Array | pa.ChunkedArray, shard_sha256: str) -> b
             struct.pack("<Q", len(encoded)),
             encoded,
             padding,
-            groups.T.copy().tobytes(),
+            np.vstack([groups.T, packed_starts[None, :]]).astype("<u8").tobytes(),
             digests,
+            stored_before.astype("<u4").tobytes(),
+            counts.astype("<u4").tobytes(),
+            b"\0" * 4,  # to 8 bytes
+            row_digests,
             prefixes[rows][order].astype("<u8").tobytes(),
             rows[order].astype("<u4").tobytes(),
         ]
@@ -142,6 +275,10 @@ class KeyIndex:
     group_first_rows: np.ndarray  # ascending, from 0
     group_digests: np.ndarray  # uint8, 32 per row group (not numpy's bytes type: it drops trailing NULs)
     n_rows: int
+    packed_starts: np.ndarray  # int64 per row group: where its PACKED values start; 0 when they cannot be read alone
+    stored_before: np.ndarray  # uint32 per row, and one more: PACKED bytes (4 + value) in the shard before it
+    counts: np.ndarray  # uint32 per row: its ids
+    row_digests: np.ndarray  # uint8, ROW_DIGEST_BYTES per row
 
     @classmethod
     def open(cls, dir_fd: int, name: str, entry: dict) -> KeyIndex:
@@ -194,17 +331,24 @@ class KeyIndex:
             raise BadIndex("malformed footer range")
         start = len(MAGIC) + 8 + length
         start += -start % 8
-        if start + 56 * n_groups + 12 * n_keys != size:
+        if start + 64 * n_groups + (8 + ROW_DIGEST_BYTES) * n_rows + 8 + 12 * n_keys != size:
             raise BadIndex("arrays do not fit the file")
-        groups = np.frombuffer(buffer, dtype="<u8", count=3 * n_groups, offset=start).reshape(3, n_groups)
-        digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 24 * n_groups)
-        at = start + 56 * n_groups
-        starts, lengths, first_rows = groups.astype(np.int64)
+        groups = np.frombuffer(buffer, dtype="<u8", count=4 * n_groups, offset=start).reshape(4, n_groups)
+        digests = np.frombuffer(buffer, dtype=np.uint8, count=32 * n_groups, offset=start + 32 * n_groups)
+        at = start + 64 * n_groups
+        stored_before = np.frombuffer(buffer, dtype="<u4", count=n_rows + 1, offset=at)
+        counts = np.frombuffer(buffer, dtype="<u4", count=n_rows, offset=at + 4 * (n_rows + 1))
+        at += 8 * n_rows + 8
+        row_digests = np.frombuffer(buffer, dtype=np.uint8, count=ROW_DIGEST_BYTES * n_rows, offset=at)
+        at += ROW_DIGEST_BYTES * n_rows
+        starts, lengths, first_rows = groups[:3].astype(np.int64)
+        packed_starts = groups[3]
         if n_groups and (
             first_rows[0] != 0
             or np.any(np.diff(first_rows) < 0)
             or first_rows[-1] > n_rows
             or np.any(starts + lengths > footer[0])
+            or np.any((packed_starts != 0) & ((packed_starts < groups[0]) | (packed_starts > groups[0] + groups[1])))
         ):
             raise BadIndex("row groups out of order or outside the shard")
         return cls(
@@ -216,6 +360,10 @@ class KeyIndex:
             first_rows,
             digests,
             n_rows,
+            packed_starts.astype(np.int64),
+            stored_before,
+            counts,
+            row_digests,
         )
 
     def candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,10 +372,15 @@ class KeyIndex:
         order = np.argsort(wanted, kind="stable")  # sorted needles: each search starts where the last ended
         ordered = wanted[order]
         low = np.searchsorted(self.prefixes, ordered, side="left")
-        high = np.searchsorted(self.prefixes, ordered, side="right")
-        counts = (high - low).astype(np.int64)
+        hit = (
+            np.flatnonzero(self.prefixes[np.minimum(low, len(self.prefixes) - 1)] == ordered)
+            if len(self.prefixes)
+            else np.zeros(0, np.int64)
+        )
+        low = low[hit]  # the upper bound only for prefixes present (most needles are not, in most shards)
+        counts = (np.searchsorted(self.prefixes, ordered[hit], side="right") - low).astype(np.int64)
         total = int(counts.sum())
-        positions = np.repeat(order.astype(np.int64), counts)
+        positions = np.repeat(order[hit].astype(np.int64), counts)
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         rows = self.rows[np.repeat(low, counts) + within].astype(np.int64)
         if total and (int(rows.max()) >= self.n_rows or not len(self.group_first_rows)):
@@ -242,9 +395,9 @@ class KeyIndex:
 
 
 def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows of the row groups `groups` (ascending) of the shard open at `fd`, reading only the footer
-    and those groups, each checked against its sha256 first; ValueError or OSError when anything
-    differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    """Rows of the row groups `groups` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA,
+    ids unpacked), reading only the footer and those groups, each checked against its sha256 first;
+    ValueError or OSError when anything differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
     memory); the verified footer must place each group exactly where its checked bytes are."""
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
@@ -267,4 +420,67 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
             raise ValueError("the footer and the index describe different row groups")
         checked(start, length, index.group_digests[32 * g : 32 * g + 32].tobytes())
     reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
-    return reader.read_row_groups(groups.tolist(), columns=columns)
+    if PACKED in reader.schema_arrow.names and "input_ids" in columns:
+        columns = [*(PACKED if c == "input_ids" else c for c in columns), *(["n_tokens"] * ("n_tokens" not in columns))]
+    return unpacked(reader.read_row_groups(groups.tolist(), columns=columns))
+
+
+def read_direct(
+    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], decode: bool = True
+) -> tuple[np.ndarray, np.ndarray, bytes, int]:
+    """The ids of shard `rows` (in row groups with a packed start; `keys` their wanted content keys),
+    reading only each row's own PACKED value (ranges closer than READ_GAP read as one): (whether each
+    row's range lies inside its row group, its bytes, key and id count match the row's checksum and it
+    decodes, the id count of each, the ids of the rows that match as int32 little-endian bytes in
+    `rows` order (none unless `decode`), bytes read). A row that does not match is never returned;
+    the caller reads its row group the checked way."""
+    groups = index.group_of(rows)
+    before = index.stored_before[rows].astype(np.int64)
+    starts = index.packed_starts[groups] + before - index.stored_before[index.group_first_rows[groups]] + 4
+    lengths = index.stored_before[rows + 1].astype(np.int64) - before - 4
+    counts = index.counts[rows].astype(np.int64)
+    ends = starts + lengths
+    inside = (lengths >= 0) & (starts >= index.group_starts[groups])
+    inside &= ends <= index.group_starts[groups] + index.group_lengths[groups]  # bounded by the groups' sizes
+    ok = inside.copy()
+    if not inside.any():
+        return ok, counts, b"", 0
+    take = np.flatnonzero(inside)[np.argsort(starts[inside], kind="stable")]
+    reach = np.maximum.accumulate(ends[take])
+    span_of = np.concatenate([[0], np.cumsum(starts[take][1:] > reach[:-1] + READ_GAP)])
+    firsts = np.flatnonzero(np.diff(span_of, prepend=-1))
+    span_starts = starts[take][firsts]
+    span_lengths = reach[np.append(firsts[1:] - 1, len(take) - 1)] - span_starts
+    span_at = np.cumsum(span_lengths) - span_lengths  # where each span lands in the buffer
+    buffer = bytearray(int(span_lengths.sum()))
+    view = memoryview(buffer)
+    for start, length, at in zip(span_starts.tolist(), span_lengths.tolist(), span_at.tolist(), strict=True):
+        if os.preadv(fd, [view[at : at + length]], start) != length:
+            ok[:] = False  # the file is shorter than its index says
+            return ok, counts, b"", len(buffer)
+    kept = np.flatnonzero(inside)
+    where = np.zeros(len(rows), np.int64)
+    where[take] = span_at[span_of] + starts[take] - span_starts[span_of]
+    values = [view[at : at + n] for at, n in zip(where[kept].tolist(), lengths[kept].tolist(), strict=True)]
+    heads = [_digest_head(keys[row], count) for row, count in zip(kept.tolist(), counts[kept].tolist(), strict=True)]
+    digests = b"".join(
+        [
+            _blake2b(head + value, digest_size=ROW_DIGEST_BYTES).digest()
+            for head, value in zip(heads, values, strict=True)
+        ]
+    )
+    expected = index.row_digests.reshape(-1, ROW_DIGEST_BYTES)[rows[kept]]
+    ok[kept] = (np.frombuffer(digests, np.uint8).reshape(-1, ROW_DIGEST_BYTES) == expected).all(axis=1)
+    ids = []
+    if decode:
+        for position, value, count in zip(kept.tolist(), values, counts[kept].tolist(), strict=True):
+            if not ok[position]:
+                continue
+            if len(value) == 4 * count:  # stored plain (most short texts): no copy until the join
+                ids.append(value)
+                continue
+            try:
+                ids.append(unpack_one(value, count))
+            except ValueError:
+                ok[position] = False
+    return ok, counts, b"".join(ids), len(buffer)

@@ -4,18 +4,19 @@ Layout under the cache root:
 
     manifest.json                    {"version": 2, "shards": {"<namespace>/<shard>": {rows, bytes, sha256, last_used}}}
     .lock                            flock'd while the manifest changes
-    <namespace>/shard-<hex>.parquet  content_key, input_ids (full, never truncated), n_tokens
-    <namespace>/shard-<hex>.keys     its key index (`token_index`): sorted key prefixes, row group checksums
+    <namespace>/shard-<hex>.parquet  content_key, packed_ids (each text's full ids, never truncated), n_tokens
+    <namespace>/shard-<hex>.keys     its key index (`token_index`): sorted key prefixes, per-text ranges and checksums
 
 A namespace is (tokenizer fingerprint, special tokens); a key is the sha256 of the text, so a
 renamed, moved or duplicated file hits, and `max_seq_len` is applied by the reader. Shards are
 written atomically and never modified; the manifest is replaced atomically under an exclusive
 lock, so concurrent runs (one per seed) and killed runs leave a readable store. A lookup finds
-keys through each shard's key index and reads only the row groups that hold them, so it reads
-O(requested), not the store. A shard is trusted only when its size (always) and the sha256 of
-what is read (the whole file, or the footer and row groups its index names, the index itself
-bound to the manifest's sha256) match; a bad one is deleted and what it held is tokenized again;
-a missing, stale or malformed index is rebuilt from its shard. Eviction is least-recently-used by
+keys through each shard's key index and reads only the wanted texts' packed ids (the row groups
+holding them, for a shard written before packing), so it reads O(requested), not the store. A
+shard is trusted only when its size (always) and the checksums of what is read (the whole file's
+sha256; or each text's checksum, or the footer's and row groups' sha256s, taken by the index from
+the verified shard, the index itself bound to the manifest's sha256) match; a bad one is deleted
+and what it held is tokenized again; a missing, stale or malformed index is rebuilt from its shard. Eviction is least-recently-used by
 shard and never removes a shard the calling run is using.
 
 The store never reaches outside itself: it only opens, writes or deletes regular files whose
@@ -70,10 +71,8 @@ COMPACT_AT_SHARDS = 16  # a namespace with more shards than this has its small o
 COMPACT_SHARD_BYTES = 16 * 1024**2  # the smallest shards are merged up to this size in all (memory: a merge
 # reads them whole, several times their size); larger ones are left alone
 SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int32); more get more shards
-GROUP_MAX_ROWS = 256  # a row group (what a lookup reads at least) holds at most this many texts
+GROUP_MAX_ROWS = 256  # a row group (what a lookup reads of a text it cannot read alone) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
-SHARD_WRITE_OPTIONS = {**PARQUET_OPTIONS, "write_statistics": False}  # nothing reads them; they bloat the footer
-# (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
@@ -88,6 +87,16 @@ TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{SHARD.pattern}|{KEYS.pattern})\.[
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 STORE_SCHEMA = pa.schema([("content_key", pa.string()), ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32())])
+SHARD_SCHEMA = pa.schema([("content_key", pa.string()), (token_index.PACKED, pa.binary()), ("n_tokens", pa.int32())])
+# (shards written before packing hold STORE_SCHEMA: they are read a row group at a time)
+SHARD_WRITE_OPTIONS = {
+    **PARQUET_OPTIONS,
+    "write_statistics": False,  # nothing reads them; they bloat the footer
+    # each text's ids packed on their own (`token_index.pack_ids`), the column not compressed again and one
+    # page per row group: a text's ids are then one byte range a lookup reads alone (`token_index.read_direct`)
+    "compression": {**dict.fromkeys(SHARD_SCHEMA.names, PARQUET_OPTIONS["compression"]), token_index.PACKED: "none"},
+    "data_page_size": 8 * GROUP_MAX_IDS,  # twice a group's plain ids: one page, unless one text alone has more
+}  # (and no dictionaries: a shard's keys are unique, so one only slows decoding)
 
 Encoder = Callable[[Sequence[str]], pa.Table]  # texts -> input_ids (full), n_tokens
 # (namespace, keys, texts) -> ((shard name, manifest entry) written by workers, encode seconds, tokens)
@@ -104,6 +113,18 @@ def _taken(table: pa.Table, rows: np.ndarray) -> pa.Table:
     if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
         return table.slice(int(rows[0]), len(rows))
     return table.take(pa.array(rows, pa.int64()))
+
+
+def _as_stored(table: pa.Table, lengths: np.ndarray) -> pa.Table:
+    """STORE_SCHEMA rows as a shard holds them (SHARD_SCHEMA: each text's ids packed on their own)."""
+    return pa.table(
+        {
+            "content_key": table["content_key"],
+            token_index.PACKED: token_index.pack_ids(table["input_ids"], lengths),
+            "n_tokens": table["n_tokens"],
+        },
+        schema=SHARD_SCHEMA,
+    )
 
 
 class CorruptShard(Exception):
@@ -269,10 +290,18 @@ class TokenStore:
 
     def _read_shard(self, name: str, info: dict) -> pa.Table:
         """The whole shard as a table, verified (compaction reads shards whole)."""
-        data = self._shard_bytes(name, info)
+        return self._decode(name, self._shard_bytes(name, info))
+
+    @staticmethod
+    def _decode(name: str, data: bytes, unpack: bool = True) -> pa.Table:
+        """A verified shard's rows: STORE_SCHEMA, or as stored (SHARD_SCHEMA, or STORE_SCHEMA if older)."""
         try:
             table = pq.read_table(pa.BufferReader(data))
-            return table.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+            if not unpack:
+                return table.select(
+                    SHARD_SCHEMA.names if token_index.PACKED in table.column_names else STORE_SCHEMA.names
+                )
+            return token_index.unpacked(table).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
 
@@ -416,9 +445,9 @@ class TokenStore:
                 try:
                     data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
                     rows = pq.read_metadata(pa.BufferReader(data)).num_rows
-                    if (
-                        NAMESPACE.fullmatch(namespace) is None
-                        or pq.read_schema(pa.BufferReader(data)).names != STORE_SCHEMA.names
+                    if NAMESPACE.fullmatch(namespace) is None or pq.read_schema(pa.BufferReader(data)).names not in (
+                        SHARD_SCHEMA.names,
+                        STORE_SCHEMA.names,
                     ):
                         raise ValueError("not a token shard of this version")
                 except Exception:  # unreadable or foreign, at a name we create: not ours to keep
@@ -546,9 +575,11 @@ class TokenStore:
     ) -> tuple[str, dict]:
         """Write one shard and then its key index into the namespace folder `fd`; (its name, its
         manifest entry). Named by a random id, or by its content (`content_named`: the same bytes
-        always get the same name). Row groups stay small, as a lookup reads whole row groups."""
+        always get the same name). Row groups stay small: a row that cannot be read alone is read with
+        its whole row group."""
         sink = io.BytesIO()
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        table = _as_stored(table, lengths)
         with pq.ParquetWriter(sink, table.schema, use_dictionary=False, **SHARD_WRITE_OPTIONS) as writer:
             for start, end in chunk_bounds(lengths, GROUP_MAX_IDS):
                 for at in range(start, max(end, start + 1), GROUP_MAX_ROWS):
@@ -559,7 +590,7 @@ class TokenStore:
         digest = hashlib.sha256(data).hexdigest()
         shard = f"shard-{digest[:32] if content_named else uuid.uuid4().hex}.parquet"
         write_bytes_atomic(fd, shard, lambda fh: fh.write(data))
-        index = token_index.build(data, table["content_key"], digest)
+        index = token_index.build(data, table, digest)
         write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(index))
         entry = {"rows": table.num_rows, "bytes": len(data), "sha256": digest, "last_used": last_used}
         return f"{namespace}/{shard}", entry
@@ -635,11 +666,12 @@ class TokenStore:
             except (token_index.BadIndex, TokenStoreError, OSError):
                 pass
         data = self._shard_bytes(name, info)
+        table = self._decode(name, data, unpack=False)
         try:
-            keys = pq.read_table(pa.BufferReader(data), columns=["content_key"])["content_key"]
-            content = token_index.build(data, keys, info["sha256"])
+            content = token_index.build(data, table, info["sha256"])
         except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
             raise CorruptShard(f"{name}: {exc}") from None
+        del table
         self.bytes_read += len(data)
         with self._locked() as manifest:  # never for a shard that was deleted or replaced meanwhile
             current = manifest["shards"].get(name)
@@ -652,33 +684,81 @@ class TokenStore:
         return token_index.KeyIndex.parse(content, info)
 
     def _read_rows(
-        self, name: str, info: dict, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
-    ) -> pa.Table:
-        """Rows `rows` of the shard (`columns` of STORE_SCHEMA), reading only its footer and the row
-        groups holding them (all their bytes are verified; only `columns` are decoded)."""
+        self,
+        name: str,
+        info: dict,
+        index: token_index.KeyIndex,
+        rows: np.ndarray,
+        keys: pa.Array,
+        columns: Sequence[str],
+    ) -> tuple[pa.Table, np.ndarray]:
+        """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there),
+        and which rows' own byte ranges did not match their checksum. A row in a group whose packed
+        values can be read alone is (`token_index.read_direct`); the others, and any such row that does
+        not match, are read as whole row groups with the footer (all their bytes verified; only
+        `columns` decoded)."""
         namespace, shard = name.split("/")
-        groups = index.group_of(rows)
-        needed = np.unique(groups)
-        sizes = index.group_sizes()[needed]
+        direct = np.flatnonzero(index.packed_starts[index.group_of(rows)] != 0)
+        suspect, slow = np.zeros(len(rows), bool), np.ones(len(rows), bool)
+        parts: list[tuple[np.ndarray, pa.Table]] = []
         try:
             with self._namespace_fd(namespace) as dir_fd:
                 fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CorruptShard(f"{name}: not a regular file")
-                table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
+                found = os.fstat(fd)
+                if not stat.S_ISREG(found.st_mode) or found.st_size != info["bytes"]:
+                    raise CorruptShard(f"{name}: not a regular file of the size the manifest says")
+                if len(direct):
+                    wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
+                    ok, counts, values, read = token_index.read_direct(
+                        fd, index, rows[direct], wanted, decode="input_ids" in columns
+                    )
+                    self.bytes_read += read
+                    suspect[direct[~ok]], slow[direct[ok]] = True, False
+                    parts.append((direct[ok], self._direct_table(keys, direct[ok], counts[ok], values, columns)))
+                if slow.any():
+                    at = np.flatnonzero(slow)
+                    parts.append((at, self._read_groups(name, info, fd, index, rows[at], columns)))
             finally:
                 os.close(fd)
-            self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
-            if table.num_rows != int(sizes.sum()):
-                raise CorruptShard(f"{name}: row groups hold other rows than the index says")
-            bases = np.cumsum(sizes) - sizes
-            local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
-            return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
         except CorruptShard:
             raise
         except Exception as exc:  # OSError, a checksum mismatch, or pyarrow's several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
+        table = pa.concat_tables([part for _, part in parts])
+        return _taken(table, np.argsort(np.concatenate([at for at, _ in parts]), kind="stable")), suspect
+
+    @staticmethod
+    def _direct_table(
+        keys: pa.Array, at: np.ndarray, counts: np.ndarray, values: bytes, columns: Sequence[str]
+    ) -> pa.Table:
+        """The rows read by their byte ranges (checked with their keys, so the keys are the wanted ones)."""
+        offsets = np.zeros(len(at) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        table = {
+            "content_key": keys.take(pa.array(at, pa.int64())).cast(pa.string()),
+            "n_tokens": pa.array(counts, pa.int32()),
+        }
+        if "input_ids" in columns:
+            ids = np.frombuffer(values, "<i4").astype(np.int32, copy=False)
+            table["input_ids"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int32()))
+        return pa.table({c: table[c] for c in columns}, schema=pa.schema([STORE_SCHEMA.field(c) for c in columns]))
+
+    def _read_groups(
+        self, name: str, info: dict, fd: int, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
+    ) -> pa.Table:
+        """Rows `rows` of the shard open at `fd`, reading only its footer and the row groups holding
+        them (all their bytes are verified; only `columns` are decoded)."""
+        groups = index.group_of(rows)
+        needed = np.unique(groups)
+        sizes = index.group_sizes()[needed]
+        table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
+        self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
+        if table.num_rows != int(sizes.sum()):
+            raise CorruptShard(f"{name}: row groups hold other rows than the index says")
+        bases = np.cumsum(sizes) - sizes
+        local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
+        return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
 
     def _find_in_shard(
         self,
@@ -712,14 +792,14 @@ class TokenStore:
             if not len(at):
                 return at, at, STORE_SCHEMA.empty_table()
             try:
-                table = self._read_rows(name, info, index, rows, columns)
+                table, suspect = self._read_rows(name, info, index, rows, wanted.take(pa.array(pending[at])), columns)
             except CorruptShard as exc:
                 pointed = exc.pointed = pending[at]
                 if rebuild:
                     raise
                 continue
             same = pc.equal(table["content_key"], wanted.take(pa.array(pending[at]))).to_numpy(zero_copy_only=False)
-            if same.all() or rebuild:
+            if (same.all() and not suspect.any()) or rebuild:
                 break
         hits = np.flatnonzero(same)
         _, first = np.unique(at[hits], return_index=True)  # one row per key, should a shard hold it twice
@@ -756,7 +836,9 @@ class TokenStore:
                 continue
             used.add(name)
             found_rows.append((found, rows))
-            pending = np.setdiff1d(pending, found, assume_unique=True)
+            missing = np.ones(len(pending), bool)
+            missing[np.searchsorted(pending, found)] = False  # `pending` is ascending; `found` within it
+            pending = pending[missing]
         return pending
 
     def get_or_compute(
@@ -769,9 +851,9 @@ class TokenStore:
         lengths_only: bool = False,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
-        encode and store the rest. Keys are found through each shard's key index and only the row
-        groups holding them are read, verified; a corrupt shard is deleted and its keys are encoded
-        again. With `write_elsewhere` (SPEC §6, `--compute ray`)
+        encode and store the rest. Keys are found through each shard's key index and only their
+        packed ids are read (or their row groups), verified; a corrupt shard is deleted and its keys
+        are encoded again. With `write_elsewhere` (SPEC §6, `--compute ray`)
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here. `texts`
         may be a function of the (ascending) positions of the misses, so only their texts are read.

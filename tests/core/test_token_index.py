@@ -24,6 +24,26 @@ def loaded():
     return load_tokenizer()
 
 
+@pytest.fixture
+def old_layout(monkeypatch):
+    """Shards written as before each text's ids were packed on their own (a compressed list column):
+    every lookup reads whole row groups."""
+    from dlm_pipeline.core import token_store
+    from dlm_pipeline.core.parquet_io import PARQUET_OPTIONS
+
+    monkeypatch.setattr(token_store, "SHARD_WRITE_OPTIONS", {**PARQUET_OPTIONS, "write_statistics": False})
+    monkeypatch.setattr(token_store, "_as_stored", lambda table, _lengths: table)
+    return monkeypatch
+
+
+def index_header(data: bytes) -> tuple[dict, int]:
+    """(the header of an index file, where its arrays start)."""
+    import json
+
+    length = int.from_bytes(data[8:16], "little")
+    return json.loads(data[16 : 16 + length]), 16 + length + (-(16 + length) % 8)
+
+
 def two_shards(root, loaded):
     """A store with the first 2,000 texts in one shard (8 row groups) and the next 500 in another."""
     store = TokenStore(root)
@@ -107,7 +127,7 @@ def test_an_index_symlink_is_never_followed_and_an_orphan_index_is_removed(tmp_p
     assert outside.exists()
 
 
-def test_a_corrupt_row_group_deletes_the_shard_and_names_the_reason(tmp_path, loaded):
+def test_a_corrupt_row_group_deletes_the_shard_and_names_the_reason(tmp_path, loaded, old_layout):
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
     data = bytearray(small.read_bytes())
     data[len(data) // 3] ^= 0x55  # same size: found by the row group's checksum
@@ -172,20 +192,19 @@ def test_a_shard_written_before_the_index_gets_one_on_first_use(tmp_path, loaded
 
 
 @pytest.mark.parametrize("damage", ["group_checksum", "footer_checksum", "group_start", "group_start_negative"])
-def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_its_good_shard(tmp_path, loaded, damage):
+def test_an_index_with_wrong_checksums_or_ranges_is_rebuilt_and_never_deletes_its_good_shard(
+    tmp_path, loaded, damage, old_layout
+):
     """Row groups that fail the checksums of their index prove nothing about the shard: the index is
-    rebuilt from the whole shard (verified), and the shard keeps its texts (it was deleted before)."""
-    import json
-
+    rebuilt from the whole shard (verified), and the shard keeps its texts (it was deleted before).
+    (Row groups read whole: shards with compressed ids; the per-text ranges are tested below.)"""
     store, folder, big, small = two_shards(tmp_path / "cache", loaded)
     index = big.with_suffix(".keys")
     good = index.read_bytes()
     data = bytearray(good)
-    length = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16 : 16 + length])
-    start = 16 + length + (-(16 + length) % 8)
+    header, start = index_header(good)
     if damage == "group_checksum":
-        data[start + 24 * header["groups"]] ^= 1
+        data[start + 32 * header["groups"]] ^= 1
     elif damage == "footer_checksum":
         at = data.index(header["footer"][2].encode())
         data[at : at + 1] = b"0" if data[at : at + 1] != b"0" else b"1"
@@ -210,3 +229,118 @@ def test_a_folder_or_fifo_at_an_index_name_never_fails_a_lookup(tmp_path, loaded
     lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:2500:50], TEXTS[:2500:50], loaded.encode)
     assert (lookup.hits, lookup.misses, lookup.repaired) == (50, 0, [])
     assert big.with_suffix(".keys").is_dir() and small.with_suffix(".keys").is_file()
+
+
+def parsed_index(store, shard):
+    entry = store._entries(store._read_manifest())[0][f"{shard.parent.name}/{shard.name}"]
+    return token_index.KeyIndex.parse(shard.with_suffix(".keys").read_bytes(), entry)
+
+
+def value_range(index, row):
+    """(start, length) of a row's packed ids in its shard, from its index."""
+    group = int(index.group_of(np.array([row]))[0])
+    before = int(index.stored_before[row]) - int(index.stored_before[index.group_first_rows[group]])
+    length = int(index.stored_before[row + 1]) - int(index.stored_before[row]) - 4
+    return int(index.packed_starts[group]) + before + 4, length
+
+
+def test_a_lookup_reads_only_the_ids_of_the_texts_it_asks_for(tmp_path, loaded):
+    """Scattered keys read each text's own packed ids (a byte range checked with its key), not its row
+    group: bytes read = the packed sizes of the texts asked for, whatever the shard holds besides."""
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    for shard in (big, small):
+        assert (parsed_index(store, shard).packed_starts != 0).all()  # every group's values can be read alone
+    spread = [0, 700, 1500, 2100]  # three row groups of the big shard, one of the small
+    n_ids = loaded.encode([TEXTS[i] for i in spread])["n_tokens"].to_numpy()
+    sizes = [value_range(parsed_index(store, big if i < 2000 else small), i % 2000)[1] for i in spread]
+    lookup = store.get_or_compute(loaded.cache_namespace, [KEYS[i] for i in spread], ["?"] * 4, loaded.encode)
+    assert lookup.hits == 4 and lookup.shard_bytes_read == sum(sizes) <= 4 * int(n_ids.sum())
+    assert lookup.table["input_ids"].to_pylist() == loaded.encode([TEXTS[i] for i in spread])["input_ids"].to_pylist()
+    lengths = store.get_or_compute(
+        loaded.cache_namespace, [KEYS[i] for i in spread], ["?"] * 4, loaded.encode, lengths_only=True
+    )
+    assert lengths.table.column_names == ["content_key", "n_tokens"]
+    assert lengths.table["n_tokens"].to_numpy().tolist() == n_ids.tolist()
+    assert lengths.shard_bytes_read == sum(sizes)  # the ids are still read, to be checked
+    everything = store.get_or_compute(loaded.cache_namespace, KEYS[:2500], TEXTS[:2500], loaded.encode)
+    assert everything.hits == 2500 and everything.shard_bytes_read < big.stat().st_size + small.stat().st_size
+    assert everything.table["input_ids"].to_pylist() == loaded.encode(TEXTS[:2500])["input_ids"].to_pylist()
+
+
+def test_a_flipped_bit_in_a_texts_ids_is_never_returned(tmp_path, loaded):
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    start, length = value_range(parsed_index(store, small), 102)
+    data = bytearray(small.read_bytes())
+    data[start + length - 1] ^= 0x01  # the last byte of KEYS[2102]'s ids: same size, its range still in place
+    small.write_bytes(bytes(data))
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[2100:2105], TEXTS[2100:2105], loaded.encode)
+    assert lookup.repaired == [f"{loaded.cache_namespace}/{small.name}"] and lookup.misses == 5
+    assert not small.exists() and not small.with_suffix(".keys").exists()
+    assert lookup.reasons == dict.fromkeys(KEYS[2100:2105], SHARD_CORRUPT)
+    assert lookup.table["input_ids"].to_pylist() == loaded.encode(TEXTS[2100:2105])["input_ids"].to_pylist()
+
+
+@pytest.mark.parametrize("damage", ["packed_start", "stored_before", "count", "row_checksum", "packed_start_outside"])
+def test_a_lie_in_the_per_text_ranges_is_rebuilt_and_never_deletes_its_good_shard(tmp_path, loaded, damage):
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    index = big.with_suffix(".keys")
+    good = index.read_bytes()
+    data = bytearray(good)
+    header, start = index_header(good)
+    groups, rows = header["groups"], header["rows"]
+    before = start + 64 * groups
+    if damage == "packed_start":
+        data[start + 24 * groups] ^= 4  # group 0's values start four bytes off: still inside the group
+    elif damage == "stored_before":
+        data[before + 4 * 3] ^= 1  # row 3's value begins a byte later
+    elif damage == "count":
+        data[before + 4 * (rows + 1) + 4 * 3] ^= 1  # row 3 holds one id more or less
+    elif damage == "row_checksum":
+        data[before + 8 * rows + 8 + 16 * 3] ^= 1
+    else:
+        data[start + 24 * groups : start + 24 * groups + 8] = (2**63).to_bytes(8, "little")
+    index.write_bytes(bytes(data))
+    lookup = store.get_or_compute(loaded.cache_namespace, KEYS[:5], TEXTS[:5], loaded.encode)
+    assert (lookup.hits, lookup.misses, lookup.repaired) == (5, 0, [])
+    assert lookup.table["input_ids"].to_pylist() == loaded.encode(TEXTS[:5])["input_ids"].to_pylist()
+    assert big.exists() and index.read_bytes() == good
+
+
+def test_two_keys_sharing_the_searched_prefix_never_pass_for_each_other(tmp_path, loaded):
+    """The index searches 64-bit key prefixes; a row read by its range is checked with the full key."""
+    store = TokenStore(tmp_path / "cache")
+    keys = ["0123456789abcdef" + "0" * 48, "0123456789abcdef" + "1" * 48]
+    store.get_or_compute(loaded.cache_namespace, keys, ["first = 1\n", "second = 2\n"], loaded.encode)
+    for key, text in zip(keys, ["first = 1\n", "second = 2\n"], strict=True):
+        lookup = store.get_or_compute(loaded.cache_namespace, [key], ["?"], loaded.encode)
+        assert (lookup.hits, lookup.repaired) == (1, [])
+        assert lookup.table["input_ids"].to_pylist() == loaded.encode([text])["input_ids"].to_pylist()
+
+
+def v1_index(today: bytes) -> bytes:
+    """The key index as the store wrote it before the per-text ranges (DLMKEYS1), from today's:
+    the same header, the row groups' start, length and first row and checksums, then the keys."""
+    header, start = index_header(today)
+    groups, keys = header["groups"], header["keys"]
+    row_groups = today[start : start + 24 * groups] + today[start + 32 * groups : start + 64 * groups]
+    return b"DLMKEYS1" + today[8:start] + row_groups + today[len(today) - 12 * keys :]
+
+
+def test_a_shard_and_index_of_the_previous_layout_still_answer(tmp_path, loaded, old_layout):
+    """A shard with compressed ids and its DLMKEYS1 index: the index is rebuilt once (ranges of no
+    group: its ids are not plain) and lookups read whole row groups, checked, as before."""
+    store, folder, big, small = two_shards(tmp_path / "cache", loaded)
+    old_layout.undo()
+    for shard in (big, small):
+        shard.with_suffix(".keys").write_bytes(v1_index(shard.with_suffix(".keys").read_bytes()))
+    store = TokenStore(tmp_path / "cache")
+    spread = [0, 700, 2100]
+    for _ in range(2):
+        lookup = store.get_or_compute(loaded.cache_namespace, [KEYS[i] for i in spread], ["?"] * 3, loaded.encode)
+        assert (lookup.hits, lookup.repaired) == (3, [])
+        assert (
+            lookup.table["input_ids"].to_pylist() == loaded.encode([TEXTS[i] for i in spread])["input_ids"].to_pylist()
+        )
+        index = parsed_index(store, big)
+        assert not index.packed_starts.any() and big.with_suffix(".keys").read_bytes()[:8] == token_index.MAGIC
+    assert lookup.shard_bytes_read >= index.group_lengths[index.group_of(np.array([0, 700]))].sum()  # whole groups

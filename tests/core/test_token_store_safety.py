@@ -132,7 +132,8 @@ def test_a_shard_with_changed_bytes_fails_its_checksum(tmp_path):
     store, loaded, first = populated(tmp_path / "cache")
     (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
     data = bytearray(shard.read_bytes())
-    data[len(data) // 3] ^= 0x55
+    ids = first.table["input_ids"][3].values.to_numpy().astype("<i4").tobytes()  # stored plain: a short text
+    data[data.index(ids) + len(ids) // 2] ^= 0x55  # a byte a lookup of every text reads
     shard.write_bytes(bytes(data))
     assert store.repair()["corrupt"] == []  # same size: found when it is read
     again = store.get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
