@@ -1,4 +1,4 @@
-"""Seed-independent outputs stored once: content-addressed objects, per-seed hard links.
+"""Outputs stored once per distinct bytes: content-addressed objects, per-seed hard links.
 
     <output_dir>/.objects/<sha256 of the bytes>.parquet    the bytes, once
     <output_dir>/<asset>/<seed>.parquet                     a hard link to the object (SPEC §4 path)
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dlm_pipeline.core.parquet_io import delete_stale_temps, temp_name, write_bytes_atomic
+from dlm_pipeline.core.parquet_io import delete_stale_temps, temp_name
 
 OBJECTS_DIR = ".objects"
 LOCKS_DIR = ".locks"
@@ -164,13 +164,6 @@ class BlobStore:
             yield
         finally:
             os.close(fd)  # releases the lock
-
-    def write(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> str:
-        """Write `folder/name` atomically, as a file of its own (outputs that differ per seed)."""
-        with self._opened(folder) as (_, folder_fd):
-            delete_stale_temps(folder_fd, name)
-            write_bytes_atomic(folder_fd, name, write)
-        return self.path(folder, name)
 
     def put(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> Stored:
         """Write `folder/name` through `write(fh)`, storing its bytes once across all names."""

@@ -122,9 +122,10 @@ class ReusedOutput:
 class ParquetIOManager(dg.ConfigurableIOManager):
     """Tables at `<output_dir>/<asset_key>/<seed>.parquet`, written atomically.
 
-    An empty `output_dir` means the instance's storage directory ($DAGSTER_HOME/storage). The
-    seed-independent assets are stored once: each seed's file is a hard link to
-    `<output_dir>/.objects/<sha256>.parquet` (core/blob_store.py).
+    An empty `output_dir` means the instance's storage directory ($DAGSTER_HOME/storage). Equal
+    bytes are stored once: each seed's file is a hard link to `<output_dir>/.objects/<sha256>.parquet`
+    (core/blob_store.py), shared by every seed whose output is the same (the seed-independent
+    assets always; a per-seed one when no fraction of a weight made the seeds differ).
 
     An asset hands over a table, or a `StreamedOutput` written row group by row group (memory: one
     row group), then fingerprinted from the stored file. An input gets the whole table, only the
@@ -185,13 +186,6 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 write_parquet(obj, fh)
 
         try:
-            if asset not in SEED_INDEPENDENT_ASSETS:
-                path = store.write(asset, name, write)
-                context.add_output_metadata(
-                    {"path": dg.MetadataValue.path(path), STORED_FILES: dg.MetadataValue.json(stored_files([path]))}
-                )
-                self._streamed_metadata(context, obj, path)
-                return
             if isinstance(obj, ReusedOutput):
                 stored = store.link_from(obj.path, asset, name, obj.sha256)
                 if stored is None:
@@ -201,7 +195,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         except BlobStoreError as exc:
             raise dg.Failure(description=str(exc)) from None
         self._streamed_metadata(context, obj, stored.path)
-        if not stored.linked:
+        if not stored.linked and asset in SEED_INDEPENDENT_ASSETS:  # a per-seed output is most often its own
             context.log.warning(f"{stored.path} is a full copy: hard links are not possible in {store.root}")
         context.add_output_metadata(
             {

@@ -59,12 +59,13 @@ def recomputed(root: Path, seed: str, tmp_path: Path) -> bytes:
 
 
 def test_eight_seeds_cost_less_than_twice_one_seed(pipeline, example, tmp_path):
-    """The seed-independent assets cost the same for 8 seeds as for one. (The whole output folder
-    grows by each seed's own expanded_corpus and tokenized_cache, which differ per seed.)"""
+    """The seed-independent assets cost the same for 8 seeds as for one (their files are hard links
+    to one object each). (The whole output folder grows by each seed's own expanded_corpus and
+    tokenized_cache where they differ per seed, and by its training dataset.)"""
     p = pipeline(example)
 
     def usage() -> tuple[int, int]:
-        return disk_usage(*(p.out / name for name in (*SHARED, OBJECTS_DIR))), disk_usage(p.out)
+        return disk_usage(*(p.out / name for name in SHARED)), disk_usage(p.out)
 
     p.run("0")
     one_seed, one_seed_all = usage()
@@ -82,7 +83,6 @@ def test_eight_seeds_cost_less_than_twice_one_seed(pipeline, example, tmp_path):
         assert len(inodes) == 1, asset
         metadata = p.metadata(asset, "5")
         assert metadata["storage"] == f"hard link to {OBJECTS_DIR}/{metadata['file_sha256']}.parquet"
-    assert len(os.listdir(p.out / OBJECTS_DIR)) == 3
 
 
 def test_every_seed_keeps_its_own_materialization_metadata_and_data_version(pipeline, example, trusted_timestamps):
@@ -192,14 +192,14 @@ def test_objects_no_seed_links_to_are_pruned(pipeline, example, trusted_timestam
     p.run("1")
     p.run("2")
     objects = p.out / OBJECTS_DIR
-    before = set(os.listdir(objects))
+    old = p.metadata("raw_corpus", "1")["file_sha256"]
     (example / "added.md").write_text("# new\n")
     p.run("1")
     p.run("2")
-    after = set(os.listdir(objects))
-    assert len(before) == len(after) == 3  # configs, weights map, raw corpus: the old raw corpus is gone
-    assert len(after - before) == 1
-    assert all(os.stat(objects / name).st_nlink == 3 for name in after)  # the object + two seeds
+    new = p.metadata("raw_corpus", "1")["file_sha256"]
+    assert new != old and not (objects / f"{old}.parquet").exists()  # no seed links the old raw corpus
+    assert os.stat(objects / f"{new}.parquet").st_nlink == 3  # the object + two seeds
+    assert all(os.stat(objects / name).st_nlink >= 2 for name in os.listdir(objects))  # each is some seed's
 
 
 def test_a_symlink_in_the_output_folder_is_refused_not_followed(pipeline, example, tmp_path):
@@ -295,8 +295,7 @@ def test_a_fifo_or_a_symlinked_folder_at_an_output_path_fails_in_one_line_and_ne
     assert failures and f"{folder} is a symlink" in failures[0].event_specific_data.error.message
 
 
-@pytest.mark.parametrize("method", ["write", "put"])
-def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp_path, method):
+def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp_path):
     """A run killed while streaming an output leaves `.<seed>.parquet.<hex>.tmp` (a whole output's
     bytes) beside the old file; it was never deleted. A later write of that name deletes temp files
     no writer touched for an hour, never a fresh one, another name's, or a symlink's target."""
@@ -313,9 +312,7 @@ def test_the_temp_file_of_a_run_killed_mid_write_is_deleted_by_a_later_write(tmp
     for path in (stale, other):
         os.utime(path, (hours_ago, hours_ago))
     os.utime(link, (hours_ago, hours_ago), follow_symlinks=False)
-    getattr(BlobStore(tmp_path / "out"), method)(
-        "expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh)
-    )
+    BlobStore(tmp_path / "out").put("expanded_corpus", "0.parquet", lambda fh: write_parquet(pa.table({"x": [1]}), fh))
     assert not stale.exists() and fresh.exists() and other.exists() and link.is_symlink()
     assert outside.read_bytes() == b"not ours" and (folder / "0.parquet").exists()
 
@@ -385,3 +382,23 @@ def test_a_held_seed_lock_makes_the_next_run_wait_and_a_planted_one_is_never_fol
     with pytest.raises(BlobStoreError), store.seed_lock("1", _wait_refused):
         pass
     assert elsewhere.read_text() == "not ours" and not (tmp_path / "1.lock").exists()
+
+
+def test_seeds_whose_per_seed_outputs_are_equal_share_their_bytes(tree, pipeline):
+    """With whole-number weights no seed's roll matters: every seed's expanded_corpus and
+    tokenized_cache are the same bytes, stored once. A fraction makes them differ: each its own."""
+    root = tree({".dlm/training.yaml": WEIGHTED.format(weight="2"), **TEXTS})
+    p = pipeline(root, max_seq_len=64)
+    for weight, shared in (("2", True), ("1.5", False)):
+        (root / ".dlm" / "training.yaml").write_text(WEIGHTED.format(weight=weight))
+        p.run("1")
+        p.run("2")
+        for asset in ("expanded_corpus", "tokenized_cache"):
+            one, two = p.output(asset, "1"), p.output(asset, "2")
+            assert (one.read_bytes() == two.read_bytes()) is shared, (weight, asset)
+            assert (os.stat(one).st_ino == os.stat(two).st_ino) is shared, (weight, asset)
+            assert p.metadata(asset, "2")["storage"].startswith(f"hard link to {OBJECTS_DIR}/")
+
+
+WEIGHTED = "dlm_training_version: 1\nmetadata: {{kind: doc}}\nweights: {{kind: {{doc: {weight}}}}}\n"
+TEXTS = {f"doc{i:02d}.md": f"# page {i}\n" + "word " * (i + 1) for i in range(40)}
