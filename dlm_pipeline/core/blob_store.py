@@ -271,7 +271,12 @@ class BlobStore:
                 ours = os.stat(tmp, dir_fd=folder_fd, follow_symlinks=False)
                 if _same_file(os.fstat(existing), ours):  # reusing a seed's file: the bytes were just hashed
                     return None
-                if not stat.S_ISREG(os.fstat(existing).st_mode) or _hash_fd(existing) != sha256:
+                held = os.fstat(existing)
+                if (
+                    not stat.S_ISREG(held.st_mode)
+                    or stat.S_IMODE(held.st_mode) != stat.S_IMODE(ours.st_mode)  # chmod'ed: ours follows the umask
+                    or _hash_fd(existing) != sha256
+                ):
                     self._replace_object(folder_fd, tmp, objects_fd, obj)
                     return None
                 alias = temp_name(obj)
@@ -292,7 +297,8 @@ class BlobStore:
 
     @staticmethod
     def _replace_object(folder_fd: int, tmp: str, objects_fd: int, obj: str) -> None:
-        """An object whose bytes no longer match its name (edited in place) is replaced, not reused."""
+        """An object whose bytes no longer match its name (edited in place), or whose permissions are no
+        longer what a write gives (chmod), is replaced, not reused."""
         staged = temp_name(obj)
         os.link(tmp, staged, src_dir_fd=folder_fd, dst_dir_fd=objects_fd, follow_symlinks=False)
         try:
