@@ -643,7 +643,16 @@ class _SplitDocuments:
 
 
 def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[str]:
-    """Sequences equal the Megatron stream cut at seq_len, and doc_starts mark its documents."""
+    """Sequences equal the Megatron stream cut at seq_len, and doc_starts mark its documents; a file
+    that is not such a Parquet file (garbled, a column missing) is one problem line, not an error."""
+    try:
+        return _compare_parquet(path, dataset, seq_len)
+    except (pa.ArrowException, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return [f"{path.name} is not a sequence file the pipeline wrote ({reason}): re-materialize training_dataset"]
+
+
+def _compare_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[str]:
     stream = dataset.tokens
     starts = np.cumsum(dataset.lengths.astype(np.int64)) - dataset.lengths
     position, sequence, previous_short, starts_seen = 0, 0, False, []
@@ -652,6 +661,8 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
         batch = parquet.read_row_group(group, columns=["input_ids", "n_tokens", "doc_starts"])
         lists = one_chunk(batch.column("input_ids"))
         lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        if not len(lengths):  # an empty row group holds no sequence
+            continue
         if not np.array_equal(lengths, batch.column("n_tokens").to_numpy()):
             return [f"{path.name}: n_tokens differs from the length of input_ids near sequence {sequence}"]
         if previous_short or np.any(lengths[:-1] != seq_len) or not 0 < lengths[-1] <= seq_len:

@@ -1,0 +1,55 @@
+"""Hostile inputs against today's changes (the seed lock, dependencies read from the stored files,
+the dataset checks): each gives one clear line, never a traceback from deep inside."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+from conftest import check_evaluations
+
+from dlm_pipeline.defs.constants import CORPUS_JOB, PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
+from dlm_pipeline.defs.resources import DatasetResource
+
+FILES = {
+    ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {lang: py}\nweights: {lang: {py: 2.5}}\n",
+    **{f"src/m{i}.py": f"x_{i} = {i}\n" * (1 + i) for i in range(12)},
+}
+
+
+@pytest.fixture
+def built(tree, pipeline):
+    pipe = pipeline(tree(FILES), max_seq_len=64, dataset=DatasetResource(val_fraction=0.3))
+    assert pipe.run("0").success
+    return pipe
+
+
+def _step_failures(result) -> list:
+    return [e.step_failure_data for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+
+
+@pytest.mark.parametrize("fault", ["garbled", "column missing", "empty row group"])
+def test_a_hand_made_sequence_file_fails_the_packing_check_in_one_line_not_the_step(built, fault):
+    path = built.out / "training_dataset" / "0" / "train.parquet"
+    table = pq.read_table(path)
+    if fault == "garbled":
+        path.write_bytes(b"not a parquet file " * 10)
+    elif fault == "column missing":
+        pq.write_table(table.drop_columns(["doc_starts"]), path)
+    else:  # the same sequences, after a row group of none
+        with pq.ParquetWriter(path, table.schema) as writer:
+            writer.write_table(table.slice(0, 0))
+            writer.write_table(table)
+    result = built.run_checks("0", SPLIT_IS_LEAK_FREE, PACKING_CONSERVES_TOKENS)
+    assert _step_failures(result) == []
+    evaluations = check_evaluations(result)
+    packing = evaluations[PACKING_CONSERVES_TOKENS]
+    if fault == "empty row group":
+        assert packing.passed, packing.description
+    else:
+        assert not packing.passed
+        assert packing.description.startswith("train: train.parquet is not a sequence file the pipeline wrote (")
+        assert "\n" not in packing.description
+    assert evaluations[SPLIT_IS_LEAK_FREE].passed  # the Megatron files are intact
