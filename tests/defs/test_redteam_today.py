@@ -53,3 +53,23 @@ def test_a_hand_made_sequence_file_fails_the_packing_check_in_one_line_not_the_s
         assert packing.description.startswith("train: train.parquet is not a sequence file the pipeline wrote (")
         assert "\n" not in packing.description
     assert evaluations[SPLIT_IS_LEAK_FREE].passed  # the Megatron files are intact
+
+
+@pytest.mark.parametrize(
+    ("upstream", "column", "downstream"),
+    [("weights_map", "weight", "expanded_corpus"), ("training_configs", "config", "weights_map")],
+)
+def test_an_upstream_output_lacking_a_column_fails_its_reader_in_one_line(built, upstream, column, downstream):
+    """Read as a dependency, whole: the columns it must have are checked like an input's were."""
+    path = built.output(upstream, "0")
+    table = pq.read_table(path)
+    os.unlink(path)  # its bytes may be shared with other seeds (a hard link): a file of its own
+    pq.write_table(table.drop_columns([column]), path)
+    job = built.defs.resolve_job_def(CORPUS_JOB).get_subset(asset_selection={dg.AssetKey(downstream)})
+    result = job.execute_in_process(instance=built.instance, partition_key="0", raise_on_error=False)
+    (failure,) = _step_failures(result)
+    assert failure.user_failure_data is not None, failure.error.to_string()
+    assert failure.user_failure_data.description == (
+        f"{path} is not a {upstream} output the pipeline wrote (it has no column {column!r}): "
+        f"re-materialize {upstream} for seed 0"
+    )
