@@ -471,6 +471,17 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def read_manifest(folder: Path) -> dict:
+    """The manifest of a dataset folder whose entries are the plain files the pipeline writes: the
+    checks read none through a symlink, nor a FIFO they would block on."""
+    for where in (folder.parent, folder):
+        if where.is_symlink():
+            raise DatasetError(f"{where} is a symlink, not a folder the pipeline wrote: remove it and re-materialize")
+    try:
+        odd = sorted(entry.name for entry in os.scandir(folder) if not entry.is_file(follow_symlinks=False))
+    except OSError:
+        odd = []  # no folder: said below
+    if odd:
+        raise DatasetError(f"{folder / odd[0]} is not a regular file (a symlink or a FIFO?): re-materialize it")
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -73,3 +73,22 @@ def test_an_upstream_output_lacking_a_column_fails_its_reader_in_one_line(built,
         f"{path} is not a {upstream} output the pipeline wrote (it has no column {column!r}): "
         f"re-materialize {upstream} for seed 0"
     )
+
+
+@pytest.mark.parametrize("planted", ["fifo manifest", "fifo index", "symlinked folder"])
+def test_a_dataset_folder_holding_a_fifo_or_a_symlink_fails_the_checks_instead_of_hanging(built, tmp_path, planted):
+    folder = built.out / "training_dataset" / "0"
+    if planted == "symlinked folder":
+        moved = tmp_path / "moved"
+        folder.rename(moved)
+        folder.symlink_to(moved)
+        expected = f"{folder} is a symlink, not a folder the pipeline wrote"
+    else:
+        name = "dataset.json" if planted == "fifo manifest" else "train.idx"
+        (folder / name).unlink()
+        os.mkfifo(folder / name)  # a reader would block on it for ever
+        expected = f"{folder / name} is not a regular file"
+    result = built.run_checks("0", SPLIT_IS_LEAK_FREE, PACKING_CONSERVES_TOKENS)
+    assert _step_failures(result) == []
+    for evaluation in check_evaluations(result).values():
+        assert not evaluation.passed and evaluation.description.startswith(expected), evaluation.description
