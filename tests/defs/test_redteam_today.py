@@ -4,13 +4,15 @@ the dataset checks): each gives one clear line, never a traceback from deep insi
 from __future__ import annotations
 
 import os
+import shutil
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 from conftest import check_evaluations
 
-from dlm_pipeline.defs.constants import CORPUS_JOB, PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE
+from dlm_pipeline.defs.constants import CORPUS_JOB, PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE, TOKENS_MATCH_TOKENIZER
+from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 from dlm_pipeline.defs.resources import DatasetResource
 
 FILES = {
@@ -92,3 +94,15 @@ def test_a_dataset_folder_holding_a_fifo_or_a_symlink_fails_the_checks_instead_o
     assert _step_failures(result) == []
     for evaluation in check_evaluations(result).values():
         assert not evaluation.passed and evaluation.description.startswith(expected), evaluation.description
+
+
+@pytest.mark.parametrize("check", [TOKENS_MATCH_TOKENIZER, PACKING_CONSERVES_TOKENS])
+def test_a_check_of_a_hostile_partition_key_reads_nothing_outside_the_output_folder(built, tmp_path, check):
+    """A key added by hand in the UI can be a path: `../../escape` would name files beside the output folder."""
+    key = "../../escape"
+    shutil.copy(built.output("tokenized_cache", "0"), tmp_path / "escape.parquet")
+    shutil.copytree(built.out / "training_dataset" / "0", tmp_path / "escape")
+    built.instance.add_dynamic_partitions(SEEDS_PARTITION, [key])
+    assert (built.out / "tokenized_cache" / f"{key}.parquet").resolve() == tmp_path / "escape.parquet"
+    (failure,) = _step_failures(built.run_checks(key, check))
+    assert "is not a canonical non-negative decimal integer" in failure.user_failure_data.description
