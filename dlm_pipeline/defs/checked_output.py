@@ -21,7 +21,7 @@ from dlm_pipeline.core.fingerprint import parquet_fingerprint
 from dlm_pipeline.core.parquet_io import ParquetRows
 from dlm_pipeline.core.weights import WEIGHTS_SCHEMA
 from dlm_pipeline.defs.metadata import loaded_metadata
-from dlm_pipeline.defs.resources import ParquetIOManager, read_stored, stored_file
+from dlm_pipeline.defs.resources import STORED_FILES, ParquetIOManager, read_stored, stored_file, stored_files
 
 StepContext = dg.AssetExecutionContext | dg.AssetCheckExecutionContext
 # What a whole stored output read here must have (else one clear Failure, not a KeyError from deep inside).
@@ -50,11 +50,17 @@ def stored_columns(
 def input_fingerprints(io_manager: ParquetIOManager, context: dg.AssetExecutionContext, assets: list[str]) -> dict:
     """Fingerprints of the stored outputs this step depends on (each must be there: else one clear
     Failure), as the materializations it loaded recorded them (a few instance queries instead of
-    hashing large files); one whose loaded materialization cannot be identified is hashed from its file."""
+    hashing large files); one whose loaded materialization cannot be identified, or whose file is no
+    longer the one it recorded (rewritten by hand), is hashed from its file: lineage names what is read."""
     for asset in assets:
         stored_file(stored_path(io_manager, context, asset), asset, context.partition_key)
     return {
-        asset: loaded_metadata(context, asset, "fingerprint")
+        asset: _recorded_fingerprint(context, asset)
         or parquet_fingerprint(stored_rows(io_manager, context, asset, []).path)
         for asset in assets
     }
+
+
+def _recorded_fingerprint(context: dg.AssetExecutionContext, asset: str) -> str | None:
+    files = loaded_metadata(context, asset, STORED_FILES)
+    return loaded_metadata(context, asset, "fingerprint") if files and files == stored_files(files) else None

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import check_evaluations
 
+from dlm_pipeline.core.fingerprint import parquet_fingerprint
 from dlm_pipeline.defs.constants import CORPUS_JOB, PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE, TOKENS_MATCH_TOKENIZER
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 from dlm_pipeline.defs.resources import DatasetResource
@@ -106,3 +107,18 @@ def test_a_check_of_a_hostile_partition_key_reads_nothing_outside_the_output_fol
     assert (built.out / "tokenized_cache" / f"{key}.parquet").resolve() == tmp_path / "escape.parquet"
     (failure,) = _step_failures(built.run_checks(key, check))
     assert "is not a canonical non-negative decimal integer" in failure.user_failure_data.description
+
+
+def test_lineage_names_the_input_file_read_not_the_record_of_a_file_rewritten_since(built):
+    """An upstream output rewritten by hand, then its downstream run alone: the recorded input
+    fingerprint is that of the file the step read (it computes: the input is not what was recorded)."""
+    path = built.output("raw_corpus", "0")
+    recorded = built.metadata("raw_corpus", "0")["fingerprint"]
+    assert parquet_fingerprint(path) == recorded  # the file as written: its record is trusted
+    table = pq.read_table(path)
+    os.unlink(path)
+    pq.write_table(table.slice(1), path)
+    job = built.defs.resolve_job_def(CORPUS_JOB).get_subset(asset_selection={dg.AssetKey("expanded_corpus")})
+    assert job.execute_in_process(instance=built.instance, partition_key="0").success
+    meta = built.metadata("expanded_corpus", "0")
+    assert meta["input_fingerprint/raw_corpus"] == parquet_fingerprint(path) != recorded
