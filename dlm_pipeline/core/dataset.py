@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.expansion import TagEntries
-from dlm_pipeline.core.megatron import IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
+from dlm_pipeline.core.megatron import DTYPE_CODES, IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
 from dlm_pipeline.core.packing import (
     SEQUENCE_SCHEMA,
     _list_parts,
@@ -488,7 +488,28 @@ def read_manifest(folder: Path) -> dict:
         raise DatasetError(f"{folder / MANIFEST} cannot be read ({exc}): materialize training_dataset first") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise DatasetError(f"{folder / MANIFEST} is not a dataset manifest: re-materialize training_dataset")
+    wrong = next((name for name, fits in _MANIFEST_FIELDS.items() if not fits(manifest.get(name))), None)
+    if wrong is None and not all(isinstance(counts, dict) for counts in manifest["splits"].values()):
+        wrong = "splits"
+    if wrong is not None:
+        raise DatasetError(
+            f"{folder / MANIFEST}: {wrong} is not what the pipeline writes: re-materialize training_dataset"
+        )
     return manifest
+
+
+def _whole(low: int, high: int) -> Callable[[object], bool]:
+    return lambda value: type(value) is int and low <= value < high
+
+
+# What the checks take from a manifest (a hand-edited one fails them in one line, not a KeyError).
+_MANIFEST_FIELDS: dict[str, Callable[[object], bool]] = {
+    "eos_id": _whole(0, 1 << 31),
+    "seq_len": _whole(1, 1 << 31),
+    "split_seed": _whole(0, 1 << 64),
+    "val_fraction": lambda value: type(value) in (int, float) and 0 <= value <= 1,
+    "dtype": lambda value: value in {dtype.name for dtype in DTYPE_CODES},
+}
 
 
 def train_tag_tokens(

@@ -3,6 +3,7 @@ the dataset checks): each gives one clear line, never a traceback from deep insi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -122,3 +123,25 @@ def test_lineage_names_the_input_file_read_not_the_record_of_a_file_rewritten_si
     assert job.execute_in_process(instance=built.instance, partition_key="0").success
     meta = built.metadata("expanded_corpus", "0")
     assert meta["input_fingerprint/raw_corpus"] == parquet_fingerprint(path) != recorded
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seq_len", None), ("eos_id", 1 << 70), ("dtype", "float7"), ("val_fraction", "x"), ("splits", {"train": 3})],
+)
+def test_a_hand_edited_manifest_fails_the_dataset_checks_in_one_line(built, field, value):
+    path = built.out / "training_dataset" / "0" / "dataset.json"
+    manifest = json.loads(path.read_text())
+    if value is None:
+        del manifest[field]
+    else:
+        manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    result = built.run_checks("0", SPLIT_IS_LEAK_FREE, PACKING_CONSERVES_TOKENS)
+    assert _step_failures(result) == []
+    for evaluation in check_evaluations(result).values():
+        assert not evaluation.passed
+        assert (
+            evaluation.description
+            == f"{path}: {field} is not what the pipeline writes: re-materialize training_dataset"
+        )
