@@ -13,7 +13,13 @@ import pytest
 from conftest import check_evaluations
 
 from dlm_pipeline.core.fingerprint import parquet_fingerprint
-from dlm_pipeline.defs.constants import CORPUS_JOB, PACKING_CONSERVES_TOKENS, SPLIT_IS_LEAK_FREE, TOKENS_MATCH_TOKENIZER
+from dlm_pipeline.defs.constants import (
+    CORPUS_JOB,
+    FULL_RESCAN_TAG,
+    PACKING_CONSERVES_TOKENS,
+    SPLIT_IS_LEAK_FREE,
+    TOKENS_MATCH_TOKENIZER,
+)
 from dlm_pipeline.defs.partitions import SEEDS_PARTITION
 from dlm_pipeline.defs.resources import DatasetResource
 
@@ -145,3 +151,15 @@ def test_a_hand_edited_manifest_fails_the_dataset_checks_in_one_line(built, fiel
             evaluation.description
             == f"{path}: {field} is not what the pipeline writes: re-materialize training_dataset"
         )
+
+
+def test_a_huge_full_rescan_tag_is_quoted_in_part(tree, pipeline):
+    """A tag typed (or pasted) in the UI can be any length: the Failure line quotes its start only."""
+    pipe = pipeline(tree(FILES), max_seq_len=64)
+    pipe.instance.add_dynamic_partitions(SEEDS_PARTITION, ["1"])
+    job = pipe.defs.resolve_job_def(CORPUS_JOB)
+    result = job.execute_in_process(
+        instance=pipe.instance, partition_key="1", tags={FULL_RESCAN_TAG: "maybe" * 20_000}, raise_on_error=False
+    )
+    descriptions = [f.user_failure_data.description for f in _step_failures(result)]
+    assert descriptions and all(len(d) < 200 and "got 'maybemaybe" in d for d in descriptions), descriptions[:1]
