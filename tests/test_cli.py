@@ -271,7 +271,7 @@ def test_a_second_run_of_a_seed_waits_for_the_first_and_says_so(tmp_path):
         seen = []
         for line in proc.stderr:  # blocks until the CLI writes; it cannot finish while the lock is held
             seen.append(line)
-            if "waiting for seed 4's lock: another run of this seed holds it" in line:
+            if "waiting for another run of seed 4 to finish" in line:
                 break
         assert proc.poll() is None, "".join(seen)
         assert not (out / "expanded_corpus" / "4.parquet").exists()

@@ -139,7 +139,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[ParquetIOManager]:
         """The run's seed's outputs are written by this run alone: it holds the seed's lock (core
         BlobStore.seed_lock) while the IO manager is up: the whole run in process, each step in a
-        process of its own. Another run of the seed waits for it, and says so."""
+        process of its own (the steps of one run share it). Another run of the seed waits for it, and says so."""
         seed = context.run.tags.get(PARTITION_TAG) if context.run else None
         with contextlib.ExitStack() as held:
             if context.instance is not None and seed is not None and is_seed(seed):
@@ -147,12 +147,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                     held.enter_context(
                         BlobStore(self.root(context.instance)).seed_lock(
                             seed,
-                            # With a process per step (DLM_DEPLOYMENT=shared or k8s) the holder may be
-                            # another step of this very run: the steps of a seed take turns too.
-                            lambda: context.log.warning(
-                                f"waiting for seed {seed}'s lock: another run of this seed holds it "
-                                "(or, with a process per step, another step of this run)"
-                            ),
+                            lambda: context.log.warning(f"waiting for another run of seed {seed} to finish"),
+                            holder=context.run.run_id,  # the steps of this run share it (a process per step)
                         )
                     )
                 except (BlobStoreError, OSError) as exc:

@@ -385,3 +385,21 @@ def test_a_held_seed_lock_makes_the_next_run_wait_and_a_planted_one_is_never_fol
     with pytest.raises(BlobStoreError), store.seed_lock("1", _wait_refused):
         pass
     assert elsewhere.read_text() == "not ours" and not (tmp_path / "1.lock").exists()
+
+
+def test_the_steps_of_one_run_share_the_seed_lock_and_another_run_still_waits(tmp_path):
+    """With a process per step (DLM_DEPLOYMENT=shared, k8s) each step takes the lock: holders named
+    by one run id share it (each open file stands for a step's process), another run's id waits,
+    and once they have all left the other run takes it at once."""
+    store = BlobStore(tmp_path / "out")
+    with store.seed_lock("1", _wait_refused, holder="run-a"):
+        with store.seed_lock("1", _wait_refused, holder="run-a"):  # a sibling step: no waiting
+            with pytest.raises(Waited), store.seed_lock("1", _wait_refused, holder="run-b"):
+                pass
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused, holder="run-b"):  # one step still holds it
+            pass
+    with store.seed_lock("1", _wait_refused, holder="run-b"):
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused, holder="run-a"):
+            pass
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused):  # no name: shares with none
+            pass
