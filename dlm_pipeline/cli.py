@@ -183,6 +183,11 @@ def _failure_reasons(result) -> list[str]:
                 _error_text(data.error) if data.error else "failed"
             )
             reasons.append(f"{event.step_key}: {text}")
+        elif event.event_type_value == "RESOURCE_INIT_FAILURE" and event.event_specific_data.error is not None:
+            # Before any step (e.g. the seed's lock could not be taken): no step failed to say why.
+            error = event.event_specific_data.error
+            name, _, text = error.message.strip().partition(": ")
+            reasons.append(f"resources: {text if name.endswith(error.cls_name) and text else error.message.strip()}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             if not evaluation.passed:

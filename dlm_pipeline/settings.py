@@ -311,7 +311,7 @@ def parse_switch(name: str, raw: str) -> bool:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
+    raise SettingsError(f"{name} must be 1 or 0, got {raw[:40]!r}")
 
 
 def check_all() -> None:

@@ -278,3 +278,30 @@ def test_a_second_run_of_a_seed_waits_for_the_first_and_says_so(tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, "".join(seen) + stderr
     assert "seed 4: ok" in stdout and (out / "expanded_corpus" / "4.parquet").exists()
+
+
+def test_a_seed_lock_that_cannot_be_taken_fails_the_seed_with_its_reason(tmp_path):
+    """The lock is taken before any step: the reason must reach the summary, not "see the run in the UI"."""
+    home, out, elsewhere = tmp_path / "home", tmp_path / "out", tmp_path / "elsewhere"
+    for folder in (home, out, elsewhere):
+        folder.mkdir()
+    (out / ".locks").symlink_to(elsewhere)  # planted: never followed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(out), DLM_SOURCE_ROOT=str(tmp_path / "tree"))
+    (tmp_path / "tree").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--seed", "4"],
+        env=env,
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    summary = proc.stderr[proc.stderr.index("seed 4: FAILED") :].splitlines()
+    assert (
+        summary[1]
+        .strip()
+        .startswith(f"resources: cannot lock seed 4's outputs: {out / '.locks'}/ is not a plain folder")
+    )
+    assert "see the run in the UI" not in proc.stderr and list(elsewhere.iterdir()) == []

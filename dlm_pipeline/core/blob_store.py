@@ -2,7 +2,7 @@
 
     <output_dir>/.objects/<sha256 of the bytes>.parquet    the bytes, once
     <output_dir>/<asset>/<seed>.parquet                     a hard link to the object (SPEC §4 path)
-    <output_dir>/.locks/<seed>.lock                         flock'd by the run writing that seed
+    <output_dir>/.locks/<seed>.lock, <seed>.turn            flock'd by the run writing that seed (its id inside)
 
 Readers of the per-seed path see an ordinary file. A publish is atomic: the bytes go to a temp
 file beside the target, the temp file is linked into `.objects` (or an identical object already
@@ -23,7 +23,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -147,23 +147,38 @@ class BlobStore:
             os.close(root_fd)
 
     @contextmanager
-    def seed_lock(self, seed: str, waiting: Callable[[], object]) -> Iterator[None]:
+    def seed_lock(self, seed: str, waiting: Callable[[], object], holder: str = "") -> Iterator[None]:
         """Held while a run writes and records `seed`'s outputs, so that two runs of one seed take
         turns (a run that found an output unchanged must not record it while another rewrites it);
-        `waiting()` is called once if another run holds it. The lock dies with its process."""
-        with self._opened(LOCKS_DIR) as (_, folder_fd):
-            fd = os.open(f"{seed}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BlobStoreError(f"{self.path(LOCKS_DIR, seed + '.lock')} is not a regular file: remove it")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                waiting()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        `waiting()` is called once if another run holds it. Holders of one name (`holder`, the run
+        id) share it: the steps of one run, each in a process of its own, do not wait for each other.
+        The lock dies with its process."""
+        with self._opened(LOCKS_DIR) as (_, folder_fd), ExitStack() as opened:
+            fd = self._lock_file(folder_fd, f"{seed}.lock")
+            opened.callback(os.close, fd)  # closing it releases the lock
+            turn = self._lock_file(folder_fd, f"{seed}.turn")
+            opened.callback(os.close, turn)
+            told = False
+            while True:
+                fcntl.flock(turn, fcntl.LOCK_EX)  # each "free, or held by my name?" is answered alone
+                try:
+                    if _join(fd, holder.encode()):
+                        break
+                finally:
+                    fcntl.flock(turn, fcntl.LOCK_UN)
+                if not told:
+                    waiting()
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)  # until every holder of the other name has left
+                fcntl.flock(fd, fcntl.LOCK_UN)
             yield
-        finally:
-            os.close(fd)  # releases the lock
+
+    def _lock_file(self, folder_fd: int, name: str) -> int:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BlobStoreError(f"{self.path(LOCKS_DIR, name)} is not a regular file: remove it")
+        return fd
 
     def put(self, folder: str, name: str, write: Callable[[BinaryIO], object]) -> Stored:
         """Write `folder/name` through `write(fh)`, storing its bytes once across all names."""
@@ -305,6 +320,25 @@ class BlobStore:
             os.rename(staged, obj, src_dir_fd=objects_fd, dst_dir_fd=objects_fd)
         finally:
             _unlink_quietly(staged, objects_fd)
+
+
+def _join(fd: int, name: bytes) -> bool:
+    """Hold the lock file `fd` shared, if it is free (then it records `name` as its holder) or
+    held by `name` already; False if another name holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not name or os.pread(fd, len(name) + 1, 0) != name:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # beside the other holders of its name
+        except BlockingIOError:
+            return False  # held exclusively (a waiter, for a moment): wait, then look again
+        return True
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, name, 0)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return True
 
 
 def prune_objects(objects_fd: int) -> int:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
 from dlm_pipeline.core.expansion import TagEntries
-from dlm_pipeline.core.megatron import IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
+from dlm_pipeline.core.megatron import DTYPE_CODES, IndexedDataset, dtype_for_vocab, index_bytes, read_indexed
 from dlm_pipeline.core.packing import (
     SEQUENCE_SCHEMA,
     _list_parts,
@@ -471,13 +471,45 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def read_manifest(folder: Path) -> dict:
+    """The manifest of a dataset folder whose entries are the plain files the pipeline writes: the
+    checks read none through a symlink, nor a FIFO they would block on."""
+    for where in (folder.parent, folder):
+        if where.is_symlink():
+            raise DatasetError(f"{where} is a symlink, not a folder the pipeline wrote: remove it and re-materialize")
+    try:
+        odd = sorted(entry.name for entry in os.scandir(folder) if not entry.is_file(follow_symlinks=False))
+    except OSError:
+        odd = []  # no folder: said below
+    if odd:
+        raise DatasetError(f"{folder / odd[0]} is not a regular file (a symlink or a FIFO?): re-materialize it")
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{folder / MANIFEST} cannot be read ({exc}): materialize training_dataset first") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise DatasetError(f"{folder / MANIFEST} is not a dataset manifest: re-materialize training_dataset")
+    wrong = next((name for name, fits in _MANIFEST_FIELDS.items() if not fits(manifest.get(name))), None)
+    if wrong is None and not all(isinstance(counts, dict) for counts in manifest["splits"].values()):
+        wrong = "splits"
+    if wrong is not None:
+        raise DatasetError(
+            f"{folder / MANIFEST}: {wrong} is not what the pipeline writes: re-materialize training_dataset"
+        )
     return manifest
+
+
+def _whole(low: int, high: int) -> Callable[[object], bool]:
+    return lambda value: type(value) is int and low <= value < high
+
+
+# What the checks take from a manifest (a hand-edited one fails them in one line, not a KeyError).
+_MANIFEST_FIELDS: dict[str, Callable[[object], bool]] = {
+    "eos_id": _whole(0, 1 << 31),
+    "seq_len": _whole(1, 1 << 31),
+    "split_seed": _whole(0, 1 << 64),
+    "val_fraction": lambda value: type(value) in (int, float) and 0 <= value <= 1,
+    "dtype": lambda value: value in {dtype.name for dtype in DTYPE_CODES},
+}
 
 
 def train_tag_tokens(
@@ -643,7 +675,16 @@ class _SplitDocuments:
 
 
 def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[str]:
-    """Sequences equal the Megatron stream cut at seq_len, and doc_starts mark its documents."""
+    """Sequences equal the Megatron stream cut at seq_len, and doc_starts mark its documents; a file
+    that is not such a Parquet file (garbled, a column missing) is one problem line, not an error."""
+    try:
+        return _compare_parquet(path, dataset, seq_len)
+    except (pa.ArrowException, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return [f"{path.name} is not a sequence file the pipeline wrote ({reason}): re-materialize training_dataset"]
+
+
+def _compare_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[str]:
     stream = dataset.tokens
     starts = np.cumsum(dataset.lengths.astype(np.int64)) - dataset.lengths
     position, sequence, previous_short, starts_seen = 0, 0, False, []
@@ -652,6 +693,8 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
         batch = parquet.read_row_group(group, columns=["input_ids", "n_tokens", "doc_starts"])
         lists = one_chunk(batch.column("input_ids"))
         lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        if not len(lengths):  # an empty row group holds no sequence
+            continue
         if not np.array_equal(lengths, batch.column("n_tokens").to_numpy()):
             return [f"{path.name}: n_tokens differs from the length of input_ids near sequence {sequence}"]
         if previous_short or np.any(lengths[:-1] != seq_len) or not 0 < lengths[-1] <= seq_len:

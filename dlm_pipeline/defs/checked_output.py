@@ -16,12 +16,16 @@ from pathlib import Path
 import dagster as dg
 import pyarrow as pa
 
+from dlm_pipeline.core.config_records import CONFIGS_SCHEMA
 from dlm_pipeline.core.fingerprint import parquet_fingerprint
 from dlm_pipeline.core.parquet_io import ParquetRows
+from dlm_pipeline.core.weights import WEIGHTS_SCHEMA
 from dlm_pipeline.defs.metadata import loaded_metadata
-from dlm_pipeline.defs.resources import ParquetIOManager, read_stored, stored_file
+from dlm_pipeline.defs.resources import STORED_FILES, ParquetIOManager, read_stored, stored_file, stored_files
 
 StepContext = dg.AssetExecutionContext | dg.AssetCheckExecutionContext
+# What a whole stored output read here must have (else one clear Failure, not a KeyError from deep inside).
+WHOLE_COLUMNS = {"training_configs": CONFIGS_SCHEMA.names, "weights_map": WEIGHTS_SCHEMA.names}
 
 
 def stored_path(io_manager: ParquetIOManager, context: StepContext, asset: str) -> Path:
@@ -38,18 +42,25 @@ def stored_rows(io_manager: ParquetIOManager, context: StepContext, asset: str, 
 def stored_columns(
     io_manager: ParquetIOManager, context: StepContext, asset: str, columns: list[str] | None = None
 ) -> pa.Table:
-    """`columns` (None: all) of the stored output of `asset` for this step's seed, whole."""
+    """`columns` (None: all those of WHOLE_COLUMNS) of the stored output of `asset` for this step's seed, whole."""
+    columns = columns if columns is not None else WHOLE_COLUMNS.get(asset)
     return read_stored(stored_path(io_manager, context, asset), asset, context.partition_key, columns)
 
 
 def input_fingerprints(io_manager: ParquetIOManager, context: dg.AssetExecutionContext, assets: list[str]) -> dict:
     """Fingerprints of the stored outputs this step depends on (each must be there: else one clear
     Failure), as the materializations it loaded recorded them (a few instance queries instead of
-    hashing large files); one whose loaded materialization cannot be identified is hashed from its file."""
+    hashing large files); one whose loaded materialization cannot be identified, or whose file is no
+    longer the one it recorded (rewritten by hand), is hashed from its file: lineage names what is read."""
     for asset in assets:
         stored_file(stored_path(io_manager, context, asset), asset, context.partition_key)
     return {
-        asset: loaded_metadata(context, asset, "fingerprint")
+        asset: _recorded_fingerprint(context, asset)
         or parquet_fingerprint(stored_rows(io_manager, context, asset, []).path)
         for asset in assets
     }
+
+
+def _recorded_fingerprint(context: dg.AssetExecutionContext, asset: str) -> str | None:
+    files = loaded_metadata(context, asset, STORED_FILES)
+    return loaded_metadata(context, asset, "fingerprint") if files and files == stored_files(files) else None

@@ -140,14 +140,16 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[ParquetIOManager]:
         """The run's seed's outputs are written by this run alone: it holds the seed's lock (core
         BlobStore.seed_lock) while the IO manager is up: the whole run in process, each step in a
-        process of its own. Another run of the seed waits for it, and says so."""
-        seed = context.dagster_run.tags.get(PARTITION_TAG) if context.dagster_run else None
+        process of its own (the steps of one run share it). Another run of the seed waits for it, and says so."""
+        seed = context.run.tags.get(PARTITION_TAG) if context.run else None
         with contextlib.ExitStack() as held:
             if context.instance is not None and seed is not None and is_seed(seed):
                 try:
                     held.enter_context(
                         BlobStore(self.root(context.instance)).seed_lock(
-                            seed, lambda: context.log.warning(f"waiting for another run of seed {seed} to finish")
+                            seed,
+                            lambda: context.log.warning(f"waiting for another run of seed {seed} to finish"),
+                            holder=context.run.run_id,  # the steps of this run share it (a process per step)
                         )
                     )
                 except (BlobStoreError, OSError) as exc:

@@ -402,3 +402,21 @@ def test_seeds_whose_per_seed_outputs_are_equal_share_their_bytes(tree, pipeline
 
 WEIGHTED = "dlm_training_version: 1\nmetadata: {{kind: doc}}\nweights: {{kind: {{doc: {weight}}}}}\n"
 TEXTS = {f"doc{i:02d}.md": f"# page {i}\n" + "word " * (i + 1) for i in range(40)}
+
+
+def test_the_steps_of_one_run_share_the_seed_lock_and_another_run_still_waits(tmp_path):
+    """With a process per step (DLM_DEPLOYMENT=shared, k8s) each step takes the lock: holders named
+    by one run id share it (each open file stands for a step's process), another run's id waits,
+    and once they have all left the other run takes it at once."""
+    store = BlobStore(tmp_path / "out")
+    with store.seed_lock("1", _wait_refused, holder="run-a"):
+        with store.seed_lock("1", _wait_refused, holder="run-a"):  # a sibling step: no waiting
+            with pytest.raises(Waited), store.seed_lock("1", _wait_refused, holder="run-b"):
+                pass
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused, holder="run-b"):  # one step still holds it
+            pass
+    with store.seed_lock("1", _wait_refused, holder="run-b"):
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused, holder="run-a"):
+            pass
+        with pytest.raises(Waited), store.seed_lock("1", _wait_refused):  # no name: shares with none
+            pass

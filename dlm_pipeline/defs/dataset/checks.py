@@ -92,6 +92,7 @@ def training_dataset_checks(
     source: SourceTree,
 ):
     """One recomputation of the split and order from the stored inputs, shared by the selected checks."""
+    seed = parse_seed_or_fail(context)  # first: a hostile partition key names no folder to read
     selected = [spec.name for spec in (LEAK_SPEC, PACKING_SPEC) if spec.key in context.selected_asset_check_keys]
     if (same := unchanged_check_results(context, "training_dataset", selected, source)) is not None:
         yield from same
@@ -119,7 +120,7 @@ def training_dataset_checks(
         inputs = read_inputs(io_manager, context)
         plan = plan_of(
             *inputs,
-            seed=parse_seed_or_fail(context),
+            seed=seed,
             split_seed=int(manifest["split_seed"]),
             val_fraction=float(manifest["val_fraction"]),
         )

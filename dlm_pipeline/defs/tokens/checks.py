@@ -101,6 +101,7 @@ def tokens_match_tokenizer(
     tokenizer: TokenizerResource,
     source: SourceTree,
 ) -> dg.AssetCheckResult:
+    seed = parse_seed_or_fail(context)  # first: a hostile partition key names no file to read
     same = unchanged_check_results(context, "tokenized_cache", [TOKENS_MATCH_TOKENIZER], source)
     if same is not None:
         return same[0]
@@ -108,7 +109,6 @@ def tokens_match_tokenizer(
     stored = stored_rows(io_manager, context, "tokenized_cache", ["section_id", "input_ids", "truncated"])
     stored_ids = stored.read(["section_id"])["section_id"]
     raw_corpus = stored_rows(io_manager, context, "raw_corpus", ["section_id", "text"])
-    seed = parse_seed_or_fail(context)
     candidates = sample_order(stored_ids, seed)
     sizes, texts = candidate_texts(raw_corpus, candidates) if candidates else ({}, {})
     sample = bounded_sample(candidates, sizes)
