@@ -171,7 +171,10 @@ class BlobStore:
                     told = True
                 fcntl.flock(fd, fcntl.LOCK_EX)  # until every holder of the other name has left
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            yield
+            try:
+                yield
+            finally:
+                _leave(fd, turn)
 
     def _lock_file(self, folder_fd: int, name: str) -> int:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
@@ -339,6 +342,20 @@ def _join(fd: int, name: bytes) -> bool:
     os.pwrite(fd, name, 0)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return True
+
+
+def _leave(fd: int, turn: int) -> None:
+    """The last holder to leave empties the lock file, so no run's name stays in the output folder
+    (two runs' output folders are then the same bytes); the others just go."""
+    fcntl.flock(turn, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # granted only when no other holder is left
+    except BlockingIOError:
+        pass
+    else:
+        os.ftruncate(fd, 0)
+    finally:
+        fcntl.flock(turn, fcntl.LOCK_UN)
 
 
 def prune_objects(objects_fd: int) -> int:

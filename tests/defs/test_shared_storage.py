@@ -420,3 +420,4 @@ def test_the_steps_of_one_run_share_the_seed_lock_and_another_run_still_waits(tm
             pass
         with pytest.raises(Waited), store.seed_lock("1", _wait_refused):  # no name: shares with none
             pass
+    assert (tmp_path / "out" / ".locks" / "1.lock").read_bytes() == b""  # the last to leave names no run
