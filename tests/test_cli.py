@@ -286,17 +286,8 @@ def test_a_seed_lock_that_cannot_be_taken_fails_the_seed_with_its_reason(tmp_pat
     for folder in (home, out, elsewhere):
         folder.mkdir()
     (out / ".locks").symlink_to(elsewhere)  # planted: never followed
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(out), DLM_SOURCE_ROOT=str(tmp_path / "tree"))
     (tmp_path / "tree").mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--seed", "4"],
-        env=env,
-        cwd=REPO,
-        text=True,
-        capture_output=True,
-        timeout=300,
-    )
+    proc = run_cli(["materialize", "--seed", "4", "--source", str(tmp_path / "tree")], home, "0", out)
     assert proc.returncode != 0
     summary = proc.stderr[proc.stderr.index("seed 4: FAILED") :].splitlines()
     assert (
