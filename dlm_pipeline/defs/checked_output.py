@@ -62,5 +62,11 @@ def input_fingerprints(io_manager: ParquetIOManager, context: dg.AssetExecutionC
 
 
 def _recorded_fingerprint(context: dg.AssetExecutionContext, asset: str) -> str | None:
+    return loaded_metadata(context, asset, "fingerprint") if input_untouched(context, asset) else None
+
+
+def input_untouched(context: dg.AssetExecutionContext, asset: str) -> bool:
+    """Whether the stored files of the materialization of `asset` this step loaded still have the
+    stats it recorded (none rewritten since, by hand, with its step not run again)."""
     files = loaded_metadata(context, asset, STORED_FILES)
-    return loaded_metadata(context, asset, "fingerprint") if files and files == stored_files(files) else None
+    return bool(files) and files == stored_files(files)

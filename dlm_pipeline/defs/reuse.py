@@ -41,8 +41,9 @@ from dlm_pipeline import settings
 from dlm_pipeline.core.rules import Anchor, PathRules
 from dlm_pipeline.core.tree import TreeScan
 from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
+from dlm_pipeline.defs.checked_output import input_untouched
 from dlm_pipeline.defs.constants import FULL_RESCAN_TAG
-from dlm_pipeline.defs.metadata import config_lineage, loaded_input_record
+from dlm_pipeline.defs.metadata import config_lineage
 from dlm_pipeline.defs.resources import (
     STORED_FILES,
     ParquetIOManager,
@@ -152,12 +153,7 @@ def _inputs_untouched(context: dg.AssetExecutionContext, inputs: Iterable[str]) 
     """Whether each input this step reads is still the stored file its loaded materialization wrote:
     the key names an input by its recorded fingerprint, which a file rewritten since (by hand, and
     its step not run again) no longer has."""
-    for asset in inputs:
-        record = loaded_input_record(context, asset)
-        files = _metadata_value(record, STORED_FILES) if record is not None else None
-        if not files or files != stored_files(files):
-            return False
-    return True
+    return all(input_untouched(context, asset) for asset in inputs)
 
 
 def unchanged_output(
