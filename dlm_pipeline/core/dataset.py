@@ -37,7 +37,7 @@ from dlm_pipeline.core.packing import (
     sequences_table,
     stream_parts,
 )
-from dlm_pipeline.core.parquet_io import ParquetRows, TableRows, byte_bounded_slices
+from dlm_pipeline.core.parquet_io import ParquetRows, TableRows, byte_bounded_slices, error_line
 from dlm_pipeline.core.split import content_keys, train_order, validation_order, validation_side
 from dlm_pipeline.core.token_store import BATCH_IDS, BATCH_TEXT_BYTES, TokenStore, row_texts
 from dlm_pipeline.core.tokenize import LoadedTokenizer
@@ -680,7 +680,7 @@ def _check_parquet(path: Path, dataset: IndexedDataset, seq_len: int) -> list[st
     try:
         return _compare_parquet(path, dataset, seq_len)
     except (pa.ArrowException, KeyError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = error_line(exc)
         return [f"{path.name} is not a sequence file the pipeline wrote ({reason}): re-materialize training_dataset"]
 
 

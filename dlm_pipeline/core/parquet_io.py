@@ -103,6 +103,12 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     return target
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of a reader's error (at most 200 characters), for a one-line message about a
+    file that is not what the pipeline wrote."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 

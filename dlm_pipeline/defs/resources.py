@@ -20,7 +20,7 @@ from dlm_pipeline.core.config import DEFAULT_MAX_WEIGHT
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.fingerprint import parquet_fingerprint
 from dlm_pipeline.core.ingest_index import IngestIndex
-from dlm_pipeline.core.parquet_io import ParquetRows, read_parquet, write_parquet, write_parquet_stream
+from dlm_pipeline.core.parquet_io import ParquetRows, error_line, read_parquet, write_parquet, write_parquet_stream
 from dlm_pipeline.core.token_store import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
 from dlm_pipeline.core.token_store import TokenStore, TokenStoreError
 from dlm_pipeline.core.tokenize import DEFAULT_MAX_SEQ_LEN, LoadedTokenizer, TokenizerError, load_tokenizer
@@ -251,7 +251,7 @@ def read_stored(
             raise ValueError(f"it has no column {missing[0]!r}")
         return ParquetRows(path) if stream else read_parquet(path, columns=columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = error_line(exc)
         raise dg.Failure(
             description=f"{path} is not a {asset} output the pipeline wrote ({reason}): "
             f"re-materialize {asset} for seed {seed}"
