@@ -95,21 +95,13 @@ class Prepared:
     ids: StoredIds  # full ids per unique text of the plan (none for texts no document uses), in the store
 
 
-def plan_of(
-    raw_corpus: ParquetRows,
-    expanded_corpus: pa.Table,
-    weights_map: pa.Table,
-    *,
-    seed: int,
-    split_seed: int,
-    val_fraction: float,
-) -> DatasetPlan:
+def plan_of(inputs: Inputs, *, seed: int, split_seed: int, val_fraction: float) -> DatasetPlan:
     """The split and order of the documents (what the checks recompute without the ids)."""
     try:
         return plan_dataset(
-            raw_corpus,
-            expanded_corpus,
-            composed_row_weights(raw_corpus.read(["path", "tags"]), weights_map),
+            inputs.raw_corpus,
+            inputs.expanded_corpus,
+            composed_row_weights(inputs.raw_corpus.read(["path", "tags"]), inputs.weights_map),
             seed=seed,
             split_seed=split_seed,
             val_fraction=val_fraction,
@@ -126,22 +118,18 @@ def prepare(
     val_fraction: float,
     loaded: LoadedTokenizer,
     token_cache: TokenCacheResource,
-    raw_corpus: ParquetRows,
-    expanded_corpus: pa.Table,
-    weights_map: pa.Table,
+    inputs: Inputs,
     spill_dir: Path,
 ) -> Prepared:
     """The split and order of the documents, and the full ids of the texts they use (the store is
     shared by all seeds, and `tokenized_cache` put every one of them there), spilled to an unnamed
     file in `spill_dir` (a folder we own)."""
-    plan = plan_of(
-        raw_corpus, expanded_corpus, weights_map, seed=seed, split_seed=split_seed, val_fraction=val_fraction
-    )
+    plan = plan_of(inputs, seed=seed, split_seed=split_seed, val_fraction=val_fraction)
     ids = plan_token_ids(
         token_cache.store(context.instance),
         loaded,
         plan,
-        raw_corpus,
+        inputs.raw_corpus,
         ProgressLog(context, "texts tokenized"),
         spill_dir,
     )
@@ -231,7 +219,7 @@ def training_dataset(
         val_fraction=val_fraction,
         loaded=loaded,
         token_cache=token_cache,
-        **read._asdict(),
+        inputs=read,
         spill_dir=spill_folder(io_manager, context.instance),
     )
     plan, ids = prepared.plan, prepared.ids

@@ -119,7 +119,7 @@ def training_dataset_checks(
         parquet = pool.submit(parquet_problems, folder, int(manifest["seq_len"])) if packing_selected else None
         inputs = read_inputs(io_manager, context)
         plan = plan_of(
-            *inputs,
+            inputs,
             seed=seed,
             split_seed=int(manifest["split_seed"]),
             val_fraction=float(manifest["val_fraction"]),
