@@ -72,7 +72,9 @@ def main() -> None:
     )
     del files
     weights_map = {"pkg": {f"pkg{i:02d}": 0.5 + (i % 4) * 0.5 for i in range(50)}}
-    expanded, expansion = expand_rows(raw, np.zeros(raw.num_rows, np.int32), [weights_map], 0)
+    expanded, expansion = expand_rows(
+        raw, np.zeros(raw.num_rows, np.int32), [(weights_map,)], 0
+    )  # one chain of one map
     expanded = expanded.select(["section_id", "copy"])
     loaded = dataclasses.replace(load_tokenizer(), max_seq_len=args.seq_len)
     eos = resolve_eos_id(loaded)

@@ -1,7 +1,8 @@
 """Outputs stored once per distinct bytes: content-addressed objects, per-seed hard links.
 
-    <output_dir>/.objects/<sha256 of the bytes>.parquet    the bytes, once
+    <output_dir>/.objects/<sha256 of the bytes>.parquet    the bytes, once (.bin, .idx: a dataset's files)
     <output_dir>/<asset>/<seed>.parquet                     a hard link to the object (SPEC §4 path)
+    <output_dir>/training_dataset/<seed>/<split>.<ext>      the same, for a dataset's split files
     <output_dir>/.locks/<seed>.lock, <seed>.turn            flock'd by the run writing that seed (its id inside)
 
 Readers of the per-seed path see an ordinary file. A publish is atomic: the bytes go to a temp
@@ -31,7 +32,7 @@ from dlm_pipeline.core.parquet_io import delete_stale_temps, temp_name
 
 OBJECTS_DIR = ".objects"
 LOCKS_DIR = ".locks"
-OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
+OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.(?:parquet|bin|idx)")
 # Errors that mean "no hard link here", not "something is wrong": fall back to a copy.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 _CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # a new file, never through a symlink
@@ -49,7 +50,7 @@ class Stored:
     path: str  # the per-seed file
     sha256: str  # of its bytes
     size: int
-    linked: bool  # a hard link to .objects/<sha256>.parquet; False: a full copy
+    linked: bool  # a hard link to .objects/<sha256>.<ext>; False: a full copy
 
 
 class _HashingWriter:
@@ -243,27 +244,73 @@ class BlobStore:
             _unlink_quietly(tmp, folder_fd)
         return Stored(self.path(folder, name), sha256, size, linked=False)
 
-    def _publish(self, root_fd: int, folder: str, folder_fd: int, tmp: str, fd: int, name: str, sha256: str) -> Stored:
-        """Make `tmp` (open as `fd`, bytes hashing to `sha256`) the file `name`, sharing its object."""
-        size = os.fstat(fd).st_size
+    def _objects(self, root_fd: int) -> int | None:
+        """The `.objects` folder, or None where it cannot be made (outputs then stay copies)."""
         try:
-            objects_fd = open_subdir(root_fd, OBJECTS_DIR, self.path(OBJECTS_DIR, ""))
+            return open_subdir(root_fd, OBJECTS_DIR, self.path(OBJECTS_DIR, ""))
         except OSError as exc:
             if exc.errno not in _NO_LINK and exc.errno not in (errno.EACCES, errno.EROFS):
                 raise
+            return None
+
+    def _publish(self, root_fd: int, folder: str, folder_fd: int, tmp: str, fd: int, name: str, sha256: str) -> Stored:
+        """Make `tmp` (open as `fd`, bytes hashing to `sha256`) the file `name`, sharing its object."""
+        size = os.fstat(fd).st_size
+        objects_fd = self._objects(root_fd)
+        if objects_fd is None:
             os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
             return Stored(self.path(folder, name), sha256, size, linked=False)
         try:
-            linked = self._link_object(folder_fd, tmp, objects_fd, f"{sha256}.parquet", sha256)
-            os.rename(linked or tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-            # Renaming onto another name of the same file is a no-op that keeps both names.
-            for leftover in {linked or tmp, tmp}:
-                _unlink_quietly(leftover, folder_fd)
+            is_linked = self._share(folder_fd, tmp, objects_fd, sha256, name)
             prune_objects(objects_fd)
-            is_linked = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_nlink > 1
             return Stored(self.path(folder, name), sha256, size, linked=is_linked)
         finally:
             os.close(objects_fd)
+
+    def share_in_place(self, folder: str | os.PathLike, name: str, sha256: str) -> bool:
+        """Store the file `name` of `folder` (a folder being built inside the output directory, such
+        as a dataset's temp folder) once across all names: it becomes the object for its bytes, or is
+        replaced by a link to an identical object already stored. False: it stays a copy."""
+        root_fd = self._open_root()
+        try:
+            objects_fd = self._objects(root_fd)
+            if objects_fd is None:
+                return False
+            try:
+                folder_fd = os.open(folder, _DIR_FLAGS)
+                try:
+                    return self._share(folder_fd, name, objects_fd, sha256, name)
+                finally:
+                    os.close(folder_fd)
+            finally:
+                os.close(objects_fd)
+        finally:
+            os.close(root_fd)
+
+    def prune(self) -> int:
+        """Remove the objects no output links to any more; returns how many."""
+        root_fd = self._open_root()
+        try:
+            objects_fd = self._objects(root_fd)
+            if objects_fd is None:
+                return 0
+            try:
+                return prune_objects(objects_fd)
+            finally:
+                os.close(objects_fd)
+        finally:
+            os.close(root_fd)
+
+    def _share(self, folder_fd: int, tmp: str, objects_fd: int, sha256: str, name: str) -> bool:
+        """Make `tmp` in the folder (bytes hashing to `sha256`) the file `name`, one name of its
+        object; whether it is (False: a copy)."""
+        obj = sha256 + os.path.splitext(name)[1]
+        linked = self._link_object(folder_fd, tmp, objects_fd, obj, sha256)
+        os.rename(linked or tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        # Renaming onto another name of the same file is a no-op that keeps both names.
+        for leftover in {linked or tmp, tmp} - {name}:
+            _unlink_quietly(leftover, folder_fd)
+        return os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_nlink > 1
 
     def _link_object(self, folder_fd: int, tmp: str, objects_fd: int, obj: str, sha256: str) -> str | None:
         """Give `tmp` its object: link it as the object (None: rename `tmp` itself), or return a new

@@ -4,6 +4,7 @@ is reused from any seed whose inputs (configs, settings, file stats) match, byte
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -20,7 +21,8 @@ from dlm_pipeline.core.blob_store import OBJECTS_DIR, BlobStore
 from dlm_pipeline.core.parquet_io import write_parquet, write_parquet_atomic
 from dlm_pipeline.core.tree import scan_tree
 from dlm_pipeline.core.tree_signature import RACY_WINDOW_NS, tree_signature
-from tests.conftest import EXAMPLE, Pipeline
+from dlm_pipeline.defs.resources import DatasetResource
+from tests.conftest import EXAMPLE, Pipeline, check_evaluations
 
 SHARED = ("training_configs", "weights_map", "raw_corpus")
 
@@ -421,3 +423,28 @@ def test_the_steps_of_one_run_share_the_seed_lock_and_another_run_still_waits(tm
         with pytest.raises(Waited), store.seed_lock("1", _wait_refused):  # no name: shares with none
             pass
     assert (tmp_path / "out" / ".locks" / "1.lock").read_bytes() == b""  # the last to leave names no run
+
+
+def test_seeds_store_their_identical_dataset_files_once_and_replaced_ones_are_pruned(tree, pipeline):
+    """The validation split does not depend on the seed: seeds with the same settings store its
+    files once, as for the Parquet outputs; the train files (in each seed's order) stay each seed's
+    own. A replaced dataset leaves no object that no seed links to, and the checks still pass."""
+    root = tree({".dlm/training.yaml": WEIGHTED.format(weight="1.5"), **TEXTS})
+    p = pipeline(root, max_seq_len=64, dataset=DatasetResource(val_fraction=0.3))
+    p.run("1")
+    p.run("2")
+    one, two = p.out / "training_dataset" / "1", p.out / "training_dataset" / "2"
+    assert json.loads((one / "dataset.json").read_text())["splits"]["validation"]["documents"] > 0
+    for name in ("validation.parquet", "validation.bin", "validation.idx"):
+        assert os.stat(one / name).st_ino == os.stat(two / name).st_ino, name
+    for name in ("train.parquet", "train.bin", "dataset.json"):
+        assert os.stat(one / name).st_ino != os.stat(two / name).st_ino, name
+    objects = p.out / OBJECTS_DIR
+    old = os.stat(one / "validation.bin").st_ino
+    p = pipeline(root, max_seq_len=64, dataset=DatasetResource(val_fraction=0.4))  # another validation split
+    for seed in ("1", "2"):
+        result = p.run(seed)
+        assert all(e.passed for e in check_evaluations(result).values())
+    assert os.stat(one / "validation.bin").st_ino == os.stat(two / "validation.bin").st_ino != old
+    assert all(os.stat(objects / name).st_nlink >= 2 for name in os.listdir(objects))  # each is some seed's
+    assert old not in {os.stat(objects / name).st_ino for name in os.listdir(objects)}

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from dlm_pipeline import settings
+from dlm_pipeline.core.blob_store import BlobStore, BlobStoreError
 from dlm_pipeline.core.corpus import ROW_SCHEMA
 from dlm_pipeline.core.dataset import (
     MANIFEST,
@@ -238,8 +239,10 @@ def training_dataset(
         vocab_size=loaded.tokenizer.get_vocab_size(with_added_tokens=True),
     )
     try:
-        manifest, summaries = write_dataset(folder, plan, ids, options)
-    except DatasetError as exc:
+        objects = BlobStore(io_manager.root(context.instance))
+        manifest, summaries = write_dataset(folder, plan, ids, options, share=objects.share_in_place)
+        objects.prune()  # the replaced dataset's files that no other seed shares
+    except (DatasetError, BlobStoreError) as exc:
         raise dg.Failure(description=str(exc)) from None
     train, validation = summaries[TRAIN], summaries[VALIDATION]
     fingerprint = hashlib.sha256(manifest_bytes(manifest)).hexdigest()
