@@ -47,7 +47,7 @@ from dlm_pipeline.core.parquet_io import write_parquet_atomic
 from dlm_pipeline.core.token_store import TokenStore, tokenized_rows
 from dlm_pipeline.core.tokenize import load_tokenizer
 from dlm_pipeline.core.tree import scan_tree
-from dlm_pipeline.core.weights import maps_from_table, row_maps, weights_table
+from dlm_pipeline.core.weights import maps_from_table, row_chains, weights_table
 out = tempfile.mkdtemp()
 for seed in range({seeds}):
     scan = scan_tree(settings.EXAMPLE_ROOT)
@@ -55,8 +55,8 @@ for seed in range({seeds}):
     anchors = anchors_from_table(configs)
     weights = weights_table(anchors, "nearest")
     raw = build_raw_corpus(scan_tree(settings.EXAMPLE_ROOT), anchors).table
-    row_map, maps = row_maps(raw["path"], maps_from_table(weights, "nearest"), "nearest")
-    expanded, _ = expand_rows(raw, row_map, maps, seed)
+    row_chain, chains = row_chains(raw["path"], maps_from_table(weights, "nearest"), "nearest")
+    expanded, _ = expand_rows(raw, row_chain, chains, seed)
     loaded = load_tokenizer()
     store = TokenStore({str(cache)!r})
     tokens = tokenized_rows(store, loaded, raw, expanded["section_id"], expanded["copy"]).table()
