@@ -401,12 +401,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.token_store import TokenStore
 
     try:
-        max_bytes = settings.cache_max_bytes()
+        max_bytes, max_text_bytes = settings.cache_max_bytes(), settings.max_file_bytes()
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
     root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     try:
-        _cache_action(TokenStore(root, max_bytes=max_bytes), args)
+        _cache_action(TokenStore(root, max_bytes=max_bytes, max_text_bytes=max_text_bytes), args)
     except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)
         raise CliError(f"token cache {root} ({settings.ENV_CACHE_DIR}): {exc}", EXIT_FAILED) from None
     return EXIT_OK

@@ -43,9 +43,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+
 MAGIC = b"DLMKEYS2"  # DLMKEYS1 (no per-row ranges) reads as a bad index: rebuilt once from its shard
 SUFFIX = ".keys"
 MAX_HEADER_BYTES = 64 * 1024**2
+MAX_GROUPS = 1_000_000  # pyarrow's default Thrift container limit: a footer listing more row groups does not parse
 PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
 ROW_DIGEST_BYTES = 16
 PACKED = "packed_ids"  # a shard's ids column: one value per row (`pack_ids`)
@@ -53,6 +56,9 @@ MIN_PACKED_BYTES = 64  # ids shorter than this are stored plain (a zstd frame wo
 _ZSTD = pa.Codec("zstd")
 _blake2b = hashlib.blake2b
 READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
+IDS_PER_TEXT_BYTE = 4  # `max_text_ids`: generous (byte-level BPE, WordPiece, Unigram with byte fallback give at
+# most one id per byte; a normaliser such as NFKC can expand a few characters several times)
+EXTRA_TEXT_IDS = 4096  # and room for special tokens and a text a little larger than a file (a section's framing)
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
@@ -126,8 +132,22 @@ def pack_ids(ids: pa.Array | pa.ChunkedArray, n_tokens: np.ndarray) -> pa.Array:
     return pa.array(packed, pa.binary())
 
 
-def unpack_one(value: bytes | memoryview, count: int) -> bytes:
-    """The `count` ids (int32 little-endian bytes) of one PACKED value; ValueError when it holds others."""
+def max_text_ids(max_text_bytes: int) -> int:
+    """The most ids one stored text may have: IDS_PER_TEXT_BYTE per byte of the largest text a run reads
+    (`DLM_MAX_FILE_BYTES`), plus EXTRA_TEXT_IDS for special tokens. Every count a shard, index or
+    manifest states is checked against it before anything is sized by it: a count above it is a forged
+    or corrupt entry, never an allocation. A text that really has more ids is returned, not stored."""
+    return IDS_PER_TEXT_BYTE * max_text_bytes + EXTRA_TEXT_IDS
+
+
+DEFAULT_MAX_TEXT_IDS = max_text_ids(DEFAULT_MAX_FILE_BYTES)
+
+
+def unpack_one(value: bytes | memoryview, count: int, max_ids: int) -> bytes:
+    """The `count` ids (int32 little-endian bytes) of one PACKED value; ValueError when it holds others
+    or `count` is over `max_ids` (the output buffer is sized by `count`, so it is checked first)."""
+    if not 0 <= count <= max_ids:
+        raise ValueError(f"a packed value claims {count} ids, over the {max_ids} a text may have")
     if len(value) == 4 * count:
         return bytes(value)
     if len(value) > 4 * count:
@@ -141,17 +161,35 @@ def unpack_one(value: bytes | memoryview, count: int) -> bytes:
     return plain
 
 
-def unpacked(table: pa.Table) -> pa.Table:
+def checked_counts(n_tokens: pa.Array | pa.ChunkedArray, max_ids: int) -> np.ndarray:
+    """A shard's n_tokens as int64; ValueError when one is missing, negative or over `max_ids`."""
+    counts = n_tokens.to_numpy(zero_copy_only=False).astype(np.int64)
+    if n_tokens.null_count or (counts < 0).any():
+        raise ValueError("n_tokens missing or negative")
+    if (counts > max_ids).any():
+        raise ValueError(f"n_tokens over the {max_ids} ids a text may have")
+    return counts
+
+
+def unpacked(table: pa.Table, max_ids: int = DEFAULT_MAX_TEXT_IDS, max_total: int | None = None) -> pa.Table:
     """Rows read from a shard, with `input_ids` in place of PACKED (a shard written before holds
-    `input_ids` itself); ValueError when a value does not decode to its n_tokens ids."""
+    `input_ids` itself); ValueError when a value does not decode to its n_tokens ids, or when a row's
+    n_tokens is over `max_ids` (also when PACKED is not read: a caller sizes work by n_tokens) or all
+    of them over `max_total`, checked before anything is decoded."""
+    if "n_tokens" not in table.column_names:
+        if PACKED in table.column_names:
+            raise ValueError("packed ids without n_tokens")
+        return table
+    counts = checked_counts(table["n_tokens"], max_ids)
     if PACKED not in table.column_names:
         return table
-    counts = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
-    if table["n_tokens"].null_count or (counts < 0).any():
-        raise ValueError("n_tokens missing or negative")
+    if max_total is not None and int(counts.sum()) > max_total:
+        raise ValueError(f"{int(counts.sum())} ids in all, over the {max_total} these rows can hold")
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    values = b"".join([unpack_one(v, n) for v, n in zip(table[PACKED].to_pylist(), counts.tolist(), strict=True)])
+    values = b"".join(
+        [unpack_one(v, n, max_ids) for v, n in zip(table[PACKED].to_pylist(), counts.tolist(), strict=True)]
+    )
     ids = pa.ListArray.from_arrays(
         pa.array(offsets, pa.int32()), pa.array(np.frombuffer(values, "<i4").astype(np.int32, copy=False))
     )
@@ -317,8 +355,10 @@ class KeyIndex:
             raise BadIndex("made for another shard")
         n_groups, n_keys, footer = header.get("groups"), header.get("keys"), header.get("footer")
         shard_size, n_rows = entry["bytes"], entry["rows"]
-        if not (_is_count(n_groups) and _is_count(n_keys) and n_keys <= n_rows and n_groups <= max(n_rows, 1)):
-            raise BadIndex("malformed counts")
+        if not (
+            _is_count(n_groups) and _is_count(n_keys) and n_keys <= n_rows and n_groups <= min(max(n_rows, 1), MAX_GROUPS)
+        ):
+            raise BadIndex("malformed counts")  # (group arrays are copied below: their count is bounded first)
         if not (
             isinstance(footer, list)
             and len(footer) == 3
@@ -394,10 +434,13 @@ class KeyIndex:
         return np.diff(np.append(self.group_first_rows, self.n_rows))
 
 
-def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
+def read_verified(
+    fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str], max_ids: int, max_total: int
+) -> pa.Table:
     """Rows of the row groups `groups` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA,
     ids unpacked), reading only the footer and those groups, each checked against its sha256 first;
-    ValueError or OSError when anything differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    ValueError or OSError when anything differs, or when a row holds over `max_ids` ids or all over
+    `max_total` (`unpacked`). The groups are read into a zero-filled file-sized buffer (untouched pages cost no
     memory); the verified footer must place each group exactly where its checked bytes are."""
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
@@ -422,25 +465,26 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
     reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
     if PACKED in reader.schema_arrow.names and "input_ids" in columns:
         columns = [*(PACKED if c == "input_ids" else c for c in columns), *(["n_tokens"] * ("n_tokens" not in columns))]
-    return unpacked(reader.read_row_groups(groups.tolist(), columns=columns))
+    return unpacked(reader.read_row_groups(groups.tolist(), columns=columns), max_ids, max_total)
 
 
 def read_direct(
-    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], decode: bool = True
+    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], max_ids: int, decode: bool = True
 ) -> tuple[np.ndarray, np.ndarray, bytes, int]:
     """The ids of shard `rows` (in row groups with a packed start; `keys` their wanted content keys),
     reading only each row's own PACKED value (ranges closer than READ_GAP read as one): (whether each
     row's range lies inside its row group, its bytes, key and id count match the row's checksum and it
     decodes, the id count of each, the ids of the rows that match as int32 little-endian bytes in
-    `rows` order (none unless `decode`), bytes read). A row that does not match is never returned;
-    the caller reads its row group the checked way."""
+    `rows` order (none unless `decode`), bytes read). A row that does not match, or whose id count is
+    over `max_ids` (checked before anything is read or sized by it), is never returned; the caller
+    reads its row group the checked way."""
     groups = index.group_of(rows)
     before = index.stored_before[rows].astype(np.int64)
     starts = index.packed_starts[groups] + before - index.stored_before[index.group_first_rows[groups]] + 4
     lengths = index.stored_before[rows + 1].astype(np.int64) - before - 4
     counts = index.counts[rows].astype(np.int64)
     ends = starts + lengths
-    inside = (lengths >= 0) & (starts >= index.group_starts[groups])
+    inside = (lengths >= 0) & (counts <= max_ids) & (starts >= index.group_starts[groups])
     inside &= ends <= index.group_starts[groups] + index.group_lengths[groups]  # bounded by the groups' sizes
     ok = inside.copy()
     if not inside.any():
@@ -480,7 +524,7 @@ def read_direct(
                 ids.append(value)
                 continue
             try:
-                ids.append(unpack_one(value, count))
+                ids.append(unpack_one(value, count, max_ids))
             except ValueError:
                 ok[position] = False
     return ok, counts, b"".join(ids), len(buffer)

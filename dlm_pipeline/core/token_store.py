@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from dlm_pipeline.core import token_index
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
+from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.parquet_io import (
     PARQUET_OPTIONS,
     ParquetRows,
@@ -74,6 +75,7 @@ SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads of a text it cannot read alone) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
+COMPACT_MAX_IDS = 2**25  # a merge decodes at most this many ids (128 MiB as int32); shards beyond it are left alone
 MAX_MANIFEST_BYTES = 256 * 1024**2
 STALE_TEMP_SECONDS = 3600.0
 
@@ -189,9 +191,14 @@ def _show(name: object, limit: int = 120) -> str:
 
 
 class TokenStore:
-    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(
+        self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, max_text_bytes: int = DEFAULT_MAX_FILE_BYTES
+    ):
+        """`max_text_bytes`: the largest text a run reads (DLM_MAX_FILE_BYTES); it bounds the ids a
+        stored text may have (`token_index.max_text_ids`), so no count read from the store sizes more."""
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
+        self.max_text_ids = token_index.max_text_ids(max_text_bytes)
         self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -288,21 +295,20 @@ class TokenStore:
             raise CorruptShard(f"{name}: size or sha256 differs from the manifest")
         return data
 
-    def _read_shard(self, name: str, info: dict) -> pa.Table:
-        """The whole shard as a table, verified (compaction reads shards whole)."""
-        return self._decode(name, self._shard_bytes(name, info))
-
     @staticmethod
-    def _decode(name: str, data: bytes, unpack: bool = True) -> pa.Table:
-        """A verified shard's rows: STORE_SCHEMA, or as stored (SHARD_SCHEMA, or STORE_SCHEMA if older)."""
+    def _decode(name: str, data: bytes) -> pa.Table:
+        """A verified shard's rows as stored (SHARD_SCHEMA, or STORE_SCHEMA if older)."""
         try:
             table = pq.read_table(pa.BufferReader(data))
-            if not unpack:
-                return table.select(
-                    SHARD_SCHEMA.names if token_index.PACKED in table.column_names else STORE_SCHEMA.names
-                )
-            return token_index.unpacked(table).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+            return table.select(SHARD_SCHEMA.names if token_index.PACKED in table.column_names else STORE_SCHEMA.names)
         except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise CorruptShard(f"{name}: {exc}") from None
+
+    def _unpack(self, name: str, stored: pa.Table) -> pa.Table:
+        """A shard's rows as stored -> STORE_SCHEMA; CorruptShard when a text claims more ids than any may have."""
+        try:
+            return token_index.unpacked(stored, self.max_text_ids).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+        except Exception as exc:  # ValueError, or pyarrow's several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
 
     # -- manifest -------------------------------------------------------------------------
@@ -525,9 +531,11 @@ class TokenStore:
     # -- reads and writes -------------------------------------------------------------------
     def _write_shards(self, namespace: str, table: pa.Table) -> list[str]:
         """Store rows as new shards of at most SHARD_MAX_IDS ids each; their names."""
-        table = table.cast(STORE_SCHEMA)
+        table = self._storable(table)
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
         names = []
+        if not table.num_rows:
+            return names
         with self._namespace_fd(namespace, create=True) as fd:
             for start, end in chunk_bounds(lengths, SHARD_MAX_IDS):
                 name, entry = self._put_shard(fd, namespace, table.slice(start, end - start), time.time())
@@ -536,11 +544,21 @@ class TokenStore:
                 names.append(name)
         return names
 
+    def _storable(self, table: pa.Table) -> pa.Table:
+        """STORE_SCHEMA rows but those with more ids than a stored text may have (`max_text_ids`): a
+        lookup would read them as corrupt, so they are returned to the caller and tokenized again
+        next time instead of stored."""
+        table = table.cast(STORE_SCHEMA)
+        fits = pc.less_equal(table["n_tokens"], self.max_text_ids)
+        return table if pc.all(fits).as_py() is not False else table.filter(fits)
+
     def write_unlisted(self, namespace: str, table: pa.Table) -> list[tuple[str, dict]]:
         """A worker's part (SPEC §6, `--compute ray`): store rows as immutable shards named by the
         sha256 of their bytes, without touching the manifest; (name, entry) pairs for `commit`.
         A retried task writes the same bytes under the same name, so a rerun replaces nothing."""
-        table = table.cast(STORE_SCHEMA)
+        table = self._storable(table)
+        if not table.num_rows:
+            return []
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
         with self._namespace_fd(namespace, create=True) as fd:
             return [
@@ -625,11 +643,19 @@ class TokenStore:
                 small.sort()  # merged in name order, as before the size cap
                 if len(members) <= at_shards or len(small) < 2:
                     continue
-                tables, merged_names = [], []
+                tables, merged_names, ids = [], [], 0
                 for name in small:
                     try:
-                        tables.append(self._read_shard(name, good[name]))
+                        stored = self._decode(name, self._shard_bytes(name, good[name]))
+                        try:
+                            n_ids = int(token_index.checked_counts(stored["n_tokens"], self.max_text_ids).sum())
+                        except ValueError as exc:
+                            raise CorruptShard(f"{name}: {exc}") from None
+                        if ids + n_ids > COMPACT_MAX_IDS:
+                            continue  # left as it is: a merge's memory is bounded by the ids it decodes
+                        tables.append(self._unpack(name, stored))
                         merged_names.append(name)
+                        ids += n_ids
                     except CorruptShard:
                         del shards[name]
                         self._delete_shard(name)
@@ -666,7 +692,7 @@ class TokenStore:
             except (token_index.BadIndex, TokenStoreError, OSError):
                 pass
         data = self._shard_bytes(name, info)
-        table = self._decode(name, data, unpack=False)
+        table = self._decode(name, data)
         try:
             content = token_index.build(data, table, info["sha256"])
         except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
@@ -681,7 +707,10 @@ class TokenStore:
                         write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
                 except (OSError, TokenStoreError):
                     pass
-        return token_index.KeyIndex.parse(content, info)
+        try:
+            return token_index.KeyIndex.parse(content, info)
+        except token_index.BadIndex as exc:  # the manifest entry does not describe its shard (its row count)
+            raise CorruptShard(f"{name}: {exc}") from None
 
     def _read_rows(
         self,
@@ -711,7 +740,7 @@ class TokenStore:
                 if len(direct):
                     wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
                     ok, counts, values, read = token_index.read_direct(
-                        fd, index, rows[direct], wanted, decode="input_ids" in columns
+                        fd, index, rows[direct], wanted, self.max_text_ids, decode="input_ids" in columns
                     )
                     self.bytes_read += read
                     suspect[direct[~ok]], slow[direct[ok]] = True, False
@@ -752,7 +781,8 @@ class TokenStore:
         groups = index.group_of(rows)
         needed = np.unique(groups)
         sizes = index.group_sizes()[needed]
-        table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
+        most = len(needed) * max(GROUP_MAX_IDS, self.max_text_ids)  # what a row group of ours can hold
+        table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns), self.max_text_ids, most)
         self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
         if table.num_rows != int(sizes.sum()):
             raise CorruptShard(f"{name}: row groups hold other rows than the index says")
