@@ -356,7 +356,10 @@ class KeyIndex:
         n_groups, n_keys, footer = header.get("groups"), header.get("keys"), header.get("footer")
         shard_size, n_rows = entry["bytes"], entry["rows"]
         if not (
-            _is_count(n_groups) and _is_count(n_keys) and n_keys <= n_rows and n_groups <= min(max(n_rows, 1), MAX_GROUPS)
+            _is_count(n_groups)
+            and _is_count(n_keys)
+            and n_keys <= n_rows
+            and n_groups <= min(max(n_rows, 1), MAX_GROUPS)
         ):
             raise BadIndex("malformed counts")  # (group arrays are copied below: their count is bounded first)
         if not (

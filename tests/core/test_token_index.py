@@ -442,7 +442,9 @@ def test_a_huge_id_count_forged_in_the_index_alone_never_sizes_a_read(tmp_path, 
         LONG_KEYS[row].encode(), HUGE, value
     )
     shard.with_suffix(".keys").write_bytes(bytes(data))
-    lookup, peak = peak_bytes(lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, ["?"] * 30, loaded.encode))
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, ["?"] * 30, loaded.encode)
+    )
     assert peak < 64 * 2**20
     assert (lookup.hits, lookup.repaired) == (30, []) and lookup.table.equals(first.table)
     assert shard.with_suffix(".keys").read_bytes() == good
@@ -495,6 +497,8 @@ def test_a_forged_row_count_in_manifest_and_index_never_sizes_the_index_arrays(t
     with open(shard.with_suffix(".keys"), "wb") as fh:
         fh.write(head)
         fh.truncate(len(head) + 64 * 2**24 + (8 + token_index.ROW_DIGEST_BYTES) * rows + 8)
-    lookup, peak = peak_bytes(lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode))
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
+    )
     assert peak < 64 * 2**20
     assert lookup.repaired == [name] and lookup.misses == 30 and lookup.table.equals(first.table)
