@@ -105,7 +105,7 @@ def _group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int, int]]:
     return ranges
 
 
-def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
+def footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
     """(start, length) of the footer, its length field and the closing magic, from the last 8 bytes."""
     if len(tail) != 8 or tail[4:] != b"PAR1":
         raise BadIndex("not a Parquet file")
@@ -262,7 +262,7 @@ def _row_arrays(data: bytes, metadata: pq.FileMetaData, groups: np.ndarray, tabl
 def build(data: bytes, table: pa.Table, shard_sha256: str) -> bytes:
     """The index file of the shard whose verified bytes are `data` and whose rows, as stored, are `table`."""
     metadata = pq.read_metadata(pa.BufferReader(data))
-    footer_start, footer_length = _footer_range(len(data), data[-8:])
+    footer_start, footer_length = footer_range(len(data), data[-8:])
     groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
     digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
     packed_starts, stored_before, counts, row_digests = _row_arrays(data, metadata, groups, table)

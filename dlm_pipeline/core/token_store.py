@@ -60,7 +60,7 @@ from dlm_pipeline.core.parquet_io import (
     byte_bounded_slices,
     write_bytes_atomic,
 )
-from dlm_pipeline.core.safe_read import read_regular_file
+from dlm_pipeline.core.safe_read import open_regular, read_regular_file
 from dlm_pipeline.core.split import content_keys
 from dlm_pipeline.core.tokenize import TOKENS_SCHEMA, LoadedTokenizer, chunk_bounds, cut
 
@@ -77,6 +77,9 @@ GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one 
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 COMPACT_MAX_IDS = 2**25  # a merge decodes at most this many ids (128 MiB as int32); shards beyond it are left alone
 MAX_MANIFEST_BYTES = 256 * 1024**2
+MAX_FOOTER_BYTES = (
+    64 * 1024**2
+)  # a shard's Parquet footer above this is not ours (ours hold a few hundred bytes per row group)
 STALE_TEMP_SECONDS = 3600.0
 
 # Names the store creates; nothing else is ever opened, written or deleted.
@@ -204,6 +207,7 @@ class TokenStore:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._root_fd() as fd:
                 os.close(self._open_lock(fd))
+                self._check_manifest_name(fd)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             if self.root.exists() and not self.root.is_dir():
@@ -261,6 +265,17 @@ class TokenStore:
             os.close(fd)
             raise TokenStoreError(f"{self.root / LOCK} is not a regular file: remove it")
         return fd
+
+    def _check_manifest_name(self, root_fd: int) -> None:
+        """A folder at the manifest's name could never be replaced (every write would fail): refused at
+        once, with what to do. (Any other file there reads as no manifest and is replaced atomically,
+        never followed or opened for writing.)"""
+        try:
+            found = os.stat(MANIFEST, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(found.st_mode):
+            raise TokenStoreError(f"{self.root / MANIFEST} is a folder, not the token store's manifest: remove it")
 
     @staticmethod
     def _unlink_regular(dir_fd: int, name: str) -> bool:
@@ -403,6 +418,7 @@ class TokenStore:
                 if name.split("/")[0] not in folders:
                     del shards[name]
                     report["dropped"] += 1
+        report["ignored"].sort()  # not in the folder's listing order
         return report
 
     def _delete_stale_temps(self, fd: int, now: float, stale_after: float) -> int:
@@ -449,28 +465,42 @@ class TokenStore:
                     report["ignored"].append(f"{_show(name)} (not a regular file)")
                     continue
                 try:
-                    data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
-                    rows = pq.read_metadata(pa.BufferReader(data)).num_rows
-                    if NAMESPACE.fullmatch(namespace) is None or pq.read_schema(pa.BufferReader(data)).names not in (
-                        SHARD_SCHEMA.names,
-                        STORE_SCHEMA.names,
-                    ):
-                        raise ValueError("not a token shard of this version")
+                    if NAMESPACE.fullmatch(namespace) is None:
+                        raise ValueError("a shard of a namespace before v2")
+                    rows, size, digest = self._unlisted_shard(fd, shard)
                 except Exception:  # unreadable or foreign, at a name we create: not ours to keep
                     if self._unlink_regular(fd, shard):
                         report["deleted"] += 1
                     continue
-                shards[name] = {
-                    "rows": rows,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "last_used": now,
-                }
+                shards[name] = {"rows": rows, "bytes": size, "sha256": digest, "last_used": now}
                 report["adopted"] += 1
             shards_left = {entry.name for entry in os.scandir(fd) if SHARD.fullmatch(entry.name)}
             for index in indexes:  # an index whose shard is gone (a shard is written before its index)
                 if index.removesuffix(token_index.SUFFIX) + ".parquet" not in shards_left:
                     self._unlink_regular(fd, index)
+
+    @staticmethod
+    def _unlisted_shard(fd: int, shard: str) -> tuple[int, int, str]:
+        """(rows, bytes, sha256) of a shard the manifest lost, in bounded memory: its footer (at most
+        MAX_FOOTER_BYTES) is read and its schema checked first, then the file is hashed a block at a
+        time, so a file of MAX_SHARD_BYTES at a shard's name costs a read, never its size in memory.
+        ValueError or OSError when it is no token shard of this version."""
+        file_fd, info = open_regular(shard, dir_fd=fd, follow_symlinks=False)
+        with os.fdopen(file_fd, "rb") as fh:
+            if info.st_size > MAX_SHARD_BYTES:
+                raise ValueError(f"over {MAX_SHARD_BYTES} bytes")
+            fh.seek(max(info.st_size - 8, 0))
+            _, footer_length = token_index.footer_range(info.st_size, fh.read(8))
+            if footer_length > MAX_FOOTER_BYTES:
+                raise ValueError("a footer larger than a shard of ours has")
+            metadata = pq.read_metadata(pa.PythonFile(fh, mode="r"))
+            if metadata.schema.to_arrow_schema().names not in (SHARD_SCHEMA.names, STORE_SCHEMA.names):
+                raise ValueError("not a token shard of this version")
+            fh.seek(0)
+            digest = hashlib.file_digest(fh, "sha256")
+            if fh.tell() != info.st_size:
+                raise ValueError("changed while it was read")
+        return metadata.num_rows, info.st_size, digest.hexdigest()
 
     def evict(self, protect: set[str] = frozenset(), max_bytes: int | None = None) -> list[str]:
         """Remove least-recently-used shards until the store fits; `protect` is never removed."""

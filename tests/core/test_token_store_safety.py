@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import without_permission_override
+from conftest import REPO, without_permission_override
 
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
@@ -238,3 +240,67 @@ def test_list_offsets_stay_below_the_int32_limit():
     assert all(len(chunk.values) <= 6 or len(chunk) == 1 for chunk in table["input_ids"].chunks)
     assert table["input_ids"].to_pylist() == [r.tolist() for r in rows]
     assert table["n_tokens"].to_pylist() == [3, 3, 3, 10, 1, 0]
+
+
+def cache_cli(action: list[str], root, tmp_path) -> subprocess.CompletedProcess:
+    """`dlm-pipeline cache ...` on the store at `root`, in a subprocess, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(tmp_path / "home"), DLM_CACHE_DIR=str(root))
+    return subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "cache", *action],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_a_folder_at_the_manifest_name_is_one_clear_line_for_every_cache_command(tmp_path):
+    """It could never be replaced: every write of the manifest failed, with errno text and a temp name."""
+    store, loaded, _ = populated(tmp_path / "cache")
+    (store.root / MANIFEST).unlink()
+    (store.root / MANIFEST).mkdir()
+    for action in (["stats"], ["prune"], ["clear"]):
+        done = cache_cli(action, store.root, tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == (
+            f"dlm-pipeline: token cache {store.root} (DLM_CACHE_DIR): {store.root / MANIFEST} is a folder, "
+            "not the token store's manifest: remove it"
+        )
+    assert len(list((store.root / loaded.cache_namespace).glob("shard-*.parquet"))) == 1  # nothing touched
+
+
+def test_cache_prune_names_a_few_foreign_entries_in_name_order_not_all_of_them(tmp_path):
+    store, loaded, _ = populated(tmp_path / "cache")
+    for i in range(300):
+        (store.root / loaded.cache_namespace / f"junk{i:03d}").write_text("not ours")
+    done = cache_cli(["prune"], store.root, tmp_path)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert len(line) < 1000 and "300 foreign entr(y/ies) left alone" in line and "and 295 more" in line
+    assert line.index("junk000") < line.index("junk004") and "junk005" not in line
+    assert len(list((store.root / loaded.cache_namespace).glob("junk*"))) == 300
+
+
+def test_a_large_file_at_a_shard_name_is_adopted_or_deleted_in_bounded_memory(tmp_path):
+    """A shard the manifest lost is hashed a block at a time (it was read whole: up to 2 GiB)."""
+    import tracemalloc
+
+    store, loaded, _ = populated(tmp_path / "cache")
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    tail = shard.read_bytes()
+    big = shard.with_name(f"shard-{'b' * 32}.parquet")
+    with open(big, "wb") as fh:  # 512 MiB of zeros (sparse), then a footer of ours: looks like a shard
+        fh.truncate(512 * 2**20)
+        fh.seek(512 * 2**20)
+        fh.write(tail)
+    tracemalloc.start()
+    try:
+        report = store.repair()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20 and report["adopted"] == 1
+    entry = json.loads((store.root / MANIFEST).read_text())["shards"][f"{loaded.cache_namespace}/{big.name}"]
+    assert entry["bytes"] == big.stat().st_size
