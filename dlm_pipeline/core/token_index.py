@@ -34,7 +34,6 @@ import hashlib
 import json
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.safe_read import open_regular
 
 MAGIC = b"DLMKEYS2"  # DLMKEYS1 (no per-row ranges) reads as a bad index: rebuilt once from its shard
 SUFFIX = ".keys"
@@ -323,12 +323,11 @@ class KeyIndex:
         """The index file `name` in `dir_fd` (never through a symlink), if it describes the shard of
         manifest `entry`; else BadIndex."""
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            fd, info = open_regular(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            raise BadIndex(f"{name}: {exc.strerror}") from None
+            raise BadIndex(f"{name}: {exc.strerror or exc}") from None
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size < len(MAGIC) + 8:
+            if info.st_size < len(MAGIC) + 8:
                 raise BadIndex(f"{name}: not an index file")
             mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:

@@ -762,11 +762,10 @@ class TokenStore:
         parts: list[tuple[np.ndarray, pa.Table]] = []
         try:
             with self._namespace_fd(namespace) as dir_fd:
-                fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+                fd, found = open_regular(shard, dir_fd=dir_fd, follow_symlinks=False)
             try:
-                found = os.fstat(fd)
-                if not stat.S_ISREG(found.st_mode) or found.st_size != info["bytes"]:
-                    raise CorruptShard(f"{name}: not a regular file of the size the manifest says")
+                if found.st_size != info["bytes"]:
+                    raise CorruptShard(f"{name}: not the size the manifest says")
                 if len(direct):
                     wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
                     ok, counts, values, read = token_index.read_direct(
