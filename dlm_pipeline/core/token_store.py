@@ -212,6 +212,8 @@ class TokenStore:
             reason = exc.strerror or type(exc).__name__
             if self.root.exists() and not self.root.is_dir():
                 reason = "not a directory"
+            elif self.root.is_symlink() and not self.root.exists():
+                reason = "a symlink that leads nowhere: dangling or a loop"
             raise TokenStoreError(
                 f"token cache folder {self.root} cannot be used ({reason}); set DLM_CACHE_DIR to a writable folder"
             ) from None

@@ -196,14 +196,25 @@ def test_outputs_and_the_store_follow_the_umask(tmp_path, umask):
     assert stat.S_IMODE((store.root / loaded.cache_namespace).stat().st_mode) == 0o777 & ~umask
 
 
-@pytest.mark.parametrize("kind", ["file", "devnull", "below_a_file"])
+@pytest.mark.parametrize("kind", ["file", "devnull", "below_a_file", "fifo", "dangling_symlink", "symlink_loop"])
 def test_an_unusable_root_is_one_clear_error(tmp_path, kind):
     (tmp_path / "plain").write_text("x")
-    root = {"file": tmp_path / "plain", "devnull": "/dev/null", "below_a_file": tmp_path / "plain" / "cache"}[kind]
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "cache")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    root = {
+        "file": tmp_path / "plain",
+        "devnull": "/dev/null",
+        "below_a_file": tmp_path / "plain" / "cache",
+        "fifo": tmp_path / "fifo",
+        "dangling_symlink": tmp_path / "dangling",
+        "symlink_loop": tmp_path / "loop",
+    }[kind]
     with pytest.raises(TokenStoreError) as error:
         TokenStore(root)
     message = str(error.value)
     assert str(root) in message and "DLM_CACHE_DIR" in message and "\n" not in message
+    assert "File exists" not in message  # what a dangling symlink or a loop said
 
 
 def test_an_unwritable_root_is_one_clear_error(tmp_path):
