@@ -56,9 +56,9 @@ MIN_PACKED_BYTES = 64  # ids shorter than this are stored plain (a zstd frame wo
 _ZSTD = pa.Codec("zstd")
 _blake2b = hashlib.blake2b
 READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
-IDS_PER_TEXT_BYTE = 4  # `max_text_ids`: generous (byte-level BPE, WordPiece, Unigram with byte fallback give at
+IDS_PER_TEXT_BYTE = 4  # `text_ids_bound`: generous (byte-level BPE, WordPiece, Unigram with byte fallback give at
 # most one id per byte; a normaliser such as NFKC can expand a few characters several times)
-EXTRA_TEXT_IDS = 4096  # and room for special tokens and a text a little larger than a file (a section's framing)
+EXTRA_TEXT_IDS = 256  # and room for the special tokens a post-processor adds
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
@@ -132,12 +132,17 @@ def pack_ids(ids: pa.Array | pa.ChunkedArray, n_tokens: np.ndarray) -> pa.Array:
     return pa.array(packed, pa.binary())
 
 
+def text_ids_bound(text_bytes: int | np.ndarray) -> int | np.ndarray:
+    """The most ids a text of `text_bytes` UTF-8 bytes may have in the store: IDS_PER_TEXT_BYTE per
+    byte plus EXTRA_TEXT_IDS for special tokens. Every count a shard, index or manifest states is
+    checked against it (or `max_text_ids`) before anything is sized by it: a count above it is a
+    forged or corrupt entry, never an allocation. A text that really has more ids is returned, not stored."""
+    return IDS_PER_TEXT_BYTE * text_bytes + EXTRA_TEXT_IDS
+
+
 def max_text_ids(max_text_bytes: int) -> int:
-    """The most ids one stored text may have: IDS_PER_TEXT_BYTE per byte of the largest text a run reads
-    (`DLM_MAX_FILE_BYTES`), plus EXTRA_TEXT_IDS for special tokens. Every count a shard, index or
-    manifest states is checked against it before anything is sized by it: a count above it is a forged
-    or corrupt entry, never an allocation. A text that really has more ids is returned, not stored."""
-    return IDS_PER_TEXT_BYTE * max_text_bytes + EXTRA_TEXT_IDS
+    """The most ids any stored text may have: that of the largest text a run reads (`DLM_MAX_FILE_BYTES`)."""
+    return text_ids_bound(max_text_bytes)
 
 
 DEFAULT_MAX_TEXT_IDS = max_text_ids(DEFAULT_MAX_FILE_BYTES)
@@ -161,8 +166,9 @@ def unpack_one(value: bytes | memoryview, count: int, max_ids: int) -> bytes:
     return plain
 
 
-def checked_counts(n_tokens: pa.Array | pa.ChunkedArray, max_ids: int) -> np.ndarray:
-    """A shard's n_tokens as int64; ValueError when one is missing, negative or over `max_ids`."""
+def checked_counts(n_tokens: pa.Array | pa.ChunkedArray, max_ids: int | np.ndarray) -> np.ndarray:
+    """A shard's n_tokens as int64; ValueError when one is missing, negative or over `max_ids` (one
+    for all or one per row)."""
     counts = n_tokens.to_numpy(zero_copy_only=False).astype(np.int64)
     if n_tokens.null_count or (counts < 0).any():
         raise ValueError("n_tokens missing or negative")
@@ -171,11 +177,11 @@ def checked_counts(n_tokens: pa.Array | pa.ChunkedArray, max_ids: int) -> np.nda
     return counts
 
 
-def unpacked(table: pa.Table, max_ids: int = DEFAULT_MAX_TEXT_IDS, max_total: int | None = None) -> pa.Table:
+def unpacked(table: pa.Table, max_ids: int | np.ndarray = DEFAULT_MAX_TEXT_IDS) -> pa.Table:
     """Rows read from a shard, with `input_ids` in place of PACKED (a shard written before holds
     `input_ids` itself); ValueError when a value does not decode to its n_tokens ids, or when a row's
-    n_tokens is over `max_ids` (also when PACKED is not read: a caller sizes work by n_tokens) or all
-    of them over `max_total`, checked before anything is decoded."""
+    n_tokens is over `max_ids` (one for all rows or one per row; checked before anything is decoded,
+    also when PACKED is not read: a caller sizes work by n_tokens)."""
     if "n_tokens" not in table.column_names:
         if PACKED in table.column_names:
             raise ValueError("packed ids without n_tokens")
@@ -183,12 +189,14 @@ def unpacked(table: pa.Table, max_ids: int = DEFAULT_MAX_TEXT_IDS, max_total: in
     counts = checked_counts(table["n_tokens"], max_ids)
     if PACKED not in table.column_names:
         return table
-    if max_total is not None and int(counts.sum()) > max_total:
-        raise ValueError(f"{int(counts.sum())} ids in all, over the {max_total} these rows can hold")
+    limits = np.broadcast_to(np.asarray(max_ids, np.int64), counts.shape).tolist()
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     values = b"".join(
-        [unpack_one(v, n, max_ids) for v, n in zip(table[PACKED].to_pylist(), counts.tolist(), strict=True)]
+        [
+            unpack_one(v, n, limit)
+            for v, n, limit in zip(table[PACKED].to_pylist(), counts.tolist(), limits, strict=True)
+        ]
     )
     ids = pa.ListArray.from_arrays(
         pa.array(offsets, pa.int32()), pa.array(np.frombuffer(values, "<i4").astype(np.int32, copy=False))
@@ -437,13 +445,15 @@ class KeyIndex:
 
 
 def read_verified(
-    fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str], max_ids: int, max_total: int
+    fd: int, size: int, index: KeyIndex, rows: np.ndarray, columns: list[str], max_ids: np.ndarray
 ) -> pa.Table:
-    """Rows of the row groups `groups` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA,
-    ids unpacked), reading only the footer and those groups, each checked against its sha256 first;
-    ValueError or OSError when anything differs, or when a row holds over `max_ids` ids or all over
-    `max_total` (`unpacked`). The groups are read into a zero-filled file-sized buffer (untouched pages cost no
-    memory); the verified footer must place each group exactly where its checked bytes are."""
+    """Shard `rows` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA, ids unpacked),
+    reading only the footer and the row groups holding them, each checked against its sha256 first;
+    ValueError or OSError when anything differs, or when a row claims more ids than its `max_ids`
+    (`unpacked`). The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    memory); the verified footer must place each group exactly where its checked bytes are. Groups
+    are decoded one at a time and only the wanted rows' ids are unpacked, so what is decoded is
+    bounded by the rows asked for, whatever the other rows of their groups claim."""
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
     image = np.zeros(size, dtype=np.uint8)
@@ -458,7 +468,9 @@ def read_verified(
     footer = checked(index.footer[0], index.footer[1], bytes.fromhex(index.footer[2]))
     metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + bytes(footer)))
     sizes = index.group_sizes()
-    for g in groups.tolist():
+    groups = index.group_of(rows)
+    needed = np.unique(groups)
+    for g in needed.tolist():
         start, length = int(index.group_starts[g]), int(index.group_lengths[g])
         group = metadata.row_group(g) if g < metadata.num_row_groups else None
         if group is None or group.num_rows != sizes[g] or _range_of(group) != (start, length):
@@ -467,19 +479,27 @@ def read_verified(
     reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
     if PACKED in reader.schema_arrow.names and "input_ids" in columns:
         columns = [*(PACKED if c == "input_ids" else c for c in columns), *(["n_tokens"] * ("n_tokens" not in columns))]
-    return unpacked(reader.read_row_groups(groups.tolist(), columns=columns), max_ids, max_total)
+    bounds = np.searchsorted(groups, needed, side="left").tolist() + [len(rows)]
+    parts = []
+    for g, first, last in zip(needed.tolist(), bounds[:-1], bounds[1:], strict=True):
+        table = reader.read_row_group(g, columns=columns)
+        if table.num_rows != sizes[g]:
+            raise ValueError("a row group holds other rows than the index says")
+        local = rows[first:last] - index.group_first_rows[g]
+        parts.append(unpacked(table.take(pa.array(local, pa.int64())), max_ids[first:last]))
+    return pa.concat_tables(parts)
 
 
 def read_direct(
-    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], max_ids: int, decode: bool = True
+    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], max_ids: np.ndarray, decode: bool = True
 ) -> tuple[np.ndarray, np.ndarray, bytes, int]:
     """The ids of shard `rows` (in row groups with a packed start; `keys` their wanted content keys),
     reading only each row's own PACKED value (ranges closer than READ_GAP read as one): (whether each
     row's range lies inside its row group, its bytes, key and id count match the row's checksum and it
     decodes, the id count of each, the ids of the rows that match as int32 little-endian bytes in
     `rows` order (none unless `decode`), bytes read). A row that does not match, or whose id count is
-    over `max_ids` (checked before anything is read or sized by it), is never returned; the caller
-    reads its row group the checked way."""
+    over its `max_ids` (checked before anything is read or sized by it), is never returned; the
+    caller reads its row group the checked way."""
     groups = index.group_of(rows)
     before = index.stored_before[rows].astype(np.int64)
     starts = index.packed_starts[groups] + before - index.stored_before[index.group_first_rows[groups]] + 4
@@ -526,7 +546,7 @@ def read_direct(
                 ids.append(value)
                 continue
             try:
-                ids.append(unpack_one(value, count, max_ids))
+                ids.append(unpack_one(value, count, int(max_ids[position])))
             except ValueError:
                 ok[position] = False
     return ok, counts, b"".join(ids), len(buffer)

@@ -561,9 +561,10 @@ class TokenStore:
                 del manifest["shards"][name]
 
     # -- reads and writes -------------------------------------------------------------------
-    def _write_shards(self, namespace: str, table: pa.Table) -> list[str]:
-        """Store rows as new shards of at most SHARD_MAX_IDS ids each; their names."""
-        table = self._storable(table)
+    def _write_shards(self, namespace: str, table: pa.Table, limits: np.ndarray | None = None) -> list[str]:
+        """Store rows as new shards of at most SHARD_MAX_IDS ids each (but those over their `limits`,
+        `max_text_ids` unless given); their names."""
+        table = self._storable(table, self.max_text_ids if limits is None else limits)
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
         names = []
         if not table.num_rows:
@@ -576,19 +577,28 @@ class TokenStore:
                 names.append(name)
         return names
 
-    def _storable(self, table: pa.Table) -> pa.Table:
-        """STORE_SCHEMA rows but those with more ids than a stored text may have (`max_text_ids`): a
-        lookup would read them as corrupt, so they are returned to the caller and tokenized again
-        next time instead of stored."""
+    def _storable(self, table: pa.Table, limits: np.ndarray | int) -> pa.Table:
+        """STORE_SCHEMA rows but those with more ids than their text may have (`limits`, at most
+        `max_text_ids`): a lookup would read them as corrupt, so they are returned to the caller and
+        tokenized again next time instead of stored."""
         table = table.cast(STORE_SCHEMA)
-        fits = pc.less_equal(table["n_tokens"], self.max_text_ids)
-        return table if pc.all(fits).as_py() is not False else table.filter(fits)
+        fits = table["n_tokens"].to_numpy(zero_copy_only=False) <= np.minimum(limits, self.max_text_ids)
+        return table if fits.all() else table.filter(pa.array(fits))
+
+    def _limits(self, texts: Sequence[str] | Callable, text_bytes: np.ndarray | None, count: int) -> np.ndarray:
+        """The most ids each of `count` texts may have: by its size when known, else `max_text_ids`."""
+        if text_bytes is None and not callable(texts):
+            text_bytes = pc.binary_length(pa.array(list(texts), pa.string())).to_numpy(zero_copy_only=False)
+        if text_bytes is None:
+            return np.full(count, self.max_text_ids, np.int64)
+        sizes = np.asarray(text_bytes, np.int64)
+        return np.minimum(token_index.text_ids_bound(sizes), self.max_text_ids)
 
     def write_unlisted(self, namespace: str, table: pa.Table) -> list[tuple[str, dict]]:
         """A worker's part (SPEC §6, `--compute ray`): store rows as immutable shards named by the
         sha256 of their bytes, without touching the manifest; (name, entry) pairs for `commit`.
         A retried task writes the same bytes under the same name, so a rerun replaces nothing."""
-        table = self._storable(table)
+        table = self._storable(table, self.max_text_ids)
         if not table.num_rows:
             return []
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
@@ -752,9 +762,10 @@ class TokenStore:
         rows: np.ndarray,
         keys: pa.Array,
         columns: Sequence[str],
+        limits: np.ndarray,
     ) -> tuple[pa.Table, np.ndarray]:
-        """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there),
-        and which rows' own byte ranges did not match their checksum. A row in a group whose packed
+        """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there,
+        `limits` the most ids each may have), and which rows' own byte ranges did not match their checksum. A row in a group whose packed
         values can be read alone is (`token_index.read_direct`); the others, and any such row that does
         not match, are read as whole row groups with the footer (all their bytes verified; only
         `columns` decoded)."""
@@ -771,14 +782,14 @@ class TokenStore:
                 if len(direct):
                     wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
                     ok, counts, values, read = token_index.read_direct(
-                        fd, index, rows[direct], wanted, self.max_text_ids, decode="input_ids" in columns
+                        fd, index, rows[direct], wanted, limits[direct], decode="input_ids" in columns
                     )
                     self.bytes_read += read
                     suspect[direct[~ok]], slow[direct[ok]] = True, False
                     parts.append((direct[ok], self._direct_table(keys, direct[ok], counts[ok], values, columns)))
                 if slow.any():
                     at = np.flatnonzero(slow)
-                    parts.append((at, self._read_groups(name, info, fd, index, rows[at], columns)))
+                    parts.append((at, self._read_groups(info, fd, index, rows[at], columns, limits[at])))
             finally:
                 os.close(fd)
         except CorruptShard:
@@ -805,21 +816,19 @@ class TokenStore:
         return pa.table({c: table[c] for c in columns}, schema=pa.schema([STORE_SCHEMA.field(c) for c in columns]))
 
     def _read_groups(
-        self, name: str, info: dict, fd: int, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
+        self,
+        info: dict,
+        fd: int,
+        index: token_index.KeyIndex,
+        rows: np.ndarray,
+        columns: Sequence[str],
+        limits: np.ndarray,
     ) -> pa.Table:
-        """Rows `rows` of the shard open at `fd`, reading only its footer and the row groups holding
-        them (all their bytes are verified; only `columns` are decoded)."""
-        groups = index.group_of(rows)
-        needed = np.unique(groups)
-        sizes = index.group_sizes()[needed]
-        most = len(needed) * max(GROUP_MAX_IDS, self.max_text_ids)  # what a row group of ours can hold
-        table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns), self.max_text_ids, most)
-        self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
-        if table.num_rows != int(sizes.sum()):
-            raise CorruptShard(f"{name}: row groups hold other rows than the index says")
-        bases = np.cumsum(sizes) - sizes
-        local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
-        return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
+        """Rows `rows` (ascending) of the shard open at `fd`, reading only its footer and the row groups
+        holding them (all their bytes are verified; only `columns` of the rows asked for are decoded)."""
+        table = token_index.read_verified(fd, info["bytes"], index, rows, list(columns), limits)
+        self.bytes_read += index.footer[1] + int(index.group_lengths[np.unique(index.group_of(rows))].sum())
+        return table.cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
 
     def _find_in_shard(
         self,
@@ -828,7 +837,8 @@ class TokenStore:
         wanted: pa.Array,
         prefixes: np.ndarray,
         pending: np.ndarray,
-        columns: Sequence[str] = STORE_SCHEMA.names,
+        columns: Sequence[str],
+        limits: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         """(positions of `pending` keys the index points into this shard, positions found, their rows).
         Every returned row's full content key is compared; an index that points at other keys is
@@ -853,7 +863,9 @@ class TokenStore:
             if not len(at):
                 return at, at, STORE_SCHEMA.empty_table()
             try:
-                table, suspect = self._read_rows(name, info, index, rows, wanted.take(pa.array(pending[at])), columns)
+                table, suspect = self._read_rows(
+                    name, info, index, rows, wanted.take(pa.array(pending[at])), columns, limits[pending[at]]
+                )
             except CorruptShard as exc:
                 pointed = exc.pointed = pending[at]
                 if rebuild:
@@ -875,18 +887,22 @@ class TokenStore:
         found_rows: list,
         used: set,
         repaired: list,
-        corrupt: set | None = None,
-        columns: Sequence[str] = STORE_SCHEMA.names,
+        corrupt: set | None,
+        columns: Sequence[str],
+        limits: np.ndarray,
     ) -> np.ndarray:
         """Look the keys at `pending` positions of `wanted` up in the shards `names` through their key
-        indexes; appends (positions, rows) to `found_rows`; returns the positions still missing. A
-        corrupt shard is deleted, its keys stay missing and their positions go to `corrupt`."""
+        indexes (`limits`: the most ids each may have); appends (positions, rows) to `found_rows`;
+        returns the positions still missing. A corrupt shard is deleted, its keys stay missing and
+        their positions go to `corrupt`."""
         prefixes, _ = token_index.key_prefixes(wanted)
         for name in sorted(names):
             if not len(pending):
                 break
             try:
-                pointed, found, rows = self._find_in_shard(name, names[name], wanted, prefixes, pending, columns)
+                pointed, found, rows = self._find_in_shard(
+                    name, names[name], wanted, prefixes, pending, columns, limits
+                )
             except CorruptShard as exc:
                 if self._drop_corrupt(name, names[name]):
                     repaired.append(name)
@@ -910,6 +926,7 @@ class TokenStore:
         encode: Encoder,
         write_elsewhere: RemoteWriter | None = None,
         lengths_only: bool = False,
+        text_bytes: np.ndarray | None = None,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
         encode and store the rest. Keys are found through each shard's key index and only their
@@ -918,7 +935,10 @@ class TokenStore:
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here. `texts`
         may be a function of the (ascending) positions of the misses, so only their texts are read.
-        With `lengths_only`, the table has no input_ids: the stored ids are verified but not decoded."""
+        With `lengths_only`, the table has no input_ids: the stored ids are verified but not decoded.
+        `text_bytes` (the UTF-8 size of each text; taken from `texts` when they are given as a list)
+        bounds the ids each key may have (`token_index.text_ids_bound`), so what a lookup decodes is
+        bounded by the texts asked for; without, by the store's `max_text_ids` per key."""
         columns = ("content_key", "n_tokens") if lengths_only else tuple(STORE_SCHEMA.names)
         report = self.repair()
         good, _ = self._entries(self._read_manifest())
@@ -927,6 +947,7 @@ class TokenStore:
         used, repaired, corrupt = set(), list(report["corrupt"]), set()
         bytes_before = self.bytes_read
         everything = np.arange(len(wanted), dtype=np.int64)
+        limits = self._limits(texts, text_bytes, len(wanted))
         pending = self._gather(
             {n: i for n, i in good.items() if n.split("/")[0] == namespace},
             wanted,
@@ -936,6 +957,7 @@ class TokenStore:
             repaired,
             corrupt,
             columns,
+            limits,
         )
         misses = len(pending)
         reasons = {
@@ -951,7 +973,9 @@ class TokenStore:
             written, encode_seconds, encoded_tokens = write_elsewhere(
                 namespace, wanted.take(pa.array(pending)).to_pylist(), texts_at(pending)
             )
-            pending = self._gather(self.commit(written), wanted, pending, found_rows, used, repaired, None, columns)
+            pending = self._gather(
+                self.commit(written), wanted, pending, found_rows, used, repaired, None, columns, limits
+            )
         if len(pending):
             start = time.perf_counter()
             encoded = encode(texts_at(pending))
@@ -965,7 +989,7 @@ class TokenStore:
                 },
                 schema=STORE_SCHEMA,
             )
-            used.update(self._write_shards(namespace, fresh))
+            used.update(self._write_shards(namespace, fresh, limits[pending]))
             found_rows.append((pending, fresh))
         combined = pa.concat_tables(
             [rows.select(columns) for _, rows in found_rows] or [STORE_SCHEMA.empty_table().select(columns)]
@@ -1118,6 +1142,7 @@ def tokenized_rows(
             encode,
             write_elsewhere,
             lengths_only=True,  # the ids are read again, a batch at a time, when the rows are written
+            text_bytes=key_sizes[start:end],
         )
         full_tokens[start:end] = part.table["n_tokens"].to_numpy()
         part.table = STORE_SCHEMA.empty_table()
@@ -1141,7 +1166,11 @@ def tokenized_rows(
                 continue
             wanted = np.unique(row_keys[start:end])
             found = store.get_or_compute(
-                namespace, unique_keys.take(pa.array(wanted, pa.int64())).to_pylist(), texts_of(wanted), encode
+                namespace,
+                unique_keys.take(pa.array(wanted, pa.int64())).to_pylist(),
+                texts_of(wanted),
+                encode,
+                text_bytes=key_sizes[wanted],
             )  # all hit but for a shard evicted or damaged meanwhile, which is tokenized again
             per_row = cut(found.table, loaded.max_seq_len).take(
                 pa.array(np.searchsorted(wanted, row_keys[start:end]), pa.int64())

@@ -443,7 +443,7 @@ def test_a_huge_id_count_forged_in_the_index_alone_never_sizes_a_read(tmp_path, 
     )
     shard.with_suffix(".keys").write_bytes(bytes(data))
     lookup, peak = peak_bytes(
-        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, ["?"] * 30, loaded.encode)
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
     )
     assert peak < 64 * 2**20
     assert (lookup.hits, lookup.repaired) == (30, []) and lookup.table.equals(first.table)
@@ -502,3 +502,26 @@ def test_a_forged_row_count_in_manifest_and_index_never_sizes_the_index_arrays(t
     )
     assert peak < 64 * 2**20
     assert lookup.repaired == [name] and lookup.misses == 30 and lookup.table.equals(first.table)
+
+
+def test_many_texts_each_claiming_ids_within_the_store_bound_are_bounded_by_their_own_size(tmp_path, loaded):
+    """Every row of a forged shard is a real zstd frame of 2^20 ids (4 MiB, a few hundred bytes stored),
+    under the store's per-text bound but far over what a text of ~640 bytes can have: no lookup decodes
+    them (it decoded 30 x 4 MiB, and a lookup of many keys any multiple of that)."""
+    frame = pa.Codec("zstd").compress(bytes(4 * 2**20), asbytes=True)
+
+    def bombs(table):
+        n = table.num_rows
+        table = table.set_column(table.column_names.index("n_tokens"), "n_tokens", pa.array([2**20] * n, pa.int32()))
+        return table.set_column(
+            table.column_names.index(token_index.PACKED), token_index.PACKED, pa.array([frame] * n, pa.binary())
+        )
+
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    assert 2**20 < store.max_text_ids and len(frame) < 4096
+    forge_shard(store, shard, bombs)
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
+    )
+    assert peak < 64 * 2**20
+    assert lookup.repaired == [f"{loaded.cache_namespace}/{shard.name}"] and lookup.table.equals(first.table)
