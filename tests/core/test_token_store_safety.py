@@ -315,3 +315,27 @@ def test_a_large_file_at_a_shard_name_is_adopted_or_deleted_in_bounded_memory(tm
     assert peak < 64 * 2**20 and report["adopted"] == 1
     entry = json.loads((store.root / MANIFEST).read_text())["shards"][f"{loaded.cache_namespace}/{big.name}"]
     assert entry["bytes"] == big.stat().st_size
+
+
+def test_cache_commands_in_a_hostile_folder_finish_and_touch_nothing_outside(tmp_path):
+    """Through the CLI, as a user runs it: the manifest a symlink to a file outside, FIFOs at an index
+    name, a temp-file name and a namespace name, a shard that is a symlink out: every command ends
+    (nothing is opened blocking), and nothing outside the store changes."""
+    store, loaded, _ = populated(tmp_path / "cache")
+    folder = store.root / loaded.cache_namespace
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"version": 2, "shards": {}}')
+    (store.root / MANIFEST).unlink()
+    (store.root / MANIFEST).symlink_to(victim)
+    os.mkfifo(folder / f"shard-{'c' * 32}.keys")
+    os.mkfifo(folder / f".shard-{'d' * 32}.parquet.abc.tmp")
+    os.mkfifo(store.root / ("f" * 32))
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"PAR1 not yours PAR1")
+    (folder / f"shard-{'e' * 32}.parquet").symlink_to(outside)
+    for action in (["stats"], ["prune", "--max-bytes", "0"], ["clear"]):
+        done = cache_cli(action, store.root, tmp_path)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (action, done.stderr)
+    assert victim.read_text() == '{"version": 2, "shards": {}}' and outside.read_bytes() == b"PAR1 not yours PAR1"
+    assert stat.S_ISFIFO((store.root / ("f" * 32)).lstat().st_mode)
+    assert not list(folder.glob("shard-*.parquet")) or all(p.is_symlink() for p in folder.glob("shard-*.parquet"))
