@@ -301,11 +301,12 @@ class TokenStore:
             return False
 
     def _shard_bytes(self, name: str, info: dict) -> bytes:
-        """The whole shard file, after its size and sha256 are checked against the manifest."""
+        """The whole shard file, after its size and sha256 are checked against the manifest (a file
+        larger than the manifest says is refused before it is read)."""
         namespace, shard = name.split("/")
         try:
             with self._namespace_fd(namespace) as fd:
-                data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
+                data = read_regular_file(shard, info["bytes"], dir_fd=fd, follow_symlinks=False)
         except (OSError, TokenStoreError) as exc:
             raise CorruptShard(f"{name}: {exc}") from None
         if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info.get("sha256"):

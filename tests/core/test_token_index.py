@@ -525,3 +525,14 @@ def test_many_texts_each_claiming_ids_within_the_store_bound_are_bounded_by_thei
     )
     assert peak < 64 * 2**20
     assert lookup.repaired == [f"{loaded.cache_namespace}/{shard.name}"] and lookup.table.equals(first.table)
+
+
+def test_a_shard_grown_past_its_manifest_size_is_never_read_whole(tmp_path, loaded):
+    """Compaction (no repair before it) met a shard replaced by a 512 MiB sparse file: it read it
+    whole before comparing sizes."""
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    store.get_or_compute(loaded.cache_namespace, KEYS[:10], TEXTS[:10], loaded.encode)  # a second shard
+    with open(shard, "r+b") as fh:
+        fh.truncate(512 * 2**20)
+    merged, peak = peak_bytes(lambda: store.compact(at_shards=1))
+    assert peak < 64 * 2**20 and merged == 0 and not shard.exists()
