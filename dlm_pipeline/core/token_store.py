@@ -77,9 +77,7 @@ GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one 
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
 COMPACT_MAX_IDS = 2**25  # a merge decodes at most this many ids (128 MiB as int32); shards beyond it are left alone
 MAX_MANIFEST_BYTES = 256 * 1024**2
-MAX_FOOTER_BYTES = (
-    64 * 1024**2
-)  # a shard's Parquet footer above this is not ours (ours hold a few hundred bytes per row group)
+MAX_FOOTER_BYTES = 64 * 1024**2  # a shard's Parquet footer above this is not ours (ours: ~200 bytes per row group)
 STALE_TEMP_SECONDS = 3600.0
 
 # Names the store creates; nothing else is ever opened, written or deleted.
