@@ -764,10 +764,10 @@ class TokenStore:
         limits: np.ndarray,
     ) -> tuple[pa.Table, np.ndarray]:
         """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there,
-        `limits` the most ids each may have), and which rows' own byte ranges did not match their checksum. A row in a group whose packed
-        values can be read alone is (`token_index.read_direct`); the others, and any such row that does
-        not match, are read as whole row groups with the footer (all their bytes verified; only
-        `columns` decoded)."""
+        `limits` the most ids each may have), and which rows' own byte ranges did not match their
+        checksum. A row in a group whose packed values can be read alone is (`token_index.read_direct`);
+        the others, and any such row that does not match, are read as whole row groups with the footer
+        (all their bytes verified; only `columns` of the rows asked for decoded)."""
         namespace, shard = name.split("/")
         direct = np.flatnonzero(index.packed_starts[index.group_of(rows)] != 0)
         suspect, slow = np.zeros(len(rows), bool), np.ones(len(rows), bool)
