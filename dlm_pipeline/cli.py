@@ -397,16 +397,19 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PRUNE_SHOWN = 5  # foreign entries `cache prune` names (a folder may hold any number)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from dlm_pipeline.core.token_store import TokenStore
 
     try:
-        max_bytes = settings.cache_max_bytes()
+        max_bytes, max_text_bytes = settings.cache_max_bytes(), settings.max_file_bytes()
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
     root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     try:
-        _cache_action(TokenStore(root, max_bytes=max_bytes), args)
+        _cache_action(TokenStore(root, max_bytes=max_bytes, max_text_bytes=max_text_bytes), args)
     except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)
         raise CliError(f"token cache {root} ({settings.ENV_CACHE_DIR}): {exc}", EXIT_FAILED) from None
     return EXIT_OK
@@ -425,9 +428,15 @@ def _cache_action(store, args: argparse.Namespace) -> None:
         report = store.repair()
         merged = store.compact(at_shards=1)
         removed = store.evict(max_bytes=args.max_bytes)
+        ignored = report["ignored"]
+        examples = "; ".join(ignored[:PRUNE_SHOWN]) + (
+            f"; and {len(ignored) - PRUNE_SHOWN} more" * (len(ignored) > PRUNE_SHOWN)
+        )
         print(
-            f"repaired {report}; merged {merged} small shard(s) away; evicted {len(removed)} shard(s); "
-            f"now {store.stats()['bytes']:,} bytes"
+            f"repaired: {report['dropped']} lost shard(s) dropped, {report['adopted']} adopted, {report['deleted']} "
+            f"unreadable or stale file(s) deleted, {len(report['corrupt'])} corrupt shard(s) deleted, "
+            f"{len(ignored)} foreign entr(y/ies) left alone{f' ({examples})' if ignored else ''}; "
+            f"merged {merged} small shard(s) away; evicted {len(removed)} shard(s); now {store.stats()['bytes']:,} bytes"
         )
     else:
         store.clear()

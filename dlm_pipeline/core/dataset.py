@@ -185,6 +185,7 @@ def used_text_ids(
                     keys.take(pa.array(texts, pa.int64())).to_pylist(),
                     lambda positions_, texts=texts: row_texts(raw, plan.unique_rows[texts[positions_]]),
                     lambda t: plain.encode(t, progress),
+                    text_bytes=plan.text_bytes[plan.unique_rows[texts]],
                 ).table,
             )
 

@@ -16,11 +16,16 @@ Here every document is one sequence, so the document indices are 0, 1, ..., n.
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from dlm_pipeline.core.safe_read import NotRegularFile, open_regular
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -67,16 +72,39 @@ class IndexedDataset:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        start = int(self.pointers[i]) // self.dtype.itemsize
-        return self.tokens[start : start + int(self.lengths[i])]
+        pointer, length = int(self.pointers[i]), int(self.lengths[i])
+        start = pointer // self.dtype.itemsize
+        if pointer < 0 or pointer % self.dtype.itemsize or start + length > len(self.tokens):
+            raise MegatronFormatError(f"sequence {i} points outside the .bin")
+        return self.tokens[start : start + length]
+
+
+def _mapped(path: Path, what: str) -> tuple[np.ndarray, int]:
+    """(the bytes of the regular file at `path` as a read-only memory map, its size), opened without
+    following a symlink and without blocking (a FIFO is refused, never waited on)."""
+    try:
+        fd, info = open_regular(str(path), follow_symlinks=False)
+    except NotRegularFile:
+        raise MegatronFormatError(f"{path}: not a regular file; {what} must be one") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MegatronFormatError(f"{path}: a symlink; {what} is never read through one") from None
+        raise
+    try:
+        if not info.st_size:
+            return np.zeros(0, np.uint8), 0
+        return np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8), info.st_size
+    finally:
+        os.close(fd)
 
 
 def read_indexed(prefix: str | Path) -> IndexedDataset:
-    """Open `<prefix>.idx` and `<prefix>.bin`, validating the header and the sizes against each other."""
+    """Open `<prefix>.idx` and `<prefix>.bin` (never through a symlink; both memory-mapped), validating
+    the header's counts against the .idx size before any array is read, and the sizes against each other."""
     idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    data = idx_path.read_bytes()
+    data, size = _mapped(idx_path, "a Megatron index")
     fixed = len(INDEX_HEADER) + 8 + 1 + 8 + 8
-    if len(data) < fixed or not data.startswith(INDEX_HEADER):
+    if size < fixed or bytes(data[: len(INDEX_HEADER)]) != INDEX_HEADER:
         raise MegatronFormatError(f"{idx_path}: not a Megatron index (bad header)")
     offset = len(INDEX_HEADER)
     (version,) = struct.unpack_from("<Q", data, offset)
@@ -85,13 +113,14 @@ def read_indexed(prefix: str | Path) -> IndexedDataset:
     dtype = next((d for d, c in DTYPE_CODES.items() if c == code), None)
     if version != INDEX_VERSION or dtype is None:
         raise MegatronFormatError(f"{idx_path}: version {version}, dtype code {code} not supported")
-    if len(data) != fixed + sequences * 12 + documents * 8:
+    if size != fixed + sequences * 12 + documents * 8:  # Python integers: a forged count cannot wrap
         raise MegatronFormatError(f"{idx_path}: size does not match its counts")
     lengths = np.frombuffer(data, "<i4", sequences, fixed)
     pointers = np.frombuffer(data, "<i8", sequences, fixed + sequences * 4)
     document_indices = np.frombuffer(data, "<i8", documents, fixed + sequences * 12)
-    size = bin_path.stat().st_size
-    if size != int(lengths.astype(np.int64).sum()) * dtype.itemsize:
-        raise MegatronFormatError(f"{bin_path}: {size} bytes, the index describes another size")
-    tokens = np.memmap(bin_path, dtype=dtype.newbyteorder("<"), mode="r") if size else np.zeros(0, dtype)
-    return IndexedDataset(dtype, lengths, pointers, document_indices, tokens)
+    if sequences and lengths.min() < 0:
+        raise MegatronFormatError(f"{idx_path}: a negative sequence length")
+    tokens, bin_size = _mapped(bin_path, "a Megatron token file")
+    if bin_size != int(lengths.sum(dtype=np.int64)) * dtype.itemsize:
+        raise MegatronFormatError(f"{bin_path}: {bin_size} bytes, the index describes another size")
+    return IndexedDataset(dtype, lengths, pointers, document_indices, tokens.view(dtype.newbyteorder("<")))

@@ -34,7 +34,6 @@ import hashlib
 import json
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass
 
@@ -43,9 +42,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
+from dlm_pipeline.core.safe_read import open_regular
+
 MAGIC = b"DLMKEYS2"  # DLMKEYS1 (no per-row ranges) reads as a bad index: rebuilt once from its shard
 SUFFIX = ".keys"
 MAX_HEADER_BYTES = 64 * 1024**2
+MAX_GROUPS = 1_000_000  # pyarrow's default Thrift container limit: a footer listing more row groups does not parse
 PREFIX_DIGITS = 16  # hex digits of a content key kept in the index (64 bits); the full key is compared on read
 ROW_DIGEST_BYTES = 16
 PACKED = "packed_ids"  # a shard's ids column: one value per row (`pack_ids`)
@@ -53,6 +56,9 @@ MIN_PACKED_BYTES = 64  # ids shorter than this are stored plain (a zstd frame wo
 _ZSTD = pa.Codec("zstd")
 _blake2b = hashlib.blake2b
 READ_GAP = 4096  # row ranges this close are read as one (a read costs more than copying a page)
+IDS_PER_TEXT_BYTE = 4  # `text_ids_bound`: generous (byte-level BPE, WordPiece, Unigram with byte fallback give at
+# most one id per byte; a normaliser such as NFKC can expand a few characters several times)
+EXTRA_TEXT_IDS = 256  # and room for the special tokens a post-processor adds
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _value, _char in enumerate(b"0123456789abcdef"):
@@ -99,7 +105,7 @@ def _group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int, int]]:
     return ranges
 
 
-def _footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
+def footer_range(data_size: int, tail: bytes) -> tuple[int, int]:
     """(start, length) of the footer, its length field and the closing magic, from the last 8 bytes."""
     if len(tail) != 8 or tail[4:] != b"PAR1":
         raise BadIndex("not a Parquet file")
@@ -126,8 +132,27 @@ def pack_ids(ids: pa.Array | pa.ChunkedArray, n_tokens: np.ndarray) -> pa.Array:
     return pa.array(packed, pa.binary())
 
 
-def unpack_one(value: bytes | memoryview, count: int) -> bytes:
-    """The `count` ids (int32 little-endian bytes) of one PACKED value; ValueError when it holds others."""
+def text_ids_bound(text_bytes: int | np.ndarray) -> int | np.ndarray:
+    """The most ids a text of `text_bytes` UTF-8 bytes may have in the store: IDS_PER_TEXT_BYTE per
+    byte plus EXTRA_TEXT_IDS for special tokens. Every count a shard, index or manifest states is
+    checked against it (or `max_text_ids`) before anything is sized by it: a count above it is a
+    forged or corrupt entry, never an allocation. A text that really has more ids is returned, not stored."""
+    return IDS_PER_TEXT_BYTE * text_bytes + EXTRA_TEXT_IDS
+
+
+def max_text_ids(max_text_bytes: int) -> int:
+    """The most ids any stored text may have: that of the largest text a run reads (`DLM_MAX_FILE_BYTES`)."""
+    return text_ids_bound(max_text_bytes)
+
+
+DEFAULT_MAX_TEXT_IDS = max_text_ids(DEFAULT_MAX_FILE_BYTES)
+
+
+def unpack_one(value: bytes | memoryview, count: int, max_ids: int) -> bytes:
+    """The `count` ids (int32 little-endian bytes) of one PACKED value; ValueError when it holds others
+    or `count` is over `max_ids` (the output buffer is sized by `count`, so it is checked first)."""
+    if not 0 <= count <= max_ids:
+        raise ValueError(f"a packed value claims {count} ids, over the {max_ids} a text may have")
     if len(value) == 4 * count:
         return bytes(value)
     if len(value) > 4 * count:
@@ -141,17 +166,38 @@ def unpack_one(value: bytes | memoryview, count: int) -> bytes:
     return plain
 
 
-def unpacked(table: pa.Table) -> pa.Table:
+def checked_counts(n_tokens: pa.Array | pa.ChunkedArray, max_ids: int | np.ndarray) -> np.ndarray:
+    """A shard's n_tokens as int64; ValueError when one is missing, negative or over `max_ids` (one
+    for all or one per row)."""
+    counts = n_tokens.to_numpy(zero_copy_only=False).astype(np.int64)
+    if n_tokens.null_count or (counts < 0).any():
+        raise ValueError("n_tokens missing or negative")
+    if (counts > max_ids).any():
+        raise ValueError(f"n_tokens over the {max_ids} ids a text may have")
+    return counts
+
+
+def unpacked(table: pa.Table, max_ids: int | np.ndarray = DEFAULT_MAX_TEXT_IDS) -> pa.Table:
     """Rows read from a shard, with `input_ids` in place of PACKED (a shard written before holds
-    `input_ids` itself); ValueError when a value does not decode to its n_tokens ids."""
+    `input_ids` itself); ValueError when a value does not decode to its n_tokens ids, or when a row's
+    n_tokens is over `max_ids` (one for all rows or one per row; checked before anything is decoded,
+    also when PACKED is not read: a caller sizes work by n_tokens)."""
+    if "n_tokens" not in table.column_names:
+        if PACKED in table.column_names:
+            raise ValueError("packed ids without n_tokens")
+        return table
+    counts = checked_counts(table["n_tokens"], max_ids)
     if PACKED not in table.column_names:
         return table
-    counts = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
-    if table["n_tokens"].null_count or (counts < 0).any():
-        raise ValueError("n_tokens missing or negative")
+    limits = np.broadcast_to(np.asarray(max_ids, np.int64), counts.shape).tolist()
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    values = b"".join([unpack_one(v, n) for v, n in zip(table[PACKED].to_pylist(), counts.tolist(), strict=True)])
+    values = b"".join(
+        [
+            unpack_one(v, n, limit)
+            for v, n, limit in zip(table[PACKED].to_pylist(), counts.tolist(), limits, strict=True)
+        ]
+    )
     ids = pa.ListArray.from_arrays(
         pa.array(offsets, pa.int32()), pa.array(np.frombuffer(values, "<i4").astype(np.int32, copy=False))
     )
@@ -224,7 +270,7 @@ def _row_arrays(data: bytes, metadata: pq.FileMetaData, groups: np.ndarray, tabl
 def build(data: bytes, table: pa.Table, shard_sha256: str) -> bytes:
     """The index file of the shard whose verified bytes are `data` and whose rows, as stored, are `table`."""
     metadata = pq.read_metadata(pa.BufferReader(data))
-    footer_start, footer_length = _footer_range(len(data), data[-8:])
+    footer_start, footer_length = footer_range(len(data), data[-8:])
     groups = np.array(_group_ranges(metadata), dtype="<u8").reshape(-1, 3)
     digests = b"".join(hashlib.sha256(data[start : start + length]).digest() for start, length, _ in groups.tolist())
     packed_starts, stored_before, counts, row_digests = _row_arrays(data, metadata, groups, table)
@@ -285,12 +331,11 @@ class KeyIndex:
         """The index file `name` in `dir_fd` (never through a symlink), if it describes the shard of
         manifest `entry`; else BadIndex."""
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            fd, info = open_regular(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            raise BadIndex(f"{name}: {exc.strerror}") from None
+            raise BadIndex(f"{name}: {exc.strerror or exc}") from None
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size < len(MAGIC) + 8:
+            if info.st_size < len(MAGIC) + 8:
                 raise BadIndex(f"{name}: not an index file")
             mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
@@ -317,8 +362,13 @@ class KeyIndex:
             raise BadIndex("made for another shard")
         n_groups, n_keys, footer = header.get("groups"), header.get("keys"), header.get("footer")
         shard_size, n_rows = entry["bytes"], entry["rows"]
-        if not (_is_count(n_groups) and _is_count(n_keys) and n_keys <= n_rows and n_groups <= max(n_rows, 1)):
-            raise BadIndex("malformed counts")
+        if not (
+            _is_count(n_groups)
+            and _is_count(n_keys)
+            and n_keys <= n_rows
+            and n_groups <= min(max(n_rows, 1), MAX_GROUPS)
+        ):
+            raise BadIndex("malformed counts")  # (group arrays are copied below: their count is bounded first)
         if not (
             isinstance(footer, list)
             and len(footer) == 3
@@ -394,11 +444,16 @@ class KeyIndex:
         return np.diff(np.append(self.group_first_rows, self.n_rows))
 
 
-def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows of the row groups `groups` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA,
-    ids unpacked), reading only the footer and those groups, each checked against its sha256 first;
-    ValueError or OSError when anything differs. The groups are read into a zero-filled file-sized buffer (untouched pages cost no
-    memory); the verified footer must place each group exactly where its checked bytes are."""
+def read_verified(
+    fd: int, size: int, index: KeyIndex, rows: np.ndarray, columns: list[str], max_ids: np.ndarray
+) -> pa.Table:
+    """Shard `rows` (ascending) of the shard open at `fd` (`columns` of STORE_SCHEMA, ids unpacked),
+    reading only the footer and the row groups holding them, each checked against its sha256 first;
+    ValueError or OSError when anything differs, or when a row claims more ids than its `max_ids`
+    (`unpacked`). The groups are read into a zero-filled file-sized buffer (untouched pages cost no
+    memory); the verified footer must place each group exactly where its checked bytes are. Groups
+    are decoded one at a time and only the wanted rows' ids are unpacked, so what is decoded is
+    bounded by the rows asked for, whatever the other rows of their groups claim."""
     if os.fstat(fd).st_size != size:
         raise ValueError("size differs from the manifest")
     image = np.zeros(size, dtype=np.uint8)
@@ -413,7 +468,9 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
     footer = checked(index.footer[0], index.footer[1], bytes.fromhex(index.footer[2]))
     metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + bytes(footer)))
     sizes = index.group_sizes()
-    for g in groups.tolist():
+    groups = index.group_of(rows)
+    needed = np.unique(groups)
+    for g in needed.tolist():
         start, length = int(index.group_starts[g]), int(index.group_lengths[g])
         group = metadata.row_group(g) if g < metadata.num_row_groups else None
         if group is None or group.num_rows != sizes[g] or _range_of(group) != (start, length):
@@ -422,25 +479,34 @@ def read_verified(fd: int, size: int, index: KeyIndex, groups: np.ndarray, colum
     reader = pq.ParquetFile(pa.BufferReader(pa.py_buffer(image)), metadata=metadata, pre_buffer=False)
     if PACKED in reader.schema_arrow.names and "input_ids" in columns:
         columns = [*(PACKED if c == "input_ids" else c for c in columns), *(["n_tokens"] * ("n_tokens" not in columns))]
-    return unpacked(reader.read_row_groups(groups.tolist(), columns=columns))
+    bounds = np.searchsorted(groups, needed, side="left").tolist() + [len(rows)]
+    parts = []
+    for g, first, last in zip(needed.tolist(), bounds[:-1], bounds[1:], strict=True):
+        table = reader.read_row_group(g, columns=columns)
+        if table.num_rows != sizes[g]:
+            raise ValueError("a row group holds other rows than the index says")
+        local = rows[first:last] - index.group_first_rows[g]
+        parts.append(unpacked(table.take(pa.array(local, pa.int64())), max_ids[first:last]))
+    return pa.concat_tables(parts)
 
 
 def read_direct(
-    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], decode: bool = True
+    fd: int, index: KeyIndex, rows: np.ndarray, keys: list[bytes], max_ids: np.ndarray, decode: bool = True
 ) -> tuple[np.ndarray, np.ndarray, bytes, int]:
     """The ids of shard `rows` (in row groups with a packed start; `keys` their wanted content keys),
     reading only each row's own PACKED value (ranges closer than READ_GAP read as one): (whether each
     row's range lies inside its row group, its bytes, key and id count match the row's checksum and it
     decodes, the id count of each, the ids of the rows that match as int32 little-endian bytes in
-    `rows` order (none unless `decode`), bytes read). A row that does not match is never returned;
-    the caller reads its row group the checked way."""
+    `rows` order (none unless `decode`), bytes read). A row that does not match, or whose id count is
+    over its `max_ids` (checked before anything is read or sized by it), is never returned; the
+    caller reads its row group the checked way."""
     groups = index.group_of(rows)
     before = index.stored_before[rows].astype(np.int64)
     starts = index.packed_starts[groups] + before - index.stored_before[index.group_first_rows[groups]] + 4
     lengths = index.stored_before[rows + 1].astype(np.int64) - before - 4
     counts = index.counts[rows].astype(np.int64)
     ends = starts + lengths
-    inside = (lengths >= 0) & (starts >= index.group_starts[groups])
+    inside = (lengths >= 0) & (counts <= max_ids) & (starts >= index.group_starts[groups])
     inside &= ends <= index.group_starts[groups] + index.group_lengths[groups]  # bounded by the groups' sizes
     ok = inside.copy()
     if not inside.any():
@@ -480,7 +546,7 @@ def read_direct(
                 ids.append(value)
                 continue
             try:
-                ids.append(unpack_one(value, count))
+                ids.append(unpack_one(value, count, int(max_ids[position])))
             except ValueError:
                 ok[position] = False
     return ok, counts, b"".join(ids), len(buffer)

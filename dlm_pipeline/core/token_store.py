@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from dlm_pipeline.core import token_index
 from dlm_pipeline.core.arrow_utils import one_chunk, representative_rows
+from dlm_pipeline.core.corpus import DEFAULT_MAX_FILE_BYTES
 from dlm_pipeline.core.parquet_io import (
     PARQUET_OPTIONS,
     ParquetRows,
@@ -59,7 +60,7 @@ from dlm_pipeline.core.parquet_io import (
     byte_bounded_slices,
     write_bytes_atomic,
 )
-from dlm_pipeline.core.safe_read import read_regular_file
+from dlm_pipeline.core.safe_read import open_regular, read_regular_file
 from dlm_pipeline.core.split import content_keys
 from dlm_pipeline.core.tokenize import TOKENS_SCHEMA, LoadedTokenizer, chunk_bounds, cut
 
@@ -74,7 +75,9 @@ SHARD_MAX_IDS = 2**28  # a fresh shard holds at most this many ids (1 GiB as int
 GROUP_MAX_ROWS = 256  # a row group (what a lookup reads of a text it cannot read alone) holds at most this many texts
 GROUP_MAX_IDS = 2**18  # and at most this many ids (1 MiB as int32), unless one text alone has more
 MAX_SHARD_BYTES = 2 * 1024**3  # a shard file above this is not ours (ours stay far below)
+COMPACT_MAX_IDS = 2**25  # a merge decodes at most this many ids (128 MiB as int32); shards beyond it are left alone
 MAX_MANIFEST_BYTES = 256 * 1024**2
+MAX_FOOTER_BYTES = 64 * 1024**2  # a shard's Parquet footer above this is not ours (ours: ~200 bytes per row group)
 STALE_TEMP_SECONDS = 3600.0
 
 # Names the store creates; nothing else is ever opened, written or deleted.
@@ -189,18 +192,26 @@ def _show(name: object, limit: int = 120) -> str:
 
 
 class TokenStore:
-    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(
+        self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, max_text_bytes: int = DEFAULT_MAX_FILE_BYTES
+    ):
+        """`max_text_bytes`: the largest text a run reads (DLM_MAX_FILE_BYTES); it bounds the ids a
+        stored text may have (`token_index.max_text_ids`), so no count read from the store sizes more."""
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
+        self.max_text_ids = token_index.max_text_ids(max_text_bytes)
         self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._root_fd() as fd:
                 os.close(self._open_lock(fd))
+                self._check_manifest_name(fd)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             if self.root.exists() and not self.root.is_dir():
                 reason = "not a directory"
+            elif self.root.is_symlink() and not self.root.exists():
+                reason = "a symlink that leads nowhere: dangling or a loop"
             raise TokenStoreError(
                 f"token cache folder {self.root} cannot be used ({reason}); set DLM_CACHE_DIR to a writable folder"
             ) from None
@@ -255,6 +266,17 @@ class TokenStore:
             raise TokenStoreError(f"{self.root / LOCK} is not a regular file: remove it")
         return fd
 
+    def _check_manifest_name(self, root_fd: int) -> None:
+        """A folder at the manifest's name could never be replaced (every write would fail): refused at
+        once, with what to do. (Any other file there reads as no manifest and is replaced atomically,
+        never followed or opened for writing.)"""
+        try:
+            found = os.stat(MANIFEST, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(found.st_mode):
+            raise TokenStoreError(f"{self.root / MANIFEST} is a folder, not the token store's manifest: remove it")
+
     @staticmethod
     def _unlink_regular(dir_fd: int, name: str) -> bool:
         """Delete a regular file (never a symlink or anything else); True when it was deleted."""
@@ -277,32 +299,32 @@ class TokenStore:
             return False
 
     def _shard_bytes(self, name: str, info: dict) -> bytes:
-        """The whole shard file, after its size and sha256 are checked against the manifest."""
+        """The whole shard file, after its size and sha256 are checked against the manifest (a file
+        larger than the manifest says is refused before it is read)."""
         namespace, shard = name.split("/")
         try:
             with self._namespace_fd(namespace) as fd:
-                data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
+                data = read_regular_file(shard, info["bytes"], dir_fd=fd, follow_symlinks=False)
         except (OSError, TokenStoreError) as exc:
             raise CorruptShard(f"{name}: {exc}") from None
         if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise CorruptShard(f"{name}: size or sha256 differs from the manifest")
         return data
 
-    def _read_shard(self, name: str, info: dict) -> pa.Table:
-        """The whole shard as a table, verified (compaction reads shards whole)."""
-        return self._decode(name, self._shard_bytes(name, info))
-
     @staticmethod
-    def _decode(name: str, data: bytes, unpack: bool = True) -> pa.Table:
-        """A verified shard's rows: STORE_SCHEMA, or as stored (SHARD_SCHEMA, or STORE_SCHEMA if older)."""
+    def _decode(name: str, data: bytes) -> pa.Table:
+        """A verified shard's rows as stored (SHARD_SCHEMA, or STORE_SCHEMA if older)."""
         try:
             table = pq.read_table(pa.BufferReader(data))
-            if not unpack:
-                return table.select(
-                    SHARD_SCHEMA.names if token_index.PACKED in table.column_names else STORE_SCHEMA.names
-                )
-            return token_index.unpacked(table).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+            return table.select(SHARD_SCHEMA.names if token_index.PACKED in table.column_names else STORE_SCHEMA.names)
         except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise CorruptShard(f"{name}: {exc}") from None
+
+    def _unpack(self, name: str, stored: pa.Table) -> pa.Table:
+        """A shard's rows as stored -> STORE_SCHEMA; CorruptShard when a text claims more ids than any may have."""
+        try:
+            return token_index.unpacked(stored, self.max_text_ids).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+        except Exception as exc:  # ValueError, or pyarrow's several types for a damaged file
             raise CorruptShard(f"{name}: {exc}") from None
 
     # -- manifest -------------------------------------------------------------------------
@@ -397,6 +419,7 @@ class TokenStore:
                 if name.split("/")[0] not in folders:
                     del shards[name]
                     report["dropped"] += 1
+        report["ignored"].sort()  # not in the folder's listing order
         return report
 
     def _delete_stale_temps(self, fd: int, now: float, stale_after: float) -> int:
@@ -443,28 +466,42 @@ class TokenStore:
                     report["ignored"].append(f"{_show(name)} (not a regular file)")
                     continue
                 try:
-                    data = read_regular_file(shard, MAX_SHARD_BYTES, dir_fd=fd, follow_symlinks=False)
-                    rows = pq.read_metadata(pa.BufferReader(data)).num_rows
-                    if NAMESPACE.fullmatch(namespace) is None or pq.read_schema(pa.BufferReader(data)).names not in (
-                        SHARD_SCHEMA.names,
-                        STORE_SCHEMA.names,
-                    ):
-                        raise ValueError("not a token shard of this version")
+                    if NAMESPACE.fullmatch(namespace) is None:
+                        raise ValueError("a shard of a namespace before v2")
+                    rows, size, digest = self._unlisted_shard(fd, shard)
                 except Exception:  # unreadable or foreign, at a name we create: not ours to keep
                     if self._unlink_regular(fd, shard):
                         report["deleted"] += 1
                     continue
-                shards[name] = {
-                    "rows": rows,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "last_used": now,
-                }
+                shards[name] = {"rows": rows, "bytes": size, "sha256": digest, "last_used": now}
                 report["adopted"] += 1
             shards_left = {entry.name for entry in os.scandir(fd) if SHARD.fullmatch(entry.name)}
             for index in indexes:  # an index whose shard is gone (a shard is written before its index)
                 if index.removesuffix(token_index.SUFFIX) + ".parquet" not in shards_left:
                     self._unlink_regular(fd, index)
+
+    @staticmethod
+    def _unlisted_shard(fd: int, shard: str) -> tuple[int, int, str]:
+        """(rows, bytes, sha256) of a shard the manifest lost, in bounded memory: its footer (at most
+        MAX_FOOTER_BYTES) is read and its schema checked first, then the file is hashed a block at a
+        time, so a file of MAX_SHARD_BYTES at a shard's name costs a read, never its size in memory.
+        ValueError or OSError when it is no token shard of this version."""
+        file_fd, info = open_regular(shard, dir_fd=fd, follow_symlinks=False)
+        with os.fdopen(file_fd, "rb") as fh:
+            if info.st_size > MAX_SHARD_BYTES:
+                raise ValueError(f"over {MAX_SHARD_BYTES} bytes")
+            fh.seek(max(info.st_size - 8, 0))
+            _, footer_length = token_index.footer_range(info.st_size, fh.read(8))
+            if footer_length > MAX_FOOTER_BYTES:
+                raise ValueError("a footer larger than a shard of ours has")
+            metadata = pq.read_metadata(pa.PythonFile(fh, mode="r"))
+            if metadata.schema.to_arrow_schema().names not in (SHARD_SCHEMA.names, STORE_SCHEMA.names):
+                raise ValueError("not a token shard of this version")
+            fh.seek(0)
+            digest = hashlib.file_digest(fh, "sha256")
+            if fh.tell() != info.st_size:
+                raise ValueError("changed while it was read")
+        return metadata.num_rows, info.st_size, digest.hexdigest()
 
     def evict(self, protect: set[str] = frozenset(), max_bytes: int | None = None) -> list[str]:
         """Remove least-recently-used shards until the store fits; `protect` is never removed."""
@@ -523,11 +560,14 @@ class TokenStore:
                 del manifest["shards"][name]
 
     # -- reads and writes -------------------------------------------------------------------
-    def _write_shards(self, namespace: str, table: pa.Table) -> list[str]:
-        """Store rows as new shards of at most SHARD_MAX_IDS ids each; their names."""
-        table = table.cast(STORE_SCHEMA)
+    def _write_shards(self, namespace: str, table: pa.Table, limits: np.ndarray | None = None) -> list[str]:
+        """Store rows as new shards of at most SHARD_MAX_IDS ids each (but those over their `limits`,
+        `max_text_ids` unless given); their names."""
+        table = self._storable(table, self.max_text_ids if limits is None else limits)
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
         names = []
+        if not table.num_rows:
+            return names
         with self._namespace_fd(namespace, create=True) as fd:
             for start, end in chunk_bounds(lengths, SHARD_MAX_IDS):
                 name, entry = self._put_shard(fd, namespace, table.slice(start, end - start), time.time())
@@ -536,11 +576,30 @@ class TokenStore:
                 names.append(name)
         return names
 
+    def _storable(self, table: pa.Table, limits: np.ndarray | int) -> pa.Table:
+        """STORE_SCHEMA rows but those with more ids than their text may have (`limits`, at most
+        `max_text_ids`): a lookup would read them as corrupt, so they are returned to the caller and
+        tokenized again next time instead of stored."""
+        table = table.cast(STORE_SCHEMA)
+        fits = table["n_tokens"].to_numpy(zero_copy_only=False) <= np.minimum(limits, self.max_text_ids)
+        return table if fits.all() else table.filter(pa.array(fits))
+
+    def _limits(self, texts: Sequence[str] | Callable, text_bytes: np.ndarray | None, count: int) -> np.ndarray:
+        """The most ids each of `count` texts may have: by its size when known, else `max_text_ids`."""
+        if text_bytes is None and not callable(texts):
+            text_bytes = pc.binary_length(pa.array(list(texts), pa.string())).to_numpy(zero_copy_only=False)
+        if text_bytes is None:
+            return np.full(count, self.max_text_ids, np.int64)
+        sizes = np.asarray(text_bytes, np.int64)
+        return np.minimum(token_index.text_ids_bound(sizes), self.max_text_ids)
+
     def write_unlisted(self, namespace: str, table: pa.Table) -> list[tuple[str, dict]]:
         """A worker's part (SPEC §6, `--compute ray`): store rows as immutable shards named by the
         sha256 of their bytes, without touching the manifest; (name, entry) pairs for `commit`.
         A retried task writes the same bytes under the same name, so a rerun replaces nothing."""
-        table = table.cast(STORE_SCHEMA)
+        table = self._storable(table, self.max_text_ids)
+        if not table.num_rows:
+            return []
         lengths = table["n_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
         with self._namespace_fd(namespace, create=True) as fd:
             return [
@@ -625,11 +684,19 @@ class TokenStore:
                 small.sort()  # merged in name order, as before the size cap
                 if len(members) <= at_shards or len(small) < 2:
                     continue
-                tables, merged_names = [], []
+                tables, merged_names, ids = [], [], 0
                 for name in small:
                     try:
-                        tables.append(self._read_shard(name, good[name]))
+                        stored = self._decode(name, self._shard_bytes(name, good[name]))
+                        try:
+                            n_ids = int(token_index.checked_counts(stored["n_tokens"], self.max_text_ids).sum())
+                        except ValueError as exc:
+                            raise CorruptShard(f"{name}: {exc}") from None
+                        if ids + n_ids > COMPACT_MAX_IDS:
+                            continue  # left as it is: a merge's memory is bounded by the ids it decodes
+                        tables.append(self._unpack(name, stored))
                         merged_names.append(name)
+                        ids += n_ids
                     except CorruptShard:
                         del shards[name]
                         self._delete_shard(name)
@@ -666,7 +733,7 @@ class TokenStore:
             except (token_index.BadIndex, TokenStoreError, OSError):
                 pass
         data = self._shard_bytes(name, info)
-        table = self._decode(name, data, unpack=False)
+        table = self._decode(name, data)
         try:
             content = token_index.build(data, table, info["sha256"])
         except Exception as exc:  # a shard that passed its sha256 but is no Parquet file of ours
@@ -681,7 +748,10 @@ class TokenStore:
                         write_bytes_atomic(fd, _index_name(shard), lambda fh: fh.write(content))
                 except (OSError, TokenStoreError):
                     pass
-        return token_index.KeyIndex.parse(content, info)
+        try:
+            return token_index.KeyIndex.parse(content, info)
+        except token_index.BadIndex as exc:  # the manifest entry does not describe its shard (its row count)
+            raise CorruptShard(f"{name}: {exc}") from None
 
     def _read_rows(
         self,
@@ -691,34 +761,34 @@ class TokenStore:
         rows: np.ndarray,
         keys: pa.Array,
         columns: Sequence[str],
+        limits: np.ndarray,
     ) -> tuple[pa.Table, np.ndarray]:
-        """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there),
-        and which rows' own byte ranges did not match their checksum. A row in a group whose packed
-        values can be read alone is (`token_index.read_direct`); the others, and any such row that does
-        not match, are read as whole row groups with the footer (all their bytes verified; only
-        `columns` decoded)."""
+        """Rows `rows` of the shard (`columns` of STORE_SCHEMA; `keys` the content keys wanted there,
+        `limits` the most ids each may have), and which rows' own byte ranges did not match their
+        checksum. A row in a group whose packed values can be read alone is (`token_index.read_direct`);
+        the others, and any such row that does not match, are read as whole row groups with the footer
+        (all their bytes verified; only `columns` of the rows asked for decoded)."""
         namespace, shard = name.split("/")
         direct = np.flatnonzero(index.packed_starts[index.group_of(rows)] != 0)
         suspect, slow = np.zeros(len(rows), bool), np.ones(len(rows), bool)
         parts: list[tuple[np.ndarray, pa.Table]] = []
         try:
             with self._namespace_fd(namespace) as dir_fd:
-                fd = os.open(shard, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+                fd, found = open_regular(shard, dir_fd=dir_fd, follow_symlinks=False)
             try:
-                found = os.fstat(fd)
-                if not stat.S_ISREG(found.st_mode) or found.st_size != info["bytes"]:
-                    raise CorruptShard(f"{name}: not a regular file of the size the manifest says")
+                if found.st_size != info["bytes"]:
+                    raise CorruptShard(f"{name}: not the size the manifest says")
                 if len(direct):
                     wanted = keys.take(pa.array(direct, pa.int64())).cast(pa.binary()).to_pylist()
                     ok, counts, values, read = token_index.read_direct(
-                        fd, index, rows[direct], wanted, decode="input_ids" in columns
+                        fd, index, rows[direct], wanted, limits[direct], decode="input_ids" in columns
                     )
                     self.bytes_read += read
                     suspect[direct[~ok]], slow[direct[ok]] = True, False
                     parts.append((direct[ok], self._direct_table(keys, direct[ok], counts[ok], values, columns)))
                 if slow.any():
                     at = np.flatnonzero(slow)
-                    parts.append((at, self._read_groups(name, info, fd, index, rows[at], columns)))
+                    parts.append((at, self._read_groups(info, fd, index, rows[at], columns, limits[at])))
             finally:
                 os.close(fd)
         except CorruptShard:
@@ -745,20 +815,19 @@ class TokenStore:
         return pa.table({c: table[c] for c in columns}, schema=pa.schema([STORE_SCHEMA.field(c) for c in columns]))
 
     def _read_groups(
-        self, name: str, info: dict, fd: int, index: token_index.KeyIndex, rows: np.ndarray, columns: Sequence[str]
+        self,
+        info: dict,
+        fd: int,
+        index: token_index.KeyIndex,
+        rows: np.ndarray,
+        columns: Sequence[str],
+        limits: np.ndarray,
     ) -> pa.Table:
-        """Rows `rows` of the shard open at `fd`, reading only its footer and the row groups holding
-        them (all their bytes are verified; only `columns` are decoded)."""
-        groups = index.group_of(rows)
-        needed = np.unique(groups)
-        sizes = index.group_sizes()[needed]
-        table = token_index.read_verified(fd, info["bytes"], index, needed, list(columns))
-        self.bytes_read += index.footer[1] + int(index.group_lengths[needed].sum())
-        if table.num_rows != int(sizes.sum()):
-            raise CorruptShard(f"{name}: row groups hold other rows than the index says")
-        bases = np.cumsum(sizes) - sizes
-        local = bases[np.searchsorted(needed, groups)] + rows - index.group_first_rows[groups]
-        return _taken(table, local).cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
+        """Rows `rows` (ascending) of the shard open at `fd`, reading only its footer and the row groups
+        holding them (all their bytes are verified; only `columns` of the rows asked for are decoded)."""
+        table = token_index.read_verified(fd, info["bytes"], index, rows, list(columns), limits)
+        self.bytes_read += index.footer[1] + int(index.group_lengths[np.unique(index.group_of(rows))].sum())
+        return table.cast(pa.schema([STORE_SCHEMA.field(c) for c in columns]))
 
     def _find_in_shard(
         self,
@@ -767,7 +836,8 @@ class TokenStore:
         wanted: pa.Array,
         prefixes: np.ndarray,
         pending: np.ndarray,
-        columns: Sequence[str] = STORE_SCHEMA.names,
+        columns: Sequence[str],
+        limits: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         """(positions of `pending` keys the index points into this shard, positions found, their rows).
         Every returned row's full content key is compared; an index that points at other keys is
@@ -792,7 +862,9 @@ class TokenStore:
             if not len(at):
                 return at, at, STORE_SCHEMA.empty_table()
             try:
-                table, suspect = self._read_rows(name, info, index, rows, wanted.take(pa.array(pending[at])), columns)
+                table, suspect = self._read_rows(
+                    name, info, index, rows, wanted.take(pa.array(pending[at])), columns, limits[pending[at]]
+                )
             except CorruptShard as exc:
                 pointed = exc.pointed = pending[at]
                 if rebuild:
@@ -814,18 +886,22 @@ class TokenStore:
         found_rows: list,
         used: set,
         repaired: list,
-        corrupt: set | None = None,
-        columns: Sequence[str] = STORE_SCHEMA.names,
+        corrupt: set | None,
+        columns: Sequence[str],
+        limits: np.ndarray,
     ) -> np.ndarray:
         """Look the keys at `pending` positions of `wanted` up in the shards `names` through their key
-        indexes; appends (positions, rows) to `found_rows`; returns the positions still missing. A
-        corrupt shard is deleted, its keys stay missing and their positions go to `corrupt`."""
+        indexes (`limits`: the most ids each may have); appends (positions, rows) to `found_rows`;
+        returns the positions still missing. A corrupt shard is deleted, its keys stay missing and
+        their positions go to `corrupt`."""
         prefixes, _ = token_index.key_prefixes(wanted)
         for name in sorted(names):
             if not len(pending):
                 break
             try:
-                pointed, found, rows = self._find_in_shard(name, names[name], wanted, prefixes, pending, columns)
+                pointed, found, rows = self._find_in_shard(
+                    name, names[name], wanted, prefixes, pending, columns, limits
+                )
             except CorruptShard as exc:
                 if self._drop_corrupt(name, names[name]):
                     repaired.append(name)
@@ -849,6 +925,7 @@ class TokenStore:
         encode: Encoder,
         write_elsewhere: RemoteWriter | None = None,
         lengths_only: bool = False,
+        text_bytes: np.ndarray | None = None,
     ) -> Lookup:
         """Full token rows for unique content `keys` (texts aligned): read what the store has,
         encode and store the rest. Keys are found through each shard's key index and only their
@@ -857,7 +934,10 @@ class TokenStore:
         the misses are tokenized and written as shards by workers, this process only commits them
         to the manifest and reads them back; whatever that leaves missing is encoded here. `texts`
         may be a function of the (ascending) positions of the misses, so only their texts are read.
-        With `lengths_only`, the table has no input_ids: the stored ids are verified but not decoded."""
+        With `lengths_only`, the table has no input_ids: the stored ids are verified but not decoded.
+        `text_bytes` (the UTF-8 size of each text; taken from `texts` when they are given as a list)
+        bounds the ids each key may have (`token_index.text_ids_bound`), so what a lookup decodes is
+        bounded by the texts asked for; without, by the store's `max_text_ids` per key."""
         columns = ("content_key", "n_tokens") if lengths_only else tuple(STORE_SCHEMA.names)
         report = self.repair()
         good, _ = self._entries(self._read_manifest())
@@ -866,6 +946,7 @@ class TokenStore:
         used, repaired, corrupt = set(), list(report["corrupt"]), set()
         bytes_before = self.bytes_read
         everything = np.arange(len(wanted), dtype=np.int64)
+        limits = self._limits(texts, text_bytes, len(wanted))
         pending = self._gather(
             {n: i for n, i in good.items() if n.split("/")[0] == namespace},
             wanted,
@@ -875,6 +956,7 @@ class TokenStore:
             repaired,
             corrupt,
             columns,
+            limits,
         )
         misses = len(pending)
         reasons = {
@@ -890,7 +972,9 @@ class TokenStore:
             written, encode_seconds, encoded_tokens = write_elsewhere(
                 namespace, wanted.take(pa.array(pending)).to_pylist(), texts_at(pending)
             )
-            pending = self._gather(self.commit(written), wanted, pending, found_rows, used, repaired, None, columns)
+            pending = self._gather(
+                self.commit(written), wanted, pending, found_rows, used, repaired, None, columns, limits
+            )
         if len(pending):
             start = time.perf_counter()
             encoded = encode(texts_at(pending))
@@ -904,7 +988,7 @@ class TokenStore:
                 },
                 schema=STORE_SCHEMA,
             )
-            used.update(self._write_shards(namespace, fresh))
+            used.update(self._write_shards(namespace, fresh, limits[pending]))
             found_rows.append((pending, fresh))
         combined = pa.concat_tables(
             [rows.select(columns) for _, rows in found_rows] or [STORE_SCHEMA.empty_table().select(columns)]
@@ -1057,6 +1141,7 @@ def tokenized_rows(
             encode,
             write_elsewhere,
             lengths_only=True,  # the ids are read again, a batch at a time, when the rows are written
+            text_bytes=key_sizes[start:end],
         )
         full_tokens[start:end] = part.table["n_tokens"].to_numpy()
         part.table = STORE_SCHEMA.empty_table()
@@ -1080,7 +1165,11 @@ def tokenized_rows(
                 continue
             wanted = np.unique(row_keys[start:end])
             found = store.get_or_compute(
-                namespace, unique_keys.take(pa.array(wanted, pa.int64())).to_pylist(), texts_of(wanted), encode
+                namespace,
+                unique_keys.take(pa.array(wanted, pa.int64())).to_pylist(),
+                texts_of(wanted),
+                encode,
+                text_bytes=key_sizes[wanted],
             )  # all hit but for a shard evicted or damaged meanwhile, which is tokenized again
             per_row = cut(found.table, loaded.max_seq_len).take(
                 pa.array(np.searchsorted(wanted, row_keys[start:end]), pa.int64())

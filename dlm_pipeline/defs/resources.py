@@ -301,15 +301,20 @@ class TokenCacheResource(dg.ConfigurableResource):
 
     cache_dir: str = ""
     max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    max_text_bytes: int = DEFAULT_MAX_FILE_BYTES  # bounds the ids a stored text may have (DLM_MAX_FILE_BYTES)
 
     @classmethod
     def from_env(cls) -> TokenCacheResource:
-        return cls(cache_dir=settings.cache_dir(), max_bytes=settings.cache_max_bytes())
+        return cls(
+            cache_dir=settings.cache_dir(),
+            max_bytes=settings.cache_max_bytes(),
+            max_text_bytes=settings.max_file_bytes(),
+        )
 
     def store(self, instance: dg.DagsterInstance) -> TokenStore:
         root = self.cache_dir or os.path.join(instance.root_directory, settings.TOKEN_CACHE_DIR)
         try:
-            return TokenStore(root, max_bytes=self.max_bytes)
+            return TokenStore(root, max_bytes=self.max_bytes, max_text_bytes=self.max_text_bytes)
         except TokenStoreError as exc:
             raise dg.Failure(description=str(exc)) from None
 

@@ -86,3 +86,82 @@ def test_megatron_core_reads_it(tmp_path):
     dataset = indexed_dataset.IndexedDataset(str(prefix))
     assert len(dataset) == 3
     assert [dataset[i].tolist() for i in range(3)] == [d + [0] for d in docs]
+
+
+@pytest.mark.parametrize("which", ["idx", "bin"])
+def test_a_symlinked_index_or_token_file_is_never_followed(tmp_path, which):
+    prefix = written(tmp_path, 8192, [[1, 2, 3]], eos=0)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = Path(f"{prefix}.{which}")
+    target = outside / real.name
+    real.rename(target)
+    real.symlink_to(target)
+    with pytest.raises(MegatronFormatError, match="symlink"):
+        read_indexed(prefix)
+
+
+@pytest.mark.parametrize("which", ["idx", "bin"])
+def test_a_fifo_at_the_index_or_token_file_is_refused_without_waiting(tmp_path, which):
+    """Run in a subprocess: reading a FIFO nobody writes to would block for ever."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = written(tmp_path, 8192, [[1, 2, 3]], eos=0)
+    Path(f"{prefix}.{which}").unlink()
+    os.mkfifo(f"{prefix}.{which}")
+    code = (
+        "import sys\nfrom dlm_pipeline.core.megatron import MegatronFormatError, read_indexed\n"
+        "try:\n    read_indexed(sys.argv[1])\nexcept MegatronFormatError as exc:\n    print(exc)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(prefix)], capture_output=True, text=True, timeout=60, check=True
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("read_indexed waited on a FIFO")
+    assert "not a regular file" in done.stdout
+
+
+@pytest.mark.parametrize("count", ["sequences", "documents"])
+def test_counts_that_do_not_fit_the_index_size_are_refused_before_any_array_is_read(tmp_path, count):
+    prefix = written(tmp_path, 8192, [[1, 2, 3]], eos=0)
+    idx = Path(f"{prefix}.idx")
+    data = bytearray(idx.read_bytes())
+    data[18 + (0 if count == "sequences" else 8) : 26 + (0 if count == "sequences" else 8)] = struct.pack("<Q", 2**62)
+    idx.write_bytes(bytes(data))
+    with pytest.raises(MegatronFormatError, match="size does not match its counts"):
+        read_indexed(prefix)
+
+
+def test_a_huge_index_is_mapped_never_read_whole(tmp_path):
+    """An .idx of 2^26 empty sequences (a sparse file of ~800 MB): its arrays stay on disk."""
+    import tracemalloc
+
+    prefix = tmp_path / "huge"
+    sequences = 2**26
+    header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, sequences, sequences + 1)
+    with open(f"{prefix}.idx", "wb") as fh:
+        fh.write(header)
+        fh.truncate(len(header) + 12 * sequences + 8 * (sequences + 1))
+    Path(f"{prefix}.bin").write_bytes(b"")
+    tracemalloc.start()
+    try:
+        dataset = read_indexed(prefix)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(dataset) == sequences and dataset[sequences - 1].tolist() == [] and peak < 16 * 2**20
+
+
+def test_a_pointer_outside_the_token_file_is_refused(tmp_path):
+    prefix = written(tmp_path, 8192, [[1, 2, 3], [4]], eos=0)
+    idx = Path(f"{prefix}.idx")
+    data = bytearray(idx.read_bytes())
+    data[34 + 2 * 4 + 8 : 34 + 2 * 4 + 16] = struct.pack("<q", 2**40)  # the second sequence's pointer
+    idx.write_bytes(bytes(data))
+    dataset = read_indexed(prefix)
+    assert dataset[0].tolist() == [1, 2, 3, 0]
+    with pytest.raises(MegatronFormatError, match="outside"):
+        dataset[1]

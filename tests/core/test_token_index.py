@@ -344,3 +344,195 @@ def test_a_shard_and_index_of_the_previous_layout_still_answer(tmp_path, loaded,
         index = parsed_index(store, big)
         assert not index.packed_starts.any() and big.with_suffix(".keys").read_bytes()[:8] == token_index.MAGIC
     assert lookup.shard_bytes_read >= index.group_lengths[index.group_of(np.array([0, 700]))].sum()  # whole groups
+
+
+LONG_TEXTS = [f"value_{i} = {i} * {i}\n" * 40 for i in range(30)]  # ~400 ids each: stored as zstd frames
+LONG_KEYS = [content_key(t) for t in LONG_TEXTS]
+HUGE = 2**31 - 1  # an id count a forger writes: 8 GiB of int32 were it ever sized by
+
+
+def peak_bytes(run):
+    """(what `run()` returns, the most memory Python and numpy held meanwhile): an allocation sized by a
+    forged count shows here even where the OS would hand out untouched pages."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return run(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def long_store(root, loaded, store=None):
+    store = store or TokenStore(root)
+    first = store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    return store, first, shard
+
+
+def forge_shard(store, shard, change) -> None:
+    """Rewrite a shard as the store writes one, with `change(table)` applied to its rows as stored, then
+    its key index and its manifest entry to match: every checksum agrees with the forged bytes."""
+    import hashlib
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    from dlm_pipeline.core.token_store import GROUP_MAX_ROWS, MANIFEST, SHARD_WRITE_OPTIONS
+
+    table = change(pq.read_table(shard))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, use_dictionary=False, row_group_size=GROUP_MAX_ROWS, **SHARD_WRITE_OPTIONS)
+    data = sink.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    shard.write_bytes(data)
+    shard.with_suffix(".keys").write_bytes(token_index.build(data, table, digest))
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    manifest["shards"][f"{shard.parent.name}/{shard.name}"].update(rows=table.num_rows, bytes=len(data), sha256=digest)
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def with_count(row: int, count: int):
+    def change(table):
+        counts = table["n_tokens"].to_pylist()
+        counts[row] = count
+        return table.set_column(table.column_names.index("n_tokens"), "n_tokens", pa.array(counts, pa.int32()))
+
+    return change
+
+
+@pytest.mark.parametrize("lengths_only", [False, True])
+def test_a_forged_shard_index_and_manifest_agreeing_on_a_huge_id_count_are_repaired_in_bounded_memory(
+    tmp_path, loaded, lengths_only
+):
+    """Shard, index and manifest all say a text holds 2^31-1 ids (every checksum matches): the count is
+    over what any text may have, so the shard is corrupt: deleted, its texts tokenized again; nothing is
+    ever sized by the count, and no lookup answers with it."""
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    forge_shard(store, shard, with_count(3, HUGE))
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(
+            loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode, lengths_only=lengths_only
+        )
+    )
+    assert peak < 64 * 2**20
+    assert lookup.repaired == [f"{loaded.cache_namespace}/{shard.name}"] and not shard.exists()
+    assert lookup.table["n_tokens"].equals(first.table["n_tokens"])
+    if not lengths_only:
+        assert lookup.table["input_ids"].equals(first.table["input_ids"])
+
+
+def test_a_huge_id_count_forged_in_the_index_alone_never_sizes_a_read(tmp_path, loaded):
+    """Only the index lies (its row checksum recomputed for the forged count): the good shard answers,
+    read the checked way, and the index is rebuilt."""
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    good = shard.with_suffix(".keys").read_bytes()
+    data = bytearray(good)
+    header, start = index_header(good)
+    rows, at = header["rows"], start + 64 * header["groups"]
+    row = 3
+    index = parsed_index(store, shard)
+    value_start, length = value_range(index, row)
+    value = shard.read_bytes()[value_start : value_start + length]
+    assert len(value) < 4 * int(index.counts[row])  # a zstd frame: what a forged count would size
+    data[at + 4 * (rows + 1) + 4 * row : at + 4 * (rows + 1) + 4 * row + 4] = HUGE.to_bytes(4, "little")
+    digests = at + 8 * rows + 8 + token_index.ROW_DIGEST_BYTES * row
+    data[digests : digests + token_index.ROW_DIGEST_BYTES] = token_index.row_digest(
+        LONG_KEYS[row].encode(), HUGE, value
+    )
+    shard.with_suffix(".keys").write_bytes(bytes(data))
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
+    )
+    assert peak < 64 * 2**20
+    assert (lookup.hits, lookup.repaired) == (30, []) and lookup.table.equals(first.table)
+    assert shard.with_suffix(".keys").read_bytes() == good
+
+
+def test_a_text_with_more_ids_than_a_text_may_have_is_returned_but_never_stored(tmp_path, loaded):
+    """A store for texts of at most 10 bytes holds at most 4 * 10 + 4096 ids per text: a longer one
+    is tokenized every time (what it holds could not be told from a forged count)."""
+    store = TokenStore(tmp_path / "cache", max_text_bytes=10)
+    assert store.max_text_ids == 4 * 10 + token_index.EXTRA_TEXT_IDS
+    texts = ["short = 1\n", "x " * 5000]
+    keys = [content_key(t) for t in texts]
+    expected = loaded.encode(texts)
+    assert expected["n_tokens"][1].as_py() > store.max_text_ids
+    for _ in range(2):
+        lookup = store.get_or_compute(loaded.cache_namespace, keys, texts, loaded.encode)
+        assert lookup.table["input_ids"].equals(expected["input_ids"]) and not lookup.repaired
+    assert (lookup.hits, lookup.misses, store.stats()["rows"]) == (1, 1, 1)
+
+
+def test_compaction_never_sizes_a_merge_by_a_forged_count(tmp_path, loaded):
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    forge_shard(store, shard, with_count(3, HUGE))
+    store.get_or_compute(loaded.cache_namespace, KEYS[:10], TEXTS[:10], loaded.encode)  # a second, good shard
+    merged, peak = peak_bytes(lambda: store.compact(at_shards=1))
+    assert peak < 64 * 2**20 and merged == 0 and not shard.exists()
+    again = store.get_or_compute(loaded.cache_namespace, KEYS[:10], TEXTS[:10], loaded.encode)
+    assert again.hits == 10
+
+
+def test_a_forged_row_count_in_manifest_and_index_never_sizes_the_index_arrays(tmp_path, loaded):
+    """Manifest and index claim 2^31 rows in 2^24 row groups (the index a sparse file of that size):
+    over the row groups any Parquet footer can list, so the index is not used; rebuilt from the shard,
+    it does not match the manifest, so the entry is corrupt and its texts are tokenized again."""
+    import json
+
+    from dlm_pipeline.core.token_store import MANIFEST
+
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    name = f"{loaded.cache_namespace}/{shard.name}"
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    manifest["shards"][name]["rows"] = rows = 2**31
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+    good = shard.with_suffix(".keys").read_bytes()
+    header, _ = index_header(good)
+    header.update(rows=rows, groups=2**24, keys=0)
+    encoded = json.dumps(header, sort_keys=True).encode()
+    head = token_index.MAGIC + len(encoded).to_bytes(8, "little") + encoded
+    head += b"\0" * (-len(head) % 8)
+    with open(shard.with_suffix(".keys"), "wb") as fh:
+        fh.write(head)
+        fh.truncate(len(head) + 64 * 2**24 + (8 + token_index.ROW_DIGEST_BYTES) * rows + 8)
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
+    )
+    assert peak < 64 * 2**20
+    assert lookup.repaired == [name] and lookup.misses == 30 and lookup.table.equals(first.table)
+
+
+def test_many_texts_each_claiming_ids_within_the_store_bound_are_bounded_by_their_own_size(tmp_path, loaded):
+    """Every row of a forged shard is a real zstd frame of 2^20 ids (4 MiB, a few hundred bytes stored),
+    under the store's per-text bound but far over what a text of ~640 bytes can have: no lookup decodes
+    them (it decoded 30 x 4 MiB, and a lookup of many keys any multiple of that)."""
+    frame = pa.Codec("zstd").compress(bytes(4 * 2**20), asbytes=True)
+
+    def bombs(table):
+        n = table.num_rows
+        table = table.set_column(table.column_names.index("n_tokens"), "n_tokens", pa.array([2**20] * n, pa.int32()))
+        return table.set_column(
+            table.column_names.index(token_index.PACKED), token_index.PACKED, pa.array([frame] * n, pa.binary())
+        )
+
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    assert 2**20 < store.max_text_ids and len(frame) < 4096
+    forge_shard(store, shard, bombs)
+    lookup, peak = peak_bytes(
+        lambda: store.get_or_compute(loaded.cache_namespace, LONG_KEYS, LONG_TEXTS, loaded.encode)
+    )
+    assert peak < 64 * 2**20
+    assert lookup.repaired == [f"{loaded.cache_namespace}/{shard.name}"] and lookup.table.equals(first.table)
+
+
+def test_a_shard_grown_past_its_manifest_size_is_never_read_whole(tmp_path, loaded):
+    """Compaction (no repair before it) met a shard replaced by a 512 MiB sparse file: it read it
+    whole before comparing sizes."""
+    store, first, shard = long_store(tmp_path / "cache", loaded)
+    store.get_or_compute(loaded.cache_namespace, KEYS[:10], TEXTS[:10], loaded.encode)  # a second shard
+    with open(shard, "r+b") as fh:
+        fh.truncate(512 * 2**20)
+    merged, peak = peak_bytes(lambda: store.compact(at_shards=1))
+    assert peak < 64 * 2**20 and merged == 0 and not shard.exists()

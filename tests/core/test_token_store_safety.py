@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import without_permission_override
+from conftest import REPO, without_permission_override
 
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
@@ -194,14 +196,25 @@ def test_outputs_and_the_store_follow_the_umask(tmp_path, umask):
     assert stat.S_IMODE((store.root / loaded.cache_namespace).stat().st_mode) == 0o777 & ~umask
 
 
-@pytest.mark.parametrize("kind", ["file", "devnull", "below_a_file"])
+@pytest.mark.parametrize("kind", ["file", "devnull", "below_a_file", "fifo", "dangling_symlink", "symlink_loop"])
 def test_an_unusable_root_is_one_clear_error(tmp_path, kind):
     (tmp_path / "plain").write_text("x")
-    root = {"file": tmp_path / "plain", "devnull": "/dev/null", "below_a_file": tmp_path / "plain" / "cache"}[kind]
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "cache")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    root = {
+        "file": tmp_path / "plain",
+        "devnull": "/dev/null",
+        "below_a_file": tmp_path / "plain" / "cache",
+        "fifo": tmp_path / "fifo",
+        "dangling_symlink": tmp_path / "dangling",
+        "symlink_loop": tmp_path / "loop",
+    }[kind]
     with pytest.raises(TokenStoreError) as error:
         TokenStore(root)
     message = str(error.value)
     assert str(root) in message and "DLM_CACHE_DIR" in message and "\n" not in message
+    assert "File exists" not in message  # what a dangling symlink or a loop said
 
 
 def test_an_unwritable_root_is_one_clear_error(tmp_path):
@@ -238,3 +251,91 @@ def test_list_offsets_stay_below_the_int32_limit():
     assert all(len(chunk.values) <= 6 or len(chunk) == 1 for chunk in table["input_ids"].chunks)
     assert table["input_ids"].to_pylist() == [r.tolist() for r in rows]
     assert table["n_tokens"].to_pylist() == [3, 3, 3, 10, 1, 0]
+
+
+def cache_cli(action: list[str], root, tmp_path) -> subprocess.CompletedProcess:
+    """`dlm-pipeline cache ...` on the store at `root`, in a subprocess, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(tmp_path / "home"), DLM_CACHE_DIR=str(root))
+    return subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", "cache", *action],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_a_folder_at_the_manifest_name_is_one_clear_line_for_every_cache_command(tmp_path):
+    """It could never be replaced: every write of the manifest failed, with errno text and a temp name."""
+    store, loaded, _ = populated(tmp_path / "cache")
+    (store.root / MANIFEST).unlink()
+    (store.root / MANIFEST).mkdir()
+    for action in (["stats"], ["prune"], ["clear"]):
+        done = cache_cli(action, store.root, tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == (
+            f"dlm-pipeline: token cache {store.root} (DLM_CACHE_DIR): {store.root / MANIFEST} is a folder, "
+            "not the token store's manifest: remove it"
+        )
+    assert len(list((store.root / loaded.cache_namespace).glob("shard-*.parquet"))) == 1  # nothing touched
+
+
+def test_cache_prune_names_a_few_foreign_entries_in_name_order_not_all_of_them(tmp_path):
+    store, loaded, _ = populated(tmp_path / "cache")
+    for i in range(300):
+        (store.root / loaded.cache_namespace / f"junk{i:03d}").write_text("not ours")
+    done = cache_cli(["prune"], store.root, tmp_path)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert len(line) < 1000 and "300 foreign entr(y/ies) left alone" in line and "and 295 more" in line
+    assert line.index("junk000") < line.index("junk004") and "junk005" not in line
+    assert len(list((store.root / loaded.cache_namespace).glob("junk*"))) == 300
+
+
+def test_a_large_file_at_a_shard_name_is_adopted_or_deleted_in_bounded_memory(tmp_path):
+    """A shard the manifest lost is hashed a block at a time (it was read whole: up to 2 GiB)."""
+    import tracemalloc
+
+    store, loaded, _ = populated(tmp_path / "cache")
+    (shard,) = (store.root / loaded.cache_namespace).glob("shard-*.parquet")
+    tail = shard.read_bytes()
+    big = shard.with_name(f"shard-{'b' * 32}.parquet")
+    with open(big, "wb") as fh:  # 512 MiB of zeros (sparse), then a footer of ours: looks like a shard
+        fh.truncate(512 * 2**20)
+        fh.seek(512 * 2**20)
+        fh.write(tail)
+    tracemalloc.start()
+    try:
+        report = store.repair()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20 and report["adopted"] == 1
+    entry = json.loads((store.root / MANIFEST).read_text())["shards"][f"{loaded.cache_namespace}/{big.name}"]
+    assert entry["bytes"] == big.stat().st_size
+
+
+def test_cache_commands_in_a_hostile_folder_finish_and_touch_nothing_outside(tmp_path):
+    """Through the CLI, as a user runs it: the manifest a symlink to a file outside, FIFOs at an index
+    name, a temp-file name and a namespace name, a shard that is a symlink out: every command ends
+    (nothing is opened blocking), and nothing outside the store changes."""
+    store, loaded, _ = populated(tmp_path / "cache")
+    folder = store.root / loaded.cache_namespace
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"version": 2, "shards": {}}')
+    (store.root / MANIFEST).unlink()
+    (store.root / MANIFEST).symlink_to(victim)
+    os.mkfifo(folder / f"shard-{'c' * 32}.keys")
+    os.mkfifo(folder / f".shard-{'d' * 32}.parquet.abc.tmp")
+    os.mkfifo(store.root / ("f" * 32))
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"PAR1 not yours PAR1")
+    (folder / f"shard-{'e' * 32}.parquet").symlink_to(outside)
+    for action in (["stats"], ["prune", "--max-bytes", "0"], ["clear"]):
+        done = cache_cli(action, store.root, tmp_path)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (action, done.stderr)
+    assert victim.read_text() == '{"version": 2, "shards": {}}' and outside.read_bytes() == b"PAR1 not yours PAR1"
+    assert stat.S_ISFIFO((store.root / ("f" * 32)).lstat().st_mode)
+    assert not list(folder.glob("shard-*.parquet")) or all(p.is_symlink() for p in folder.glob("shard-*.parquet"))
