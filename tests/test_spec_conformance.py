@@ -1,0 +1,423 @@
+"""Black-box conformance with SPEC.md: the real CLI in a subprocess on small adversarial trees, every output
+compared with an independent oracle (`oracle_spec.py`, written from SPEC; expansion by the reference)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, write_tree
+
+import oracle_spec as oracle
+
+MAX_FILE_BYTES = 2048
+PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----\n"
+ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache", "training_dataset"]
+
+
+def adversarial_files() -> dict[str, str | bytes]:
+    """Nested configs overriding weights and tags, weight 0, fractional weights, YAML scalars as tag
+    keys and values, duplicate texts, unicode paths, empty/CRLF/BOM files, excluded, ignored, re-included,
+    default-excluded, binary, non-UTF-8, too large, exactly at the limit, secrets with and without the scan."""
+    files: dict[str, str | bytes] = {
+        ".dlm/training.yaml": "dlm_training_version: 1\nexclude: ['**/skip_*.txt']\n"
+        "metadata: {lang: text, generated: false, level: 1}\n"
+        "weights: {lang: {py: 2.5, md: 0.5, text: 1.0}, generated: {'true': 0.0, 'false': 1.0}, level: {1: 1.5}}\n",
+        ".dlm/ignore": "*.log\n!keep.log\n",
+        "README.md": "# root readme\n",
+        "keep.log": "kept by negation\n",
+        "other.log": "ignored\n",
+        "src/.dlm/training.yaml": "dlm_training_version: 1\ninclude: ['**/*.py', '*.txt']\nmetadata: {lang: py}\n",
+        "src/skip_me.txt": "excluded by the root's exclude, re-admitted by src's include\n",
+        "docs/skip_me.txt": "excluded by the root's exclude\n",
+        "src/notes.txt": "included by src's include\n",
+        "src/readme.md": "not matched by src's include\n",
+        "src/gen/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {generated: true}\n",
+        "src/gen/made.py": "x = 1  # generated, weight 0\n",
+        "src/deep/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {level: 2}\nweights: {lang: {py: 0.3}}\n",
+        "docs/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {lang: md}\nweights: {lang: {md: 1.7}}\n",
+        "docs/empty.md": "",
+        "docs/crlf.md": b"line one\r\nline two\r\nthree\rfour\n",
+        "docs/bom.md": "\ufeffbom text\n".encode(),
+        "docs/\u00fcn\u00efcode \u540d\u524d.md": "unicode path \u00e9\u00e8 \u2603\n",
+        "docs/\u00e9.md": "accent\n",
+        "docs/Z.md": "upper\n",
+        "docs/dup.md": "same text everywhere\n",
+        "other/dup.md": "same text everywhere\n",
+        "other/dup2.txt": "same text everywhere\n",
+        "data/blob.dat": b"abc\0def",
+        "data/latin1.txt": "caf\u00e9\n".encode("latin-1"),
+        "data/big.txt": "b" * (MAX_FILE_BYTES + 1),
+        "data/edge.txt": "e" * (MAX_FILE_BYTES - 1) + "\n",
+        ".git/config": "[core]\n",
+        "node_modules/x.js": "module.exports = 1\n",
+        ".env": "A=1\n",
+        "yarn.lock": "lock\n",
+        "secret.txt": PRIVATE_KEY,
+        "nodefaults/.dlm/training.yaml": "dlm_training_version: 1\nexclude_defaults: false\nscan_secrets: false\n",
+        "nodefaults/.env": "B=2\n",
+        "nodefaults/key.txt": PRIVATE_KEY,
+    }
+    for i in range(40):
+        files[f"src/mod{i:02d}.py"] = f"def f{i}(x):\n    return x * {i} + {i * i}\n" + "# pad\n" * (i % 7)
+    for i in range(12):
+        files[f"src/deep/d{i}.py"] = f"deep_{i} = {i}\n"
+    for i in range(25):
+        files[f"docs/page{i:02d}.md"] = f"# Page {i}\n\n" + "words and more words " * (i % 5) + "\n"
+    return files
+
+
+def build_tree(base: Path) -> Path:
+    root = write_tree(base / "tree", adversarial_files())
+    outside = write_tree(base / "outside", {"out.txt": "outside the root\n"})
+    os.symlink(outside / "out.txt", root / "link_out.txt")  # escapes the root: skipped
+    os.symlink("docs/page01.md", root / "link_in.md")  # stays inside: followed
+    os.symlink("docs", root / "linkdir")  # a symlinked directory: not descended into
+    return root
+
+
+def run_cli(args: list[str], home: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(home / "out"), **env_extra)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return subprocess.run(
+        [sys.executable, "-m", "dlm_pipeline.cli", *args], env=env, capture_output=True, text=True, cwd=REPO,
+        timeout=300, stdin=subprocess.DEVNULL,
+    )
+
+
+def metadata(home: Path, asset: str, seed: str) -> dict | None:
+    """The latest materialization's metadata of `asset` for `seed`, read from the instance at `home`."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[seed]), limit=1
+        ).records
+        if not records:
+            return None
+        return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def table_records(value) -> list[dict]:
+    return [dict(r.data) for r in value.records]
+
+
+class Run:
+    """One `materialize` of the adversarial tree and what the oracle says it must produce."""
+
+    def __init__(self, reference, base: Path, args: list[str], seeds: list[str], scope="nearest", mode="bernoulli",
+                 val_fraction=0.1, split_seed=0, seq_len=2048, pre: list[list[str]] = ()):
+        from tokenizers import Tokenizer
+
+        self.root, self.home = build_tree(base), base / "home"
+        for command in pre:
+            assert run_cli(command, self.home).returncode == 0
+        self.done = run_cli(["materialize", "--source", str(self.root), *args], self.home,
+                            DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES))
+        self.out, self.seeds, self.reference = self.home / "out", seeds, reference
+        self.mode, self.val_fraction, self.split_seed, self.seq_len = mode, val_fraction, split_seed, seq_len
+        self.corpus = oracle.corpus(self.root, scope, MAX_FILE_BYTES)
+        self.tokenizer = Tokenizer.from_file(str(REPO / "dlm_pipeline" / "data" / "dlm-bpe-8k.json"))
+        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def expanded(self, seed: str):
+        return oracle.expanded(self.reference, self.corpus.rows, int(seed), self.mode)
+
+    def dataset(self, seed: str):
+        return oracle.training_dataset(self.reference, self.corpus.rows, int(seed), self.ids, self.eos_id,
+                                       self.seq_len, self.val_fraction, self.split_seed, self.mode)
+
+
+def run_bernoulli(reference, base: Path) -> Run:
+    """Nearest scope, the reference's expansion, half the rows on the validation side, tiny sequences."""
+    return Run(reference, base,
+               ["--seed", "0", "--seed", "7", "--max-seq-len", "16", "--val-fraction", "0.5", "--split-seed", "3"],
+               ["0", "7"], val_fraction=0.5, split_seed=3, seq_len=16)
+
+
+def run_exact(reference, base: Path) -> Run:
+    """Global scope, exact mode, no validation set; seeds from the registry (no --seed)."""
+    return Run(reference, base,
+               ["--expansion-mode", "exact", "--weights-scope", "global", "--val-fraction", "0", "--max-seq-len", "32"],
+               ["5", "11"], scope="global", mode="exact", val_fraction=0.0, seq_len=32, pre=[["seeds", "add", "5", "11"]])
+
+
+def check_raw_corpus_rows_and_skip_counts(run):
+    expected = [
+        {"section_id": r.section_id, "path": r.path, "text": r.text, "tags": sorted(r.tags.items())}
+        for r in run.corpus.rows
+    ]
+    table = pq.read_table(run.out / "raw_corpus" / f"{run.seeds[0]}.parquet")
+    assert table.schema.field("tags").type == pa.map_(pa.string(), pa.string())
+    assert [table.schema.field(c).type for c in ("section_id", "path", "text")] == [pa.string()] * 3
+    assert table.to_pylist() == expected
+    paths = {r.path for r in run.corpus.rows}
+    assert {"docs/empty.md", "keep.log", "src/notes.txt", "link_in.md", "nodefaults/.env", "nodefaults/key.txt",
+            "data/edge.txt", "src/gen/made.py", "src/skip_me.txt"} <= paths
+    assert not paths & {"other.log", "docs/skip_me.txt", "src/readme.md", ".env", "yarn.lock", "secret.txt"}
+    assert not any(p.startswith(("linkdir/", ".git/", "node_modules/", ".dlm/", "src/.dlm/")) for p in paths)
+    for seed in run.seeds:
+        skips = metadata(run.home, "raw_corpus", seed)["skip_counts"]
+        assert {k: v for k, v in skips.items() if v} == {
+            "secret": 1, "binary": 1, "encoding": 1, "too_large": 1, "symlink_escape": 1, "symlink_dir": 1
+        }
+
+
+def check_expanded_corpus_is_the_reference_expansion_per_seed(run):
+    for seed in run.seeds:
+        expected = [
+            {"section_id": r.section_id, "path": r.path, "text": r.text, "tags": sorted(r.tags.items()),
+             "weight": w, "copy": c}
+            for r, w, c in run.expanded(seed)
+        ]
+        table = pq.read_table(run.out / "expanded_corpus" / f"{seed}.parquet")
+        assert table.schema.field("weight").type == pa.float64() and table.schema.field("copy").type == pa.int32()
+        assert table.to_pylist() == expected, seed
+
+
+def check_exact_mode_gives_each_weight_group_its_rounded_quota(exact):
+    rows = exact.corpus.rows
+    weights = [oracle.composed_weight(exact.reference, r) for r in rows]
+    groups = {w: weights.count(w) for w in weights if w > 0 and w != int(w)}
+    assert len([n for n in groups.values() if n > 1]) >= 3 and 0.0 in weights
+    for seed in exact.seeds:
+        table = pq.read_table(exact.out / "expanded_corpus" / f"{seed}.parquet", columns=["section_id", "weight"])
+        for w in {w for w in weights if w > 0}:
+            group = sum(1 for x in weights if x == w)
+            realized = sum(1 for x in table["weight"].to_pylist() if x == w)
+            assert realized == group * int(w) + int(np.floor(group * (w - int(w)) + 0.5)), (seed, w)
+
+
+def check_tokenized_cache_rows(run):
+    for seed in run.seeds:
+        expected = []
+        for r, _, c in run.expanded(seed):
+            ids = run.ids(r.text)
+            cut = ids[: run.seq_len]
+            expected.append({"section_id": r.section_id, "copy": c, "input_ids": cut, "n_tokens": len(cut),
+                             "truncated": len(ids) > run.seq_len})
+        table = pq.read_table(run.out / "tokenized_cache" / f"{seed}.parquet")
+        assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+        assert table.to_pylist() == expected, seed
+
+
+def check_training_dataset_files(run):
+    for seed in run.seeds:
+        folder = run.out / "training_dataset" / seed
+        splits = run.dataset(seed)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [f"{s}.{ext}" for s in ("train", "validation") for ext in ("parquet", "bin", "idx")] + ["dataset.json"]
+        )
+        for split, expected in splits.items():
+            table = pq.read_table(folder / f"{split}.parquet")
+            assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+            assert table.schema.field("n_tokens").type == pa.int32()
+            assert table.schema.field("doc_starts").type == pa.list_(pa.int32())
+            assert table.to_pylist() == [
+                {"input_ids": q, "n_tokens": len(q), "doc_starts": d}
+                for q, d in zip(expected.sequences, expected.doc_starts)
+            ], (seed, split)
+            tokens = [i for doc in expected.documents for i in doc]
+            assert (folder / f"{split}.bin").read_bytes() == np.array(tokens, dtype="<u2").tobytes()
+            assert (folder / f"{split}.idx").read_bytes() == oracle.megatron_index(expected.documents, 8, 2)
+        manifest = json.loads((folder / "dataset.json").read_text())
+        assert manifest["files"] == {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != "dataset.json"
+        }
+        assert {k: manifest[k] for k in ("seed", "split_seed", "val_fraction", "seq_len", "expansion_mode")} == {
+            "seed": int(seed), "split_seed": run.split_seed, "val_fraction": run.val_fraction,
+            "seq_len": run.seq_len, "expansion_mode": run.mode,
+        }
+        assert (manifest["eos_id"], manifest["dtype"]) == (run.eos_id, "uint16")
+        assert manifest["tokenizer_fingerprint"] == hashlib.sha256(run.tokenizer.to_str().encode()).hexdigest()
+        assert manifest["splits"] == {
+            split: {"documents": len(s.documents), "tokens": sum(map(len, s.documents)), "sequences": len(s.sequences)}
+            for split, s in splits.items()
+        }
+
+
+def check_split_is_by_content_and_the_same_for_every_seed(bernoulli):
+    """Duplicate texts share a side; validation = validation-side rows of weight > 0, once each, for any seed."""
+    sides = {r.path: oracle.on_validation_side(r.text, 3, 0.5) for r in bernoulli.corpus.rows}
+    assert len({sides["docs/dup.md"], sides["other/dup.md"], sides["other/dup2.txt"]}) == 1
+    assert 0 < sum(sides.values()) < len(sides)
+    validation = [(folder / "validation.bin").read_bytes() for folder in
+                  (bernoulli.out / "training_dataset" / s for s in bernoulli.seeds)]
+    assert validation[0] == validation[1]
+
+
+def check_metadata_of_every_asset(run):
+    tokenized_before: set[str] = set()
+    for seed in run.seeds:
+        md = {asset: metadata(run.home, asset, seed) for asset in ASSETS}
+        for asset in ASSETS:
+            assert md[asset]["seed"] == int(seed) and len(md[asset]["fingerprint"]) == 64, asset
+        for asset in ASSETS[:5]:
+            assert md[asset]["dagster/row_count"] == pq.read_metadata(run.out / asset / f"{seed}.parquet").num_rows
+        # Input fingerprints name the upstream outputs the step was computed from.
+        for asset, inputs in {"weights_map": ["training_configs"], "expanded_corpus": ["raw_corpus", "weights_map"],
+                              "training_dataset": ["raw_corpus", "expanded_corpus"]}.items():
+            for upstream in inputs:
+                assert md[asset]["input_fingerprints"][upstream] == md[upstream]["fingerprint"], (asset, upstream)
+
+        configs = md["training_configs"]
+        assert (configs["configs_valid"], configs["configs_invalid"]) == (7, 0)
+
+        rows = run.corpus.rows
+        expansion = run.expanded(seed)
+        ex = md["expanded_corpus"]
+        assert (ex["rows_in"], ex["rows_out"]) == (len(rows), len(expansion))
+        distribution: dict = {}
+        expected_copies: dict = {}
+        realized: dict = {}
+        for r in rows:
+            for pair in r.tags.items():
+                distribution[pair] = distribution.get(pair, 0) + 1
+                expected_copies[pair] = expected_copies.get(pair, 0.0) + oracle.composed_weight(run.reference, r)
+        for r, _, _ in expansion:
+            for pair in r.tags.items():
+                realized[pair] = realized.get(pair, 0) + 1
+        assert {(d["tag_key"], d["tag_value"]): d["rows"] for d in table_records(ex["weight_distribution"])} == (
+            distribution
+        )
+        table = {(d["tag_key"], d["tag_value"]): d for d in table_records(ex["expected_vs_realized"])}
+        assert {k: d["realized"] for k, d in table.items()} == {k: realized.get(k, 0) for k in distribution}
+        assert {k: d["expected"] for k, d in table.items()} == pytest.approx(expected_copies)
+
+        tc = md["tokenized_cache"]
+        stored = pq.read_table(run.out / "tokenized_cache" / f"{seed}.parquet")
+        assert tc["tokens_total"] == sum(stored["n_tokens"].to_pylist())
+        assert tc["truncated_rows"] == sum(stored["truncated"].to_pylist())
+        needed = {r.text for r, _, _ in expansion} | {
+            r.text for r in rows if oracle.on_validation_side(r.text, run.split_seed, run.val_fraction)
+            and oracle.composed_weight(run.reference, r) > 0
+        }
+        assert tc["cache_hits"] + tc["cache_misses"] == len(needed)
+        assert tc["cache_misses"] == len(needed - tokenized_before)
+        assert tc["hit_rate"] == pytest.approx(tc["cache_hits"] / len(needed))
+        tokenized_before |= needed
+        store = run.home / "token_cache"
+        assert 0 < tc["cache_bytes"] <= sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+
+        td = md["training_dataset"]
+        splits = run.dataset(seed)
+        counts = {s: (len(x.documents), sum(map(len, x.documents)), len(x.sequences)) for s, x in splits.items()}
+        for split, (documents, tokens, sequences) in counts.items():
+            assert (td[f"{split}/documents"], td[f"{split}/tokens"], td[f"{split}/sequences"]) == counts[split]
+        (train_docs, train_tokens, _), (val_docs, val_tokens, _) = counts["train"], counts["validation"]
+        assert td["validation_fraction/documents"] == pytest.approx(val_docs / (train_docs + val_docs))
+        assert td["validation_fraction/tokens"] == pytest.approx(val_tokens / (train_tokens + val_tokens))
+        by_tag: dict = {}
+        train_rows = sorted(
+            (e for e in expansion if not oracle.on_validation_side(e[0].text, run.split_seed, run.val_fraction)),
+            key=lambda e: oracle.order_key(int(seed), e[0].section_id, e[2]),
+        )
+        for (r, _, _), doc in zip(train_rows, splits["train"].documents):
+            for pair in r.tags.items():
+                by_tag[pair] = by_tag.get(pair, 0) + len(doc)
+        shares = {(d["tag_key"], d["tag_value"]): d for d in table_records(td["train_tokens_by_tag"])}
+        assert {k: d["train_tokens"] for k, d in shares.items() if d["train_tokens"]} == by_tag
+        assert {k: d["share"] for k, d in shares.items() if d["train_tokens"]} == pytest.approx(
+            {k: v / train_tokens for k, v in by_tag.items()}
+        )
+
+
+def check_fingerprints_follow_content_not_seed(bernoulli):
+    first, second = (metadata(bernoulli.home, "raw_corpus", s)["fingerprint"] for s in bernoulli.seeds)
+    assert first == second
+    first, second = (metadata(bernoulli.home, "expanded_corpus", s)["fingerprint"] for s in bernoulli.seeds)
+    assert first != second  # the two seeds' expansions differ (fractional weights)
+
+
+def check_materialize_without_seed_uses_the_registered_seeds(exact):
+    assert exact.done.returncode == 0
+    with dg.DagsterInstance.from_config(str(exact.home)) as instance:
+        assert sorted(instance.get_dynamic_partitions("seeds")) == ["11", "5"]
+    assert metadata(exact.home, "raw_corpus", "0") is None
+
+
+COMMON_CHECKS = [
+    check_raw_corpus_rows_and_skip_counts,
+    check_expanded_corpus_is_the_reference_expansion_per_seed,
+    check_tokenized_cache_rows,
+    check_training_dataset_files,
+    check_metadata_of_every_asset,
+]
+
+
+def test_nearest_scope_bernoulli_run_matches_the_oracle(reference, tmp_path):
+    """One CLI run (two seeds) checked whole: each run is costly, and xdist would repeat a module fixture."""
+    run = run_bernoulli(reference, tmp_path)
+    assert run.done.returncode == 0, run.done.stdout + run.done.stderr
+    for check in COMMON_CHECKS + [check_split_is_by_content_and_the_same_for_every_seed,
+                                  check_fingerprints_follow_content_not_seed]:
+        check(run)
+
+
+def test_global_scope_exact_run_without_seed_matches_the_oracle(reference, tmp_path):
+    run = run_exact(reference, tmp_path)
+    assert run.done.returncode == 0, run.done.stdout + run.done.stderr
+    for check in COMMON_CHECKS + [check_exact_mode_gives_each_weight_group_its_rounded_quota,
+                                  check_materialize_without_seed_uses_the_registered_seeds]:
+        check(run)
+
+
+def test_an_invalid_config_fails_materialize_without_seed_on_seed_0(tmp_path):
+    root = write_tree(tmp_path / "tree", {
+        ".dlm/training.yaml": "dlm_training_version: 1\n",
+        "a.py": "a = 1\n",
+        "sub/.dlm/training.yaml": "dlm_training_version: 1\nweights: {lang: {py: -1}}\n",
+        "other/.dlm/training.yaml": "dlm_training_version: 1\nsurprise: 1\n",
+    })
+    home = tmp_path / "home"
+    validate = run_cli(["validate", "--source", str(root)], home)
+    assert validate.returncode == 1
+    assert "sub/.dlm/training.yaml" in validate.stderr and "other/.dlm/training.yaml" in validate.stderr
+    done = run_cli(["materialize", "--source", str(root)], home)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_dynamic_partitions("seeds") == ["0"]
+    configs = metadata(home, "training_configs", "0")
+    assert (configs["configs_valid"], configs["configs_invalid"]) == (1, 2)
+    assert "sub/.dlm/training.yaml" in str(configs["errors"]) and "other/.dlm/training.yaml" in str(configs["errors"])
+    assert metadata(home, "expanded_corpus", "0") is None
+
+
+@pytest.mark.parametrize("bad", ["042", "-1", "abc", "1" * 21])
+def test_non_canonical_seeds_are_refused_before_anything_is_registered(tmp_path, bad):
+    done = run_cli(["materialize", "--source", str(tmp_path), "--seed", bad], tmp_path / "home")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and repr(bad) in lines[0] or bad in lines[0]
+    assert "Traceback" not in done.stderr
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert instance.get_dynamic_partitions("seeds") == []
+
+
+def test_explain_exit_codes(tmp_path):
+    root = build_tree(tmp_path)
+    expectations = {
+        "src/mod01.py": 0,
+        "src/skip_me.txt": 0,  # excluded at the root, re-admitted by src's include
+        "src/gen/made.py": 0,  # weight 0: in raw_corpus, dropped only by expansion
+        "docs/skip_me.txt": 1,
+        "secret.txt": 1,
+    }
+    for path, code in expectations.items():
+        done = run_cli(["explain", path, "--source", str(root), "--seed", "7"], tmp_path / "home",
+                       DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES))
+        assert done.returncode == code, (path, done.stdout, done.stderr)
+        assert "BEGIN RSA" not in done.stdout + done.stderr
