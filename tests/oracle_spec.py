@@ -254,9 +254,12 @@ def pack(documents: list[list[int]], seq_len: int) -> Split:
 def training_dataset(reference, rows, seed, ids_of, eos_id, seq_len, val_fraction=0.1, split_seed=0,
                      mode="bernoulli") -> dict[str, Split]:
     """SPEC §7: the train and validation splits (documents in order, packed sequences)."""
-    train_rows = [r for r in rows if not on_validation_side(r.text, split_seed, val_fraction)]
     val_rows = [r for r in rows if on_validation_side(r.text, split_seed, val_fraction)]
-    train = sorted(expanded(reference, train_rows, seed, mode), key=lambda e: order_key(seed, e[0].section_id, e[2]))
+    # The expanded corpus filtered to the train side (in exact mode, weight groups span the whole corpus).
+    train = sorted(
+        (e for e in expanded(reference, rows, seed, mode) if not on_validation_side(e[0].text, split_seed, val_fraction)),
+        key=lambda e: order_key(seed, e[0].section_id, e[2]),
+    )
     validation = sorted(
         (r for r in val_rows if (composed_weight(reference, r) if r.weights else 1.0) > 0),
         key=lambda r: (content_key(r.text), r.section_id),

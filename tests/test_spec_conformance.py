@@ -41,8 +41,10 @@ def adversarial_files() -> dict[str, str | bytes]:
         "docs/skip_me.txt": "excluded by the root's exclude\n",
         "src/notes.txt": "included by src's include\n",
         "src/readme.md": "not matched by src's include\n",
-        "src/gen/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {generated: true}\n",
-        "src/gen/made.py": "x = 1  # generated, weight 0\n",
+        "src/gen/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {generated: true}\n"
+        "weights: {generated: {true: 0.2}}\n",  # an unquoted YAML boolean as a tag value key
+        "src/gen/made.py": "x = 1  # generated\n",
+        "other/.dlm/training.yaml": "dlm_training_version: 1\nweights: {lang: {text: 0}}\n",  # weight 0
         "src/deep/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {level: 2}\nweights: {lang: {py: 0.3}}\n",
         "docs/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {lang: md}\nweights: {lang: {md: 1.7}}\n",
         "docs/empty.md": "",
@@ -50,6 +52,7 @@ def adversarial_files() -> dict[str, str | bytes]:
         "docs/bom.md": "\ufeffbom text\n".encode(),
         "docs/\u00fcn\u00efcode \u540d\u524d.md": "unicode path \u00e9\u00e8 \u2603\n",
         "docs/\u00e9.md": "accent\n",
+        "docs/e\u0301.md": "accent, decomposed\n",
         "docs/Z.md": "upper\n",
         "docs/dup.md": "same text everywhere\n",
         "other/dup.md": "same text everywhere\n",
@@ -71,6 +74,11 @@ def adversarial_files() -> dict[str, str | bytes]:
         files[f"src/mod{i:02d}.py"] = f"def f{i}(x):\n    return x * {i} + {i * i}\n" + "# pad\n" * (i % 7)
     for i in range(12):
         files[f"src/deep/d{i}.py"] = f"deep_{i} = {i}\n"
+    # Tags from two anchors, inserted out of key order: the product must be taken in sorted key order.
+    files["mix/.dlm/training.yaml"] = "dlm_training_version: 1\nmetadata: {c: x}\nweights: {c: {x: 0.9}, a: {x: 0.1}, b: {x: 0.3}}\n"
+    files["mix/inner/.dlm/training.yaml"] = "dlm_training_version: 1\nmetadata: {b: x, a: x}\n"
+    for i in range(20):
+        files[f"mix/inner/m{i}.txt"] = f"mixed {i}\n"
     for i in range(25):
         files[f"docs/page{i:02d}.md"] = f"# Page {i}\n\n" + "words and more words " * (i % 5) + "\n"
     return files
@@ -141,17 +149,16 @@ class Run:
 
 
 def run_bernoulli(reference, base: Path) -> Run:
-    """Nearest scope, the reference's expansion, half the rows on the validation side, tiny sequences."""
-    return Run(reference, base,
-               ["--seed", "0", "--seed", "7", "--max-seq-len", "16", "--val-fraction", "0.5", "--split-seed", "3"],
-               ["0", "7"], val_fraction=0.5, split_seed=3, seq_len=16)
+    """Nearest scope, the reference's expansion, no validation set, tiny sequences."""
+    return Run(reference, base, ["--seed", "0", "--seed", "7", "--max-seq-len", "16", "--val-fraction", "0"],
+               ["0", "7"], val_fraction=0.0, seq_len=16)
 
 
 def run_exact(reference, base: Path) -> Run:
-    """Global scope, exact mode, no validation set; seeds from the registry (no --seed)."""
-    return Run(reference, base,
-               ["--expansion-mode", "exact", "--weights-scope", "global", "--val-fraction", "0", "--max-seq-len", "32"],
-               ["5", "11"], scope="global", mode="exact", val_fraction=0.0, seq_len=32, pre=[["seeds", "add", "5", "11"]])
+    """Global scope, exact mode, half the rows on the validation side; seeds from the registry (no --seed)."""
+    args = ["--expansion-mode", "exact", "--weights-scope", "global", "--val-fraction", "0.5", "--split-seed", "3"]
+    return Run(reference, base, args + ["--max-seq-len", "32"], ["5", "11"], scope="global", mode="exact",
+               val_fraction=0.5, split_seed=3, seq_len=32, pre=[["seeds", "add", "5", "11"]])
 
 
 def check_raw_corpus_rows_and_skip_counts(run):
@@ -248,14 +255,25 @@ def check_training_dataset_files(run):
         }
 
 
-def check_split_is_by_content_and_the_same_for_every_seed(bernoulli):
+def check_split_is_by_content_and_the_same_for_every_seed(run):
     """Duplicate texts share a side; validation = validation-side rows of weight > 0, once each, for any seed."""
-    sides = {r.path: oracle.on_validation_side(r.text, 3, 0.5) for r in bernoulli.corpus.rows}
+    sides = {r.path: oracle.on_validation_side(r.text, run.split_seed, run.val_fraction) for r in run.corpus.rows}
     assert len({sides["docs/dup.md"], sides["other/dup.md"], sides["other/dup2.txt"]}) == 1
     assert 0 < sum(sides.values()) < len(sides)
     validation = [(folder / "validation.bin").read_bytes() for folder in
-                  (bernoulli.out / "training_dataset" / s for s in bernoulli.seeds)]
+                  (run.out / "training_dataset" / s for s in run.seeds)]
     assert validation[0] == validation[1]
+
+
+def check_no_validation_set(run):
+    """--val-fraction 0: an empty validation split, still written as files."""
+    for seed in run.seeds:
+        folder = run.out / "training_dataset" / seed
+        assert pq.read_table(folder / "validation.parquet").num_rows == 0
+        assert (folder / "validation.bin").read_bytes() == b""
+        assert json.loads((folder / "dataset.json").read_text())["splits"]["validation"] == {
+            "documents": 0, "tokens": 0, "sequences": 0
+        }
 
 
 def check_metadata_of_every_asset(run):
@@ -273,7 +291,8 @@ def check_metadata_of_every_asset(run):
                 assert md[asset]["input_fingerprints"][upstream] == md[upstream]["fingerprint"], (asset, upstream)
 
         configs = md["training_configs"]
-        assert (configs["configs_valid"], configs["configs_invalid"]) == (7, 0)
+        config_files = sum(1 + (anchor.ignore is not None) for anchor in run.corpus.anchors)  # training.yaml + ignore
+        assert (configs["configs_valid"], configs["configs_invalid"]) == (config_files, 0)
 
         rows = run.corpus.rows
         expansion = run.expanded(seed)
@@ -361,8 +380,7 @@ def test_nearest_scope_bernoulli_run_matches_the_oracle(reference, tmp_path):
     """One CLI run (two seeds) checked whole: each run is costly, and xdist would repeat a module fixture."""
     run = run_bernoulli(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
-    for check in COMMON_CHECKS + [check_split_is_by_content_and_the_same_for_every_seed,
-                                  check_fingerprints_follow_content_not_seed]:
+    for check in COMMON_CHECKS + [check_no_validation_set, check_fingerprints_follow_content_not_seed]:
         check(run)
 
 
@@ -370,6 +388,7 @@ def test_global_scope_exact_run_without_seed_matches_the_oracle(reference, tmp_p
     run = run_exact(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
     for check in COMMON_CHECKS + [check_exact_mode_gives_each_weight_group_its_rounded_quota,
+                                  check_split_is_by_content_and_the_same_for_every_seed,
                                   check_materialize_without_seed_uses_the_registered_seeds]:
         check(run)
 
