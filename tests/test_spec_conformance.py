@@ -93,6 +93,24 @@ def build_tree(base: Path) -> Path:
     return root
 
 
+def wide_tokenizer(path: Path) -> Path:
+    """A real WordLevel tokenizer of 70,000 ids whose words sit above 65,535 (so `int32` storage), with a
+    post-processor that prepends a special token (which documents must not get) and an EOS named `</doc>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    splitter = pre_tokenizers.Whitespace()
+    words = sorted({w for c in adversarial_files().values() if isinstance(c, str) for w, _ in splitter.pre_tokenize_str(c)})
+    tokens = ["[UNK]", "[BOS]", "</doc>"] + [f"filler{i}" for i in range(3, 65_536)] + words
+    tokens += [f"filler{i}" for i in range(len(tokens), 70_000)]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    tokenizer.add_special_tokens(["[UNK]", "[BOS]", "</doc>"])
+    tokenizer.save(str(path))
+    return path
+
+
 def run_cli(args: list[str], home: Path, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(home / "out"), **env_extra)
@@ -123,7 +141,8 @@ class Run:
     """One `materialize` of the adversarial tree and what the oracle says it must produce."""
 
     def __init__(self, reference, base: Path, args: list[str], seeds: list[str], scope="nearest", mode="bernoulli",
-                 val_fraction=0.1, split_seed=0, seq_len=2048, pre: list[list[str]] = ()):
+                 val_fraction=0.1, split_seed=0, seq_len=2048, pre: list[list[str]] = (), tokenizer=None,
+                 eos="<|endoftext|>"):
         from tokenizers import Tokenizer
 
         self.root, self.home = build_tree(base), base / "home"
@@ -134,8 +153,9 @@ class Run:
         self.out, self.seeds, self.reference = self.home / "out", seeds, reference
         self.mode, self.val_fraction, self.split_seed, self.seq_len = mode, val_fraction, split_seed, seq_len
         self.corpus = oracle.corpus(self.root, scope, MAX_FILE_BYTES)
-        self.tokenizer = Tokenizer.from_file(str(REPO / "dlm_pipeline" / "data" / "dlm-bpe-8k.json"))
-        self.eos_id = self.tokenizer.token_to_id("<|endoftext|>")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer or REPO / "dlm_pipeline" / "data" / "dlm-bpe-8k.json"))
+        self.eos_id = self.tokenizer.token_to_id(eos)
+        self.dtype, self.dtype_code = ("<u2", 8) if self.tokenizer.get_vocab_size() < 65_536 else ("<i4", 4)
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -155,10 +175,13 @@ def run_bernoulli(reference, base: Path) -> Run:
 
 
 def run_exact(reference, base: Path) -> Run:
-    """Global scope, exact mode, half the rows on the validation side; seeds from the registry (no --seed)."""
+    """Global scope, exact mode, half the rows on the validation side; seeds from the registry (no --seed);
+    a tokenizer with more than 65,536 ids, a post-processor and a named EOS."""
+    tokenizer = wide_tokenizer(base / "wide.json")
     args = ["--expansion-mode", "exact", "--weights-scope", "global", "--val-fraction", "0.5", "--split-seed", "3"]
-    return Run(reference, base, args + ["--max-seq-len", "32"], ["5", "11"], scope="global", mode="exact",
-               val_fraction=0.5, split_seed=3, seq_len=32, pre=[["seeds", "add", "5", "11"]])
+    args += ["--max-seq-len", "32", "--tokenizer", str(tokenizer), "--eos-token", "</doc>"]
+    return Run(reference, base, args, ["5", "11"], scope="global", mode="exact", val_fraction=0.5, split_seed=3,
+               seq_len=32, pre=[["seeds", "add", "5", "11"]], tokenizer=tokenizer, eos="</doc>")
 
 
 def check_raw_corpus_rows_and_skip_counts(run):
@@ -237,8 +260,10 @@ def check_training_dataset_files(run):
                 for q, d in zip(expected.sequences, expected.doc_starts)
             ], (seed, split)
             tokens = [i for doc in expected.documents for i in doc]
-            assert (folder / f"{split}.bin").read_bytes() == np.array(tokens, dtype="<u2").tobytes()
-            assert (folder / f"{split}.idx").read_bytes() == oracle.megatron_index(expected.documents, 8, 2)
+            assert (folder / f"{split}.bin").read_bytes() == np.array(tokens, dtype=run.dtype).tobytes()
+            itemsize = np.dtype(run.dtype).itemsize
+            assert (folder / f"{split}.idx").read_bytes() == oracle.megatron_index(expected.documents, run.dtype_code,
+                                                                                  itemsize)
         manifest = json.loads((folder / "dataset.json").read_text())
         assert manifest["files"] == {
             p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != "dataset.json"
@@ -247,7 +272,7 @@ def check_training_dataset_files(run):
             "seed": int(seed), "split_seed": run.split_seed, "val_fraction": run.val_fraction,
             "seq_len": run.seq_len, "expansion_mode": run.mode,
         }
-        assert (manifest["eos_id"], manifest["dtype"]) == (run.eos_id, "uint16")
+        assert (manifest["eos_id"], manifest["dtype"]) == (run.eos_id, np.dtype(run.dtype).name)
         assert manifest["tokenizer_fingerprint"] == hashlib.sha256(run.tokenizer.to_str().encode()).hexdigest()
         assert manifest["splits"] == {
             split: {"documents": len(s.documents), "tokens": sum(map(len, s.documents)), "sequences": len(s.sequences)}
