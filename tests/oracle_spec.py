@@ -164,8 +164,9 @@ def read_text(file: Path, root: Path, max_file_bytes: int) -> tuple[str | None, 
     return text, None
 
 
-def corpus(root: Path, scope: str = "nearest", max_file_bytes: int = 1 << 20) -> Corpus:
-    """SPEC §1-§2: the rows of the tree (ordered by the UTF-8 bytes of the path) and the skip counts."""
+def corpus(root: Path, scope: str = "nearest", max_file_bytes: int = 1 << 20, own_folders=()) -> Corpus:
+    """SPEC §1-§2: the rows of the tree (ordered by the UTF-8 bytes of the path) and the skip counts.
+    `own_folders`: the pipeline's folders inside the root ("name/"), never part of the corpus."""
     anchors = find_anchors(root)
     global_map: dict[str, dict[str, float]] = {}
     for anchor in sorted(anchors.values(), key=lambda a: (a.depth, a.directory.encode())):
@@ -176,6 +177,8 @@ def corpus(root: Path, scope: str = "nearest", max_file_bytes: int = 1 << 20) ->
         for name in filenames:
             file = Path(directory) / name
             path = file.relative_to(root).as_posix()
+            if path.startswith(tuple(own_folders)):
+                continue
             chain = ancestors(anchors, path)
             if not included_by_rules(chain, path):
                 continue
