@@ -98,6 +98,7 @@ class Corpus:
     rows: list[Row]
     skips: dict[str, int] = field(default_factory=dict)
     anchors: list[Anchor] = field(default_factory=list)
+    global_weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def find_anchors(root: Path) -> dict[str, Anchor]:
@@ -197,7 +198,7 @@ def corpus(root: Path, scope: str = "nearest", max_file_bytes: int = 1 << 20, ow
             weights = global_map if scope == "global" else weights
             rows.append(Row(section_id(path, text), path, text, dict(sorted(tags.items())), weights))
     rows.sort(key=lambda r: r.path.encode())
-    return Corpus(rows, skips, list(anchors.values()))
+    return Corpus(rows, skips, list(anchors.values()), global_map)
 
 
 def composed_weight(reference, row: Row) -> float:

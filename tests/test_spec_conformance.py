@@ -234,6 +234,27 @@ def check_raw_corpus_rows_and_skip_counts(run):
         }
 
 
+def check_configs_and_weights_map(run):
+    """training_configs: every config file with its content sha256; weights_map: the global merge and each
+    anchor's own map."""
+    for seed in run.seeds:
+        configs = pq.read_table(run.out / "training_configs" / f"{seed}.parquet").to_pylist()
+        files = [a.directory + "/.dlm/" + n if a.directory else ".dlm/" + n
+                 for a in run.corpus.anchors for n in ("training.yaml", "ignore")]
+        assert {c["path"]: c["sha256"] for c in configs} == {
+            f: hashlib.sha256((run.root / f).read_bytes()).hexdigest() for f in files if (run.root / f).is_file()
+        }
+        assert {c["status"] for c in configs} == {"ok"}
+        weights = pq.read_table(run.out / "weights_map" / f"{seed}.parquet").to_pylist()
+        assert {(w["tag_key"], w["tag_value"]): w["weight"] for w in weights if w["scope"] == "global"} == {
+            (k, v): w for k, inner in run.corpus.global_weights.items() for v, w in inner.items()
+        }
+        assert {(w["anchor"], w["tag_key"], w["tag_value"]): w["weight"] for w in weights if w["scope"] == "nearest"} == {
+            (a.directory or ".", k, v): w for a in run.corpus.anchors for k, inner in a.weights().items()
+            for v, w in inner.items()
+        }
+
+
 def check_expanded_corpus_is_the_reference_expansion_per_seed(run):
     for seed in run.seeds:
         expected = [
@@ -340,6 +361,7 @@ def check_metadata_of_every_asset(run):
             assert md[asset]["dagster/row_count"] == pq.read_metadata(run.out / asset / f"{seed}.parquet").num_rows
         # Input fingerprints name the upstream outputs the step was computed from.
         for asset, inputs in {"weights_map": ["training_configs"], "expanded_corpus": ["raw_corpus", "weights_map"],
+                              "tokenized_cache": ["expanded_corpus"],
                               "training_dataset": ["raw_corpus", "expanded_corpus"]}.items():
             for upstream in inputs:
                 assert md[asset]["input_fingerprints"][upstream] == md[upstream]["fingerprint"], (asset, upstream)
@@ -423,6 +445,7 @@ def check_materialize_without_seed_uses_the_registered_seeds(exact):
 
 COMMON_CHECKS = [
     check_raw_corpus_rows_and_skip_counts,
+    check_configs_and_weights_map,
     check_expanded_corpus_is_the_reference_expansion_per_seed,
     check_tokenized_cache_rows,
     check_training_dataset_files,
