@@ -19,7 +19,7 @@ from conftest import REPO, write_tree
 
 import oracle_spec as oracle
 
-MAX_FILE_BYTES = 2048
+MAX_FILE_BYTES = 10_000
 PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----\n"
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache", "training_dataset"]
 
@@ -48,8 +48,17 @@ def adversarial_files() -> dict[str, str | bytes]:
         "src/deep/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {level: 2}\nweights: {lang: {py: 0.3}}\n",
         "docs/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {lang: md}\nweights: {lang: {md: 1.7}}\n",
         "docs/empty.md": "",
-        "docs/crlf.md": b"line one\r\nline two\r\nthree\rfour\n",
-        "docs/bom.md": "\ufeffbom text\n".encode(),
+        "docs/crlf.md": b"line one\r\nline two\r\nthree\rfour\r\r\nfive\n\r",
+        "docs/bom.md": "\ufeff\ufeffbom text, only the leading BOM goes \ufeff\r\n".encode(),
+        "docs/bomonly.md": "\ufeff".encode(),
+        # Byte order of UTF-8 paths: "docs-extra" < "docs.md" < "docs/..."; U+FF21 < U+1F600 (not UTF-16 order).
+        "docs-extra.md": "sorts before docs/\n",
+        "docs.md": "sorts before docs/ too\n",
+        "docs/\uff21.md": "fullwidth A\n",
+        "docs/\U0001f600.md": "emoji path\n",
+        # NUL in the first 8 KiB: binary; just after: valid UTF-8 text.
+        "data/nul_at_8191.txt": b"n" * 8191 + b"\0",
+        "data/nul_at_8192.txt": b"n" * 8192 + b"\0tail\n",
         "docs/\u00fcn\u00efcode \u540d\u524d.md": "unicode path \u00e9\u00e8 \u2603\n",
         "docs/\u00e9.md": "accent\n",
         "docs/e\u0301.md": "accent, decomposed\n",
@@ -222,7 +231,7 @@ def check_raw_corpus_rows_and_skip_counts(run):
     assert table.to_pylist() == expected
     paths = {r.path for r in run.corpus.rows}
     assert {"docs/empty.md", "keep.log", "src/notes.txt", "link_in.md", "nodefaults/.env", "nodefaults/key.txt",
-            "data/edge.txt", "src/gen/made.py", "src/skip_me.txt", "docs/skip_keep.txt"} <= paths
+            "data/edge.txt", "src/gen/made.py", "src/skip_me.txt", "docs/skip_keep.txt", "data/nul_at_8192.txt"} <= paths
     assert not paths & {"other.log", "docs/skip_me.txt", "src/readme.md", ".env", "yarn.lock", "secret.txt",
                         "nodefaults/strict/.env", "nodefaults/strict/key.txt", "docs/drafts/wip.md"}
     assert not any(p.startswith(run.own_folder) for p in paths)
@@ -230,7 +239,7 @@ def check_raw_corpus_rows_and_skip_counts(run):
     for seed in run.seeds:
         skips = metadata(run.home, "raw_corpus", seed)["skip_counts"]
         assert {k: v for k, v in skips.items() if v} == {
-            "secret": 2, "binary": 1, "encoding": 1, "too_large": 1, "symlink_escape": 1, "symlink_dir": 1
+            "secret": 2, "binary": 2, "encoding": 1, "too_large": 1, "symlink_escape": 1, "symlink_dir": 1
         }
 
 
