@@ -97,12 +97,16 @@ def adversarial_files() -> dict[str, str | bytes]:
     files["mix/inner/.dlm/training.yaml"] = "dlm_training_version: 1\nmetadata: {b: x, a: x}\n"
     for i in range(20):
         files[f"mix/inner/m{i}.txt"] = f"mixed {i}\n"
+    for i in range(20):
+        files[f"other/z{i:02d}.txt"] = f"weight zero {i}\n"
     for i in range(25):
         files[f"docs/page{i:02d}.md"] = f"# Page {i}\n\n" + "words and more words " * (i % 5) + "\n"
     return files
 
 
-def build_tree(base: Path) -> Path:
+def build_tree(base: Path, files: dict[str, str | bytes] | None = None) -> Path:
+    if files is not None:
+        return write_tree(base / "tree", files)
     root = write_tree(base / "tree", adversarial_files())
     outside = write_tree(base / "outside", {"out.txt": "outside the root\n"})
     os.symlink(outside / "out.txt", root / "link_out.txt")  # escapes the root: skipped
@@ -175,11 +179,11 @@ class Run:
 
     def __init__(self, reference, base: Path, args: list[str], seeds: list[str], scope="nearest", mode="bernoulli",
                  val_fraction=0.1, split_seed=0, seq_len=2048, pre: list[list[str]] = (), tokenizer=None,
-                 eos="<|endoftext|>"):
+                 eos="<|endoftext|>", files=None):
         from tokenizers import Tokenizer
 
         # DAGSTER_HOME (and so the outputs and the token store) inside the source root: never part of the corpus.
-        self.root = build_tree(base)
+        self.root = build_tree(base, files)
         self.own_folder = "pipeline home/"
         self.home = self.root / self.own_folder
         for command in pre:
@@ -205,9 +209,18 @@ class Run:
 
 
 def run_bernoulli(reference, base: Path) -> Run:
-    """Nearest scope, the reference's expansion, no validation set, tiny sequences."""
-    return Run(reference, base, ["--seed", "0", "--seed", "7", "--max-seq-len", "16", "--val-fraction", "0"],
-               ["0", "7"], val_fraction=0.0, seq_len=16)
+    """Nearest scope, the reference's expansion, the default split (fraction 0.1, split seed 0), tiny sequences."""
+    return Run(reference, base, ["--seed", "0", "--seed", "7", "--max-seq-len", "16"], ["0", "7"], seq_len=16)
+
+
+def run_without_validation(reference, base: Path) -> Run:
+    """A small tree, --val-fraction 0, sequences of one id."""
+    files = {
+        ".dlm/training.yaml": "dlm_training_version: 1\nmetadata: {k: v}\nweights: {k: {v: 1.5}}\n",
+        "a.md": "alpha beta\n", "b.md": "", "c/d.md": "gamma\n", "c/e.md": "alpha beta\n",
+    }
+    return Run(reference, base, ["--seed", "3", "--max-seq-len", "1", "--val-fraction", "0"], ["3"],
+               val_fraction=0.0, seq_len=1, files=files)
 
 
 def run_exact(reference, base: Path) -> Run:
@@ -223,7 +236,7 @@ def run_exact(reference, base: Path) -> Run:
                seq_len=32, pre=[["seeds", "add", "5", "9" * 20]], tokenizer=tokenizer, eos="</doc>")
 
 
-def check_raw_corpus_rows_and_skip_counts(run):
+def check_raw_corpus_rows(run):
     expected = [
         {"section_id": r.section_id, "path": r.path, "text": r.text, "tags": sorted(r.tags.items())}
         for r in run.corpus.rows
@@ -232,6 +245,9 @@ def check_raw_corpus_rows_and_skip_counts(run):
     assert table.schema.field("tags").type == pa.map_(pa.string(), pa.string())
     assert [table.schema.field(c).type for c in ("section_id", "path", "text")] == [pa.string()] * 3
     assert table.to_pylist() == expected
+
+
+def check_adversarial_paths_and_skip_counts(run):
     paths = {r.path for r in run.corpus.rows}
     assert {"docs/empty.md", "keep.log", "src/notes.txt", "link_in.md", "nodefaults/.env", "nodefaults/key.txt",
             "data/edge.txt", "src/gen/made.py", "src/skip_me.txt", "docs/skip_keep.txt", "data/nul_at_8192.txt"} <= paths
@@ -456,7 +472,7 @@ def check_materialize_without_seed_uses_the_registered_seeds(exact):
 
 
 COMMON_CHECKS = [
-    check_raw_corpus_rows_and_skip_counts,
+    check_raw_corpus_rows,
     check_configs_and_weights_map,
     check_expanded_corpus_is_the_reference_expansion_per_seed,
     check_tokenized_cache_rows,
@@ -469,14 +485,25 @@ def test_nearest_scope_bernoulli_run_matches_the_oracle(reference, tmp_path):
     """One CLI run (two seeds) checked whole: each run is costly, and xdist would repeat a module fixture."""
     run = run_bernoulli(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
-    for check in COMMON_CHECKS + [check_no_validation_set, check_fingerprints_follow_content_not_seed]:
+    weightless = [r for r in run.corpus.rows if oracle.composed_weight(reference, r) == 0]
+    assert any(oracle.on_validation_side(r.text, 0, 0.1) for r in weightless)  # kept out of validation
+    for check in COMMON_CHECKS + [check_adversarial_paths_and_skip_counts, check_fingerprints_follow_content_not_seed,
+                                  check_split_is_by_content_and_the_same_for_every_seed]:
+        check(run)
+
+
+def test_no_validation_set_and_one_id_sequences_match_the_oracle(reference, tmp_path):
+    run = run_without_validation(reference, tmp_path)
+    assert run.done.returncode == 0, run.done.stdout + run.done.stderr
+    for check in COMMON_CHECKS + [check_no_validation_set]:
         check(run)
 
 
 def test_global_scope_exact_run_without_seed_matches_the_oracle(reference, tmp_path):
     run = run_exact(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
-    for check in COMMON_CHECKS + [check_exact_mode_gives_each_weight_group_its_rounded_quota,
+    for check in COMMON_CHECKS + [check_adversarial_paths_and_skip_counts,
+                                  check_exact_mode_gives_each_weight_group_its_rounded_quota,
                                   check_split_is_by_content_and_the_same_for_every_seed,
                                   check_materialize_without_seed_uses_the_registered_seeds]:
         check(run)
