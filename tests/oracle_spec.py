@@ -21,9 +21,32 @@ from pathspec import GitIgnoreSpec
 
 DEFAULT_EXCLUDES = GitIgnoreSpec.from_lines(
     [
-        ".git/", ".hg/", ".svn/", ".dlm/", "__pycache__/", "node_modules/", ".venv/", "venv/", "build/", "dist/",
-        "*.lock", "package-lock.json", ".env*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "*.p12", ".netrc",
-        "kubeconfig", "*.tfstate", "*.png", "*.jpg", "*.gif", "*.zip", "*.pyc",
+        ".git/",
+        ".hg/",
+        ".svn/",
+        ".dlm/",
+        "__pycache__/",
+        "node_modules/",
+        ".venv/",
+        "venv/",
+        "build/",
+        "dist/",
+        "*.lock",
+        "package-lock.json",
+        ".env*",
+        "*.pem",
+        "*.key",
+        "id_rsa*",
+        "id_ed25519*",
+        "*.p12",
+        ".netrc",
+        "kubeconfig",
+        "*.tfstate",
+        "*.png",
+        "*.jpg",
+        "*.gif",
+        "*.zip",
+        "*.pyc",
     ]
 )
 PRIVATE_KEY_MARK = "PRIVATE KEY-----"
@@ -174,7 +197,7 @@ def corpus(root: Path, scope: str = "nearest", max_file_bytes: int = 1 << 20, ow
         for k, inner in anchor.weights().items():
             global_map.setdefault(k, {}).update(inner)
     rows, skips = [], {}
-    for directory, dirnames, filenames in os.walk(root):  # os.walk does not descend into symlinked dirs
+    for directory, _dirnames, filenames in os.walk(root):  # os.walk does not descend into symlinked dirs
         for name in filenames:
             file = Path(directory) / name
             path = file.relative_to(root).as_posix()
@@ -209,8 +232,11 @@ def composed_weight(reference, row: Row) -> float:
 def copies(reference, rows: list[Row], seed: int, mode: str = "bernoulli") -> list[int]:
     """SPEC §3 (the reference, per row with that row's map) or §7 exact mode: copies per row."""
     counts = [
-        len(reference.expand_rows_by_weight([{"_dlm_row_tags": r.tags, "_dlm_section_id": r.section_id}], r.weights,
-                                            seed=seed))
+        len(
+            reference.expand_rows_by_weight(
+                [{"_dlm_row_tags": r.tags, "_dlm_section_id": r.section_id}], r.weights, seed=seed
+            )
+        )
         for r in rows
     ]
     if mode == "bernoulli":
@@ -232,7 +258,7 @@ def copies(reference, rows: list[Row], seed: int, mode: str = "bernoulli") -> li
 def expanded(reference, rows: list[Row], seed: int, mode: str = "bernoulli") -> list[tuple[Row, float, int]]:
     """(row, composed weight, copy) in order: copies adjacent, in row order."""
     out = []
-    for row, n in zip(rows, copies(reference, rows, seed, mode)):
+    for row, n in zip(rows, copies(reference, rows, seed, mode), strict=True):
         weight = composed_weight(reference, row) if row.weights else 1.0
         out.extend((row, weight, c) for c in range(n))
     return out
@@ -255,13 +281,18 @@ def pack(documents: list[list[int]], seq_len: int) -> Split:
     return Split(documents, sequences, doc_starts)
 
 
-def training_dataset(reference, rows, seed, ids_of, eos_id, seq_len, val_fraction=0.1, split_seed=0,
-                     mode="bernoulli") -> dict[str, Split]:
+def training_dataset(
+    reference, rows, seed, ids_of, eos_id, seq_len, val_fraction=0.1, split_seed=0, mode="bernoulli"
+) -> dict[str, Split]:
     """SPEC §7: the train and validation splits (documents in order, packed sequences)."""
     val_rows = [r for r in rows if on_validation_side(r.text, split_seed, val_fraction)]
     # The expanded corpus filtered to the train side (in exact mode, weight groups span the whole corpus).
     train = sorted(
-        (e for e in expanded(reference, rows, seed, mode) if not on_validation_side(e[0].text, split_seed, val_fraction)),
+        (
+            e
+            for e in expanded(reference, rows, seed, mode)
+            if not on_validation_side(e[0].text, split_seed, val_fraction)
+        ),
         key=lambda e: order_key(seed, e[0].section_id, e[2]),
     )
     validation = sorted(

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import oracle_spec as oracle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, write_tree
 
-import oracle_spec as oracle
-
 MAX_FILE_BYTES = 10_000
 PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----\n"
+SKIPPED_SECRET = "MIIEowSKIPPEDSECRETxq7"  # in the files the scan skips only: must be found nowhere the pipeline writes
 ASSETS = ["training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache", "training_dataset"]
 
 
@@ -74,12 +74,12 @@ def adversarial_files() -> dict[str, str | bytes]:
         "node_modules/x.js": "module.exports = 1\n",
         ".env": "A=1\n",
         "yarn.lock": "lock\n",
-        "secret.txt": PRIVATE_KEY,
+        "secret.txt": PRIVATE_KEY.replace("MIIEowIBAAKCAQEA7", SKIPPED_SECRET),
         "nodefaults/.dlm/training.yaml": "dlm_training_version: 1\nexclude_defaults: false\nscan_secrets: false\n"
         "weights: {lang: {md: 0.9}}\n",  # global scope: wins over docs' md (same depth, later path)
         "nodefaults/strict/.dlm/training.yaml": "dlm_training_version: 1\nexclude_defaults: true\nscan_secrets: true\n",
         "nodefaults/strict/.env": "C=3\n",
-        "nodefaults/strict/key.txt": PRIVATE_KEY,
+        "nodefaults/strict/key.txt": PRIVATE_KEY.replace("MIIEowIBAAKCAQEA7", SKIPPED_SECRET),
         "aa/deeper/.dlm/training.yaml": "dlm_training_version: 1\nweights: {lang: {text: 0.4}}\n",  # global: deeper wins
         "aa/deeper/f.txt": "deeper anchor, earlier path\n",
         "docs/.dlm/ignore": "drafts/\n!skip_keep.txt\n",
@@ -93,7 +93,9 @@ def adversarial_files() -> dict[str, str | bytes]:
     for i in range(12):
         files[f"src/deep/d{i}.py"] = f"deep_{i} = {i}\n"
     # Tags from two anchors, inserted out of key order: the product must be taken in sorted key order.
-    files["mix/.dlm/training.yaml"] = "dlm_training_version: 1\nmetadata: {c: x}\nweights: {c: {x: 0.9}, a: {x: 0.1}, b: {x: 0.3}}\n"
+    files["mix/.dlm/training.yaml"] = (
+        "dlm_training_version: 1\nmetadata: {c: x}\nweights: {c: {x: 0.9}, a: {x: 0.1}, b: {x: 0.3}}\n"
+    )
     files["mix/inner/.dlm/training.yaml"] = "dlm_training_version: 1\nmetadata: {b: x, a: x}\n"
     for i in range(20):
         files[f"mix/inner/m{i}.txt"] = f"mixed {i}\n"
@@ -121,7 +123,14 @@ def wide_tokenizer(path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     splitter = pre_tokenizers.Whitespace()
-    words = sorted({w for c in adversarial_files().values() if isinstance(c, str) for w, _ in splitter.pre_tokenize_str(c)})
+    words = sorted(
+        {
+            w
+            for c in adversarial_files().values()
+            if isinstance(c, str) and SKIPPED_SECRET not in c
+            for w, _ in splitter.pre_tokenize_str(c)
+        }
+    )
     tokens = ["[UNK]", "[BOS]", "</doc>"] + [f"filler{i}" for i in range(3, 65_536)] + words
     tokens += [f"filler{i}" for i in range(len(tokens), 70_000)]
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -134,29 +143,31 @@ def wide_tokenizer(path: Path) -> Path:
 
 
 def run_cli(args: list[str], home: Path, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(home / "out"), **env_extra)
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", *args], env=env, capture_output=True, text=True, cwd=REPO,
-        timeout=300, stdin=subprocess.DEVNULL,
-    )
+    return run_cli_many([args], home, **env_extra)[0]
 
 
 def run_cli_many(commands: list[list[str]], home: Path, **env_extra: str) -> list[subprocess.CompletedProcess]:
-    """Commands that need no Dagster run, started at once (each is mostly interpreter start-up)."""
+    """The CLI in subprocesses, started at once (`DLM_*` cleared; DAGSTER_HOME=home, outputs in home/out)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(home / "out"), **env_extra)
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "dlm_pipeline.cli", *args], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO)
+        subprocess.Popen(
+            [sys.executable, "-m", "dlm_pipeline.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
         for args in commands
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(procs, outputs)]
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(procs, outputs, strict=True)
+    ]
 
 
 def metadata(home: Path, asset: str, seed: str) -> dict | None:
@@ -177,9 +188,22 @@ def table_records(value) -> list[dict]:
 class Run:
     """One `materialize` of the adversarial tree and what the oracle says it must produce."""
 
-    def __init__(self, reference, base: Path, args: list[str], seeds: list[str], scope="nearest", mode="bernoulli",
-                 val_fraction=0.1, split_seed=0, seq_len=2048, pre: list[list[str]] = (), tokenizer=None,
-                 eos="<|endoftext|>", files=None):
+    def __init__(
+        self,
+        reference,
+        base: Path,
+        args: list[str],
+        seeds: list[str],
+        scope="nearest",
+        mode="bernoulli",
+        val_fraction=0.1,
+        split_seed=0,
+        seq_len=2048,
+        pre: list[list[str]] = (),
+        tokenizer=None,
+        eos="<|endoftext|>",
+        files=None,
+    ):
         from tokenizers import Tokenizer
 
         # DAGSTER_HOME (and so the outputs and the token store) inside the source root: never part of the corpus.
@@ -188,8 +212,9 @@ class Run:
         self.home = self.root / self.own_folder
         for command in pre:
             assert run_cli(command, self.home).returncode == 0
-        self.done = run_cli(["materialize", "--source", str(self.root), *args], self.home,
-                            DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES))
+        self.done = run_cli(
+            ["materialize", "--source", str(self.root), *args], self.home, DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES)
+        )
         self.out, self.seeds, self.reference = self.home / "out", seeds, reference
         self.mode, self.val_fraction, self.split_seed, self.seq_len = mode, val_fraction, split_seed, seq_len
         self.corpus = oracle.corpus(self.root, scope, MAX_FILE_BYTES, own_folders=[self.own_folder])
@@ -204,8 +229,17 @@ class Run:
         return oracle.expanded(self.reference, self.corpus.rows, int(seed), self.mode)
 
     def dataset(self, seed: str):
-        return oracle.training_dataset(self.reference, self.corpus.rows, int(seed), self.ids, self.eos_id,
-                                       self.seq_len, self.val_fraction, self.split_seed, self.mode)
+        return oracle.training_dataset(
+            self.reference,
+            self.corpus.rows,
+            int(seed),
+            self.ids,
+            self.eos_id,
+            self.seq_len,
+            self.val_fraction,
+            self.split_seed,
+            self.mode,
+        )
 
 
 def run_bernoulli(reference, base: Path) -> Run:
@@ -217,10 +251,37 @@ def run_without_validation(reference, base: Path) -> Run:
     """A small tree of gitignore-style glob corner cases (anchored, directory, `?`, classes, escapes, `**`,
     negation inside exclude, trailing spaces, comments), --val-fraction 0, sequences of one id."""
     names = [
-        "docs/x.txt", "sub/docs/y.txt", "top.txt", "sub/top.txt", "src/a.py", "src/p/q/b.py", "src/p/test_c.py",
-        "src/p/test_keep.py", "a1.md", "a2.md", "ab.md", "b.md", "c.md", "d.md", "x/keep/y.txt", "keep/k.txt",
-        "tmp1/z.py", "tmpdir/file.txt", "UP.RST", "up.rst", "lit*.txt", "litx.txt", "sp/f.txt", "x/z.txt",
-        "x/y/w/z.txt", "deep/a.cfg", "#hash.txt", "trailing.txt", "n/f.txt", "n/m/g.txt", "docs/tmpa/q.txt",
+        "docs/x.txt",
+        "sub/docs/y.txt",
+        "top.txt",
+        "sub/top.txt",
+        "src/a.py",
+        "src/p/q/b.py",
+        "src/p/test_c.py",
+        "src/p/test_keep.py",
+        "a1.md",
+        "a2.md",
+        "ab.md",
+        "b.md",
+        "c.md",
+        "d.md",
+        "x/keep/y.txt",
+        "keep/k.txt",
+        "tmp1/z.py",
+        "tmpdir/file.txt",
+        "UP.RST",
+        "up.rst",
+        "lit*.txt",
+        "litx.txt",
+        "sp/f.txt",
+        "x/z.txt",
+        "x/y/w/z.txt",
+        "deep/a.cfg",
+        "#hash.txt",
+        "trailing.txt",
+        "n/f.txt",
+        "n/m/g.txt",
+        "docs/tmpa/q.txt",
     ]
     files: dict[str, str | bytes] = {name: f"content of {name}\n" for name in names}
     files["b.md"] = ""
@@ -231,8 +292,15 @@ def run_without_validation(reference, base: Path) -> Run:
         "exclude: ['**/tmp*/', 'src/**/test_*.py', '!src/**/test_keep.py', 'c.md']\n"
     )
     files[".dlm/ignore"] = "*.md\n!/a1.md\nsub/**/deep.md\n# comment.md\n\\#hash.txt\ntrailing.txt   \n"
-    return Run(reference, base, ["--seed", "3", "--max-seq-len", "1", "--val-fraction", "0"], ["3"],
-               val_fraction=0.0, seq_len=1, files=files)
+    return Run(
+        reference,
+        base,
+        ["--seed", "3", "--max-seq-len", "1", "--val-fraction", "0"],
+        ["3"],
+        val_fraction=0.0,
+        seq_len=1,
+        files=files,
+    )
 
 
 def run_exact(reference, base: Path) -> Run:
@@ -241,11 +309,31 @@ def run_exact(reference, base: Path) -> Run:
     than 65,536 ids, a post-processor and a named EOS."""
     tokenizer = wide_tokenizer(base / "wide.json")
     split_seed = "9" * 20
-    args = ["--expansion-mode", "exact", "--weights-scope", "global", "--val-fraction", "0.5", "--split-seed", split_seed]
+    args = [
+        "--expansion-mode",
+        "exact",
+        "--weights-scope",
+        "global",
+        "--val-fraction",
+        "0.5",
+        "--split-seed",
+        split_seed,
+    ]
     args += ["--max-seq-len", "32", "--tokenizer", str(tokenizer), "--eos-token", "</doc>"]
-    return Run(reference, base, args, ["5", "9" * 20], scope="global", mode="exact", val_fraction=0.5,
-               split_seed=int(split_seed),
-               seq_len=32, pre=[["seeds", "add", "5", "9" * 20]], tokenizer=tokenizer, eos="</doc>")
+    return Run(
+        reference,
+        base,
+        args,
+        ["5", "9" * 20],
+        scope="global",
+        mode="exact",
+        val_fraction=0.5,
+        split_seed=int(split_seed),
+        seq_len=32,
+        pre=[["seeds", "add", "5", "9" * 20]],
+        tokenizer=tokenizer,
+        eos="</doc>",
+    )
 
 
 def check_raw_corpus_rows(run):
@@ -261,16 +349,43 @@ def check_raw_corpus_rows(run):
 
 def check_adversarial_paths_and_skip_counts(run):
     paths = {r.path for r in run.corpus.rows}
-    assert {"docs/empty.md", "keep.log", "src/notes.txt", "link_in.md", "nodefaults/.env", "nodefaults/key.txt",
-            "data/edge.txt", "src/gen/made.py", "src/skip_me.txt", "docs/skip_keep.txt", "data/nul_at_8192.txt"} <= paths
-    assert not paths & {"other.log", "docs/skip_me.txt", "src/readme.md", ".env", "yarn.lock", "secret.txt",
-                        "nodefaults/strict/.env", "nodefaults/strict/key.txt", "docs/drafts/wip.md"}
+    assert {
+        "docs/empty.md",
+        "keep.log",
+        "src/notes.txt",
+        "link_in.md",
+        "nodefaults/.env",
+        "nodefaults/key.txt",
+        "data/edge.txt",
+        "src/gen/made.py",
+        "src/skip_me.txt",
+        "docs/skip_keep.txt",
+        "data/nul_at_8192.txt",
+    } <= paths
+    assert not paths & {
+        "other.log",
+        "docs/skip_me.txt",
+        "src/readme.md",
+        ".env",
+        "yarn.lock",
+        "secret.txt",
+        "nodefaults/strict/.env",
+        "nodefaults/strict/key.txt",
+        "docs/drafts/wip.md",
+    }
     assert not any(p.startswith(run.own_folder) for p in paths)
     assert not any(p.startswith(("linkdir/", ".git/", "node_modules/", ".dlm/", "src/.dlm/")) for p in paths)
+    leaks = [f for f in run.home.rglob("*") if f.is_file() and SKIPPED_SECRET.encode() in f.read_bytes()]
+    assert leaks == [] and SKIPPED_SECRET not in run.done.stdout + run.done.stderr
     for seed in run.seeds:
         skips = metadata(run.home, "raw_corpus", seed)["skip_counts"]
         assert {k: v for k, v in skips.items() if v} == {
-            "secret": 2, "binary": 2, "encoding": 1, "too_large": 1, "symlink_escape": 1, "symlink_dir": 1
+            "secret": 2,
+            "binary": 2,
+            "encoding": 1,
+            "too_large": 1,
+            "symlink_escape": 1,
+            "symlink_dir": 1,
         }
 
 
@@ -279,8 +394,11 @@ def check_configs_and_weights_map(run):
     anchor's own map."""
     for seed in run.seeds:
         configs = pq.read_table(run.out / "training_configs" / f"{seed}.parquet").to_pylist()
-        files = [a.directory + "/.dlm/" + n if a.directory else ".dlm/" + n
-                 for a in run.corpus.anchors for n in ("training.yaml", "ignore")]
+        files = [
+            a.directory + "/.dlm/" + n if a.directory else ".dlm/" + n
+            for a in run.corpus.anchors
+            for n in ("training.yaml", "ignore")
+        ]
         assert {c["path"]: c["sha256"] for c in configs} == {
             f: hashlib.sha256((run.root / f).read_bytes()).hexdigest() for f in files if (run.root / f).is_file()
         }
@@ -289,8 +407,12 @@ def check_configs_and_weights_map(run):
         assert {(w["tag_key"], w["tag_value"]): w["weight"] for w in weights if w["scope"] == "global"} == {
             (k, v): w for k, inner in run.corpus.global_weights.items() for v, w in inner.items()
         }
-        assert {(w["anchor"], w["tag_key"], w["tag_value"]): w["weight"] for w in weights if w["scope"] == "nearest"} == {
-            (a.directory or ".", k, v): w for a in run.corpus.anchors for k, inner in a.weights().items()
+        assert {
+            (w["anchor"], w["tag_key"], w["tag_value"]): w["weight"] for w in weights if w["scope"] == "nearest"
+        } == {
+            (a.directory or ".", k, v): w
+            for a in run.corpus.anchors
+            for k, inner in a.weights().items()
             for v, w in inner.items()
         }
 
@@ -298,8 +420,14 @@ def check_configs_and_weights_map(run):
 def check_expanded_corpus_is_the_reference_expansion_per_seed(run):
     for seed in run.seeds:
         expected = [
-            {"section_id": r.section_id, "path": r.path, "text": r.text, "tags": sorted(r.tags.items()),
-             "weight": w, "copy": c}
+            {
+                "section_id": r.section_id,
+                "path": r.path,
+                "text": r.text,
+                "tags": sorted(r.tags.items()),
+                "weight": w,
+                "copy": c,
+            }
             for r, w, c in run.expanded(seed)
         ]
         table = pq.read_table(run.out / "expanded_corpus" / f"{seed}.parquet")
@@ -326,8 +454,15 @@ def check_tokenized_cache_rows(run):
         for r, _, c in run.expanded(seed):
             ids = run.ids(r.text)
             cut = ids[: run.seq_len]
-            expected.append({"section_id": r.section_id, "copy": c, "input_ids": cut, "n_tokens": len(cut),
-                             "truncated": len(ids) > run.seq_len})
+            expected.append(
+                {
+                    "section_id": r.section_id,
+                    "copy": c,
+                    "input_ids": cut,
+                    "n_tokens": len(cut),
+                    "truncated": len(ids) > run.seq_len,
+                }
+            )
         table = pq.read_table(run.out / "tokenized_cache" / f"{seed}.parquet")
         assert table.schema.field("input_ids").type == pa.list_(pa.int32())
         assert table.to_pylist() == expected, seed
@@ -347,20 +482,24 @@ def check_training_dataset_files(run):
             assert table.schema.field("doc_starts").type == pa.list_(pa.int32())
             assert table.to_pylist() == [
                 {"input_ids": q, "n_tokens": len(q), "doc_starts": d}
-                for q, d in zip(expected.sequences, expected.doc_starts)
+                for q, d in zip(expected.sequences, expected.doc_starts, strict=True)
             ], (seed, split)
             tokens = [i for doc in expected.documents for i in doc]
             assert (folder / f"{split}.bin").read_bytes() == np.array(tokens, dtype=run.dtype).tobytes()
             itemsize = np.dtype(run.dtype).itemsize
-            assert (folder / f"{split}.idx").read_bytes() == oracle.megatron_index(expected.documents, run.dtype_code,
-                                                                                  itemsize)
+            assert (folder / f"{split}.idx").read_bytes() == oracle.megatron_index(
+                expected.documents, run.dtype_code, itemsize
+            )
         manifest = json.loads((folder / "dataset.json").read_text())
         assert manifest["files"] == {
             p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != "dataset.json"
         }
         assert {k: manifest[k] for k in ("seed", "split_seed", "val_fraction", "seq_len", "expansion_mode")} == {
-            "seed": int(seed), "split_seed": run.split_seed, "val_fraction": run.val_fraction,
-            "seq_len": run.seq_len, "expansion_mode": run.mode,
+            "seed": int(seed),
+            "split_seed": run.split_seed,
+            "val_fraction": run.val_fraction,
+            "seq_len": run.seq_len,
+            "expansion_mode": run.mode,
         }
         assert (manifest["eos_id"], manifest["dtype"]) == (run.eos_id, np.dtype(run.dtype).name)
         assert manifest["tokenizer_fingerprint"] == hashlib.sha256(run.tokenizer.to_str().encode()).hexdigest()
@@ -375,8 +514,9 @@ def check_split_is_by_content_and_the_same_for_every_seed(run):
     sides = {r.path: oracle.on_validation_side(r.text, run.split_seed, run.val_fraction) for r in run.corpus.rows}
     assert len({sides["docs/dup.md"], sides["other/dup.md"], sides["other/dup2.txt"]}) == 1
     assert 0 < sum(sides.values()) < len(sides)
-    validation = [(folder / "validation.bin").read_bytes() for folder in
-                  (run.out / "training_dataset" / s for s in run.seeds)]
+    validation = [
+        (folder / "validation.bin").read_bytes() for folder in (run.out / "training_dataset" / s for s in run.seeds)
+    ]
     assert validation[0] == validation[1]
 
 
@@ -387,7 +527,9 @@ def check_no_validation_set(run):
         assert pq.read_table(folder / "validation.parquet").num_rows == 0
         assert (folder / "validation.bin").read_bytes() == b""
         assert json.loads((folder / "dataset.json").read_text())["splits"]["validation"] == {
-            "documents": 0, "tokens": 0, "sequences": 0
+            "documents": 0,
+            "tokens": 0,
+            "sequences": 0,
         }
 
 
@@ -400,9 +542,12 @@ def check_metadata_of_every_asset(run):
         for asset in ASSETS[:5]:
             assert md[asset]["dagster/row_count"] == pq.read_metadata(run.out / asset / f"{seed}.parquet").num_rows
         # Input fingerprints name the upstream outputs the step was computed from.
-        for asset, inputs in {"weights_map": ["training_configs"], "expanded_corpus": ["raw_corpus", "weights_map"],
-                              "tokenized_cache": ["expanded_corpus"],
-                              "training_dataset": ["raw_corpus", "expanded_corpus"]}.items():
+        for asset, inputs in {
+            "weights_map": ["training_configs"],
+            "expanded_corpus": ["raw_corpus", "weights_map"],
+            "tokenized_cache": ["expanded_corpus"],
+            "training_dataset": ["raw_corpus", "expanded_corpus"],
+        }.items():
             for upstream in inputs:
                 assert md[asset]["input_fingerprints"][upstream] == md[upstream]["fingerprint"], (asset, upstream)
 
@@ -436,7 +581,9 @@ def check_metadata_of_every_asset(run):
         assert tc["tokens_total"] == sum(stored["n_tokens"].to_pylist())
         assert tc["truncated_rows"] == sum(stored["truncated"].to_pylist())
         needed = {r.text for r, _, _ in expansion} | {
-            r.text for r in rows if oracle.on_validation_side(r.text, run.split_seed, run.val_fraction)
+            r.text
+            for r in rows
+            if oracle.on_validation_side(r.text, run.split_seed, run.val_fraction)
             and oracle.composed_weight(run.reference, r) > 0
         }
         assert tc["cache_hits"] + tc["cache_misses"] == len(needed)
@@ -449,8 +596,8 @@ def check_metadata_of_every_asset(run):
         td = md["training_dataset"]
         splits = run.dataset(seed)
         counts = {s: (len(x.documents), sum(map(len, x.documents)), len(x.sequences)) for s, x in splits.items()}
-        for split, (documents, tokens, sequences) in counts.items():
-            assert (td[f"{split}/documents"], td[f"{split}/tokens"], td[f"{split}/sequences"]) == counts[split]
+        for split, expected_counts in counts.items():
+            assert (td[f"{split}/documents"], td[f"{split}/tokens"], td[f"{split}/sequences"]) == expected_counts
         (train_docs, train_tokens, _), (val_docs, val_tokens, _) = counts["train"], counts["validation"]
         assert td["validation_fraction/documents"] == pytest.approx(val_docs / (train_docs + val_docs))
         assert td["validation_fraction/tokens"] == pytest.approx(val_tokens / (train_tokens + val_tokens))
@@ -459,7 +606,7 @@ def check_metadata_of_every_asset(run):
             (e for e in expansion if not oracle.on_validation_side(e[0].text, run.split_seed, run.val_fraction)),
             key=lambda e: oracle.order_key(int(seed), e[0].section_id, e[2]),
         )
-        for (r, _, _), doc in zip(train_rows, splits["train"].documents):
+        for (r, _, _), doc in zip(train_rows, splits["train"].documents, strict=True):
             for pair in r.tags.items():
                 by_tag[pair] = by_tag.get(pair, 0) + len(doc)
         shares = {(d["tag_key"], d["tag_value"]): d for d in table_records(td["train_tokens_by_tag"])}
@@ -499,8 +646,11 @@ def test_nearest_scope_bernoulli_run_matches_the_oracle(reference, tmp_path):
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
     weightless = [r for r in run.corpus.rows if oracle.composed_weight(reference, r) == 0]
     assert any(oracle.on_validation_side(r.text, 0, 0.1) for r in weightless)  # kept out of validation
-    for check in COMMON_CHECKS + [check_adversarial_paths_and_skip_counts, check_fingerprints_follow_content_not_seed,
-                                  check_split_is_by_content_and_the_same_for_every_seed]:
+    for check in COMMON_CHECKS + [
+        check_adversarial_paths_and_skip_counts,
+        check_fingerprints_follow_content_not_seed,
+        check_split_is_by_content_and_the_same_for_every_seed,
+    ]:
         check(run)
 
 
@@ -508,8 +658,22 @@ def test_no_validation_set_and_one_id_sequences_match_the_oracle(reference, tmp_
     run = run_without_validation(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
     assert [r.path for r in run.corpus.rows] == [
-        "UP.RST", "a1.md", "deep/a.cfg", "docs/x.txt", "keep/k.txt", "lit*.txt", "n/f.txt", "n/m/g.txt", "sp/f.txt",
-        "src/a.py", "src/p/q/b.py", "src/p/test_keep.py", "sub/docs/y.txt", "top.txt", "x/keep/y.txt", "x/y/w/z.txt",
+        "UP.RST",
+        "a1.md",
+        "deep/a.cfg",
+        "docs/x.txt",
+        "keep/k.txt",
+        "lit*.txt",
+        "n/f.txt",
+        "n/m/g.txt",
+        "sp/f.txt",
+        "src/a.py",
+        "src/p/q/b.py",
+        "src/p/test_keep.py",
+        "sub/docs/y.txt",
+        "top.txt",
+        "x/keep/y.txt",
+        "x/y/w/z.txt",
         "x/z.txt",
     ]  # what git's wildmatch (pathspec) gives, so the comparison below tests the glob corner cases
     for check in COMMON_CHECKS + [check_no_validation_set]:
@@ -519,20 +683,25 @@ def test_no_validation_set_and_one_id_sequences_match_the_oracle(reference, tmp_
 def test_global_scope_exact_run_without_seed_matches_the_oracle(reference, tmp_path):
     run = run_exact(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
-    for check in COMMON_CHECKS + [check_adversarial_paths_and_skip_counts,
-                                  check_exact_mode_gives_each_weight_group_its_rounded_quota,
-                                  check_split_is_by_content_and_the_same_for_every_seed,
-                                  check_materialize_without_seed_uses_the_registered_seeds]:
+    for check in COMMON_CHECKS + [
+        check_adversarial_paths_and_skip_counts,
+        check_exact_mode_gives_each_weight_group_its_rounded_quota,
+        check_split_is_by_content_and_the_same_for_every_seed,
+        check_materialize_without_seed_uses_the_registered_seeds,
+    ]:
         check(run)
 
 
 def test_an_invalid_config_fails_materialize_without_seed_on_seed_0(tmp_path):
-    root = write_tree(tmp_path / "tree", {
-        ".dlm/training.yaml": "dlm_training_version: 1\n",
-        "a.py": "a = 1\n",
-        "sub/.dlm/training.yaml": "dlm_training_version: 1\nweights: {lang: {py: -1}}\n",
-        "other/.dlm/training.yaml": "dlm_training_version: 1\nsurprise: 1\n",
-    })
+    root = write_tree(
+        tmp_path / "tree",
+        {
+            ".dlm/training.yaml": "dlm_training_version: 1\n",
+            "a.py": "a = 1\n",
+            "sub/.dlm/training.yaml": "dlm_training_version: 1\nweights: {lang: {py: -1}}\n",
+            "other/.dlm/training.yaml": "dlm_training_version: 1\nsurprise: 1\n",
+        },
+    )
     home = tmp_path / "home"
     validate = run_cli(["validate", "--source", str(root)], home)
     assert validate.returncode == 1
@@ -550,9 +719,10 @@ def test_an_invalid_config_fails_materialize_without_seed_on_seed_0(tmp_path):
 
 def test_non_canonical_seeds_are_refused_before_anything_is_registered(tmp_path):
     bad_seeds = ["042", "-1", "abc", "1" * 21]
-    runs = run_cli_many([["materialize", "--source", str(tmp_path), "--seed", bad] for bad in bad_seeds],
-                        tmp_path / "home")
-    for bad, done in zip(bad_seeds, runs):
+    runs = run_cli_many(
+        [["materialize", "--source", str(tmp_path), "--seed", bad] for bad in bad_seeds], tmp_path / "home"
+    )
+    for bad, done in zip(bad_seeds, runs, strict=True):
         assert done.returncode == 2, (bad, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and bad in lines[0] and "at most 20 digits" in lines[0], (bad, done.stderr)
@@ -568,8 +738,11 @@ def test_explain_exit_codes(tmp_path):
         "docs/skip_me.txt": 1,
         "secret.txt": 1,
     }
-    runs = run_cli_many([["explain", path, "--source", str(root), "--seed", "7"] for path in expectations],
-                        tmp_path / "home", DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES))
-    for (path, code), done in zip(expectations.items(), runs):
+    runs = run_cli_many(
+        [["explain", path, "--source", str(root), "--seed", "7"] for path in expectations],
+        tmp_path / "home",
+        DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES),
+    )
+    for (path, code), done in zip(expectations.items(), runs, strict=True):
         assert done.returncode == code, (path, done.stdout, done.stderr)
         assert "BEGIN RSA" not in done.stdout + done.stderr and "MIIE" not in done.stdout + done.stderr
