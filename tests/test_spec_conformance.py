@@ -254,7 +254,7 @@ def run_bernoulli(reference, base: Path) -> Run:
 
 def run_without_validation(reference, base: Path) -> Run:
     """A small tree of gitignore-style glob corner cases (anchored, directory, `?`, classes, escapes, `**`,
-    negation inside exclude, trailing spaces, comments), --val-fraction 0, sequences of one id."""
+    negation inside exclude, trailing spaces, comments), a rare weight, --val-fraction 0, sequences of one id."""
     names = [
         "docs/x.txt",
         "sub/docs/y.txt",
@@ -297,11 +297,15 @@ def run_without_validation(reference, base: Path) -> Run:
         "exclude: ['**/tmp*/', 'src/**/test_*.py', '!src/**/test_keep.py', 'c.md']\n"
     )
     files[".dlm/ignore"] = "*.md\n!/a1.md\nsub/**/deep.md\n# comment.md\n\\#hash.txt\ntrailing.txt   \n"
+    # 20 rows of weight 0.0015: for seed 1137, 2 of them get their copy (expected 0.03). A correct expansion,
+    # which expansion_matches_weights' old 4 sigma + 1 bound failed, so materialize exited 1.
+    files["docs/rare/.dlm/training.yaml"] = "dlm_training_version: 1\nmetadata: {r: x}\nweights: {r: {x: 0.001}}\n"
+    files.update({f"docs/rare/f{i:02d}.txt": f"x{i}\n" for i in range(20)})
     return Run(
         reference,
         base,
-        ["--seed", "3", "--max-seq-len", "1"],
-        ["3"],
+        ["--seed", "1137", "--max-seq-len", "1"],
+        ["1137"],
         val_fraction=0.0,
         seq_len=1,
         files=files,
@@ -663,7 +667,9 @@ def test_nearest_scope_bernoulli_run_matches_the_oracle(reference, tmp_path):
 def test_no_validation_set_and_one_id_sequences_match_the_oracle(reference, tmp_path):
     run = run_without_validation(reference, tmp_path)
     assert run.done.returncode == 0, run.done.stdout + run.done.stderr
-    assert [r.path for r in run.corpus.rows] == [
+    rare = [r for r in run.corpus.rows if r.path.startswith("docs/rare/")]
+    assert sum(oracle.copies(reference, rare, 1137)) == 2  # 0.03 expected
+    assert [r.path for r in run.corpus.rows if r not in rare] == [
         "UP.RST",
         "a1.md",
         "deep/a.cfg",
