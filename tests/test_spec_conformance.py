@@ -85,6 +85,9 @@ def adversarial_files() -> dict[str, str | bytes]:
         "docs/.dlm/ignore": "drafts/\n!skip_keep.txt\n",
         "docs/drafts/wip.md": "ignored folder\n",
         "docs/skip_keep.txt": "excluded at the root, re-admitted by a deeper negation\n",
+        "ign/.dlm/ignore": "*.txt\n",  # an anchor with an ignore file only
+        "ign/a.txt": "ignored\n",
+        "ign/b.md": "kept\n",
         "nodefaults/.env": "B=2\n",
         "nodefaults/key.txt": PRIVATE_KEY,
     }
@@ -562,7 +565,11 @@ def check_metadata_of_every_asset(run):
                 assert md[asset]["input_fingerprints"][upstream] == md[upstream]["fingerprint"], (asset, upstream)
 
         configs = md["training_configs"]
-        config_files = sum(1 + (anchor.ignore is not None) for anchor in run.corpus.anchors)  # training.yaml + ignore
+        config_files = sum(
+            (run.root / a.directory / ".dlm" / name).is_file()
+            for a in run.corpus.anchors
+            for name in ("training.yaml", "ignore")
+        )
         assert (configs["configs_valid"], configs["configs_invalid"]) == (config_files, 0)
 
         rows = run.corpus.rows
@@ -743,18 +750,23 @@ def test_non_canonical_seeds_are_refused_before_anything_is_registered(tmp_path)
 
 
 def test_explain_exit_codes(tmp_path):
-    """0 when the file is in raw_corpus (whatever its weight), 1 when not; the secret is never shown."""
+    """0 when the file is in raw_corpus (whatever its weight), 1 when not; the secret is never shown. A file
+    named `.dlm` (which the walk reports as a misplaced config) is a file not in raw_corpus: 1, not the usage
+    error "is a folder, not a file" (2) explain gave."""
     root = build_tree(tmp_path)
+    stray = write_tree(tmp_path / "stray", {"a.txt": "a\n", "weird/.dlm": "a file named .dlm\n"})
     expectations = {
-        "other/dup.md": 0,  # weight 0: in raw_corpus, dropped only by expansion
-        "docs/skip_me.txt": 1,
-        "secret.txt": 1,
+        (root, "other/dup.md"): 0,  # weight 0: in raw_corpus, dropped only by expansion
+        (root, "docs/skip_me.txt"): 1,
+        (root, "secret.txt"): 1,
+        (stray, "weird/.dlm"): 1,
     }
     runs = run_cli_many(
-        [["explain", path, "--source", str(root), "--seed", "7"] for path in expectations],
+        [["explain", path, "--source", str(source), "--seed", "7"] for source, path in expectations],
         tmp_path / "home",
         DLM_MAX_FILE_BYTES=str(MAX_FILE_BYTES),
     )
-    for (path, code), done in zip(expectations.items(), runs, strict=True):
+    for ((_, path), code), done in zip(expectations.items(), runs, strict=True):
         assert done.returncode == code, (path, done.stdout, done.stderr)
         assert "BEGIN RSA" not in done.stdout + done.stderr and "MIIE" not in done.stdout + done.stderr
+    assert "config error: is a file; an anchor is a folder" in runs[-1].stdout
