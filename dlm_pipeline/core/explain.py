@@ -175,6 +175,9 @@ def explain(
     entry = next((f for f in scan.files if f.path == path), None)
     if entry is None:
         skip = _walk_skip(scan, path)
+        misplaced = next((c.problem for c in scan.config_files if c.path == path and c.problem), None)
+        if skip is None and misplaced is not None:  # a file the walk took for a config (a file named .dlm)
+            skip = path, f"config error: {misplaced}"
         if skip is None:
             raise ExplainError(f"{given} is a folder, not a file; explain takes a file")
         where = "" if skip[0] == path else f" (the folder {skip[0]})"
