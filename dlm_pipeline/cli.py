@@ -537,12 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     materialize.add_argument(
         "--max-seq-len",
-        type=_flag(settings.check_max_seq_len, int, "a whole number >= 1"),
+        type=_flag(settings.check_max_seq_len, settings.parse_whole, "a whole number >= 1"),
         help="truncate token sequences to this length (default 2048)",
     )
     materialize.add_argument(
         "--val-fraction",
-        type=_flag(settings.check_val_fraction, float, f"a number from 0 to {settings.MAX_VAL_FRACTION}"),
+        type=_flag(
+            settings.check_val_fraction, settings.parse_number, f"a number from 0 to {settings.MAX_VAL_FRACTION}"
+        ),
         help=f"share of rows on the validation side (default {settings.DEFAULT_VAL_FRACTION}; 0: none)",
     )
     materialize.add_argument(
@@ -591,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--max-bytes",
-        type=_flag(_at_least(0), int, "a whole number >= 0"),
+        type=_flag(_at_least(0), settings.parse_whole, "a whole number >= 0"),
         help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)",
     )
     cache_sub.add_parser("clear", help="delete every cached entry")

@@ -1,0 +1,64 @@
+"""Red team, black-box: hostile configs, settings and trees through what users run (`dlm-pipeline` in a
+subprocess). Each test failed before its fix; cases earlier red-team files cover are not repeated."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli_errors import dlm, one_line_error
+
+CONFIG = ".dlm/training.yaml"
+
+
+def write(root, files: dict[str, str | bytes]):
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+    return root
+
+
+@pytest.mark.parametrize(
+    "config, line, phrase",
+    [
+        # The YAML composer recursed per level: RecursionError and a 3,000-line traceback.
+        ("dlm_training_version: 1\nmetadata: " + "[" * 5000 + "]" * 5000 + "\n", 2, "nested deeper than 32 levels"),
+        ("dlm_training_version: 1\nmetadata: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", 2, "nested deeper than"),
+        # int() refuses more than 4,300 digits: ValueError out of the YAML constructor.
+        ("dlm_training_version: 1\nweights: {a: {b: " + "9" * 5000 + "}}\n", 2, "integer of 5000 characters"),
+        # float() of an integer past 1.8e308: OverflowError out of the weight check.
+        ("dlm_training_version: 1\nweights: {a: {b: 1" + "0" * 400 + "}}\n", 2, "weights.a.b: weight must be finite"),
+        # A NUL character: yaml's reader raised before the parse, outside the error handling.
+        ("dlm_training_version: 1\n\0\n", 2, "character 0x0000 is not allowed"),
+        # A lone surrogate escape passed validation, then Arrow could not store it: UnicodeEncodeError.
+        ('dlm_training_version: 1\nmetadata: {lang: "\\ud800"}\n', 2, "lone surrogate"),
+        ('dlm_training_version: 1\ninclude: ["\\udfff/**"]\n', 2, "lone surrogate"),
+    ],
+)
+def test_a_hostile_config_is_one_line_with_its_line_not_a_traceback(tmp_path, config, line, phrase):
+    root = write(tmp_path / "tree", {CONFIG: config, "a.py": "x = 1\n"})
+    done = dlm(["validate", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (error,) = done.stderr.splitlines()
+    assert error.startswith(f"{CONFIG}:{line}: ") and phrase in error, error
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("DLM_MAX_FILE_BYTES", "\u0663"),  # ARABIC-INDIC DIGIT THREE: int() reads it as 3
+        ("DLM_MAX_FILE_BYTES", "1_000"),  # int() reads 1000
+        ("DLM_MAX_SEQ_LEN", " 512 "),  # int() strips spaces
+        ("DLM_CACHE_MAX_BYTES", "5\u2009"),  # a thin space, stripped too
+        ("DLM_MAX_WEIGHT", "\u0665"),
+        ("DLM_VAL_FRACTION", "0_0"),  # float() reads 0.0
+        ("DLM_VAL_FRACTION", "\u0660.\u0661"),  # ٠.١ is 0.1 to float()
+    ],
+)
+def test_a_number_setting_in_other_digits_or_with_spaces_is_refused(tmp_path, variable, value):
+    one_line_error(dlm(["materialize"], tmp_path / "home", **{variable: value}), 2, variable)
+    assert not (tmp_path / "home" / "storage").exists()
+
+
+@pytest.mark.parametrize("flags", [["--max-seq-len", "\u0665\u0661\u0662"], ["--val-fraction", " 0.1"]])
+def test_a_number_flag_in_other_digits_or_with_spaces_is_refused(tmp_path, flags):
+    one_line_error(dlm(["materialize", *flags], tmp_path / "home"), 2, flags[0])
