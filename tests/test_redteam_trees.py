@@ -62,3 +62,20 @@ def test_a_number_setting_in_other_digits_or_with_spaces_is_refused(tmp_path, va
 @pytest.mark.parametrize("flags", [["--max-seq-len", "\u0665\u0661\u0662"], ["--val-fraction", " 0.1"]])
 def test_a_number_flag_in_other_digits_or_with_spaces_is_refused(tmp_path, flags):
     one_line_error(dlm(["materialize", *flags], tmp_path / "home"), 2, flags[0])
+
+
+@pytest.mark.parametrize("path", ["a\nb/.env", "a\nb/.git/config", "x\n/id_rsa", "a\nb/node_modules/x.js"])
+def test_a_folder_name_with_a_newline_does_not_slip_past_the_default_excludes(tmp_path, path):
+    """`**` and `(?:.+/)?` were compiled without (?s), so `.` stopped at the newline: the default
+    excludes (and every include/exclude/ignore rule) missed whatever lay below such a folder."""
+    root = write(tmp_path / "tree", {path: "PASSWORD=hunter2\n", "ok.py": "x = 1\n"})
+    done = dlm(["explain", path, "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "built-in default exclude" in done.stdout and "not in raw_corpus" in done.stdout, done.stdout
+
+
+def test_a_newline_in_a_folder_name_does_not_escape_an_anchors_globs(tmp_path):
+    from dlm_pipeline.core.globs import GlobSet
+
+    rules = GlobSet(["secret/", "docs/**", "**/*.py"])
+    assert rules.matches("a\nb/secret/key.txt") and rules.matches("docs/a\nb/c.md") and rules.matches("a\nb/x.py")

@@ -65,7 +65,10 @@ class _RegexSource:
 
 def _pattern(line: str) -> GitIgnoreSpecPattern:
     regex, include = GitIgnoreSpecPattern.pattern_to_regex(line)
-    return GitIgnoreSpecPattern(_RegexSource(regex) if include is not None else None, include)
+    # (?s): `**` becomes `.+`, and `.` stops at a newline unless told otherwise, so a folder named
+    # "a\nb" slipped past every rule below it (`a\nb/.env` was not a default exclude). Git's
+    # wildmatch treats a newline like any other character.
+    return GitIgnoreSpecPattern(_RegexSource(f"(?s){regex}") if include is not None else None, include)
 
 
 class GlobSet:
