@@ -79,3 +79,25 @@ def test_a_newline_in_a_folder_name_does_not_escape_an_anchors_globs(tmp_path):
 
     rules = GlobSet(["secret/", "docs/**", "**/*.py"])
     assert rules.matches("a\nb/secret/key.txt") and rules.matches("docs/a\nb/c.md") and rules.matches("a\nb/x.py")
+
+
+@pytest.mark.parametrize("variable", ["DAGSTER_HOME", "DLM_OUTPUT_DIR", "DLM_CACHE_DIR"])
+def test_a_symlink_into_the_pipelines_own_folder_is_not_ingested(tmp_path, variable):
+    """The own folder is passed over by the walk, but a symlink elsewhere in the tree pointing into it
+    was followed (its target is inside the root): our own logs and manifests became training text."""
+    root = write(tmp_path / "tree", {"a.py": "x = 1\n", "own/logs/event.log": "run 1 started by alice\n"})
+    (root / "notes.txt").symlink_to("own/logs/event.log")
+    env = {variable: str(root / "own")} if variable != "DAGSTER_HOME" else {}
+    home = root / "own" if variable == "DAGSTER_HOME" else tmp_path / "home"
+    done = dlm(["explain", "notes.txt", "--source", str(root)], home, **env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "symlink_escape" in done.stdout and "not in raw_corpus" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("below", ["", "storage", "logs"])
+def test_a_source_root_inside_dagster_home_is_refused(tmp_path, below):
+    """The walk passed over the own folders only below the root: a root at (or in) DAGSTER_HOME read
+    its event log, run databases and telemetry id as source."""
+    home = write(tmp_path / "home", {"logs/event.log": "run 1\n", "storage/x.py": "x = 1\n"})
+    done = dlm(["validate", "--source", str(home / below)], home)
+    one_line_error(done, 2, "is inside the pipeline's own folder", "DAGSTER_HOME")

@@ -130,6 +130,13 @@ def scan_tree(
     root_path = resolve_root(root)
     scan = TreeScan(root=root_path)
     excluded = {os.path.realpath(d) for d in exclude_dirs if d}
+    for own in sorted(excluded):
+        if is_inside(Path(own), str(root_path)):
+            raise SourceTreeError(
+                f"source root {str(root_path)!r} is inside the pipeline's own folder {own!r} (DAGSTER_HOME, "
+                "DLM_OUTPUT_DIR or DLM_CACHE_DIR): its outputs and logs would become training text; "
+                "point DLM_SOURCE_ROOT or --source at the source tree"
+            )
     stack: list[tuple[str, str]] = [(str(root_path), "")]
     while stack:
         dir_path, rel_dir = stack.pop()
@@ -163,7 +170,7 @@ def scan_tree(
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append((entry.path, rel))
                 elif entry.is_symlink():
-                    _visit_symlink(scan, root_path, entry, rel)
+                    _visit_symlink(scan, root_path, entry, rel, excluded)
                 elif entry.is_dir(follow_symlinks=False):
                     if entry.name == ANCHOR_DIR:
                         _scan_anchor_dir(scan, entry.path, rel_dir, rel)
@@ -229,7 +236,9 @@ def _holds_anchor(path: str) -> bool:
         os.close(parent_fd)
 
 
-def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> None:
+def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str, own_dirs: set[str]) -> None:
+    """A symlinked file is kept when its target is a regular file inside the root and outside the
+    pipeline's own folders (`notes.txt -> home/logs/event.log` would feed our own logs back in)."""
     if entry.name == ANCHOR_DIR:
         scan.config_files.append(
             ConfigFile(rel.rpartition("/")[0], "unknown", rel, f"{ANCHOR_DIR} is a symlink; make it a real directory")
@@ -244,7 +253,7 @@ def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> 
     mode = info.st_mode
     if stat.S_ISDIR(mode):
         scan.skip(rel, "symlink_dir")
-    elif not is_inside(root, target):
+    elif not is_inside(root, target) or any(is_inside(Path(own), target) for own in own_dirs):
         scan.skip(rel, "symlink_escape")
     elif stat.S_ISREG(mode):
         scan.files.append(FileEntry(rel, entry.path, stat_key(info, True), Path(target).relative_to(root).as_posix()))
