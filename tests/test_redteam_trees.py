@@ -101,3 +101,28 @@ def test_a_source_root_inside_dagster_home_is_refused(tmp_path, below):
     home = write(tmp_path / "home", {"logs/event.log": "run 1\n", "storage/x.py": "x = 1\n"})
     done = dlm(["validate", "--source", str(home / below)], home)
     one_line_error(done, 2, "is inside the pipeline's own folder", "DAGSTER_HOME")
+
+
+PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1234567890abcdefghij\n-----END RSA PRIVATE KEY-----\n"
+
+
+def test_a_symlink_from_an_unscanned_folder_does_not_carry_a_key_past_the_scan(tmp_path):
+    """`vendor/` says `scan_secrets: false`; `vendor/notes.txt -> ../keys/deploy.txt` was read under
+    vendor's setting, so a key kept where scanning is on went into the corpus through the link."""
+    import pyarrow.parquet as pq
+
+    root = write(
+        tmp_path / "tree",
+        {
+            "vendor/.dlm/training.yaml": "dlm_training_version: 1\nscan_secrets: false\n",
+            "vendor/lib.py": "x = 1\n",
+            "keys/deploy.txt": PRIVATE_KEY,
+        },
+    )
+    (root / "vendor" / "notes.txt").symlink_to("../keys/deploy.txt")
+    explained = dlm(["explain", "vendor/notes.txt", "--source", str(root)], tmp_path / "home")
+    assert explained.returncode == 1 and "skipped: secret (Private Key)" in explained.stdout, explained.stdout
+    done = dlm(["materialize", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(tmp_path / "home" / "storage" / "raw_corpus" / "0.parquet").to_pylist()
+    assert [row["path"] for row in rows] == ["vendor/lib.py"]
