@@ -126,3 +126,20 @@ def test_a_symlink_from_an_unscanned_folder_does_not_carry_a_key_past_the_scan(t
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(tmp_path / "home" / "storage" / "raw_corpus" / "0.parquet").to_pylist()
     assert [row["path"] for row in rows] == ["vendor/lib.py"]
+
+
+@pytest.mark.parametrize(
+    "config, where",
+    [
+        ({".dlm/ignore": "*.log\n" + "a" * 900_000 + "\n"}, ".dlm/ignore:2: "),
+        ({CONFIG: "dlm_training_version: 1\ninclude: ['" + "a" * 100_000 + "']\n"}, f"{CONFIG}:2: include: "),
+        ({".dlm/ignore": "x\\" + "b" * 500_000 + "\\\n"}, ".dlm/ignore:1: "),
+    ],
+)
+def test_a_huge_refused_pattern_is_quoted_in_part(tmp_path, config, where):
+    """The error quoted the whole pattern (and pathspec's reason quoted it again): one line of 900 KB."""
+    root = write(tmp_path / "tree", {**config, "a.py": "x = 1\n"})
+    done = dlm(["validate", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (error,) = done.stderr.splitlines()
+    assert error.startswith(where) and len(error) < 500, error[:300]

@@ -160,7 +160,7 @@ class TrainingConfig(BaseModel):
     def _globs_are_valid(cls, value: Any) -> Any:
         if isinstance(value, list) and all(isinstance(glob, str) for glob in value):
             for i, reason in glob_errors(value):
-                raise ValueError(f"glob #{i} {value[i]!r} is not a valid pattern: {reason}")
+                raise ValueError(f"glob #{i} {short_repr(value[i])} is not a valid pattern: {reason}")
         return value
 
     @field_validator("metadata", mode="before")
@@ -391,9 +391,13 @@ def parse_training_config(text: str, path: str, *, max_weight: float = DEFAULT_M
 
 def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
     """Patterns of a `.dlm/ignore` (gitignore syntax); ConfigInvalid names each line pathspec refuses."""
-    lines = tuple(text.splitlines())
+    # Lines end at "\n" only, as in git: str.splitlines also splits at \f, \x1c, \u2028 and friends,
+    # turning `a\u2028*.py` into a second pattern `*.py` that git never sees.
+    lines = tuple(line.removesuffix("\r") for line in text.split("\n"))
+    lines = lines[:-1] if lines and not lines[-1] else lines
     issues = [
-        ConfigIssue(path, i + 1, None, f"invalid pattern {lines[i]!r}: {reason}") for i, reason in glob_errors(lines)
+        ConfigIssue(path, i + 1, None, f"invalid pattern {short_repr(lines[i])}: {reason}")
+        for i, reason in glob_errors(lines)
     ]
     if issues:
         raise ConfigInvalid(issues)

@@ -36,11 +36,19 @@ def glob_errors(lines: Sequence[str]) -> list[tuple[int, str]]:
         try:
             pathspec.GitIgnoreSpec.from_lines([line], backend=BACKEND)
         except Exception as exc:
-            errors.append((index, str(exc) or type(exc).__name__))
+            errors.append((index, _reason(exc)))
     if not errors:  # each pattern compiles alone, yet a set of them exceeds re2's memory budget
         start = next(i for i in range(0, len(lines), CHUNK) if not _compiles(lines[i : i + CHUNK]))
         errors.append((start, f"patterns from here on are too large together for re2 (sets of {CHUNK}); simplify them"))
     return errors
+
+
+def _reason(exc: Exception) -> str:
+    """Why a pattern is refused, in at most ~200 characters (pathspec quotes the whole pattern)."""
+    reason = str(exc) or type(exc).__name__
+    if reason == "failed to compile Set":  # re2's memory budget, for one pattern alone
+        return "too long or complex for linear-time matching (re2); shorten it"
+    return reason if len(reason) <= 200 else f"{reason[:150]}...{reason[-40:]}"
 
 
 def _compiles(lines: Sequence[str]) -> bool:

@@ -293,3 +293,9 @@ def test_a_version_that_is_not_a_whole_number_is_refused(version):
     assert issues(f"dlm_training_version: {version}\n") == [
         f"{PATH}:1: dlm_training_version: only version 1 is known, got 1.0"
     ]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\x0c", "\x1c", "\x85", "\r"])
+def test_ignore_lines_end_at_newlines_only_as_in_git(separator):
+    """str.splitlines split `a<U+2028>*.py` into a second pattern `*.py`, which ignored every Python file."""
+    assert parse_ignore_file(f"a{separator}*.py\r\n!keep\n", ".dlm/ignore") == (f"a{separator}*.py", "!keep")
