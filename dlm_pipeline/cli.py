@@ -402,9 +402,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     try:
         max_bytes = settings.cache_max_bytes()
+        root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
-    root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     try:
         _cache_action(TokenStore(root, max_bytes=max_bytes), args)
     except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)

@@ -138,9 +138,18 @@ def max_weight() -> float:
     return _positive(ENV_MAX_WEIGHT, _core_default("DEFAULT_MAX_WEIGHT"), parse_number)
 
 
+def _path(name: str) -> str:
+    """A path variable as given ("" when unset). Leading or trailing spaces are refused: `DLM_OUTPUT_DIR=" "`
+    wrote every output into a folder named " " in the current directory, without a word."""
+    raw = os.environ.get(name, "")
+    if raw != raw.strip():
+        raise SettingsError(f"{name} has leading or trailing spaces ({raw[:60]!r}); remove them, or unset it")
+    return raw
+
+
 def output_dir() -> str:
     """ "" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
-    return os.environ.get(ENV_OUTPUT_DIR, "")
+    return _path(ENV_OUTPUT_DIR)
 
 
 def deployment() -> str:
@@ -171,7 +180,7 @@ def nightly_cron() -> str:
 
 def tokenizer() -> str:
     """ "" means the bundled default tokenizer."""
-    return os.environ.get(ENV_TOKENIZER, "")
+    return _path(ENV_TOKENIZER)
 
 
 MAX_SEQ_LEN_LIMIT = 2**31 - 1  # token counts and offsets are int32
@@ -197,7 +206,7 @@ def max_seq_len() -> int:
 
 def cache_dir() -> str:
     """ "" means $DAGSTER_HOME/token_cache."""
-    return os.environ.get(ENV_CACHE_DIR, "")
+    return _path(ENV_CACHE_DIR)
 
 
 TOKEN_CACHE_DIR = "token_cache"
@@ -341,6 +350,9 @@ def check_all() -> None:
     """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
     The cron check comes last: it is the one that needs Dagster's validator."""
     for parse in (
+        output_dir,
+        cache_dir,
+        tokenizer,
         weights_scope,
         max_file_bytes,
         max_weight,

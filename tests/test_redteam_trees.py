@@ -143,3 +143,12 @@ def test_a_huge_refused_pattern_is_quoted_in_part(tmp_path, config, where):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     (error,) = done.stderr.splitlines()
     assert error.startswith(where) and len(error) < 500, error[:300]
+
+
+@pytest.mark.parametrize("variable", ["DLM_OUTPUT_DIR", "DLM_CACHE_DIR", "DLM_TOKENIZER"])
+@pytest.mark.parametrize("command", [["materialize"], ["status"]])
+def test_a_path_setting_with_stray_spaces_is_refused_before_anything_is_written(tmp_path, variable, command):
+    """`DLM_OUTPUT_DIR=" "` wrote every output into a folder named " " in the current directory."""
+    folder = f"{tmp_path / 'out'} "
+    one_line_error(dlm(command, tmp_path / "home", **{variable: folder}), 2, variable, "spaces")
+    assert not (tmp_path / "out ").exists()
