@@ -152,3 +152,17 @@ def test_a_path_setting_with_stray_spaces_is_refused_before_anything_is_written(
     folder = f"{tmp_path / 'out'} "
     one_line_error(dlm(command, tmp_path / "home", **{variable: folder}), 2, variable, "spaces")
     assert not (tmp_path / "out ").exists()
+
+
+def test_explain_on_weights_whose_product_is_refused_says_so_instead_of_a_traceback(tmp_path):
+    """Five tags weighted 100 each (all valid) compose to 10**10 copies: `explain` raised ExpansionTooLarge."""
+    tags = "abcde"
+    config = (
+        "dlm_training_version: 1\n"
+        f"metadata: {{{', '.join(f'{t}: x' for t in tags)}}}\n"
+        f"weights: {{{', '.join(f'{t}: {{x: 100}}' for t in tags)}}}\n"
+    )
+    root = write(tmp_path / "tree", {CONFIG: config, "a.py": "x = 1\n"})
+    done = dlm(["explain", "a.py", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert "expanded_corpus refuses it: the composed weights would produce 10,000,000,000 rows" in done.stdout
