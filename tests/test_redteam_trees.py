@@ -166,3 +166,37 @@ def test_explain_on_weights_whose_product_is_refused_says_so_instead_of_a_traceb
     done = dlm(["explain", "a.py", "--source", str(root)], tmp_path / "home")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-1500:]
     assert "expanded_corpus refuses it: the composed weights would produce 10,000,000,000 rows" in done.stdout
+
+
+LIFTING = "dlm_training_version: 1\nexclude_defaults: false\nscan_secrets: false\n"
+
+
+@pytest.mark.parametrize(
+    "planted, secret_file",
+    [("node_modules/evil", "node_modules/evil/.env"), (".git", ".git/config"), (".venv/lib", ".venv/lib/id_rsa")],
+)
+def test_a_config_inside_a_default_excluded_folder_cannot_lift_the_excludes_over_itself(tmp_path, planted, secret_file):
+    """A `.dlm/` shipped in a dependency (or planted in `.git/`) said `exclude_defaults: false` and
+    `scan_secrets: false`: being the nearest anchor, it re-admitted its folder unscanned, key included."""
+    root = write(
+        tmp_path / "tree",
+        {f"{planted}/.dlm/training.yaml": LIFTING, secret_file: PRIVATE_KEY, "a.py": "x = 1\n"},
+    )
+    done = dlm(["explain", secret_file, "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "built-in default exclude" in done.stdout, done.stdout
+    checked = dlm(["validate", "--source", str(root)], tmp_path / "home")
+    assert checked.returncode == 0, checked.stderr
+    assert f"warning: {planted}/.dlm/: not applied, it lies in a folder the default excludes drop" in checked.stderr
+
+
+def test_a_config_inside_a_default_excluded_folder_applies_once_an_anchor_above_takes_the_folder_in(tmp_path):
+    root = write(
+        tmp_path / "tree",
+        {
+            ".dlm/training.yaml": "dlm_training_version: 1\nexclude_defaults: false\n",
+            "build/.dlm/training.yaml": "dlm_training_version: 1\nmetadata: {kind: generated}\n",
+            "build/out.py": "x = 1\n",
+        },
+    )
+    done = dlm(["explain", "build/out.py", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 0 and "kind=generated  (from build)" in done.stdout, done.stdout

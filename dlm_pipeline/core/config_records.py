@@ -23,7 +23,7 @@ from dlm_pipeline.core.config import (
     parse_ignore_file,
     parse_training_config,
 )
-from dlm_pipeline.core.rules import Anchor, ancestor_dirs
+from dlm_pipeline.core.rules import Anchor, ancestor_dirs, unapplied_anchors
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, is_inside
 
@@ -138,6 +138,13 @@ def records_table(records: list[ConfigRecord]) -> pa.Table:
 
 
 def anchors_from_table(table: pa.Table) -> list[Anchor]:
+    """The anchors whose settings apply (see `unapplied_anchors`), from a `training_configs` table."""
+    anchors = all_anchors_from_table(table)
+    unapplied = unapplied_anchors(anchors)
+    return [a for a in anchors if a.dir not in unapplied]
+
+
+def all_anchors_from_table(table: pa.Table) -> list[Anchor]:
     """Valid anchors from a `training_configs` table; refuses a table that still holds errors."""
     errors = [
         e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist(), strict=False) if s != STATUS_OK
