@@ -200,3 +200,39 @@ def test_a_config_inside_a_default_excluded_folder_applies_once_an_anchor_above_
     )
     done = dlm(["explain", "build/out.py", "--source", str(root)], tmp_path / "home")
     assert done.returncode == 0 and "kind=generated  (from build)" in done.stdout, done.stdout
+
+
+# Built at run time so this file itself holds no credential a scanner would flag.
+MISSED_BEFORE = {
+    "redis_url_without_user": "REDIS_URL = 'redis://:" + "p4ssw0rdXYZ@redis:6379/0'\n",
+    "putty_v3_key": "PuTTY-User-Key-File-3" + ": ssh-ed25519\nEncryption: none\n",
+    "age_key": "AGE-SECRET-KEY-1" + "QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7LQPZRY9X8GF2TVDW0S3JN54KHCE\n",
+    "anthropic": "ANTHROPIC_API_KEY=sk-ant-"
+    + "api03-"
+    + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9fG1hJ3kL5mN7pQ9rS1tU3vW5xY7zA9bC1dE3fG5hJ7kL9m-AA\n",
+    "databricks": "token = 'dapi" + "0123456789abcdef0123456789abcdef'\n",
+    "shopify": "SHOPIFY = 'shpat_" + "0123456789abcdef0123456789abcdef'\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MISSED_BEFORE))
+def test_credentials_the_scan_missed_are_found(kind):
+    from dlm_pipeline.core.secrets import secret_scanner
+
+    assert secret_scanner().findings(MISSED_BEFORE[kind]) == ["Credential"]
+
+
+@pytest.mark.parametrize(
+    "text", ["url = f'redis://:{password}@host'\n", "see http://:@host\n", "dapi_version = 3\n", "sk-ant-test\n"]
+)
+def test_look_alikes_of_those_credentials_are_not_findings(text):
+    from dlm_pipeline.core.secrets import secret_scanner
+
+    assert secret_scanner().findings(text) == []
+
+
+def test_a_connection_url_with_a_password_and_no_user_is_skipped_as_secret(tmp_path):
+    root = write(tmp_path / "tree", {"app/cache.py": MISSED_BEFORE["redis_url_without_user"], "a.py": "x = 1\n"})
+    done = dlm(["explain", "app/cache.py", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "skipped: secret (Credential)" in done.stdout, done.stdout
+    assert "p4ssw0rd" not in done.stdout + done.stderr
