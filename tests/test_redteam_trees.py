@@ -236,3 +236,14 @@ def test_a_connection_url_with_a_password_and_no_user_is_skipped_as_secret(tmp_p
     done = dlm(["explain", "app/cache.py", "--source", str(root)], tmp_path / "home")
     assert done.returncode == 1 and "skipped: secret (Credential)" in done.stdout, done.stdout
     assert "p4ssw0rd" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("folder", [".DLM", "sub/.Dlm"])
+def test_an_anchor_folder_in_the_wrong_case_is_a_config_error_not_silently_text(tmp_path, folder):
+    """`.DLM/training.yaml` was no anchor (its rules silently unapplied) and a row of training text."""
+    root = write(tmp_path / "tree", {f"{folder}/training.yaml": "dlm_training_version: 1\n", "a.py": "x = 1\n"})
+    done = dlm(["validate", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{folder}: not read: an anchor folder must be named exactly .dlm/ (lower case); rename it"
+    ]

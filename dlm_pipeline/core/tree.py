@@ -163,6 +163,8 @@ def scan_tree(
             if not _is_utf8_name(entry.name):
                 scan.skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "bad_filename")
                 continue
+            if entry.name != ANCHOR_DIR and entry.name.lower() == ANCHOR_DIR:
+                scan.config_files.append(ConfigFile(rel_dir, "unknown", rel, _ANCHOR_CASE))
             try:
                 if entry.path in excluded and entry.is_dir(follow_symlinks=False):
                     scan.own_dirs.append(rel)
@@ -190,6 +192,9 @@ def scan_tree(
     return scan
 
 
+# `.DLM/` (written on a case-insensitive file system, or by hand) would be silently no anchor, and its
+# training.yaml a row of text.
+_ANCHOR_CASE = f"not read: an anchor folder must be named exactly {ANCHOR_DIR}/ (lower case); rename it"
 _ANCHOR_NOT_DIR = f"is a file; an anchor is a folder {ANCHOR_DIR}/ holding {TRAINING_FILE} (rename or remove it)"
 _TOO_DEEP = (
     f"holds a {ANCHOR_DIR}/ folder, but its path is longer than PATH_MAX ({{limit}} bytes) and cannot be read; "
