@@ -435,6 +435,7 @@ def _cache_action(store, args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from dlm_pipeline.core.config import printable
     from dlm_pipeline.core.config_records import (
         STATUS_ERROR,
         all_anchors_from_table,
@@ -456,14 +457,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for record in errors:
         print(record.error, file=sys.stderr)
     valid = records_table([r for r in records if r.status != STATUS_ERROR])
-    for directory in sorted(unapplied_anchors(all_anchors_from_table(valid))):
-        print(
-            f"warning: {directory}/.dlm/: not applied, it lies in a folder the default excludes drop "
-            "(say exclude_defaults: false in an anchor above it to take the folder in)",
-            file=sys.stderr,
-        )
-    for line in unmatched_weights(anchors_from_table(valid)):
-        print(f"warning: {line}", file=sys.stderr)
+    warnings = [
+        f"{directory}/.dlm/: not applied, it lies in a folder the default excludes drop "
+        "(say exclude_defaults: false in an anchor above it to take the folder in)"
+        for directory in sorted(unapplied_anchors(all_anchors_from_table(valid)))
+    ]
+    for line in warnings + unmatched_weights(anchors_from_table(valid)):
+        print(f"warning: {printable(line)}", file=sys.stderr)
     print(f"{len(records) - len(errors)} config file(s) valid, {len(errors)} invalid under {scan.root}")
     return EXIT_FAILED if errors else EXIT_OK
 

@@ -247,3 +247,24 @@ def test_an_anchor_folder_in_the_wrong_case_is_a_config_error_not_silently_text(
     assert done.stderr.splitlines() == [
         f"{folder}: not read: an anchor folder must be named exactly .dlm/ (lower case); rename it"
     ]
+
+
+def test_a_newline_in_a_key_or_folder_name_cannot_forge_a_second_error_line(tmp_path):
+    """Field names and paths were printed raw: `"evil\\nnext.yaml:1: forged": 1` printed two lines,
+    the second a made-up error."""
+    root = write(
+        tmp_path / "tree",
+        {
+            CONFIG: 'dlm_training_version: 1\n"evil\\nnext.yaml:1: forged": 1\nmetadata: {"a\\rb": [1]}\n',
+            "x\ny/.dlm/training.yaml": "dlm_training_version: 2\n",
+            "a.py": "x = 1\n",
+        },
+    )
+    done = dlm(["validate", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1, done.stderr
+    assert sorted(done.stderr.splitlines()) == [
+        f"{CONFIG}:2: evil\\nnext.yaml:1: forged: unknown field; known fields are: dlm_training_version, include, "
+        "exclude, exclude_defaults, scan_secrets, metadata, weights",
+        f"{CONFIG}:3: metadata.a\\rb: tags are strings, got a list",
+        "x\\ny/.dlm/training.yaml:1: dlm_training_version: only version 1 is known, got 2",
+    ]

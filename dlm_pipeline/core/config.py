@@ -51,8 +51,15 @@ class ConfigIssue:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else self.path
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        path, field = printable(self.path), printable(self.field or "")
+        where = f"{path}:{self.line}" if self.line else path
+        return f"{where}: {field}: {self.message}" if field else f"{where}: {self.message}"
+
+
+def printable(text: str) -> str:
+    """`text` with each non-printable character escaped (`\\n`, `\\r`, `\\x00`): a key or folder name
+    holding a newline made one error two lines, the second forged (`evil\\nx.yaml:1: ...`)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigInvalid(Exception):

@@ -22,6 +22,7 @@ from dlm_pipeline.core.config import (
     decode_config_bytes,
     parse_ignore_file,
     parse_training_config,
+    printable,
 )
 from dlm_pipeline.core.rules import Anchor, ancestor_dirs, unapplied_anchors
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
@@ -98,7 +99,7 @@ def load_config(root: str, file: ConfigFile, *, max_weight: float = DEFAULT_MAX_
     except ConfigInvalid as exc:
         return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_ERROR, str(exc), digest, None)
     except OSError as exc:
-        error = f"{file.path}: cannot read: {exc.strerror or exc}"
+        error = f"{printable(file.path)}: cannot read: {exc.strerror or exc}"
         return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_ERROR, error, digest, None)
     config = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_OK, None, digest, config)
