@@ -268,3 +268,14 @@ def test_a_newline_in_a_key_or_folder_name_cannot_forge_a_second_error_line(tmp_
         f"{CONFIG}:3: metadata.a\\rb: tags are strings, got a list",
         "x\\ny/.dlm/training.yaml:1: dlm_training_version: only version 1 is known, got 2",
     ]
+
+
+@pytest.mark.parametrize(
+    "path", [".ENV", "deploy/.Env.production", "Credentials.json", "ops/Service-Account-prod.JSON"]
+)
+def test_a_credential_file_in_upper_case_is_a_default_exclude_too(tmp_path, path):
+    """`.env*`, `credentials.json`... matched case-sensitively: `.ENV` holding a password (which the
+    content scan does not flag, being a plain key=value) went into the corpus."""
+    root = write(tmp_path / "tree", {path: "DB_PASSWORD=hunter2isMine\n", "a.py": "x = 1\n"})
+    done = dlm(["explain", path, "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "built-in default exclude" in done.stdout, done.stdout

@@ -71,19 +71,19 @@ class _RegexSource:
         self.pattern = pattern
 
 
-def _pattern(line: str) -> GitIgnoreSpecPattern:
+def _pattern(line: str, flags: str = "s") -> GitIgnoreSpecPattern:
     regex, include = GitIgnoreSpecPattern.pattern_to_regex(line)
     # (?s): `**` becomes `.+`, and `.` stops at a newline unless told otherwise, so a folder named
     # "a\nb" slipped past every rule below it (`a\nb/.env` was not a default exclude). Git's
     # wildmatch treats a newline like any other character.
-    return GitIgnoreSpecPattern(_RegexSource(f"(?s){regex}") if include is not None else None, include)
+    return GitIgnoreSpecPattern(_RegexSource(f"(?{flags}){regex}") if include is not None else None, include)
 
 
 class GlobSet:
     """Patterns in gitignore syntax (`!` negation, last match wins), matched by re2 sets."""
 
-    def __init__(self, lines: Iterable[str]):
-        patterns = [_pattern(line) for line in lines]
+    def __init__(self, lines: Iterable[str], *, ignore_case: bool = False):
+        patterns = [_pattern(line, "si" if ignore_case else "s") for line in lines]
         self._sets = [
             (start, pathspec.GitIgnoreSpec(patterns[start : start + CHUNK], backend=BACKEND)._backend)
             for start in range(0, len(patterns), CHUNK)

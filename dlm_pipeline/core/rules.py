@@ -137,7 +137,9 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.sqlite",
     "*.db",
 )
-_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES)
+# In any case: `.ENV`, `PROD.PEM`, `Credentials.json` hold what their lower-case names do (and are
+# those very files on a case-insensitive file system); `.ENV` with `DB_PASSWORD=...` was ingested.
+_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES, ignore_case=True)
 
 
 def is_default_excluded(path: str) -> bool:
