@@ -279,3 +279,21 @@ def test_a_credential_file_in_upper_case_is_a_default_exclude_too(tmp_path, path
     root = write(tmp_path / "tree", {path: "DB_PASSWORD=hunter2isMine\n", "a.py": "x = 1\n"})
     done = dlm(["explain", path, "--source", str(root)], tmp_path / "home")
     assert done.returncode == 1 and "built-in default exclude" in done.stdout, done.stdout
+
+
+def test_the_source_sensor_skips_a_hostile_config_instead_of_crashing_its_tick(pipeline, tmp_path):
+    """The source sensor parses every config: one nested 5,000 levels deep raised RecursionError out of the tick."""
+    import dagster as dg
+
+    from dlm_pipeline.defs.automation import source_change_sensor
+
+    root = write(
+        tmp_path / "tree",
+        {"sub/" + CONFIG: "dlm_training_version: 1\nmetadata: " + "[" * 5000 + "]" * 5000 + "\n", "a.py": "x = 1\n"},
+    )
+    pipe = pipeline(root)
+    context = dg.build_sensor_context(
+        instance=pipe.instance, definitions=pipe.defs, resources={"source": pipe.defs.resources["source"]}
+    )
+    result = source_change_sensor(context)
+    assert isinstance(result, dg.SkipReason) and "invalid configs" in result.skip_message
