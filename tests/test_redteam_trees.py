@@ -297,3 +297,23 @@ def test_the_source_sensor_skips_a_hostile_config_instead_of_crashing_its_tick(p
     )
     result = source_change_sensor(context)
     assert isinstance(result, dg.SkipReason) and "invalid configs" in result.skip_message
+
+
+@pytest.mark.parametrize("kind", ["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY"])
+def test_a_base64_private_key_in_a_kubernetes_secret_is_skipped_as_secret(tmp_path, kind):
+    """`tls.key: LS0tLS1CRUdJTi...` (a Secret's data, a Helm value) went in: only the entropy plugins,
+    off by default, could see it. Certificates and public keys in base64 stay text."""
+    import base64
+
+    def pem(what: str) -> str:
+        return base64.b64encode(
+            f"-----BEGIN {what}-----\nMIIEpAIBAAKCAQEA1234567890\n-----END {what}-----\n".encode()
+        ).decode()
+
+    secret = f"apiVersion: v1\nkind: Secret\ndata:\n  tls.crt: {pem('CERTIFICATE')}\n  tls.key: {pem(kind)}\n"
+    public = f"apiVersion: v1\nkind: ConfigMap\ndata:\n  ca.crt: {pem('CERTIFICATE')}\n  key.pub: {pem('PUBLIC KEY')}\n"
+    root = write(tmp_path / "tree", {"chart/templates/tls.yaml": secret, "chart/templates/ca.yaml": public})
+    done = dlm(["explain", "chart/templates/tls.yaml", "--source", str(root)], tmp_path / "home")
+    assert done.returncode == 1 and "skipped: secret (Credential)" in done.stdout, done.stdout
+    kept = dlm(["explain", "chart/templates/ca.yaml", "--source", str(root)], tmp_path / "home")
+    assert kept.returncode == 0, kept.stdout

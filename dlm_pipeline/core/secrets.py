@@ -53,7 +53,7 @@ class MissingCredentialsDetector(RegexBasedDetector):
     pair after another one (ADO.NET/ODBC `...;Password=x`, JDBC/URL `?password=x`; not
     `password = input()` in code), GitHub fine-grained tokens, Google API keys, Hugging Face tokens;
     and (red team) PuTTY v3 and age private keys, URLs with a password and no user
-    (`redis://:pw@host`), Anthropic, Databricks and Shopify tokens."""
+    (`redis://:pw@host`), Anthropic, Databricks and Shopify tokens, PEM private keys in base64."""
 
     secret_type = "Credential"
     denylist = (
@@ -69,6 +69,12 @@ class MissingCredentialsDetector(RegexBasedDetector):
         re.compile(r"sk-ant-[a-z]+[0-9]{2}-[A-Za-z0-9_\-]{80,}"),
         re.compile(r"\bdapi[0-9a-f]{32}\b"),
         re.compile(r"shp(?:at|ss|ca|pa)_[0-9a-fA-F]{32}"),
+        # A PEM private key in base64, as Kubernetes Secrets and Helm values keep them (`tls.key: LS0t...`):
+        # the encodings of `-----BEGIN <kind> PRIVATE KEY` (RSA, none, EC, OPENSSH, DSA, ENCRYPTED, PGP).
+        re.compile(
+            r"LS0tLS1CRUdJTiB(?:SU0EgUFJJVkFURSBL|QUklWQVRFIEtF|FQyBQUklWQVRFIEtF|PUEVOU1NIIFBSSVZBVEUgS0VZ"
+            r"|EU0EgUFJJVkFURSBL|FTkNSWVBURUQgUFJJVkFURSBL|QR1AgUFJJVkFURSBLRVkgQkxP)"
+        ),
     )
 
 
