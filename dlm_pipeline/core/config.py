@@ -289,7 +289,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def construct_scalar(self, node):
         value = super().construct_scalar(node)
-        if isinstance(value, str) and not _is_utf8(value):
+        if isinstance(value, str) and not is_utf8(value):
             raise yaml.constructor.ConstructorError(
                 None, None, "a lone surrogate escape (like \\ud800) is not text", node.start_mark
             )
@@ -343,7 +343,9 @@ def _plain_spelling(node: yaml.ScalarNode, spelling: re.Pattern, fix: str) -> No
         )
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be stored as UTF-8: no lone surrogate (an undecodable file name's bytes,
+    a YAML `"\\ud800"` escape)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE
+from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE, is_utf8
 
 TRAINING_KIND = "training.yaml"
 IGNORE_KIND = "ignore"
@@ -90,14 +90,6 @@ def is_inside(root: Path, target: str) -> bool:
         return False
 
 
-def _is_utf8_name(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes surface as lone surrogates
-        return False
-    return True
-
-
 def _scan_anchor_dir(scan: TreeScan, dir_path: str, anchor: str, rel: str) -> None:
     try:
         names = sorted(os.listdir(dir_path))
@@ -160,7 +152,7 @@ def scan_tree(
         subdirs = []
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if not _is_utf8_name(entry.name):
+            if not is_utf8(entry.name):  # undecodable bytes surface as lone surrogates
                 scan.skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "bad_filename")
                 continue
             if entry.name != ANCHOR_DIR and entry.name.lower() == ANCHOR_DIR:
