@@ -405,9 +405,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     try:
         max_bytes, max_text_bytes = settings.cache_max_bytes(), settings.max_file_bytes()
+        root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
-    root = settings.cache_dir() or str(_ensure_dagster_home() / settings.TOKEN_CACHE_DIR)
     try:
         _cache_action(TokenStore(root, max_bytes=max_bytes, max_text_bytes=max_text_bytes), args)
     except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)
@@ -444,7 +444,15 @@ def _cache_action(store, args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from dlm_pipeline.core.config_records import STATUS_ERROR, anchors_from_table, load_configs, records_table
+    from dlm_pipeline.core.config import printable
+    from dlm_pipeline.core.config_records import (
+        STATUS_ERROR,
+        all_anchors_from_table,
+        anchors_from_table,
+        load_configs,
+        records_table,
+    )
+    from dlm_pipeline.core.rules import unapplied_anchors
     from dlm_pipeline.core.tree import SourceTreeError, scan_tree
     from dlm_pipeline.core.weights import unmatched_weights
 
@@ -458,8 +466,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for record in errors:
         print(record.error, file=sys.stderr)
     valid = records_table([r for r in records if r.status != STATUS_ERROR])
-    for line in unmatched_weights(anchors_from_table(valid)):
-        print(f"warning: {line}", file=sys.stderr)
+    warnings = [
+        f"{directory}/.dlm/: not applied, it lies in a folder the default excludes drop "
+        "(say exclude_defaults: false in an anchor above it to take the folder in)"
+        for directory in sorted(unapplied_anchors(all_anchors_from_table(valid)))
+    ]
+    for line in warnings + unmatched_weights(anchors_from_table(valid)):
+        print(f"warning: {printable(line)}", file=sys.stderr)
     print(f"{len(records) - len(errors)} config file(s) valid, {len(errors)} invalid under {scan.root}")
     return EXIT_FAILED if errors else EXIT_OK
 
@@ -546,12 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     materialize.add_argument(
         "--max-seq-len",
-        type=_flag(settings.check_max_seq_len, int, "a whole number >= 1"),
+        type=_flag(settings.check_max_seq_len, settings.parse_whole, "a whole number >= 1"),
         help="truncate token sequences to this length (default 2048)",
     )
     materialize.add_argument(
         "--val-fraction",
-        type=_flag(settings.check_val_fraction, float, f"a number from 0 to {settings.MAX_VAL_FRACTION}"),
+        type=_flag(
+            settings.check_val_fraction, settings.parse_number, f"a number from 0 to {settings.MAX_VAL_FRACTION}"
+        ),
         help=f"share of rows on the validation side (default {settings.DEFAULT_VAL_FRACTION}; 0: none)",
     )
     materialize.add_argument(
@@ -600,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--max-bytes",
-        type=_flag(_at_least(0), int, "a whole number >= 0"),
+        type=_flag(_at_least(0), settings.parse_whole, "a whole number >= 0"),
         help="cap to prune to (default: DLM_CACHE_MAX_BYTES, 10 GiB)",
     )
     cache_sub.add_parser("clear", help="delete every cached entry")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from pathlib import Path
 
 # The choices `--help` lists, spelled here so that it imports no core module; a test checks that
@@ -90,23 +91,43 @@ def weights_scope() -> str:
         raise SettingsError(f"{ENV_WEIGHTS_SCOPE}: {exc}") from None
 
 
-def _positive(name: str, default, parse=int):
-    """The variable as a finite number > 0 (`parse`: int or float), or its default when unset."""
+# What a number may look like: ASCII digits only. int() and float() also take spaces, `1_000` and
+# other scripts' digits ("٣"), so a typo or a pasted value would pass as some other number.
+_WHOLE_NUMBER = re.compile(r"[-+]?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def parse_whole(text: str) -> int:
+    """int(text) for ASCII decimal digits with an optional sign; ValueError for anything else."""
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise ValueError(f"not a whole number: {text[:40]!r}")
+    return int(text)
+
+
+def parse_number(text: str) -> float:
+    """float(text) for an ASCII decimal number (`0.5`, `1e9`); ValueError for anything else."""
+    if not _DECIMAL_NUMBER.fullmatch(text):
+        raise ValueError(f"not a number: {text[:40]!r}")
+    return float(text)
+
+
+def _positive(name: str, default, parse=parse_whole):
+    """The variable as a finite number > 0 (`parse`: parse_whole or parse_number), or its default when unset."""
     raw = os.environ.get(name)
     if not raw:
         return default
-    kind = "a whole number" if parse is int else "a number"
+    kind = "a whole number" if parse is parse_whole else "a number"
     try:
         value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+        raise SettingsError(f"{name} must be {kind}, got {raw[:40]!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise SettingsError(f"{name} must be {kind} > 0, got {raw!r}")
+        raise SettingsError(f"{name} must be {kind} > 0, got {raw[:40]!r}")
     return value
 
 
 def _positive_int(name: str, default: int) -> int:
-    return _positive(name, default, int)
+    return _positive(name, default, parse_whole)
 
 
 def max_file_bytes() -> int:
@@ -114,12 +135,21 @@ def max_file_bytes() -> int:
 
 
 def max_weight() -> float:
-    return _positive(ENV_MAX_WEIGHT, _core_default("DEFAULT_MAX_WEIGHT"), float)
+    return _positive(ENV_MAX_WEIGHT, _core_default("DEFAULT_MAX_WEIGHT"), parse_number)
+
+
+def _path(name: str) -> str:
+    """A path variable as given ("" when unset). Leading or trailing spaces are refused: `DLM_OUTPUT_DIR=" "`
+    wrote every output into a folder named " " in the current directory, without a word."""
+    raw = os.environ.get(name, "")
+    if raw != raw.strip():
+        raise SettingsError(f"{name} has leading or trailing spaces ({raw[:60]!r}); remove them, or unset it")
+    return raw
 
 
 def output_dir() -> str:
     """ "" means: the Dagster instance's storage directory ($DAGSTER_HOME/storage)."""
-    return os.environ.get(ENV_OUTPUT_DIR, "")
+    return _path(ENV_OUTPUT_DIR)
 
 
 def deployment() -> str:
@@ -150,7 +180,7 @@ def nightly_cron() -> str:
 
 def tokenizer() -> str:
     """ "" means the bundled default tokenizer."""
-    return os.environ.get(ENV_TOKENIZER, "")
+    return _path(ENV_TOKENIZER)
 
 
 MAX_SEQ_LEN_LIMIT = 2**31 - 1  # token counts and offsets are int32
@@ -176,7 +206,7 @@ def max_seq_len() -> int:
 
 def cache_dir() -> str:
     """ "" means $DAGSTER_HOME/token_cache."""
-    return os.environ.get(ENV_CACHE_DIR, "")
+    return _path(ENV_CACHE_DIR)
 
 
 TOKEN_CACHE_DIR = "token_cache"
@@ -212,9 +242,11 @@ def val_fraction() -> float:
     if not raw:
         return DEFAULT_VAL_FRACTION
     try:
-        return check_val_fraction(float(raw))
+        return check_val_fraction(parse_number(raw))
     except (ValueError, SettingsError):  # SettingsError is a ValueError; one message for both
-        raise SettingsError(f"{ENV_VAL_FRACTION} must be a number from 0 to {MAX_VAL_FRACTION}, got {raw!r}") from None
+        raise SettingsError(
+            f"{ENV_VAL_FRACTION} must be a number from 0 to {MAX_VAL_FRACTION}, got {raw[:40]!r}"
+        ) from None
 
 
 def check_seed_text(name: str, raw: str) -> int:
@@ -318,6 +350,9 @@ def check_all() -> None:
     """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
     The cron check comes last: it is the one that needs Dagster's validator."""
     for parse in (
+        output_dir,
+        cache_dir,
+        tokenizer,
         weights_scope,
         max_file_bytes,
         max_weight,

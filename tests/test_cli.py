@@ -223,7 +223,7 @@ def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(
 @pytest.mark.parametrize(
     "variable, value, message",
     [
-        ("DLM_MAX_WEIGHT", "nan", "DLM_MAX_WEIGHT must be a number > 0"),
+        ("DLM_MAX_WEIGHT", "nan", "DLM_MAX_WEIGHT must be a number, got 'nan'"),
         ("DLM_MAX_WEIGHT", "lots", "DLM_MAX_WEIGHT must be a number, got"),
         ("DLM_MAX_SEQ_LEN", "0", "DLM_MAX_SEQ_LEN must be a whole number > 0"),
         ("DLM_WEIGHTS_SCOPE", "local", "DLM_WEIGHTS_SCOPE: weights scope must be one of nearest, global"),

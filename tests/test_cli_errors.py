@@ -61,7 +61,7 @@ def test_importing_the_definitions_builds_nothing(tmp_path):
     [
         ("DLM_WEIGHTS_SCOPE", "local", "DLM_WEIGHTS_SCOPE: weights scope must be one of nearest, global"),
         ("DLM_MAX_FILE_BYTES", "lots", "DLM_MAX_FILE_BYTES must be a whole number"),
-        ("DLM_MAX_WEIGHT", "nan", "DLM_MAX_WEIGHT must be a number > 0"),
+        ("DLM_MAX_WEIGHT", "nan", "DLM_MAX_WEIGHT must be a number, got 'nan'"),
         ("DLM_MAX_SEQ_LEN", "0", "DLM_MAX_SEQ_LEN must be a whole number > 0"),
         ("DLM_CACHE_MAX_BYTES", "1.5", "DLM_CACHE_MAX_BYTES must be a whole number"),
         ("DLM_VAL_FRACTION", "0.9", "DLM_VAL_FRACTION must be a number from 0 to 0.5"),

@@ -8,6 +8,7 @@ YAML is read with the safe loader only. Tag keys and values are canonicalised to
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -36,6 +37,8 @@ DEFAULT_MAX_WEIGHT = 100.0
 # thousands (2,000 keys on 5,000 files took 3.1 GB). Far above what a tag scheme needs.
 MAX_METADATA_KEYS = 64
 MAX_TAG_CHARS = 256
+# Far deeper than the schema goes (3 levels), far below the depth that exhausts Python's recursion limit.
+MAX_YAML_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,15 @@ class ConfigIssue:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else self.path
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        path, field = printable(self.path), printable(self.field or "")
+        where = f"{path}:{self.line}" if self.line else path
+        return f"{where}: {field}: {self.message}" if field else f"{where}: {self.message}"
+
+
+def printable(text: str) -> str:
+    """`text` with each non-printable character escaped (`\\n`, `\\r`, `\\x00`): a key or folder name
+    holding a newline made one error two lines, the second forged (`evil\\nx.yaml:1: ...`)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigInvalid(Exception):
@@ -90,13 +100,18 @@ def _check_weight(value: Any, info: ValidationInfo) -> float:
     max_weight = (info.context or {}).get("max_weight", DEFAULT_MAX_WEIGHT)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"weight must be a number, got {type(value).__name__} {short_repr(value)}")
-    weight = float(value)
+    try:
+        weight = float(value)
+    except OverflowError:  # an integer beyond float's range
+        weight = math.inf
     if not math.isfinite(weight):
-        raise ValueError(f"weight must be finite, got {value!r}")
+        raise ValueError(f"weight must be finite, got {short_repr(value)}")
     if weight < 0:
-        raise ValueError(f"weight must be >= 0 (0 drops the rows), got {value!r}")
+        raise ValueError(f"weight must be >= 0 (0 drops the rows), got {short_repr(value)}")
     if weight > max_weight:
-        raise ValueError(f"weight {value!r} is above max_weight {max_weight:g}; lower it or raise DLM_MAX_WEIGHT")
+        raise ValueError(
+            f"weight {short_repr(value)} is above max_weight {max_weight:g}; lower it or raise DLM_MAX_WEIGHT"
+        )
     return weight
 
 
@@ -143,7 +158,7 @@ class TrainingConfig(BaseModel):
     @field_validator("dlm_training_version", mode="before")
     @classmethod
     def _known_version(cls, value: Any) -> int:
-        if isinstance(value, bool) or value != SUPPORTED_VERSION:
+        if type(value) is not int or value != SUPPORTED_VERSION:  # not 1.0 or true: a version is a whole number
             raise ValueError(f"only version {SUPPORTED_VERSION} is known, got {short_repr(value)}")
         return value
 
@@ -152,7 +167,7 @@ class TrainingConfig(BaseModel):
     def _globs_are_valid(cls, value: Any) -> Any:
         if isinstance(value, list) and all(isinstance(glob, str) for glob in value):
             for i, reason in glob_errors(value):
-                raise ValueError(f"glob #{i} {value[i]!r} is not a valid pattern: {reason}")
+                raise ValueError(f"glob #{i} {short_repr(value[i])} is not a valid pattern: {reason}")
         return value
 
     @field_validator("metadata", mode="before")
@@ -254,19 +269,113 @@ def decode_config_bytes(data: bytes, path: str) -> str:
         ) from None
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, made to refuse with a line what would otherwise escape as a Python error:
+    nesting deep enough to exhaust the recursion limit (its composer recurses per level), integers
+    past Python's 4,300-digit conversion limit, and strings holding a lone surrogate (`"\\ud800"`),
+    which no output could store."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_scalar(self, node):
+        value = super().construct_scalar(node)
+        if isinstance(value, str) and not is_utf8(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a lone surrogate escape (like \\ud800) is not text", node.start_mark
+            )
+        return value
+
+    def construct_yaml_int(self, node):
+        _plain_spelling(node, _DECIMAL_INT, "write it in decimal")
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than int() converts
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(node.value)} characters is too large", node.start_mark
+            ) from None
+
+    def construct_yaml_float(self, node):
+        _plain_spelling(node, _PLAIN_FLOAT, "write it as a plain decimal")
+        return super().construct_yaml_float(node)
+
+    def construct_yaml_bool(self, node):
+        _plain_spelling(node, _TRUE_FALSE, "write true or false")
+        return super().construct_yaml_bool(node)
+
+
+for _tag, _constructor in (
+    ("int", _BoundedLoader.construct_yaml_int),
+    ("float", _BoundedLoader.construct_yaml_float),
+    ("bool", _BoundedLoader.construct_yaml_bool),
+):
+    _BoundedLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _constructor)
+
+# YAML 1.1 reads `017` as 15, `0x1F` as 31, `1:30` as 90, `1_000` as 1000 and `NO`/`on` as booleans: as a
+# tag (`zip: 01234`, `country: NO`) or a weight that silently is another value than the one written.
+_DECIMAL_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[^:_]*")
+_TRUE_FALSE = re.compile(r"true|false", re.IGNORECASE)
+_KINDS = {
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+}
+
+
+def _plain_spelling(node: yaml.ScalarNode, spelling: re.Pattern, fix: str) -> None:
+    """Refuse an unquoted number or boolean that YAML 1.1 reads as another value than it looks like."""
+    if node.style is None and not spelling.fullmatch(node.value):
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            f"{node.value[:40]!r} is read as {_KINDS[node.tag]} in YAML 1.1; {fix}, or quote it as text",
+            node.start_mark,
+        )
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be stored as UTF-8: no lone surrogate (an undecodable file name's bytes,
+    a YAML `"\\ud800"` escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _yaml_issue(exc: yaml.YAMLError, text: str, path: str) -> ConfigIssue:
+    """One line for a YAML error, with its line when the error has one."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: raised before any parsing
+        line = text.count("\n", 0, exc.position) + 1
+        return ConfigIssue(path, line, None, f"malformed YAML: character {exc.character:#06x} is not allowed")
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigIssue(path, line, None, f"malformed YAML: {problem}")
+
+
 def parse_training_config(text: str, path: str, *, max_weight: float = DEFAULT_MAX_WEIGHT) -> TrainingConfig:
     """Validate one `.dlm/training.yaml`; raise ConfigInvalid listing every problem with its line."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader refuses NUL and other control characters here
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigInvalid([ConfigIssue(path, line, None, f"malformed YAML: {problem}")]) from None
+        raise ConfigInvalid([_yaml_issue(exc, text, path)]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         raise ConfigInvalid(
             [ConfigIssue(path, 1, "dlm_training_version", "file is empty; it needs at least `dlm_training_version: 1`")]
@@ -291,9 +400,13 @@ def parse_training_config(text: str, path: str, *, max_weight: float = DEFAULT_M
 
 def parse_ignore_file(text: str, path: str) -> tuple[str, ...]:
     """Patterns of a `.dlm/ignore` (gitignore syntax); ConfigInvalid names each line pathspec refuses."""
-    lines = tuple(text.splitlines())
+    # Lines end at "\n" only, as in git: str.splitlines also splits at \f, \x1c, \u2028 and friends,
+    # turning `a\u2028*.py` into a second pattern `*.py` that git never sees.
+    lines = tuple(line.removesuffix("\r") for line in text.split("\n"))
+    lines = lines[:-1] if lines and not lines[-1] else lines
     issues = [
-        ConfigIssue(path, i + 1, None, f"invalid pattern {lines[i]!r}: {reason}") for i, reason in glob_errors(lines)
+        ConfigIssue(path, i + 1, None, f"invalid pattern {short_repr(lines[i])}: {reason}")
+        for i, reason in glob_errors(lines)
     ]
     if issues:
         raise ConfigInvalid(issues)

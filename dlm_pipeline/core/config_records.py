@@ -22,8 +22,9 @@ from dlm_pipeline.core.config import (
     decode_config_bytes,
     parse_ignore_file,
     parse_training_config,
+    printable,
 )
-from dlm_pipeline.core.rules import Anchor, ancestor_dirs
+from dlm_pipeline.core.rules import Anchor, ancestor_dirs, unapplied_anchors
 from dlm_pipeline.core.safe_read import FileTooLarge, NotRegularFile, read_regular_file
 from dlm_pipeline.core.tree import IGNORE_KIND, TRAINING_KIND, ConfigFile, TreeScan, is_inside
 
@@ -98,7 +99,7 @@ def load_config(root: str, file: ConfigFile, *, max_weight: float = DEFAULT_MAX_
     except ConfigInvalid as exc:
         return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_ERROR, str(exc), digest, None)
     except OSError as exc:
-        error = f"{file.path}: cannot read: {exc.strerror or exc}"
+        error = f"{printable(file.path)}: cannot read: {exc.strerror or exc}"
         return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_ERROR, error, digest, None)
     config = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return ConfigRecord(anchor_label(file.anchor), file.path, file.kind, STATUS_OK, None, digest, config)
@@ -138,6 +139,13 @@ def records_table(records: list[ConfigRecord]) -> pa.Table:
 
 
 def anchors_from_table(table: pa.Table) -> list[Anchor]:
+    """The anchors whose settings apply (see `unapplied_anchors`), from a `training_configs` table."""
+    anchors = all_anchors_from_table(table)
+    unapplied = unapplied_anchors(anchors)
+    return [a for a in anchors if a.dir not in unapplied]
+
+
+def all_anchors_from_table(table: pa.Table) -> list[Anchor]:
     """Valid anchors from a `training_configs` table; refuses a table that still holds errors."""
     errors = [
         e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist(), strict=False) if s != STATUS_OK

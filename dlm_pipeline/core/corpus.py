@@ -100,13 +100,22 @@ def admitted(rules: PathRules, entry: FileEntry, trace: list | None = None) -> b
     return True
 
 
+def scans_secrets(rules: PathRules, entry: FileEntry) -> bool:
+    """Whether the credential scan runs on a walked file. A symlink is scanned when its own folder or
+    its target's says so: a link in a `scan_secrets: false` folder must not carry a key kept where
+    scanning is on past the scan."""
+    return rules.scans_secrets(parent_dir(entry.path)) or (
+        entry.target is not None and rules.scans_secrets(parent_dir(entry.target))
+    )
+
+
 def content_outcome(
     entry: FileEntry, rules: PathRules, scanner: SecretScanner, max_file_bytes: int
 ) -> str | tuple[str, str]:
     """The content rules for one included file: its text, or (skip reason, detail). For a
     credential the detail names the detectors, never what they found."""
     outcome = read_text(entry.abspath, max_file_bytes, entry.stat)
-    if not isinstance(outcome, tuple) and rules.scans_secrets(parent_dir(entry.path)):
+    if not isinstance(outcome, tuple) and scans_secrets(rules, entry):
         found = scanner.findings(outcome, entry.path)
         if found:
             return "secret", ", ".join(found)
@@ -161,7 +170,7 @@ def read_entries(
     entries: list[FileEntry], rules: PathRules, scanner: SecretScanner, index: IngestIndex
 ) -> list[str | tuple[str, str]]:
     """The content rules for a batch of included files: each one's text or (skip reason, detail)."""
-    return [index.read(entry, scanner if rules.scans_secrets(parent_dir(entry.path)) else None) for entry in entries]
+    return [index.read(entry, scanner if scans_secrets(rules, entry) else None) for entry in entries]
 
 
 def stream_raw_corpus(
@@ -201,7 +210,7 @@ def stream_raw_corpus(
         try:
             for batch in read_batches(included, batch_bytes):
                 if read_batch is not None:
-                    wanted = [(f, rules.scans_secrets(parent_dir(f.path))) for f in batch]
+                    wanted = [(f, scans_secrets(rules, f)) for f in batch]
                     index.add_reads(
                         read_batch(
                             scan.root, [(f, s) for f, s in wanted if index.needs_read(f, scanner if s else None)]

@@ -30,6 +30,7 @@ from dlm_pipeline.core.corpus import (
 from dlm_pipeline.core.expansion import (
     EXPANSION_BERNOULLI,
     EXPANSION_EXACT,
+    ExpansionTooLarge,
     exact_quotas,
     plan_corpus,
     split_weights,
@@ -271,7 +272,11 @@ def _explain_weights(result, root, anchors, scan, path, text, tags, seed, scope,
         row = raw["path"].to_pylist().index(path)
     else:
         raw, row = rows_table([sid], [path], [text], [tags]), 0
-    plan = plan_corpus(raw, table, shown_seed, mode, max_bytes=float("inf"))
+    try:
+        plan = plan_corpus(raw, table, shown_seed, mode, max_bytes=float("inf"))
+    except ExpansionTooLarge as exc:  # weights of 100 on five tags: 10**10 copies of this one file
+        result.add(f"  expanded_corpus refuses it: {exc}")
+        return
     weight, copies = float(plan.weights[row]), int(plan.copies[row])
     whole, fraction = (float(v[0]) for v in split_weights(np.array([weight])))
     result.add(f"  composed weight {weight:g}")

@@ -36,11 +36,19 @@ def glob_errors(lines: Sequence[str]) -> list[tuple[int, str]]:
         try:
             pathspec.GitIgnoreSpec.from_lines([line], backend=BACKEND)
         except Exception as exc:
-            errors.append((index, str(exc) or type(exc).__name__))
+            errors.append((index, _reason(exc)))
     if not errors:  # each pattern compiles alone, yet a set of them exceeds re2's memory budget
         start = next(i for i in range(0, len(lines), CHUNK) if not _compiles(lines[i : i + CHUNK]))
         errors.append((start, f"patterns from here on are too large together for re2 (sets of {CHUNK}); simplify them"))
     return errors
+
+
+def _reason(exc: Exception) -> str:
+    """Why a pattern is refused, in at most ~200 characters (pathspec quotes the whole pattern)."""
+    reason = str(exc) or type(exc).__name__
+    if reason == "failed to compile Set":  # re2's memory budget, for one pattern alone
+        return "too long or complex for linear-time matching (re2); shorten it"
+    return reason if len(reason) <= 200 else f"{reason[:150]}...{reason[-40:]}"
 
 
 def _compiles(lines: Sequence[str]) -> bool:
@@ -63,16 +71,19 @@ class _RegexSource:
         self.pattern = pattern
 
 
-def _pattern(line: str) -> GitIgnoreSpecPattern:
+def _pattern(line: str, flags: str = "s") -> GitIgnoreSpecPattern:
     regex, include = GitIgnoreSpecPattern.pattern_to_regex(line)
-    return GitIgnoreSpecPattern(_RegexSource(regex) if include is not None else None, include)
+    # (?s): `**` becomes `.+`, and `.` stops at a newline unless told otherwise, so a folder named
+    # "a\nb" slipped past every rule below it (`a\nb/.env` was not a default exclude). Git's
+    # wildmatch treats a newline like any other character.
+    return GitIgnoreSpecPattern(_RegexSource(f"(?{flags}){regex}") if include is not None else None, include)
 
 
 class GlobSet:
     """Patterns in gitignore syntax (`!` negation, last match wins), matched by re2 sets."""
 
-    def __init__(self, lines: Iterable[str]):
-        patterns = [_pattern(line) for line in lines]
+    def __init__(self, lines: Iterable[str], *, ignore_case: bool = False):
+        patterns = [_pattern(line, "si" if ignore_case else "s") for line in lines]
         self._sets = [
             (start, pathspec.GitIgnoreSpec(patterns[start : start + CHUNK], backend=BACKEND)._backend)
             for start in range(0, len(patterns), CHUNK)

@@ -137,7 +137,9 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.sqlite",
     "*.db",
 )
-_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES)
+# In any case: `.ENV`, `PROD.PEM`, `Credentials.json` hold what their lower-case names do (and are
+# those very files on a case-insensitive file system); `.ENV` with `DB_PASSWORD=...` was ingested.
+_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES, ignore_case=True)
 
 
 def is_default_excluded(path: str) -> bool:
@@ -277,3 +279,22 @@ class PathRules:
         for anchor in chain:
             included = anchor.verdict(path, included, trace)
         return included
+
+
+def unapplied_anchors(anchors: list[Anchor]) -> set[str]:
+    """Directories of anchors that lie inside a folder the default excludes drop (`node_modules/pkg/`,
+    `.git/`, `.venv/`), as the applied anchors above them say. Their settings are not applied: a
+    config shipped in a dependency or planted in `.git/` lifted the default excludes and the
+    credential scan over itself (`exclude_defaults: false`, `scan_secrets: false`), so keys kept
+    there were read into the corpus. To take such a folder in, say `exclude_defaults: false` above it."""
+    by_dir = {a.dir: a for a in anchors}
+    unapplied: set[str] = set()
+    for anchor in sorted(anchors, key=lambda a: a.depth):
+        above = tuple(by_dir[d] for d in ancestor_dirs(parent_dir(anchor.dir)) if d in by_dir and d not in unapplied)
+        if (
+            anchor.dir
+            and PathRules._nearest_setting(above, "exclude_defaults")
+            and _DEFAULT_SPEC.matches(anchor.dir + "/")
+        ):
+            unapplied.add(anchor.dir)
+    return unapplied

@@ -51,7 +51,9 @@ class MissingCredentialsDetector(RegexBasedDetector):
     """What detect-secrets' plugins miss of SPEC §1's list: PKCS#8 encrypted private keys (openssl's
     `-----BEGIN ENCRYPTED PRIVATE KEY-----`), connection strings holding a password as a key=value
     pair after another one (ADO.NET/ODBC `...;Password=x`, JDBC/URL `?password=x`; not
-    `password = input()` in code), GitHub fine-grained tokens, Google API keys, Hugging Face tokens."""
+    `password = input()` in code), GitHub fine-grained tokens, Google API keys, Hugging Face tokens;
+    and (red team) PuTTY v3 and age private keys, URLs with a password and no user
+    (`redis://:pw@host`), Anthropic, Databricks and Shopify tokens, PEM private keys in base64."""
 
     secret_type = "Credential"
     denylist = (
@@ -61,6 +63,18 @@ class MissingCredentialsDetector(RegexBasedDetector):
         re.compile(r"github_pat_[0-9A-Za-z_]{50,}"),
         re.compile(r"AIza[0-9A-Za-z_\-]{35}"),
         re.compile(r"hf_[A-Za-z]{34}"),
+        re.compile(r"PuTTY-User-Key-File-[0-9]+:"),
+        re.compile(r"AGE-SECRET-KEY-1[0-9A-Z]{58}"),
+        re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://:[^\s@/{}<$%'\"]+@"),
+        re.compile(r"sk-ant-[a-z]+[0-9]{2}-[A-Za-z0-9_\-]{80,}"),
+        re.compile(r"\bdapi[0-9a-f]{32}\b"),
+        re.compile(r"shp(?:at|ss|ca|pa)_[0-9a-fA-F]{32}"),
+        # A PEM private key in base64, as Kubernetes Secrets and Helm values keep them (`tls.key: LS0t...`):
+        # the encodings of `-----BEGIN <kind> PRIVATE KEY` (RSA, none, EC, OPENSSH, DSA, ENCRYPTED, PGP).
+        re.compile(
+            r"LS0tLS1CRUdJTiB(?:SU0EgUFJJVkFURSBL|QUklWQVRFIEtF|FQyBQUklWQVRFIEtF|PUEVOU1NIIFBSSVZBVEUgS0VZ"
+            r"|EU0EgUFJJVkFURSBL|FTkNSWVBURUQgUFJJVkFURSBL|QR1AgUFJJVkFURSBLRVkgQkxP)"
+        ),
     )
 
 

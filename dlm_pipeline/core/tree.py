@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE
+from dlm_pipeline.core.config import ANCHOR_DIR, IGNORE_FILE, TRAINING_FILE, is_utf8
 
 TRAINING_KIND = "training.yaml"
 IGNORE_KIND = "ignore"
@@ -90,14 +90,6 @@ def is_inside(root: Path, target: str) -> bool:
         return False
 
 
-def _is_utf8_name(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes surface as lone surrogates
-        return False
-    return True
-
-
 def _scan_anchor_dir(scan: TreeScan, dir_path: str, anchor: str, rel: str) -> None:
     try:
         names = sorted(os.listdir(dir_path))
@@ -130,6 +122,13 @@ def scan_tree(
     root_path = resolve_root(root)
     scan = TreeScan(root=root_path)
     excluded = {os.path.realpath(d) for d in exclude_dirs if d}
+    for own in sorted(excluded):
+        if is_inside(Path(own), str(root_path)):
+            raise SourceTreeError(
+                f"source root {str(root_path)!r} is inside the pipeline's own folder {own!r} (DAGSTER_HOME, "
+                "DLM_OUTPUT_DIR or DLM_CACHE_DIR): its outputs and logs would become training text; "
+                "point DLM_SOURCE_ROOT or --source at the source tree"
+            )
     stack: list[tuple[str, str]] = [(str(root_path), "")]
     while stack:
         dir_path, rel_dir = stack.pop()
@@ -153,9 +152,11 @@ def scan_tree(
         subdirs = []
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if not _is_utf8_name(entry.name):
+            if not is_utf8(entry.name):  # undecodable bytes surface as lone surrogates
                 scan.skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "bad_filename")
                 continue
+            if entry.name != ANCHOR_DIR and entry.name.lower() == ANCHOR_DIR:
+                scan.config_files.append(ConfigFile(rel_dir, "unknown", rel, _ANCHOR_CASE))
             try:
                 if entry.path in excluded and entry.is_dir(follow_symlinks=False):
                     scan.own_dirs.append(rel)
@@ -163,7 +164,7 @@ def scan_tree(
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append((entry.path, rel))
                 elif entry.is_symlink():
-                    _visit_symlink(scan, root_path, entry, rel)
+                    _visit_symlink(scan, root_path, entry, rel, excluded)
                 elif entry.is_dir(follow_symlinks=False):
                     if entry.name == ANCHOR_DIR:
                         _scan_anchor_dir(scan, entry.path, rel_dir, rel)
@@ -183,6 +184,9 @@ def scan_tree(
     return scan
 
 
+# `.DLM/` (written on a case-insensitive file system, or by hand) would be silently no anchor, and its
+# training.yaml a row of text.
+_ANCHOR_CASE = f"not read: an anchor folder must be named exactly {ANCHOR_DIR}/ (lower case); rename it"
 _ANCHOR_NOT_DIR = f"is a file; an anchor is a folder {ANCHOR_DIR}/ holding {TRAINING_FILE} (rename or remove it)"
 _TOO_DEEP = (
     f"holds a {ANCHOR_DIR}/ folder, but its path is longer than PATH_MAX ({{limit}} bytes) and cannot be read; "
@@ -229,7 +233,9 @@ def _holds_anchor(path: str) -> bool:
         os.close(parent_fd)
 
 
-def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> None:
+def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str, own_dirs: set[str]) -> None:
+    """A symlinked file is kept when its target is a regular file inside the root and outside the
+    pipeline's own folders (`notes.txt -> home/logs/event.log` would feed our own logs back in)."""
     if entry.name == ANCHOR_DIR:
         scan.config_files.append(
             ConfigFile(rel.rpartition("/")[0], "unknown", rel, f"{ANCHOR_DIR} is a symlink; make it a real directory")
@@ -244,7 +250,7 @@ def _visit_symlink(scan: TreeScan, root: Path, entry: os.DirEntry, rel: str) -> 
     mode = info.st_mode
     if stat.S_ISDIR(mode):
         scan.skip(rel, "symlink_dir")
-    elif not is_inside(root, target):
+    elif not is_inside(root, target) or any(is_inside(Path(own), target) for own in own_dirs):
         scan.skip(rel, "symlink_escape")
     elif stat.S_ISREG(mode):
         scan.files.append(FileEntry(rel, entry.path, stat_key(info, True), Path(target).relative_to(root).as_posix()))

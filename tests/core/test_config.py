@@ -261,3 +261,41 @@ def test_scan_secrets_is_a_strict_optional_bool():
     assert issues("dlm_training_version: 1\n\nscan_secrets: 'no'\n") == [
         f"{PATH}:3: scan_secrets: input should be a valid boolean, got str 'no'"
     ]
+
+
+@pytest.mark.parametrize(
+    "text, line, spelled",
+    [
+        ("metadata: {zip: 01234}", 2, "'01234' is read as an integer"),  # octal: was the tag "668"
+        ("metadata: {duration: 1:30}", 2, "'1:30' is read as an integer"),  # sexagesimal: was "90"
+        ("metadata: {mask: 0x1F}", 2, "'0x1F' is read as an integer"),  # was "31"
+        ("metadata: {count: 1_000}", 2, "'1_000' is read as an integer"),
+        ("metadata: {country: NO}", 2, "'NO' is read as a boolean"),  # the Norway problem: was "false"
+        ("metadata: {feature: on}", 2, "'on' is read as a boolean"),
+        ("exclude_defaults: yes", 2, "'yes' is read as a boolean"),
+        ("weights: {lang: {py: 1:30.5}}", 2, "'1:30.5' is read as a number"),  # was the weight 90.5
+    ],
+)
+def test_yaml_1_1_spellings_that_read_as_another_value_are_refused(text, line, spelled):
+    (found,) = issues(f"dlm_training_version: 1\n{text}\n")
+    assert found.startswith(f"{PATH}:{line}: ") and spelled in found and "quote it" in found
+
+
+def test_plain_and_quoted_spellings_keep_their_meaning():
+    text = 'dlm_training_version: 1\nmetadata: {a: "017", b: 12, c: -3, d: True, e: "NO", f: 0}\nweights: {b: {"12": 2.5}}\n'
+    config = parse_training_config(text, PATH)
+    assert config.metadata == {"a": "017", "b": "12", "c": "-3", "d": "true", "e": "NO", "f": "0"}
+    assert config.weights == {"b": {"12": 2.5}}
+
+
+@pytest.mark.parametrize("version", ["1.0", "+1.0"])
+def test_a_version_that_is_not_a_whole_number_is_refused(version):
+    assert issues(f"dlm_training_version: {version}\n") == [
+        f"{PATH}:1: dlm_training_version: only version 1 is known, got 1.0"
+    ]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\x0c", "\x1c", "\x85", "\r"])
+def test_ignore_lines_end_at_newlines_only_as_in_git(separator):
+    """str.splitlines split `a<U+2028>*.py` into a second pattern `*.py`, which ignored every Python file."""
+    assert parse_ignore_file(f"a{separator}*.py\r\n!keep\n", ".dlm/ignore") == (f"a{separator}*.py", "!keep")
