@@ -8,7 +8,6 @@ YAML is read with the safe loader only. Tag keys and values are canonicalised to
 from __future__ import annotations
 
 import math
-import re
 import reprlib
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -296,7 +295,6 @@ class _BoundedLoader(yaml.SafeLoader):
         return value
 
     def construct_yaml_int(self, node):
-        _plain_spelling(node, _DECIMAL_INT, "write it in decimal")
         try:
             return super().construct_yaml_int(node)
         except ValueError:  # more digits than int() converts
@@ -304,43 +302,10 @@ class _BoundedLoader(yaml.SafeLoader):
                 None, None, f"integer of {len(node.value)} characters is too large", node.start_mark
             ) from None
 
-    def construct_yaml_float(self, node):
-        _plain_spelling(node, _PLAIN_FLOAT, "write it as a plain decimal")
-        return super().construct_yaml_float(node)
 
-    def construct_yaml_bool(self, node):
-        _plain_spelling(node, _TRUE_FALSE, "write true or false")
-        return super().construct_yaml_bool(node)
-
-
-for _tag, _constructor in (
-    ("int", _BoundedLoader.construct_yaml_int),
-    ("float", _BoundedLoader.construct_yaml_float),
-    ("bool", _BoundedLoader.construct_yaml_bool),
-):
-    _BoundedLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _constructor)
-
-# YAML 1.1 reads `017` as 15, `0x1F` as 31, `1:30` as 90, `1_000` as 1000 and `NO`/`on` as booleans: as a
-# tag (`zip: 01234`, `country: NO`) or a weight that silently is another value than the one written.
-_DECIMAL_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
-_PLAIN_FLOAT = re.compile(r"[^:_]*")
-_TRUE_FALSE = re.compile(r"true|false", re.IGNORECASE)
-_KINDS = {
-    "tag:yaml.org,2002:int": "an integer",
-    "tag:yaml.org,2002:float": "a number",
-    "tag:yaml.org,2002:bool": "a boolean",
-}
-
-
-def _plain_spelling(node: yaml.ScalarNode, spelling: re.Pattern, fix: str) -> None:
-    """Refuse an unquoted number or boolean that YAML 1.1 reads as another value than it looks like."""
-    if node.style is None and not spelling.fullmatch(node.value):
-        raise yaml.constructor.ConstructorError(
-            None,
-            None,
-            f"{node.value[:40]!r} is read as {_KINDS[node.tag]} in YAML 1.1; {fix}, or quote it as text",
-            node.start_mark,
-        )
+# YAML 1.1 meanings stay what the safe loader gives (`yes`/`no` booleans, `017` octal, `1:30`
+# sexagesimal), canonicalised as SPEC §1 says: the spec's own loader, and any reader of these files.
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 def is_utf8(text: str) -> bool:

@@ -13,7 +13,7 @@ This is order-free, so splitting into sets cannot change a verdict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import lru_cache
 
 import pathspec
@@ -82,8 +82,9 @@ def _pattern(line: str, flags: str = "s") -> GitIgnoreSpecPattern:
 class GlobSet:
     """Patterns in gitignore syntax (`!` negation, last match wins), matched by re2 sets."""
 
-    def __init__(self, lines: Iterable[str], *, ignore_case: bool = False):
-        patterns = [_pattern(line, "si" if ignore_case else "s") for line in lines]
+    def __init__(self, lines: Iterable[str], *, ignore_case: Collection[str] = ()):
+        """`ignore_case`: the lines that match in any case (the others match as git does)."""
+        patterns = [_pattern(line, "si" if line in ignore_case else "s") for line in lines]
         self._sets = [
             (start, pathspec.GitIgnoreSpec(patterns[start : start + CHUNK], backend=BACKEND)._backend)
             for start in range(0, len(patterns), CHUNK)

@@ -14,7 +14,7 @@ from functools import cached_property, lru_cache
 from dlm_pipeline.core.config import TrainingConfig
 from dlm_pipeline.core.globs import GlobSet, glob_set
 
-DEFAULT_EXCLUDES: tuple[str, ...] = (
+_LAYOUT_EXCLUDES: tuple[str, ...] = (
     # version control
     ".git/",
     ".hg/",
@@ -46,6 +46,11 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "npm-shrinkwrap.json",
     "pnpm-lock.yaml",
     "go.sum",
+)
+# Matched in any case: `.ENV`, `PROD.PEM`, `Credentials.json` hold what their lower-case names do
+# (and are those very files on a case-insensitive file system); `.ENV` with `DB_PASSWORD=...` was
+# ingested. The folders and lockfiles above match as git matches them: `Build/` is a source folder.
+ANY_CASE_EXCLUDES: tuple[str, ...] = (
     # credentials: keys, tokens and the files tools keep them in (the content scan catches the rest)
     ".env*",
     "*.pem",
@@ -137,9 +142,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.sqlite",
     "*.db",
 )
-# In any case: `.ENV`, `PROD.PEM`, `Credentials.json` hold what their lower-case names do (and are
-# those very files on a case-insensitive file system); `.ENV` with `DB_PASSWORD=...` was ingested.
-_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES, ignore_case=True)
+DEFAULT_EXCLUDES = _LAYOUT_EXCLUDES + ANY_CASE_EXCLUDES
+_DEFAULT_SPEC = GlobSet(DEFAULT_EXCLUDES, ignore_case=frozenset(ANY_CASE_EXCLUDES))
 
 
 def is_default_excluded(path: str) -> bool:

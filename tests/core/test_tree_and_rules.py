@@ -390,3 +390,24 @@ def test_too_long_folder_without_configs_is_only_counted(tree):
     _deep_tree(root, depth, config=False)
     scan = scan_tree(root)
     assert scan.config_files == [] and scan.skips["unreadable_dir"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "excluded"),
+    [
+        (".ENV", True),  # credentials and binary media: in any case
+        ("keys/PROD.PEM", True),
+        ("img/LOGO.PNG", True),
+        ("Build/main.py", False),  # folders and lockfiles: as git matches them (SPEC §1's `build/`)
+        ("Dist/setup.py", False),
+        ("Target/lib.rs", False),
+        ("NODE_MODULES/x.js", False),
+        ("Poetry.LOCK", False),
+        ("build/main.py", True),
+        ("poetry.lock", True),
+    ],
+)
+def test_credential_and_media_defaults_match_in_any_case_folders_and_lockfiles_as_git_does(path, excluded):
+    from dlm_pipeline.core.rules import is_default_excluded
+
+    assert is_default_excluded(path) is excluded
