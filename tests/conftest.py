@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -164,3 +166,26 @@ def without_permission_override() -> list[str]:
         pytest.skip("running as root without setpriv: cannot drop the permission-bypass capabilities")
     caps = "-dac_override,-dac_read_search"
     return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def command() -> list[str]:
+    """The console script next to this interpreter (what users run), else the module."""
+    script = Path(sys.executable).parent / "dlm-pipeline"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dlm_pipeline.cli"]
+
+
+def dlm(args: list[str], home: Path, prefix: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "KUBERNETES_"))}
+    clean.update(DAGSTER_HOME=str(home), **env)
+    return subprocess.run(
+        [*prefix, *command(), *args], env=clean, capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int, *phrases: str) -> None:
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("dlm-pipeline")]
+    assert len(lines) == 1, done.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]

@@ -17,33 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, command, dlm, one_line_error
 
 from dlm_pipeline.core.token_index import unpacked
 from dlm_pipeline.core.token_store import MANIFEST
-
-
-def command() -> list[str]:
-    """The console script next to this interpreter (what users run), else the module."""
-    script = Path(sys.executable).parent / "dlm-pipeline"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dlm_pipeline.cli"]
-
-
-def dlm(args: list[str], home: Path, prefix: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "KUBERNETES_"))}
-    clean.update(DAGSTER_HOME=str(home), **env)
-    return subprocess.run(
-        [*prefix, *command(), *args], env=clean, capture_output=True, text=True, cwd=REPO, timeout=600
-    )
-
-
-def one_line_error(done: subprocess.CompletedProcess, code: int, *phrases: str) -> None:
-    assert done.returncode == code, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("dlm-pipeline")]
-    assert len(lines) == 1, done.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
 
 
 def test_importing_the_definitions_builds_nothing(tmp_path):

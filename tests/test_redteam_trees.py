@@ -4,7 +4,7 @@ subprocess). Each test failed before its fix; cases earlier red-team files cover
 from __future__ import annotations
 
 import pytest
-from test_cli_errors import dlm, one_line_error
+from conftest import dlm, one_line_error
 
 CONFIG = ".dlm/training.yaml"
 

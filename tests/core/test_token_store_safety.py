@@ -11,7 +11,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, without_permission_override
+from conftest import dlm, without_permission_override
 
 from dlm_pipeline.core.corpus import content_key
 from dlm_pipeline.core.parquet_io import write_parquet_atomic
@@ -219,9 +219,6 @@ def test_an_unusable_root_is_one_clear_error(tmp_path, kind):
 
 def test_an_unwritable_root_is_one_clear_error(tmp_path):
     """Root writes everywhere, so as root the store runs without the permission-bypass capabilities."""
-    import subprocess
-    import sys
-
     without_override = without_permission_override()
     root = tmp_path / "ro"
     root.mkdir(mode=0o500)
@@ -255,16 +252,7 @@ def test_list_offsets_stay_below_the_int32_limit():
 
 def cache_cli(action: list[str], root, tmp_path) -> subprocess.CompletedProcess:
     """`dlm-pipeline cache ...` on the store at `root`, in a subprocess, as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(tmp_path / "home"), DLM_CACHE_DIR=str(root))
-    return subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "cache", *action],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    return dlm(["cache", *action], tmp_path / "home", DLM_CACHE_DIR=str(root))
 
 
 def test_a_folder_at_the_manifest_name_is_one_clear_line_for_every_cache_command(tmp_path):
