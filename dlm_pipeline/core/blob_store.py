@@ -267,39 +267,37 @@ class BlobStore:
         finally:
             os.close(objects_fd)
 
+    @contextmanager
+    def _opened_objects(self) -> Iterator[int | None]:
+        """The `.objects` folder's fd (None: no objects here), closed after the block."""
+        root_fd = self._open_root()
+        try:
+            objects_fd = self._objects(root_fd)
+            try:
+                yield objects_fd
+            finally:
+                if objects_fd is not None:
+                    os.close(objects_fd)
+        finally:
+            os.close(root_fd)
+
     def share_in_place(self, folder: str | os.PathLike, name: str, sha256: str) -> bool:
         """Store the file `name` of `folder` (a folder being built inside the output directory, such
         as a dataset's temp folder) once across all names: it becomes the object for its bytes, or is
         replaced by a link to an identical object already stored. False: it stays a copy."""
-        root_fd = self._open_root()
-        try:
-            objects_fd = self._objects(root_fd)
+        with self._opened_objects() as objects_fd:
             if objects_fd is None:
                 return False
+            folder_fd = os.open(folder, _DIR_FLAGS)
             try:
-                folder_fd = os.open(folder, _DIR_FLAGS)
-                try:
-                    return self._share(folder_fd, name, objects_fd, sha256, name)
-                finally:
-                    os.close(folder_fd)
+                return self._share(folder_fd, name, objects_fd, sha256, name)
             finally:
-                os.close(objects_fd)
-        finally:
-            os.close(root_fd)
+                os.close(folder_fd)
 
     def prune(self) -> int:
         """Remove the objects no output links to any more; returns how many."""
-        root_fd = self._open_root()
-        try:
-            objects_fd = self._objects(root_fd)
-            if objects_fd is None:
-                return 0
-            try:
-                return prune_objects(objects_fd)
-            finally:
-                os.close(objects_fd)
-        finally:
-            os.close(root_fd)
+        with self._opened_objects() as objects_fd:
+            return 0 if objects_fd is None else prune_objects(objects_fd)
 
     def _share(self, folder_fd: int, tmp: str, objects_fd: int, sha256: str, name: str) -> bool:
         """Make `tmp` in the folder (bytes hashing to `sha256`) the file `name`, one name of its
