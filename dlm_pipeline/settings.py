@@ -346,9 +346,10 @@ def parse_switch(name: str, raw: str) -> bool:
     raise SettingsError(f"{name} must be 1 or 0, got {raw[:40]!r}")
 
 
-def check_all() -> None:
+def check_all(schedule: bool = True) -> None:
     """Parse every variable, so that a bad one is reported before the definitions (and Dagster) load.
-    The cron check comes last: it is the one that needs Dagster's validator."""
+    The cron check comes last: it is the one that needs Dagster's validator (about 1 s to import),
+    so a command that runs no Dagster (`explain`) leaves it out with `schedule=False`."""
     for parse in (
         output_dir,
         cache_dir,
@@ -368,6 +369,7 @@ def check_all() -> None:
         compute,
         ray_batch_bytes,
         sensor_interval,
-        nightly_cron,
     ):
         parse()
+    if schedule:
+        nightly_cron()

@@ -134,3 +134,19 @@ def test_cli_output_and_exit_codes(example):
     for args in (["nope.py"], ["src"], ["x", "--seed", "-1"]):
         bad = cli(*args, "--source", str(example))
         assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_explain_loads_no_dagster(example):
+    """`explain` runs nothing in Dagster: importing it (~1 s, only to check the nightly schedule's cron)
+    was most of what an `explain` took."""
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['dlm-pipeline', 'explain', 'src/acme/core.py', '--source', {str(example)!r}]\n"
+        "try:\n    runpy.run_module('dlm_pipeline.cli', run_name='__main__')\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print('dagster' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
