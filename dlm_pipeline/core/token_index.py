@@ -135,17 +135,12 @@ def pack_ids(ids: pa.Array | pa.ChunkedArray, n_tokens: np.ndarray) -> pa.Array:
 def text_ids_bound(text_bytes: int | np.ndarray) -> int | np.ndarray:
     """The most ids a text of `text_bytes` UTF-8 bytes may have in the store: IDS_PER_TEXT_BYTE per
     byte plus EXTRA_TEXT_IDS for special tokens. Every count a shard, index or manifest states is
-    checked against it (or `max_text_ids`) before anything is sized by it: a count above it is a
+    checked against it (or the store's bound for its largest text) before anything is sized by it: a count above it is a
     forged or corrupt entry, never an allocation. A text that really has more ids is returned, not stored."""
     return IDS_PER_TEXT_BYTE * text_bytes + EXTRA_TEXT_IDS
 
 
-def max_text_ids(max_text_bytes: int) -> int:
-    """The most ids any stored text may have: that of the largest text a run reads (`DLM_MAX_FILE_BYTES`)."""
-    return text_ids_bound(max_text_bytes)
-
-
-DEFAULT_MAX_TEXT_IDS = max_text_ids(DEFAULT_MAX_FILE_BYTES)
+DEFAULT_MAX_TEXT_IDS = text_ids_bound(DEFAULT_MAX_FILE_BYTES)  # any stored text's, at the default file limit
 
 
 def unpack_one(value: bytes | memoryview, count: int, max_ids: int) -> bytes:

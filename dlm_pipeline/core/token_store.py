@@ -196,10 +196,10 @@ class TokenStore:
         self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, max_text_bytes: int = DEFAULT_MAX_FILE_BYTES
     ):
         """`max_text_bytes`: the largest text a run reads (DLM_MAX_FILE_BYTES); it bounds the ids a
-        stored text may have (`token_index.max_text_ids`), so no count read from the store sizes more."""
+        stored text may have (`token_index.text_ids_bound`), so no count read from the store sizes more."""
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
-        self.max_text_ids = token_index.max_text_ids(max_text_bytes)
+        self.max_text_ids = token_index.text_ids_bound(max_text_bytes)  # the largest text a run reads
         self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
