@@ -41,7 +41,6 @@ from dlm_pipeline.core.parquet_io import ParquetRows, TableRows, byte_bounded_sl
 from dlm_pipeline.core.split import content_keys, train_order, validation_order, validation_side
 from dlm_pipeline.core.token_store import BATCH_IDS, BATCH_TEXT_BYTES, TokenStore, row_texts
 from dlm_pipeline.core.tokenize import LoadedTokenizer
-from dlm_pipeline.settings import MAX_SEED_DIGITS
 
 TRAIN, VALIDATION = "train", "validation"
 SPLITS = (TRAIN, VALIDATION)
@@ -518,7 +517,8 @@ def _whole(low: int, high: int) -> Callable[[object], bool]:
 _MANIFEST_FIELDS: dict[str, Callable[[object], bool]] = {
     "eos_id": _whole(0, 1 << 31),
     "seq_len": _whole(1, 1 << 31),
-    "split_seed": _whole(0, 10**MAX_SEED_DIGITS),  # any split seed the settings accept, past 64 bits too
+    # Hashed as decimal text, so any size works; the settings decide which ones a run may use.
+    "split_seed": lambda value: type(value) is int and value >= 0,
     "val_fraction": lambda value: type(value) in (int, float) and 0 <= value <= 1,
     "dtype": lambda value: value in {dtype.name for dtype in DTYPE_CODES},
 }

@@ -577,11 +577,11 @@ class TokenStore:
         return names
 
     def _storable(self, table: pa.Table, limits: np.ndarray | int) -> pa.Table:
-        """STORE_SCHEMA rows but those with more ids than their text may have (`limits`, at most
-        `max_text_ids`): a lookup would read them as corrupt, so they are returned to the caller and
+        """STORE_SCHEMA rows but those with more ids than their text may have (`limits`, from `_limits`
+        or `max_text_ids`): a lookup would read them as corrupt, so they are returned to the caller and
         tokenized again next time instead of stored."""
         table = table.cast(STORE_SCHEMA)
-        fits = table["n_tokens"].to_numpy(zero_copy_only=False) <= np.minimum(limits, self.max_text_ids)
+        fits = table["n_tokens"].to_numpy(zero_copy_only=False) <= limits
         return table if fits.all() else table.filter(pa.array(fits))
 
     def _limits(self, texts: Sequence[str] | Callable, text_bytes: np.ndarray | None, count: int) -> np.ndarray:
