@@ -14,7 +14,9 @@ checkout once, interleaved so that a busy machine slows them alike. Per checkout
 - command to exit: the whole command.
 
 Baselines in the same run: `python -c pass` and `python -c "import dagster"` (each process start
-to exit); each time is also given as a ratio to the `import dagster` baseline.
+to exit); each time is also given as a ratio to the `import dagster` baseline. And Dagster's own
+floor: the smallest Dagster program that runs a step (one asset that does nothing, run in process
+on its own warm SQLite DAGSTER_HOME, as the CLI runs a seed), command to its first step.
 """
 
 from __future__ import annotations
@@ -54,6 +56,32 @@ def materialize(code: Path, root: Path, home: Path, env: dict) -> tuple[float, f
     return spawned, exited, match.group(1)
 
 
+SMALLEST_DAGSTER_RUN = """
+import dagster as dg
+
+@dg.asset
+def nothing() -> None:
+    return None
+
+job = dg.Definitions(assets=[nothing], jobs=[dg.define_asset_job("only")]).resolve_job_def("only")
+job.execute_in_process(
+    instance=dg.DagsterInstance.get(), run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+)
+"""
+
+
+def smallest_dagster_run(home: Path, env: dict) -> float:
+    """Command to first step of SMALLEST_DAGSTER_RUN on `home`."""
+    spawned = time.time()
+    subprocess.run([sys.executable, "-c", SMALLEST_DAGSTER_RUN], env={**env, "DAGSTER_HOME": str(home)}, check=True)
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.get() as instance:
+        (record,) = instance.get_run_records(limit=1)
+        return min(s.start_time for s in instance.get_run_step_stats(record.dagster_run.run_id)) - spawned
+
+
 def run_times(home: Path, run_id: str) -> tuple[float, float]:
     """(first step start, run start to end) of a finished run, read from its instance."""
     import dagster as dg
@@ -78,11 +106,17 @@ def main() -> None:
             root, home, env = workspace(base, args.files, f"home{index}")
             materialize(code, root, home, env)  # cold: tokenizes, fills the home and the OS file cache
             homes.append(home)
+        floor_home = base / "smallest_dagster_home"
+        floor_home.mkdir(exist_ok=True)
+        (floor_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        smallest_dagster_run(floor_home, env)  # creates its storage
         samples = {code: [] for code in codes}
-        baselines = {"python -c pass": [], "python -c 'import dagster'": []}
+        smallest = "one no-op asset: command to first step"
+        baselines = {"python -c pass": [], "python -c 'import dagster'": [], smallest: []}
         for _ in range(args.runs):
             baselines["python -c pass"].append(wall([sys.executable, "-c", "pass"], env))
             baselines["python -c 'import dagster'"].append(wall([sys.executable, "-c", "import dagster"], env))
+            baselines[smallest].append(smallest_dagster_run(floor_home, env))
             for code, home in zip(codes, homes, strict=True):
                 spawned, exited, run_id = materialize(code, root, home, env)
                 first, run = run_times(home, run_id)
@@ -91,7 +125,7 @@ def main() -> None:
         dagster = base_times["python -c 'import dagster'"]
         print(f"{args.files:,} files, warm nothing-changed `materialize --seed 1`, median of {args.runs} runs")
         for name, seconds in base_times.items():
-            print(f"  baseline {name:28s} {seconds:5.2f} s")
+            print(f"  baseline {name:38s} {seconds:5.2f} s")
         for code in codes:
             to_step, run, to_exit = (statistics.median(column) for column in zip(*samples[code], strict=True))
             print(
