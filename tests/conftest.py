@@ -174,9 +174,10 @@ def command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "dlm_pipeline.cli"]
 
 
-def dlm(args: list[str], home: Path, prefix: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "KUBERNETES_"))}
-    clean.update(DAGSTER_HOME=str(home), **env)
+def dlm(args: list[str], home: Path | None, prefix: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: no DLM_ setting but `env`, DAGSTER_HOME at `home` (None: unset)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "KUBERNETES_", "DAGSTER_HOME"))}
+    clean.update(env if home is None else {"DAGSTER_HOME": str(home), **env})
     return subprocess.run(
         [*prefix, *command(), *args], env=clean, capture_output=True, text=True, cwd=REPO, timeout=600
     )

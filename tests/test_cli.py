@@ -8,7 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import EXAMPLE, REPO
+from conftest import EXAMPLE, REPO, dlm
 
 from dlm_pipeline import settings
 from dlm_pipeline.cli import _apply_source_flags, build_parser, main
@@ -127,25 +127,14 @@ def test_materialize_refuses_bad_settings(capsys, home, monkeypatch):
     assert "DLM_MAX_FILE_BYTES must be a whole number" in capsys.readouterr().err
 
 
-def run_cli(args: list[str], home, hash_seed: str, out_dir) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(home), PYTHONHASHSEED=hash_seed, DLM_OUTPUT_DIR=str(out_dir))
-    return subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-
-
 def test_outputs_are_byte_identical_across_processes_and_hash_seeds(tmp_path):
     outputs = []
     for i, hash_seed in enumerate(["0", "4242"]):
         home, out = tmp_path / f"home{i}", tmp_path / f"out{i}"
         home.mkdir()
-        done = run_cli(["materialize", "--seed", "1", "--seed", "8"], home, hash_seed, out)
+        done = dlm(
+            ["materialize", "--seed", "1", "--seed", "8"], home, PYTHONHASHSEED=hash_seed, DLM_OUTPUT_DIR=str(out)
+        )
         assert done.returncode == 0, done.stderr
         outputs.append({(a, s): (out / a / f"{s}.parquet").read_bytes() for a in ASSETS for s in ("1", "8")})
     assert outputs[0] == outputs[1]
@@ -189,15 +178,8 @@ def test_two_seeds_at_once_with_the_multiprocess_executor_share_the_token_store(
 
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(home), DLM_CACHE_DIR=str(cache), DLM_DEPLOYMENT="shared")
-    done = subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "materialize", "--parallel", "2", "--seed", "1", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+    done = dlm(
+        ["materialize", "--parallel", "2", "--seed", "1", "2"], home, DLM_CACHE_DIR=str(cache), DLM_DEPLOYMENT="shared"
     )
     assert done.returncode == 0, done.stderr
     assert "seed 1: ok" in done.stdout and "seed 2: ok" in done.stdout
@@ -287,7 +269,7 @@ def test_a_seed_lock_that_cannot_be_taken_fails_the_seed_with_its_reason(tmp_pat
         folder.mkdir()
     (out / ".locks").symlink_to(elsewhere)  # planted: never followed
     (tmp_path / "tree").mkdir()
-    proc = run_cli(["materialize", "--seed", "4", "--source", str(tmp_path / "tree")], home, "0", out)
+    proc = dlm(["materialize", "--seed", "4", "--source", str(tmp_path / "tree")], home, DLM_OUTPUT_DIR=str(out))
     assert proc.returncode != 0
     summary = proc.stderr[proc.stderr.index("seed 4: FAILED") :].splitlines()
     assert (

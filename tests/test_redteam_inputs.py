@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pathspec.pattern
 import pytest
-from conftest import REPO
+from conftest import dlm
 
 from dlm_pipeline.core.globs import GlobSet
 from dlm_pipeline.core.safe_read import read_regular_file
@@ -62,19 +60,6 @@ def test_a_large_file_limit_does_not_allocate_the_limit(tmp_path):
     assert read_regular_file(str(small), 2**63) == b"hello\n"
 
 
-def _materialize(tmp_path, *args, **env):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    clean.update(DAGSTER_HOME=str(tmp_path / "home"), **env)
-    return subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "materialize", *args],
-        env=clean,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-
-
 @pytest.mark.parametrize(
     "args, env",
     [
@@ -84,7 +69,7 @@ def _materialize(tmp_path, *args, **env):
     ],
 )
 def test_a_huge_max_seq_len_is_refused_before_any_run(tmp_path, args, env):
-    done = _materialize(tmp_path, *args, **env)
+    done = dlm(["materialize", *args], tmp_path / "home", **env)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "OverflowError" not in done.stderr
     assert "2147483647" in done.stderr
@@ -103,15 +88,7 @@ def test_merged_tags_of_nested_anchors_are_capped(tmp_path):
         folder = folder / f"n{level}"
     folder.mkdir()
     (folder / "a.py").write_text("x = 1\n")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(tmp_path / "src")],
-        env=clean,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    done = dlm(["validate", "--source", str(tmp_path / "src")], None)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "n0/.dlm/training.yaml: metadata: with its ancestors' tags" in done.stderr
 

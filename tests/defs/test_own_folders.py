@@ -3,17 +3,11 @@ inside the source root are passed over whole, whatever the configs say, and repo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import dagster as dg
 import pyarrow.parquet as pq
+from conftest import dlm
 
 from dlm_pipeline.core.tree import scan_tree
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_three_cli_runs_with_every_own_folder_inside_the_source_root_give_the_same_rows(tree):
@@ -26,18 +20,10 @@ def test_three_cli_runs_with_every_own_folder_inside_the_source_root_give_the_sa
     )
     home, out, cache = root / "dagster_home", root / "outputs", root / "tok"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(home), DLM_OUTPUT_DIR=str(out), DLM_CACHE_DIR=str(cache), DLM_SOURCE_ROOT=str(root))
+    env = dict(DLM_OUTPUT_DIR=str(out), DLM_CACHE_DIR=str(cache), DLM_SOURCE_ROOT=str(root))
     rows = []
     for _ in range(3):
-        done = subprocess.run(
-            [sys.executable, "-m", "dlm_pipeline.cli", "materialize"],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-        )
+        done = dlm(["materialize"], home, **env)
         assert done.returncode == 0, done.stdout + done.stderr
         rows.append(pq.read_table(out / "raw_corpus" / "0.parquet")["path"].to_pylist())
     assert rows[0] == rows[1] == rows[2] == [".dlm/training.yaml", "a.py", "docs/b.md"]
@@ -75,26 +61,8 @@ def test_validate_passes_over_the_pipelines_own_folders(tree):
             "tok/ns/.dlm/training.yaml": bad,
         }
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    env.update(DAGSTER_HOME=str(root / "home"), DLM_CACHE_DIR=str(root / "tok"))
-    done = subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    done = dlm(["validate", "--source", str(root)], root / "home", DLM_CACHE_DIR=str(root / "tok"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 config file(s) valid, 0 invalid" in done.stdout
-    env.pop("DAGSTER_HOME")
-    env.pop("DLM_CACHE_DIR")
-    done = subprocess.run(
-        [sys.executable, "-m", "dlm_pipeline.cli", "validate", "--source", str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    done = dlm(["validate", "--source", str(root)], None)
     assert done.returncode == 1 and "2 invalid" in done.stdout, done.stdout + done.stderr
