@@ -121,6 +121,24 @@ def test_materialize_fails_with_the_reason(tree, capsys, home):
     assert ".dlm/training.yaml:2: bogus: unknown field" in err
 
 
+def test_a_credential_in_a_tag_fails_validate_and_materialize_and_reaches_no_output(tree, capsys, home):
+    token = "ghp_" + "Ab1" * 12  # built at run time: no scanner flags this file
+    root = tree(
+        {".dlm/training.yaml": f"dlm_training_version: 1\nmetadata:\n  lang: python\n  ci: {token}\n", "a.txt": "a"}
+    )
+    expected = ".dlm/training.yaml:4: metadata.ci: the value holds a credential (GitHub Token)"
+    assert main(["validate", "--source", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert expected in err and "0 config file(s) valid, 1 invalid" in out
+    assert main(["materialize", "--source", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert "check configs_valid failed" in err and expected in err
+    assert token not in out + err and token[4:16] not in out + err
+    assert not (home / "storage" / "raw_corpus").exists()
+    for path in home.rglob("*"):  # the instance's event log and run storage included
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+
+
 def test_materialize_refuses_bad_settings(capsys, home, monkeypatch):
     monkeypatch.setenv("DLM_MAX_FILE_BYTES", "lots")
     assert main(["materialize"]) == 2
