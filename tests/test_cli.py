@@ -188,6 +188,31 @@ def test_cache_stats_prune_clear_and_tokenizer_flags(capsys, home, tmp_path):
     assert ": 0 entries in 0 shard(s)" in capsys.readouterr().out
 
 
+def test_cache_prune_and_clear_give_up_on_a_held_lock_with_one_line(capsys, home, monkeypatch):
+    import fcntl
+
+    from dlm_pipeline import cli
+
+    monkeypatch.setattr(cli, "CACHE_LOCK_WAIT_SECONDS", 0.2)
+    assert main(["cache", "stats"]) == 0  # creates the store and its lock file
+    capsys.readouterr()
+    lock = home / "token_cache" / ".lock"
+    held = os.open(lock, os.O_RDWR)  # another open file: flock sees another holder, in this very process
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        for action in (["prune"], ["clear"]):
+            assert main(["cache", *action]) == 1
+            err = capsys.readouterr().err.strip()
+            assert err == (
+                f"dlm-pipeline: token cache {home / 'token_cache'} (DLM_CACHE_DIR): {lock} is still held after 0.2 s "
+                f"by process {os.getpid()}: a run or a `cache` command is using the token store; retry when it ends, "
+                "or stop it"
+            )
+    finally:
+        os.close(held)
+    assert main(["cache", "clear"]) == 0
+
+
 def test_parallel_seeds_give_the_same_outputs_as_sequential(tmp_path, home, monkeypatch, capsys):
     monkeypatch.setenv("DLM_OUTPUT_DIR", str(tmp_path / "parallel"))
     assert main(["materialize", "--parallel", "2", "--seed", "1", "--seed", "2", "--seed", "3"]) == 0

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -327,3 +328,64 @@ def test_cache_commands_in_a_hostile_folder_finish_and_touch_nothing_outside(tmp
     assert victim.read_text() == '{"version": 2, "shards": {}}' and outside.read_bytes() == b"PAR1 not yours PAR1"
     assert stat.S_ISFIFO((store.root / ("f" * 32)).lstat().st_mode)
     assert not list(folder.glob("shard-*.parquet")) or all(p.is_symlink() for p in folder.glob("shard-*.parquet"))
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def lock_held_by_another_process(store: TokenStore) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(store.root / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_held_lock_fails_a_bounded_wait_naming_the_holder_and_leaves_unbounded_waits_as_they_were(tmp_path):
+    store, loaded, _ = populated(tmp_path / "cache")
+    before = sorted(p.name for p in store.root.rglob("*"))
+    holder = lock_held_by_another_process(store)
+    try:
+        bounded = TokenStore(store.root, lock_wait=0.3)
+        for action in (bounded.clear, bounded.repair, bounded.compact, bounded.evict):
+            with pytest.raises(TokenStoreError) as caught:
+                action()
+            assert str(caught.value) == (
+                f"{store.root / '.lock'} is still held after 0.3 s by process {holder.pid}: a run or a `cache` "
+                "command is using the token store; retry when it ends, or stop it"
+            )
+        assert sorted(p.name for p in store.root.rglob("*")) == before  # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    TokenStore(store.root, lock_wait=0.3).clear()  # released: the same call now goes through
+    assert not list(store.root.rglob("*.parquet"))
+
+
+def test_without_a_bound_the_store_waits_for_the_lock_as_before(tmp_path):
+    store, loaded, _ = populated(tmp_path / "cache")
+    assert store.lock_wait is None  # what runs use
+    holder = lock_held_by_another_process(store)
+    threading.Timer(0.5, holder.kill).start()
+    store.clear()  # blocks until the holder dies, then clears
+    holder.wait()
+    assert not list(store.root.rglob("*.parquet"))
+
+
+def test_the_lock_holder_is_another_process_where_the_lock_table_does_not_say(tmp_path):
+    from dlm_pipeline.core.token_store import lock_holder
+
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    assert lock_holder(lock.stat(), str(tmp_path / "no-such-table")) == "another process"
+    table = tmp_path / "locks"
+    table.write_text(
+        f"1: FLOCK  ADVISORY  WRITE 0 {os.major(lock.stat().st_dev):02x}:{os.minor(lock.stat().st_dev):02x}:{lock.stat().st_ino} 0 EOF\n"
+    )
+    assert lock_holder(lock.stat(), str(table)) == "another process"  # pid 0: in another pid namespace
