@@ -79,9 +79,16 @@ _FLAG_VARIABLES = [
 
 
 def _apply_source_flags(args: argparse.Namespace) -> None:
-    """Flags win over the environment: they are handed to the definitions as DLM_* variables."""
+    """Flags win over the environment: they are handed to the definitions as DLM_* variables. The
+    source root is checked here, first: a missing one is refused before a seed is registered or a run made."""
+    from dlm_pipeline.core.tree import SourceTreeError, resolve_root
+
     if getattr(args, "source", None):
         os.environ[settings.ENV_SOURCE_ROOT] = str(Path(args.source).expanduser().resolve())
+    try:
+        resolve_root(settings.source_root())
+    except SourceTreeError as exc:
+        raise CliError(str(exc)) from None
     if getattr(args, "tokenizer", None):
         local = Path(args.tokenizer).expanduser()
         os.environ[settings.ENV_TOKENIZER] = str(local.resolve()) if local.exists() else args.tokenizer
