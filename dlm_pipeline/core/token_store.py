@@ -229,6 +229,7 @@ class TokenStore:
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
         self.lock_wait = lock_wait
+        self.max_text_bytes = max_text_bytes  # what a worker's store (`--compute ray`) is built with too
         self.max_text_ids = token_index.text_ids_bound(max_text_bytes)  # the largest text a run reads
         self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
