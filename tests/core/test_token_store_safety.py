@@ -3,6 +3,7 @@ follows the umask, and refuses an unusable root with one clear line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import dlm, without_permission_override
@@ -389,3 +391,60 @@ def test_the_lock_holder_is_another_process_where_the_lock_table_does_not_say(tm
         f"1: FLOCK  ADVISORY  WRITE 0 {os.major(lock.stat().st_dev):02x}:{os.minor(lock.stat().st_dev):02x}:{lock.stat().st_ino} 0 EOF\n"
     )
     assert lock_holder(lock.stat(), str(table)) == "another process"  # pid 0: in another pid namespace
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def forge_last_page_header(data: bytes, uncompressed: int) -> bytes:
+    """A Parquet file whose last column chunk's first page header declares `uncompressed` bytes (Thrift
+    compact: field 1 `type`, field 2 `uncompressed_page_size`, both i32 zigzag varints); the footer's
+    compressed sizes of that chunk and row group grow with the header (nothing follows the chunk)."""
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    group = meta.row_group(meta.num_row_groups - 1)
+    chunk = group.column(group.num_columns - 1)
+    start = chunk.data_page_offset
+    size_at = start + 1 + data[start + 1 :].index(b"\x15") + 1  # after field 1's varint, field 2's header
+    size_end = size_at + next(i for i, b in enumerate(data[size_at:]) if b < 0x80) + 1
+    header = _varint(uncompressed << 1)
+    grown = len(header) - (size_end - size_at)
+    body = data[:size_at] + header + data[size_end:-8]
+    footer_length = int.from_bytes(data[-8:-4], "little")
+    footer = body[len(body) - footer_length :]
+    for old in {
+        chunk.total_compressed_size,
+        sum(group.column(c).total_compressed_size for c in range(group.num_columns)),
+    }:
+        footer = footer.replace(b"\x16" + _varint(old << 1), b"\x16" + _varint((old + grown) << 1))
+    return body[: len(body) - footer_length] + footer + len(footer).to_bytes(4, "little") + b"PAR1"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_page_header_declaring_2_gib_is_a_corrupt_shard_in_bounded_memory(tmp_path):
+    """pyarrow sizes a compressed page's buffer by its header (its pool's peak reaches 2 GiB) but touches
+    only what decompresses, then fails the page: the shard is deleted and its texts tokenized again.
+    (The footer's sizes are not what pyarrow trusts, so checking them bounds nothing.)"""
+    store, loaded, _ = populated(tmp_path / "cache")
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    ((name, info),) = manifest["shards"].items()
+    shard = store.root / name
+    data = forge_last_page_header(shard.read_bytes(), 2**31 - 1)
+    last = pq.ParquetFile(pa.BufferReader(data)).metadata
+    assert last.num_rows == len(KEYS)  # still a readable footer: only the page header lies
+    shard.write_bytes(data)
+    shard.with_suffix(".keys").unlink()  # the index is rebuilt from the whole shard: every page is decoded
+    manifest["shards"][name] = {**info, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+    before = rss_bytes()
+    again = TokenStore(store.root).get_or_compute(loaded.cache_namespace, KEYS, TEXTS, loaded.encode)
+    assert again.repaired == [name] and again.table.num_rows == len(KEYS)
+    assert rss_bytes() - before < 256 * 2**20
