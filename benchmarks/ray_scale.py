@@ -97,6 +97,7 @@ def main() -> int:
             start = time.perf_counter()
             run_on_ray(
                 f"{tmp}/warmup-{cpus}",
+                DEFAULT_MAX_FILE_BYTES,
                 loaded.cache_namespace,
                 loaded,
                 keys[: 2 * cpus],
@@ -110,7 +111,14 @@ def main() -> int:
 
             def on_ray(namespace, batch_keys, batch_texts, root=f"{tmp}/ray-{cpus}", stats=stats):
                 return run_on_ray(
-                    root, namespace, loaded, batch_keys, batch_texts, int(args.batch_mb * 2**20), stats=stats
+                    root,
+                    DEFAULT_MAX_FILE_BYTES,
+                    namespace,
+                    loaded,
+                    batch_keys,
+                    batch_texts,
+                    int(args.batch_mb * 2**20),
+                    stats=stats,
                 )
 
             seconds, lookup = cold(f"{tmp}/ray-{cpus}", loaded, keys, texts, on_ray)

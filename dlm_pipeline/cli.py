@@ -79,9 +79,16 @@ _FLAG_VARIABLES = [
 
 
 def _apply_source_flags(args: argparse.Namespace) -> None:
-    """Flags win over the environment: they are handed to the definitions as DLM_* variables."""
+    """Flags win over the environment: they are handed to the definitions as DLM_* variables. The
+    source root is checked here, first: a missing one is refused before a seed is registered or a run made."""
+    from dlm_pipeline.core.tree import SourceTreeError, resolve_root
+
     if getattr(args, "source", None):
         os.environ[settings.ENV_SOURCE_ROOT] = str(Path(args.source).expanduser().resolve())
+    try:
+        resolve_root(settings.source_root())
+    except SourceTreeError as exc:
+        raise CliError(str(exc)) from None
     if getattr(args, "tokenizer", None):
         local = Path(args.tokenizer).expanduser()
         os.environ[settings.ENV_TOKENIZER] = str(local.resolve()) if local.exists() else args.tokenizer
@@ -398,6 +405,9 @@ def cmd_seeds(args: argparse.Namespace) -> int:
 
 
 PRUNE_SHOWN = 5  # foreign entries `cache prune` names (a folder may hold any number)
+# How long `cache` commands wait for the token store's lock: far longer than a run holds it for one
+# manifest update or a merge of small shards, short enough that a stuck holder is named, not waited on forever.
+CACHE_LOCK_WAIT_SECONDS = 60.0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -409,7 +419,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
     try:
-        _cache_action(TokenStore(root, max_bytes=max_bytes, max_text_bytes=max_text_bytes), args)
+        store = TokenStore(root, max_bytes=max_bytes, max_text_bytes=max_text_bytes, lock_wait=CACHE_LOCK_WAIT_SECONDS)
+        _cache_action(store, args)
     except (ValueError, OSError) as exc:  # a store that is not a folder we can use (TokenStoreError is a ValueError)
         raise CliError(f"token cache {root} ({settings.ENV_CACHE_DIR}): {exc}", EXIT_FAILED) from None
     return EXIT_OK

@@ -121,6 +121,24 @@ def test_materialize_fails_with_the_reason(tree, capsys, home):
     assert ".dlm/training.yaml:2: bogus: unknown field" in err
 
 
+def test_a_credential_in_a_tag_fails_validate_and_materialize_and_reaches_no_output(tree, capsys, home):
+    token = "ghp_" + "Ab1" * 12  # built at run time: no scanner flags this file
+    root = tree(
+        {".dlm/training.yaml": f"dlm_training_version: 1\nmetadata:\n  lang: python\n  ci: {token}\n", "a.txt": "a"}
+    )
+    expected = ".dlm/training.yaml:4: metadata.ci: the value holds a credential (GitHub Token)"
+    assert main(["validate", "--source", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert expected in err and "0 config file(s) valid, 1 invalid" in out
+    assert main(["materialize", "--source", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert "check configs_valid failed" in err and expected in err
+    assert token not in out + err and token[4:16] not in out + err
+    assert not (home / "storage" / "raw_corpus").exists()
+    for path in home.rglob("*"):  # the instance's event log and run storage included
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+
+
 def test_materialize_refuses_bad_settings(capsys, home, monkeypatch):
     monkeypatch.setenv("DLM_MAX_FILE_BYTES", "lots")
     assert main(["materialize"]) == 2
@@ -157,6 +175,31 @@ def test_cache_stats_prune_clear_and_tokenizer_flags(capsys, home, tmp_path):
     assert main(["cache", "clear"]) == 0
     assert main(["cache", "stats"]) == 0
     assert ": 0 entries in 0 shard(s)" in capsys.readouterr().out
+
+
+def test_cache_prune_and_clear_give_up_on_a_held_lock_with_one_line(capsys, home, monkeypatch):
+    import fcntl
+
+    from dlm_pipeline import cli
+
+    monkeypatch.setattr(cli, "CACHE_LOCK_WAIT_SECONDS", 0.2)
+    assert main(["cache", "stats"]) == 0  # creates the store and its lock file
+    capsys.readouterr()
+    lock = home / "token_cache" / ".lock"
+    held = os.open(lock, os.O_RDWR)  # another open file: flock sees another holder, in this very process
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        for action in (["prune"], ["clear"]):
+            assert main(["cache", *action]) == 1
+            err = capsys.readouterr().err.strip()
+            assert err == (
+                f"dlm-pipeline: token cache {home / 'token_cache'} (DLM_CACHE_DIR): {lock} is still held after 0.2 s "
+                f"by process {os.getpid()}: a run or a `cache` command is using the token store; retry when it ends, "
+                "or stop it"
+            )
+    finally:
+        os.close(held)
+    assert main(["cache", "clear"]) == 0
 
 
 def test_parallel_seeds_give_the_same_outputs_as_sequential(tmp_path, home, monkeypatch, capsys):

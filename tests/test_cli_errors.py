@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, command, dlm, one_line_error
+from conftest import REPO, command, dlm, one_line_error, without_permission_override
 
 from dlm_pipeline.core.token_index import unpacked
 from dlm_pipeline.core.token_store import MANIFEST
@@ -77,7 +77,6 @@ def test_a_bad_flag_is_one_line_and_exit_2(tmp_path, flags, message):
 @pytest.mark.parametrize(
     "variable, value, phrases",
     [
-        ("DLM_SOURCE_ROOT", "/nonexistent/tree", ["does not exist"]),
         ("DLM_TOKENIZER", "/nonexistent/tokenizer.json", ["tokenizer file"]),
         ("DLM_CACHE_DIR", "/dev/null", ["tokenized_cache", "/dev/null", "DLM_CACHE_DIR"]),
     ],
@@ -88,6 +87,33 @@ def test_a_setting_that_fails_the_run_names_the_cause(tmp_path, variable, value,
     assert "seed 0: FAILED" in done.stderr
     for phrase in phrases:
         assert phrase in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file", "unreadable"])
+def test_a_source_that_cannot_be_walked_is_refused_like_validate_before_anything_is_registered(tmp_path, kind):
+    """`materialize --source /missing` registered seed 0 and recorded a failed run; `validate` refused it at once."""
+    import dagster as dg
+
+    home, source = tmp_path / "home", tmp_path / "source"
+    if kind == "a file":
+        source.write_text("x")
+    elif kind == "unreadable":
+        source.mkdir(mode=0o000)
+    prefix = tuple(without_permission_override()) if kind == "unreadable" else ()
+    assert dlm(["seeds", "add", "5"], home).returncode == 0
+    expected = dlm(["validate", "--source", str(source)], home, prefix)
+    one_line_error(expected, 2, f"source root {str(source)!r}")
+    commands = [["materialize", "--source", str(source)], ["materialize", "--source", str(source), "--seed", "7"]]
+    commands += [["status", "--source", str(source)], ["explain", "a.txt", "--source", str(source)]]
+    for args in commands:
+        done = dlm(args, home, prefix)
+        one_line_error(done, 2)
+        assert done.stderr == expected.stderr, args
+    done = dlm(["materialize"], home, prefix, DLM_SOURCE_ROOT=str(source))  # the setting, not the flag: the same
+    assert (done.returncode, done.stderr) == (2, expected.stderr)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_dynamic_partitions("seeds") == ["5"]  # no seed 0 or 7 registered
+        assert instance.get_runs() == []  # and no run made
 
 
 @pytest.mark.parametrize("where", ["not-a-folder", "not-a-folder/below", "/proc/no-such-folder"])

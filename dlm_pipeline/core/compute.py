@@ -75,6 +75,7 @@ class BatchResult:
 
 def tokenize_batch(
     store_root: str,
+    max_text_bytes: int,
     namespace: str,
     tokenizer: LoadedTokenizer,
     keys: Sequence[str],
@@ -83,7 +84,9 @@ def tokenize_batch(
     worker: str = "",
     attempt: int = 0,
 ) -> BatchResult:
-    """The task: tokenize one batch (full ids) and write it as content-named shards of the store."""
+    """The task: tokenize one batch (full ids) and write it as content-named shards of the store, built
+    with the driver's `max_text_bytes` (DLM_MAX_FILE_BYTES): the bound on the ids a text may have is the same
+    on both sides, so a worker neither drops a text the driver would store nor writes one it refuses."""
     start = time.perf_counter()
     encoded = tokenizer.encode(texts)
     table = pa.table(
@@ -94,7 +97,7 @@ def tokenize_batch(
         },
         schema=STORE_SCHEMA,
     )
-    shards = TokenStore(store_root).write_unlisted(namespace, table)
+    shards = TokenStore(store_root, max_text_bytes=max_text_bytes).write_unlisted(namespace, table)
     return BatchResult(
         batch,
         tuple(shards),
@@ -235,6 +238,7 @@ def run_tasks(
 
 def run_on_ray(
     store_root: str,
+    max_text_bytes: int,
     namespace: str,
     tokenizer: LoadedTokenizer,
     keys: Sequence[str],
@@ -251,7 +255,10 @@ def run_on_ray(
     stats = stats if stats is not None else RunStats()
     tokenizer_ref = ray.put(tokenizer)
     batches = plan_batches(texts, batch_bytes)
-    args = [(store_root, namespace, tokenizer_ref, keys[a:b], texts[a:b], i) for i, (a, b) in enumerate(batches)]
+    args = [
+        (store_root, max_text_bytes, namespace, tokenizer_ref, keys[a:b], texts[a:b], i)
+        for i, (a, b) in enumerate(batches)
+    ]
     results = run_tasks(tokenize_batch, args, max_retries, progress, stats)
     written = [shard for result in sorted(results, key=lambda r: r.batch) for shard in result.shards]
     return written, sum(w["seconds"] for w in stats.per_worker.values()), stats.tokens

@@ -329,6 +329,50 @@ def _yaml_issue(exc: yaml.YAMLError, text: str, path: str) -> ConfigIssue:
     return ConfigIssue(path, line, None, f"malformed YAML: {problem}")
 
 
+def _credential_issues(root: yaml.Node, data: dict, loader: yaml.SafeLoader, path: str) -> list[ConfigIssue]:
+    """An issue for each key or value of the config in which the file-content scanner finds a
+    credential (SPEC §1: the corpus never holds a secret, and tags are copied onto every row). Every
+    string is scanned, whatever the field, and whatever `scan_secrets` says (that setting is about
+    file contents). The issue names the detector, never the value; a flagged key is not shown either."""
+    from dlm_pipeline.core.secrets import secret_scanner  # detect-secrets: imported once a config is read
+
+    scanner = secret_scanner()
+    verdicts: dict[str, list[str]] = {}
+
+    def kinds(text: Any) -> list[str]:
+        if not isinstance(text, str):
+            return []
+        if text not in verdicts:
+            verdicts[text] = scanner.findings(text)
+        return verdicts[text]
+
+    def issue(loc: tuple, field: str, what: str, found: list[str]) -> ConfigIssue:
+        message = f"{what} holds a credential ({', '.join(found)}), which would be copied into the outputs; remove it"
+        return ConfigIssue(path, _line_of(root, loc, loader), field or None, message)
+
+    issues: list[ConfigIssue] = []
+    seen: set[int] = set()  # aliases share objects: visit each once (no exponential walk)
+    stack: list[tuple[Any, tuple, str]] = [(data, (), "")]
+    while stack:
+        value, loc, field = stack.pop()
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if found := kinds(key):
+                    issues.append(issue((*loc, key), field, "a key", found))
+                    continue
+                name = canonical_tag(key) if isinstance(key, (bool, int)) else str(key)
+                stack.append((item, (*loc, key), f"{field}.{name}" if field else name))
+        elif isinstance(value, list):
+            stack.extend((item, (*loc, i), f"{field}[{i}]") for i, item in enumerate(value))
+        elif found := kinds(value):
+            issues.append(issue(loc, field, "the value", found))
+    return sorted(issues, key=lambda i: (i.line or 0, i.field or ""))
+
+
 def parse_training_config(text: str, path: str, *, max_weight: float = DEFAULT_MAX_WEIGHT) -> TrainingConfig:
     """Validate one `.dlm/training.yaml`; raise ConfigInvalid listing every problem with its line."""
     loader = None
@@ -349,6 +393,9 @@ def parse_training_config(text: str, path: str, *, max_weight: float = DEFAULT_M
         raise ConfigInvalid(
             [ConfigIssue(path, 1, None, f"top level must be a mapping of fields, got {type(data).__name__}")]
         )
+    credentials = _credential_issues(root, data, loader, path)
+    if credentials:  # alone: the other messages quote values, and could quote the secret
+        raise ConfigInvalid(credentials)
     issues = _duplicate_keys(root, loader, path)
     try:
         config = TrainingConfig.model_validate(data, context={"max_weight": max_weight})

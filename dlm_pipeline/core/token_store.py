@@ -79,6 +79,7 @@ COMPACT_MAX_IDS = 2**25  # a merge decodes at most this many ids (128 MiB as int
 MAX_MANIFEST_BYTES = 256 * 1024**2
 MAX_FOOTER_BYTES = 64 * 1024**2  # a shard's Parquet footer above this is not ours (ours: ~200 bytes per row group)
 STALE_TEMP_SECONDS = 3600.0
+LOCK_POLL_SECONDS = 0.05  # how often a bounded wait (`lock_wait`) tries the lock again
 
 # Names the store creates; nothing else is ever opened, written or deleted.
 NAMESPACE = re.compile(r"[0-9a-f]{32}(-special)?")
@@ -178,6 +179,28 @@ def valid_entry(name: object, info: object) -> bool:
     )
 
 
+def lock_holder(lock: os.stat_result, locks_table: str = "/proc/locks") -> str:
+    """Who holds the flock on the file `lock` (its stat), as `process <pid>` read from Linux's lock
+    table, or `another process` where that table is missing or does not say."""
+    try:
+        with open(locks_table, encoding="ascii", errors="replace") as fh:
+            table = fh.read(1 << 20)
+    except OSError:
+        return "another process"
+    wanted = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    for line in table.splitlines():  # `1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF`; waiters have `->`
+        fields = line.split()
+        if (
+            len(fields) >= 6
+            and fields[1] == "FLOCK"
+            and fields[5] == wanted
+            and fields[4].isdigit()
+            and fields[4] != "0"
+        ):
+            return f"process {fields[4]}"
+    return "another process"
+
+
 def _index_name(shard: str) -> str:
     return shard.removesuffix(".parquet") + token_index.SUFFIX
 
@@ -193,12 +216,20 @@ def _show(name: object, limit: int = 120) -> str:
 
 class TokenStore:
     def __init__(
-        self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, max_text_bytes: int = DEFAULT_MAX_FILE_BYTES
+        self,
+        root: str | os.PathLike,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_text_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        lock_wait: float | None = None,
     ):
         """`max_text_bytes`: the largest text a run reads (DLM_MAX_FILE_BYTES); it bounds the ids a
-        stored text may have (`token_index.text_ids_bound`), so no count read from the store sizes more."""
+        stored text may have (`token_index.text_ids_bound`), so no count read from the store sizes more.
+        `lock_wait`: seconds to wait for the lock before TokenStoreError (None: as long as it takes, as
+        runs do: another run's update always ends; a command a user waits on should not hang)."""
         self.root = Path(root).absolute()
         self.max_bytes = max_bytes
+        self.lock_wait = lock_wait
+        self.max_text_bytes = max_text_bytes  # what a worker's store (`--compute ray`) is built with too
         self.max_text_ids = token_index.text_ids_bound(max_text_bytes)  # the largest text a run reads
         self.bytes_read = 0  # shard bytes read by lookups, whole or in row groups (for tests and benchmarks)
         try:
@@ -335,7 +366,7 @@ class TokenStore:
         with self._root_fd() as root:
             lock = self._open_lock(root)
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._acquire(lock)
                 manifest = self._read_manifest(root)
                 before = json.dumps(manifest, sort_keys=True)
                 yield manifest
@@ -345,6 +376,26 @@ class TokenStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
                 os.close(lock)
+
+    def _acquire(self, lock: int) -> None:
+        """flock the lock file, waiting at most `lock_wait` seconds when it is set."""
+        if self.lock_wait is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(LOCK_POLL_SECONDS)
+        holder = lock_holder(os.fstat(lock))
+        raise TokenStoreError(
+            f"{self.root / LOCK} is still held after {self.lock_wait:g} s by {holder}: a run or a `cache` command "
+            "is using the token store; retry when it ends, or stop it"
+        )
 
     def _read_manifest(self, root_fd: int | None = None) -> dict:
         """The manifest as stored (malformed entries included; `_entries` filters them); an

@@ -160,6 +160,7 @@ class ComputeResource(dg.ConfigurableResource):
                 )
                 return run_on_ray(
                     str(store.root),
+                    store.max_text_bytes,
                     namespace,
                     tokenizer,
                     keys,

@@ -28,7 +28,9 @@ def in_process_writer(store: TokenStore, loaded, batch_bytes: int, stats: RunSta
     def write(namespace, keys, texts):
         written = []
         for batch, (start, end) in enumerate(plan_batches(texts, batch_bytes)):
-            result = tokenize_batch(str(store.root), namespace, loaded, keys[start:end], texts[start:end], batch)
+            result = tokenize_batch(
+                str(store.root), store.max_text_bytes, namespace, loaded, keys[start:end], texts[start:end], batch
+            )
             stats.tasks += 1
             stats.add(result)
             written.extend(result.shards)
@@ -53,11 +55,13 @@ def test_batches_are_consecutive_bounded_by_bytes_and_cover_everything():
 def test_a_retried_task_rewrites_the_same_shard_and_the_manifest_is_untouched(tmp_path):
     loaded = load_tokenizer()
     store = TokenStore(tmp_path / "cache")
-    first = tokenize_batch(str(store.root), loaded.cache_namespace, loaded, KEYS[:50], TEXTS[:50])
+    first = tokenize_batch(str(store.root), store.max_text_bytes, loaded.cache_namespace, loaded, KEYS[:50], TEXTS[:50])
     ((name, entry),) = first.shards
     path = store.root / name
     data = path.read_bytes()
-    again = tokenize_batch(str(store.root), loaded.cache_namespace, loaded, KEYS[:50], TEXTS[:50], attempt=1)
+    again = tokenize_batch(
+        str(store.root), store.max_text_bytes, loaded.cache_namespace, loaded, KEYS[:50], TEXTS[:50], attempt=1
+    )
     assert again.shards[0][0] == name and path.read_bytes() == data  # same name, same bytes
     assert name.split("/")[1] == f"shard-{entry['sha256'][:32]}.parquet"
     assert not (store.root / MANIFEST).exists()  # workers never write the manifest
@@ -93,9 +97,9 @@ def test_commit_lists_only_regular_shards_of_the_stated_size(tmp_path):
     loaded = load_tokenizer()
     store = TokenStore(tmp_path / "cache")
     ns = loaded.cache_namespace
-    good = tokenize_batch(str(store.root), ns, loaded, KEYS[:20], TEXTS[:20]).shards[0]
-    short = tokenize_batch(str(store.root), ns, loaded, KEYS[20:40], TEXTS[20:40]).shards[0]
-    linked = tokenize_batch(str(store.root), ns, loaded, KEYS[40:60], TEXTS[40:60]).shards[0]
+    good = tokenize_batch(str(store.root), store.max_text_bytes, ns, loaded, KEYS[:20], TEXTS[:20]).shards[0]
+    short = tokenize_batch(str(store.root), store.max_text_bytes, ns, loaded, KEYS[20:40], TEXTS[20:40]).shards[0]
+    linked = tokenize_batch(str(store.root), store.max_text_bytes, ns, loaded, KEYS[40:60], TEXTS[40:60]).shards[0]
     target = store.root / linked[0]
     os.replace(target, tmp_path / "elsewhere.parquet")
     os.symlink(tmp_path / "elsewhere.parquet", target)
@@ -200,3 +204,21 @@ def test_ingest_batches_follow_the_walk_sizes_and_tasks_stay_inside_the_root(tmp
     stats.add(result)
     assert stats.retries == 2 and stats.produced["files"] == 2 and stats.tokens == 0
     assert next(iter(stats.per_worker.values()))["files"] == 2
+
+
+def test_a_workers_store_is_bounded_by_the_configured_max_text_bytes_not_the_default(tmp_path):
+    """Ray's tasks built their store with the default bound (1 MiB texts): with another DLM_MAX_FILE_BYTES
+    a worker kept texts the driver's store refuses (or dropped ones it stores, above the default)."""
+    loaded = load_tokenizer()
+    store = TokenStore(tmp_path / "cache", max_text_bytes=16)  # at most 4 * 16 + 256 = 320 ids a text
+    long_text = "".join(f"w{i} " for i in range(400))
+    ids = loaded.encode([long_text])["n_tokens"][0].as_py()
+    assert ids > store.max_text_ids
+    texts, keys = [long_text, *TEXTS[:5]], [content_key(long_text), *KEYS[:5]]
+    result = tokenize_batch(str(store.root), store.max_text_bytes, loaded.cache_namespace, loaded, keys, texts)
+    assert sum(entry["rows"] for _, entry in result.shards) == 5  # the long text is returned, not stored
+    # what the driver then reads of the worker's shards: every stored text, none refused as corrupt
+    lookup = store.get_or_compute(
+        loaded.cache_namespace, keys, texts, loaded.encode, lambda *_: (list(result.shards), 0.0, 0)
+    )
+    assert lookup.repaired == [] and lookup.table.num_rows == 6

@@ -291,3 +291,96 @@ def test_a_version_that_is_not_a_whole_number_is_refused(version):
 def test_ignore_lines_end_at_newlines_only_as_in_git(separator):
     """str.splitlines split `a<U+2028>*.py` into a second pattern `*.py`, which ignored every Python file."""
     assert parse_ignore_file(f"a{separator}*.py\r\n!keep\n", ".dlm/ignore") == (f"a{separator}*.py", "!keep")
+
+
+# Built at run time, so no scanner flags this file: a GitHub token, an AWS key id, a URL with a password.
+GITHUB_TOKEN = "ghp_" + "Ab1" * 12
+AWS_KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"
+URL_PASSWORD = "postgres://app:" + "hunter2@db.internal/prod"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"metadata: {{lang: python, token: {GITHUB_TOKEN}}}",
+            f"{PATH}:2: metadata.token: the value holds a credential (GitHub Token)",
+        ),
+        (
+            f"metadata:\n  lang: python\n  {AWS_KEY_ID}: x",
+            f"{PATH}:4: metadata: a key holds a credential (AWS Access Key)",
+        ),
+        (
+            f'weights: {{db: {{"{URL_PASSWORD}": 2}}}}',
+            f"{PATH}:2: weights.db: a key holds a credential (Basic Auth Credentials)",
+        ),
+        (
+            f'include: ["src/**", "{URL_PASSWORD}"]',
+            f"{PATH}:2: include[1]: the value holds a credential (Basic Auth Credentials)",
+        ),
+        (
+            f"notes: {GITHUB_TOKEN}",
+            f"{PATH}:2: notes: the value holds a credential (GitHub Token)",
+        ),  # unknown field too
+    ],
+)
+def test_a_credential_in_a_config_string_is_an_error_that_never_shows_it(text, expected):
+    found = issues("dlm_training_version: 1\n" + text + "\n")
+    assert len(found) == 1 and found[0].startswith(expected), found
+    for secret in (GITHUB_TOKEN, AWS_KEY_ID, URL_PASSWORD, "hunter2", GITHUB_TOKEN[:12], AWS_KEY_ID[:8]):
+        assert secret not in found[0]
+
+
+def test_a_credential_is_reported_alone_as_other_messages_quote_values():
+    # A too-long tag quotes the start of its value: with a credential in it, only the credential is reported.
+    long_tag = GITHUB_TOKEN + "x" * 300
+    found = issues(f"dlm_training_version: 1\nmetadata: {{token: {long_tag}, bogus: [1]}}\n")
+    assert found == [
+        f"{PATH}:2: metadata.token: the value holds a credential (GitHub Token), which would be "
+        "copied into the outputs; remove it"
+    ]
+
+
+def test_an_aliased_credential_is_found_and_an_alias_bomb_stays_fast():
+    found = issues(f"dlm_training_version: 1\nx: &t {GITHUB_TOKEN}\nmetadata: {{a: *t}}\n")
+    assert [f.split(": the")[0] for f in found] == [f"{PATH}:2: x", f"{PATH}:3: metadata.a"]
+    bomb = (
+        "dlm_training_version: 1\na: &a ["
+        + GITHUB_TOKEN
+        + "]\n"
+        + "".join(
+            f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+            for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+    )
+    assert len(issues(bomb)) == 1  # each shared list visited once, not 9**8 times
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "python",
+        "md",
+        "true",
+        "1",
+        "src/lib/foo.py",
+        "docs/**",
+        "1.2.3",
+        "v2.0.1-rc1",
+        "a1b2c3d",
+        "da39a3ee5e6b4b0d3255bfef95601890afd80709",
+        "550e8400-e29b-41d4-a716-446655440000",
+        "en_US.UTF-8",
+        "https://github.com/org/repo",
+        "Apache-2.0",
+        "owner@example.com",
+        "x86_64-linux-gnu",
+    ],
+)
+def test_ordinary_tag_values_keys_and_globs_are_not_credentials(value):
+    config = parse_training_config(
+        f'dlm_training_version: 1\ninclude: ["{value}"]\nmetadata: {{"{value}": "{value}"}}\n'
+        f'weights: {{"{value}": {{"{value}": 2}}}}\n',
+        PATH,
+    )
+    assert config.metadata == {value: value}

@@ -26,7 +26,7 @@ from dlm_pipeline.core.token_store import TokenStore
 from dlm_pipeline.core.tokenize import LoadedTokenizer
 from dlm_pipeline.definitions import build_defs
 from dlm_pipeline.defs.compute import ComputeResource
-from dlm_pipeline.defs.resources import TokenizerResource
+from dlm_pipeline.defs.resources import TokenCacheResource, TokenizerResource
 
 ASSETS = ("training_configs", "weights_map", "raw_corpus", "expanded_corpus", "tokenized_cache")
 KUBERAY = REPO / "examples" / "deployments" / "kuberay"
@@ -294,3 +294,18 @@ def test_kuberay_manifest_shares_one_volume_with_the_dagster_run():
     run_env = {e["name"]: e.get("value") for e in kinds["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert run_env["DLM_COMPUTE"] == "ray" and run_env["DLM_RAY_ADDRESS"]
     assert run_env["DLM_CACHE_DIR"].startswith(mounts.pop())
+
+
+def test_workers_store_with_the_configured_text_bound(instance, tmp_path, local_ray):
+    """Ray's tasks built their token store with the default max_text_bytes, whatever DLM_MAX_FILE_BYTES
+    said: a text over the configured bound was stored by a worker, then read back as corrupt by the run."""
+    root = tmp_path / "tree"
+    write_tree(root, {"long.txt": "".join(f"w{i} " for i in range(400)), "short.txt": "one line\n"})
+    on_ray = Pipeline(instance, root, tmp_path / "out", compute=local_ray)
+    store = TokenCacheResource(cache_dir=str(on_ray.cache), max_text_bytes=16)  # at most 4 * 16 + 256 = 320 ids
+    on_ray.defs = build_defs({**on_ray.defs.resources, "token_cache": store})
+    assert on_ray.run("0").success
+    meta = on_ray.metadata("tokenized_cache", "0")
+    assert meta["compute"] == "ray" and meta["compute_tasks"] >= 1
+    assert meta["cache_repaired_shards"] == 0  # no shard a worker wrote was refused by the run
+    assert TokenStore(on_ray.cache).stats()["rows"] == 1  # the long text is tokenized, never stored
