@@ -174,8 +174,9 @@ def _error_text(error) -> str:
 
 
 def _failure_reasons(result) -> list[str]:
-    """Failed steps and failed checks: either makes the seed fail."""
-    reasons = []
+    """Failed steps and failed checks: either makes the seed fail. A run that failed with neither
+    (its executor, say) says why through its RUN_FAILURE error."""
+    reasons, run_errors = [], []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
@@ -197,10 +198,31 @@ def _failure_reasons(result) -> list[str]:
                     f"check {evaluation.check_name} failed: {evaluation.description or 'no description'}"
                     + (f"\n{detail}" if detail else "")
                 )
-    return reasons
+        elif event.event_type_value == "RUN_FAILURE" and getattr(event.event_specific_data, "error", None):
+            run_errors.append(f"run: {_error_text(event.event_specific_data.error)}")
+    return reasons or run_errors
 
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _console_without_errors():
+    """Dagster's console logger minus its ERROR records: a failed step or resource is logged with
+    Dagster's stack trace (some 80 lines for one unusable folder), while the summary printed after the
+    run already names each failure in one line. Warnings (a seed's lock waited for, an output left a
+    copy) still show as they happen; the errors stay in the run's event log (UI)."""
+    import logging
+
+    import dagster as dg
+
+    @dg.logger(dg.colored_console_logger.config_schema, description="console logger without ERROR records")
+    def console(init_context):
+        logger = dg.colored_console_logger.logger_fn(init_context)
+        logger.addFilter(lambda record: record.levelno < logging.ERROR)
+        return logger
+
+    return console
+
 # Per process: one instance and one job (built once, before any fork), reused for every seed it runs.
 _worker: dict = {}
 
@@ -358,7 +380,7 @@ def _materialize_setup(args: argparse.Namespace) -> tuple:
         from dlm_pipeline.definitions import resolved_corpus_job
 
         # Built once, here: what else the definitions refuse surfaces before any run.
-        _worker["job"] = resolved_corpus_job()
+        _worker["job"] = resolved_corpus_job().with_logger_defs({"console": _console_without_errors()})
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
     seeds = _seeds(args.seed or [])

@@ -1,0 +1,53 @@
+"""Hostile operations, not hostile files: unusable or read-only folders, runs killed or run at once,
+umasks. Every case runs the installed command in a fresh process on a real DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from conftest import dlm
+
+
+def read_only_bind(folder) -> tuple[str, ...]:
+    """A command prefix that runs the command with `folder` bind-mounted read-only onto itself, in a
+    private user and mount namespace: its files stay readable, nothing can be written (even by root)."""
+    script = f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}'"
+    probe = ["unshare", "-r", "-m", "sh", "-c", script]
+    if not shutil.which("unshare") or subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount a folder read-only here (no unprivileged user namespaces)")
+    return ("unshare", "-r", "-m", "sh", "-c", f'{script} && exec "$@"', "sh")
+
+
+def assert_summary_only(done: subprocess.CompletedProcess, *phrases: str) -> None:
+    """A failed seed: exit 1, the summary names the cause, and no stack trace anywhere on stderr
+    (Dagster's console logger printed one per failed step or resource: "Stack Trace:", then frames)."""
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Stack Trace" not in done.stderr and 'File "' not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    summary = done.stderr[done.stderr.index("seed 0: FAILED") :]
+    for phrase in phrases:
+        assert phrase in summary, done.stderr
+
+
+@pytest.mark.parametrize(
+    "variable, phrase",
+    [
+        ("DLM_OUTPUT_DIR", "resources: cannot lock seed 0's outputs: output folder"),  # fails a resource
+        ("DLM_CACHE_DIR", "tokenized_cache: token cache folder"),  # fails a step
+    ],
+)
+def test_an_unusable_folder_fails_the_seed_with_its_reason_and_no_stack_trace(tmp_path, variable, phrase):
+    (tmp_path / "file").write_text("not a folder")
+    done = dlm(["materialize"], tmp_path / "home", **{variable: str(tmp_path / "file")})
+    assert_summary_only(done, phrase, "cannot be used", variable)
+
+
+def test_a_read_only_output_folder_fails_the_seed_and_keeps_the_outputs(tmp_path):
+    home, out = tmp_path / "home", tmp_path / "out"
+    assert dlm(["materialize"], home, DLM_OUTPUT_DIR=str(out)).returncode == 0
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    done = dlm(["materialize", "--max-seq-len", "512"], home, prefix=read_only_bind(out), DLM_OUTPUT_DIR=str(out))
+    assert_summary_only(done, "Read-only file system")
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
