@@ -223,6 +223,7 @@ def _console_without_errors():
 
     return console
 
+
 # Per process: one instance and one job (built once, before any fork), reused for every seed it runs.
 _worker: dict = {}
 
