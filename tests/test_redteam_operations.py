@@ -51,3 +51,40 @@ def test_a_read_only_output_folder_fails_the_seed_and_keeps_the_outputs(tmp_path
     done = dlm(["materialize", "--max-seq-len", "512"], home, prefix=read_only_bind(out), DLM_OUTPUT_DIR=str(out))
     assert_summary_only(done, "Read-only file system")
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def status_of(done: subprocess.CompletedProcess) -> dict[str, str]:
+    assert done.returncode == 0, done.stderr
+    return {
+        line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ") and "check " not in line
+    }
+
+
+def test_status_does_not_call_a_deleted_or_rewritten_output_current(tmp_path):
+    """`status` read only the instance: an output deleted or edited by hand (or rewritten by a run
+    killed before it recorded it) was still `current`. Materializing again repairs it: current again."""
+    home = tmp_path / "home"
+    assert dlm(["materialize"], home).returncode == 0
+    assert all(line.endswith("current") for line in status_of(dlm(["status"], home)).values())
+    (home / "storage" / "raw_corpus" / "0.parquet").unlink()
+    with open(home / "storage" / "training_dataset" / "0" / "train.bin", "r+b") as fh:
+        fh.write(b"\xff")
+    lines = status_of(dlm(["status"], home))
+    assert f"STALE: stored file {home}/storage/raw_corpus/0.parquet missing since" in lines["raw_corpus"]
+    assert "upstream raw_corpus is stale" in lines["expanded_corpus"]
+    assert f"stored file {home}/storage/training_dataset/0/train.bin rewritten since" in lines["training_dataset"]
+    assert lines["weights_map"].endswith("current")
+    assert dlm(["materialize"], home).returncode == 0
+    assert all(line.endswith("current") for line in status_of(dlm(["status"], home)).values())
+
+
+@pytest.mark.parametrize(
+    "variable, value, name", [("DLM_VAL_FRACTION", "0.2", "val_fraction"), ("DLM_SPLIT_SEED", "7", "split_seed")]
+)
+def test_status_calls_a_dataset_of_another_split_stale(tmp_path, variable, value, name):
+    """The dataset records its split settings; a change of either was not reported."""
+    home = tmp_path / "home"
+    assert dlm(["materialize"], home).returncode == 0
+    lines = status_of(dlm(["status"], home, **{variable: value}))
+    assert f"STALE: setting {name} changed (" in lines["training_dataset"], lines
+    assert lines["tokenized_cache"].endswith("current")
