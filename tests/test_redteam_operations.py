@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from conftest import dlm
+from test_cli_errors import private_tmpfs
 
 
 def read_only_bind(folder) -> tuple[str, ...]:
@@ -88,3 +89,22 @@ def test_status_calls_a_dataset_of_another_split_stale(tmp_path, variable, value
     lines = status_of(dlm(["status"], home, **{variable: value}))
     assert f"STALE: setting {name} changed (" in lines["training_dataset"], lines
     assert lines["tokenized_cache"].endswith("current")
+
+
+@pytest.mark.parametrize(
+    "folder, size, variable",
+    [
+        ("out", "16k", "DLM_OUTPUT_DIR"),  # fills up at an early asset's output (weights_map, with Dagster 1.13)
+        ("out", "28k", "DLM_OUTPUT_DIR"),  # at tokenized_cache's output
+        ("out", "44k", "DLM_OUTPUT_DIR"),  # while the dataset is written (its spill, then its files)
+        ("cache", "4k", "DLM_CACHE_DIR"),  # at the token store's first shard
+    ],
+)
+def test_a_full_output_folder_or_token_cache_is_one_line_naming_it(tmp_path, folder, size, variable):
+    """A full disk was Dagster's wrapper ("Error occurred while handling output ...") and a bare
+    `OSError: [Errno 28] No space left on device`, naming neither the folder nor what to do."""
+    full = tmp_path / folder
+    env = {"DLM_OUTPUT_DIR": str(tmp_path / "out"), "DLM_CACHE_DIR": str(tmp_path / "cache")}
+    done = dlm(["materialize"], tmp_path / "home", prefix=private_tmpfs(full, f"size={size}"), **env)
+    assert_summary_only(done, f"cannot write into {full} (No space left on device)", variable)
+    assert "OSError" not in done.stderr and "Error occurred while" not in done.stderr, done.stderr

@@ -49,6 +49,7 @@ from dlm_pipeline.defs.resources import (
     TokenCacheResource,
     TokenizerResource,
     stored_files,
+    writes_into,
 )
 from dlm_pipeline.defs.reuse import computed_metadata, step_key, unchanged_output
 
@@ -213,16 +214,17 @@ def training_dataset(
     if same:
         return same
     read = read_inputs(io_manager, context)
-    prepared = prepare(
-        context,
-        seed=seed,
-        split_seed=split_seed,
-        val_fraction=val_fraction,
-        loaded=loaded,
-        token_cache=token_cache,
-        inputs=read,
-        spill_dir=spill_folder(io_manager, context.instance),
-    )
+    with writes_into(io_manager.root(context.instance), settings.ENV_OUTPUT_DIR):  # the ids spill beside the datasets
+        prepared = prepare(
+            context,
+            seed=seed,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+            loaded=loaded,
+            token_cache=token_cache,
+            inputs=read,
+            spill_dir=spill_folder(io_manager, context.instance),
+        )
     plan, ids = prepared.plan, prepared.ids
     try:
         eos_id = resolve_eos_id(loaded, dataset.eos_token)
@@ -240,8 +242,9 @@ def training_dataset(
     )
     try:
         objects = BlobStore(io_manager.root(context.instance))
-        manifest, summaries = write_dataset(folder, plan, ids, options, share=objects.share_in_place)
-        objects.prune()  # the replaced dataset's files that no other seed shares
+        with writes_into(objects.root, settings.ENV_OUTPUT_DIR):
+            manifest, summaries = write_dataset(folder, plan, ids, options, share=objects.share_in_place)
+            objects.prune()  # the replaced dataset's files that no other seed shares
     except (DatasetError, BlobStoreError) as exc:
         raise dg.Failure(description=str(exc)) from None
     train, validation = summaries[TRAIN], summaries[VALIDATION]
