@@ -18,6 +18,7 @@ from pathlib import Path
 from dlm_pipeline import settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 INSTANCE_LOCK = ".dlm-instance.lock"
 
 
@@ -173,6 +174,15 @@ def _error_text(error) -> str:
     return "\n    caused by: ".join(messages)
 
 
+RUN_FAILURE = "PIPELINE_FAILURE"  # DagsterEventType.RUN_FAILURE's value (its legacy name)
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM): the outputs written so far are whole; materialize again to finish"
+
+
+def _error_reason(error) -> str:
+    """A failure's error as its reason: an interruption (Dagster's own error, no message) says what it means."""
+    return INTERRUPTED if error.cls_name == "DagsterExecutionInterruptedError" else _error_text(error)
+
+
 def _failure_reasons(result) -> list[str]:
     """Failed steps and failed checks: either makes the seed fail. A run that failed with neither
     (its executor, say) says why through its RUN_FAILURE error."""
@@ -181,7 +191,7 @@ def _failure_reasons(result) -> list[str]:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
             text = (data.user_failure_data.description if data.user_failure_data else None) or (
-                _error_text(data.error) if data.error else "failed"
+                _error_reason(data.error) if data.error else "failed"
             )
             reasons.append(f"{event.step_key}: {text}")
         elif event.event_type_value == "RESOURCE_INIT_FAILURE" and event.event_specific_data.error is not None:
@@ -198,8 +208,10 @@ def _failure_reasons(result) -> list[str]:
                     f"check {evaluation.check_name} failed: {evaluation.description or 'no description'}"
                     + (f"\n{detail}" if detail else "")
                 )
-        elif event.event_type_value == "RUN_FAILURE" and getattr(event.event_specific_data, "error", None):
-            run_errors.append(f"run: {_error_text(event.event_specific_data.error)}")
+        elif event.event_type_value == RUN_FAILURE:
+            error = getattr(event.event_specific_data, "error", None)
+            if error is not None:  # e.g. interrupted while waiting for the seed's lock
+                run_errors.append(f"run: {_error_reason(error)}")
     return reasons or run_errors
 
 
@@ -361,6 +373,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                 current_seed[0] = seed
                 results.append(_materialize_seed(seed))
     failed = 0
+    interrupted = any(INTERRUPTED in line for _, _, _, lines in results for line in lines)
     for seed, success, run_id, lines in results:
         if success:
             print(f"seed {seed}: ok (run {run_id})")
@@ -371,7 +384,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             print(f"seed {seed}: FAILED (run {run_id})", file=sys.stderr)
             for line in lines:
                 print(f"  {line}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_INTERRUPTED if interrupted else EXIT_FAILED if failed else EXIT_OK
 
 
 def _materialize_setup(args: argparse.Namespace) -> tuple:
@@ -676,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"dlm-pipeline: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # Ctrl-C before or between runs (a run itself reports it as its failure)
+        print("dlm-pipeline: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

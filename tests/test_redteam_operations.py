@@ -3,12 +3,19 @@ umasks. Every case runs the installed command in a fresh process on a real DAGST
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
-from conftest import dlm
+from conftest import REPO, command, dlm
 from test_cli_errors import private_tmpfs
+
+from dlm_pipeline.cli import INSTANCE_LOCK, INTERRUPTED
 
 
 def read_only_bind(folder) -> tuple[str, ...]:
@@ -108,3 +115,51 @@ def test_a_full_output_folder_or_token_cache_is_one_line_naming_it(tmp_path, fol
     done = dlm(["materialize"], tmp_path / "home", prefix=private_tmpfs(full, f"size={size}"), **env)
     assert_summary_only(done, f"cannot write into {full} (No space left on device)", variable)
     assert "OSError" not in done.stderr and "Error occurred while" not in done.stderr, done.stderr
+
+
+def started(args: list[str], home, **env) -> subprocess.Popen:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "KUBERNETES_"))}
+    clean.update(DAGSTER_HOME=str(home), **env)
+    return subprocess.Popen(
+        [*command(), *args], env=clean, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_ctrl_c_while_a_run_waits_for_the_seeds_lock_says_interrupted(tmp_path):
+    """The run waiting for another run of its seed is stopped with Ctrl-C: its summary said
+    `see the run in the UI` (Dagster's RUN_FAILURE, whose event type is spelled PIPELINE_FAILURE, was
+    never read), now what happened, and the exit is 130 as for any command stopped by Ctrl-C."""
+    home = tmp_path / "home"
+    (home / "storage" / ".locks").mkdir(parents=True)
+    with open(home / "storage" / ".locks" / "4.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = started(["materialize", "--seed", "4"], home)
+        for line in proc.stderr:  # the run is inside Dagster's execution, blocked on the lock
+            if "waiting for another run of seed 4 to finish" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "see the run in the UI" not in stderr, stderr
+    assert stderr[stderr.index("seed 4: FAILED") :].splitlines()[1].strip() == f"run: {INTERRUPTED}"
+
+
+def test_ctrl_c_before_any_run_is_one_line_not_a_traceback(tmp_path):
+    """Ctrl-C while the command starts (here: blocked on the instance's lock, which another process
+    holds) printed a KeyboardInterrupt traceback."""
+    home = tmp_path / "home"
+    home.mkdir()
+    with open(home / INSTANCE_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = started(["seeds", "list"], home)
+        inode = os.fstat(held.fileno()).st_ino
+        while not any(  # a blocked waiter on that file, as /proc/locks lists it ("->")
+            "->" in line and f":{inode} " in line and f" {proc.pid} " in line
+            for line in Path("/proc/locks").read_text().splitlines()
+        ):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["dlm-pipeline: interrupted"], stderr
