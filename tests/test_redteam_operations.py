@@ -163,3 +163,20 @@ def test_ctrl_c_before_any_run_is_one_line_not_a_traceback(tmp_path):
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["dlm-pipeline: interrupted"], stderr
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_a_symlink_or_file_in_place_of_the_dataset_folder_is_refused_before_writing(tmp_path, planted):
+    """`<output>/training_dataset` a symlink: the dataset was written through it, outside the output
+    directory (its checks failed afterwards); a file: `FileExistsError` under Dagster's wrapper."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (home / "storage").mkdir(parents=True)
+    place = home / "storage" / "training_dataset"
+    if planted == "symlink":
+        place.symlink_to(elsewhere)
+    else:
+        place.write_text("not a folder")
+    done = dlm(["materialize"], home)
+    assert_summary_only(done, f"training_dataset: {place}/ is not a plain folder (a symlink or a file)")
+    assert list(elsewhere.iterdir()) == []

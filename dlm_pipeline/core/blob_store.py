@@ -147,6 +147,12 @@ class BlobStore:
         finally:
             os.close(root_fd)
 
+    def folder(self, name: str) -> str:
+        """The folder `name` of the output directory, created if missing; BlobStoreError where a
+        symlink or a file is in its place (what is written into it would land elsewhere)."""
+        with self._opened(name):
+            return self.path(name, "")
+
     @contextmanager
     def seed_lock(self, seed: str, waiting: Callable[[], object], holder: str = "") -> Iterator[None]:
         """Held while a run writes and records `seed`'s outputs, so that two runs of one seed take

@@ -84,10 +84,13 @@ def dataset_files(folder: Path) -> list[Path]:
 
 
 def spill_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance) -> Path:
-    """Where the dataset's ids are spilled while it is written or checked: beside the datasets."""
-    folder = io_manager.root(instance) / ASSET
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """Where the dataset's ids are spilled while it is written: beside the datasets, in the asset's
+    folder, which is refused when a symlink or a file is in its place (the datasets would be written
+    through it, outside the output directory; it was followed)."""
+    try:
+        return Path(BlobStore(io_manager.root(instance)).folder(ASSET))
+    except BlobStoreError as exc:
+        raise dg.Failure(description=str(exc)) from None
 
 
 @dataclass(frozen=True)
