@@ -180,3 +180,32 @@ def test_a_symlink_or_file_in_place_of_the_dataset_folder_is_refused_before_writ
     done = dlm(["materialize"], home)
     assert_summary_only(done, f"training_dataset: {place}/ is not a plain folder (a symlink or a file)")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_what_a_killed_run_left_goes_once_stale_even_when_nothing_is_written_again(tmp_path):
+    """A run SIGKILLed mid-write leaves `.<seed>.parquet.<hex>.tmp` (linked to its object already,
+    past the link step) or a dataset build folder; a later write of the same output deleted them once
+    stale (an hour), but a later run that finds the output unchanged writes nothing: they stayed for
+    good, each holding its object's bytes. Now every run of the seed deletes its stale ones."""
+    home = tmp_path / "home"
+    assert dlm(["materialize"], home).returncode == 0
+    storage = home / "storage"
+    temp = storage / "raw_corpus" / ".0.parquet.0123456789abcdef.tmp"
+    temp.write_bytes(b"bytes of a killed write")
+    orphan = storage / ".objects" / ("ab" * 32 + ".parquet")
+    os.link(temp, orphan)  # killed after linking the object, before renaming over the output
+    build = storage / "training_dataset" / ".0.tmp-0123456789abcdef0123456789abcdef"
+    build.mkdir()
+    (build / "train.bin").write_bytes(b"half a dataset")
+    other_seed = storage / "raw_corpus" / ".1.parquet.0123456789abcdef.tmp"  # another seed's: its own runs delete it
+    other_seed.write_bytes(b"another seed's")
+    fresh = storage / "raw_corpus" / ".0.parquet.fedcba9876543210.tmp"  # a live writer's, for all we know
+    fresh.write_bytes(b"being written")
+    hours_ago = time.time() - 2 * 3600
+    for path in (temp, build, other_seed):
+        os.utime(path, (hours_ago, hours_ago))
+    done = dlm(["materialize"], home)
+    assert done.returncode == 0, done.stderr
+    assert "seed 0: ok" in done.stdout
+    assert not temp.exists() and not orphan.exists() and not build.exists()
+    assert other_seed.exists() and fresh.exists()

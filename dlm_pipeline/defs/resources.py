@@ -177,6 +177,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                         held.enter_context(lock)
                 except (BlobStoreError, OSError) as exc:
                     raise dg.Failure(description=f"cannot lock seed {seed}'s outputs: {exc}") from None
+                with contextlib.suppress(BlobStoreError, OSError):  # a clean-up, never a reason to fail
+                    if BlobStore(root).delete_stale_temps(seed):
+                        BlobStore(root).prune()  # the objects only those temp files held
             with super().yield_for_execution(context) as value:
                 yield value
 

@@ -30,6 +30,7 @@ from dlm_pipeline.core.dataset import (
     manifest_bytes,
     plan_dataset,
     plan_token_ids,
+    remove_stale_builds,
     resolve_eos_id,
     train_tag_tokens,
     write_dataset,
@@ -196,6 +197,9 @@ def training_dataset(
     seed = parse_seed_or_fail(context)
     val_fraction, split_seed = checked_split_settings(dataset)
     folder = dataset_folder(io_manager, context.instance, context.partition_key)
+    with writes_into(io_manager.root(context.instance), settings.ENV_OUTPUT_DIR):
+        spill_dir = spill_folder(io_manager, context.instance)  # refused first if not a plain folder
+    remove_stale_builds(folder)  # of killed runs: publishing removes them too, but an unchanged dataset is not
     loaded = tokenizer.load()
     inputs = input_fingerprints(io_manager, context, INPUTS)
     settings_used = {
@@ -226,7 +230,7 @@ def training_dataset(
             loaded=loaded,
             token_cache=token_cache,
             inputs=read,
-            spill_dir=spill_folder(io_manager, context.instance),
+            spill_dir=spill_dir,
         )
     plan, ids = prepared.plan, prepared.ids
     try:
