@@ -174,7 +174,6 @@ def _error_text(error) -> str:
     return "\n    caused by: ".join(messages)
 
 
-RUN_FAILURE = "PIPELINE_FAILURE"  # DagsterEventType.RUN_FAILURE's value (its legacy name)
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM): the outputs written so far are whole; materialize again to finish"
 
 
@@ -186,6 +185,8 @@ def _error_reason(error) -> str:
 def _failure_reasons(result) -> list[str]:
     """Failed steps and failed checks: either makes the seed fail. A run that failed with neither
     (its executor, say) says why through its RUN_FAILURE error."""
+    import dagster as dg
+
     reasons, run_errors = [], []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
@@ -208,7 +209,7 @@ def _failure_reasons(result) -> list[str]:
                     f"check {evaluation.check_name} failed: {evaluation.description or 'no description'}"
                     + (f"\n{detail}" if detail else "")
                 )
-        elif event.event_type_value == RUN_FAILURE:
+        elif event.event_type_value == dg.DagsterEventType.RUN_FAILURE.value:  # "PIPELINE_FAILURE", its old name
             error = getattr(event.event_specific_data, "error", None)
             if error is not None:  # e.g. interrupted while waiting for the seed's lock
                 run_errors.append(f"run: {_error_reason(error)}")
