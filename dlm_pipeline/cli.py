@@ -18,6 +18,7 @@ from pathlib import Path
 from dlm_pipeline import settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 INSTANCE_LOCK = ".dlm-instance.lock"
 
 
@@ -180,14 +181,25 @@ def _error_text(error) -> str:
     return "\n    caused by: ".join(messages)
 
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM): the outputs written so far are whole; materialize again to finish"
+
+
+def _error_reason(error) -> str:
+    """A failure's error as its reason: an interruption (Dagster's own error, no message) says what it means."""
+    return INTERRUPTED if error.cls_name == "DagsterExecutionInterruptedError" else _error_text(error)
+
+
 def _failure_reasons(result) -> list[str]:
-    """Failed steps and failed checks: either makes the seed fail."""
-    reasons = []
+    """Failed steps and failed checks: either makes the seed fail. A run that failed with neither
+    (its executor, say) says why through its RUN_FAILURE error."""
+    import dagster as dg
+
+    reasons, run_errors = [], []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
             text = (data.user_failure_data.description if data.user_failure_data else None) or (
-                _error_text(data.error) if data.error else "failed"
+                _error_reason(data.error) if data.error else "failed"
             )
             reasons.append(f"{event.step_key}: {text}")
         elif event.event_type_value == "RESOURCE_INIT_FAILURE" and event.event_specific_data.error is not None:
@@ -204,10 +216,34 @@ def _failure_reasons(result) -> list[str]:
                     f"check {evaluation.check_name} failed: {evaluation.description or 'no description'}"
                     + (f"\n{detail}" if detail else "")
                 )
-    return reasons
+        elif event.event_type_value == dg.DagsterEventType.RUN_FAILURE.value:  # "PIPELINE_FAILURE", its old name
+            error = getattr(event.event_specific_data, "error", None)
+            if error is not None:  # e.g. interrupted while waiting for the seed's lock
+                run_errors.append(f"run: {_error_reason(error)}")
+    return reasons or run_errors
 
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _console_without_errors():
+    """Dagster's console logger minus its ERROR records: a failed step or resource is logged with
+    Dagster's stack trace (some 80 lines for one unusable folder), while the summary printed after the
+    run already names each failure in one line. Warnings (a seed's lock waited for, an output left a
+    copy) still show as they happen; the errors stay in the run's event log (UI)."""
+    import logging
+
+    import dagster as dg
+
+    @dg.logger(dg.colored_console_logger.config_schema, description="console logger without ERROR records")
+    def console(init_context):
+        logger = dg.colored_console_logger.logger_fn(init_context)
+        logger.addFilter(lambda record: record.levelno < logging.ERROR)
+        return logger
+
+    return console
+
+
 # Per process: one instance and one job (built once, before any fork), reused for every seed it runs.
 _worker: dict = {}
 
@@ -345,6 +381,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                 current_seed[0] = seed
                 results.append(_materialize_seed(seed))
     failed = 0
+    interrupted = any(INTERRUPTED in line for _, _, _, lines in results for line in lines)
     for seed, success, run_id, lines in results:
         if success:
             print(f"seed {seed}: ok (run {run_id})")
@@ -355,7 +392,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             print(f"seed {seed}: FAILED (run {run_id})", file=sys.stderr)
             for line in lines:
                 print(f"  {line}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_INTERRUPTED if interrupted else EXIT_FAILED if failed else EXIT_OK
 
 
 def _materialize_setup(args: argparse.Namespace) -> tuple:
@@ -365,7 +402,7 @@ def _materialize_setup(args: argparse.Namespace) -> tuple:
         from dlm_pipeline.definitions import resolved_corpus_job
 
         # Built once, here: what else the definitions refuse surfaces before any run.
-        _worker["job"] = resolved_corpus_job()
+        _worker["job"] = resolved_corpus_job().with_logger_defs({"console": _console_without_errors()})
     except settings.SettingsError as exc:
         raise CliError(str(exc)) from None
     seeds = _seeds(args.seed or [])
@@ -664,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"dlm-pipeline: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # Ctrl-C before or between runs (a run itself reports it as its failure)
+        print("dlm-pipeline: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dlm_pipeline.core.parquet_io import delete_stale_temps, temp_name
+from dlm_pipeline.core.parquet_io import STALE_TEMP_SECONDS, delete_stale_temps, temp_name
 
 OBJECTS_DIR = ".objects"
 LOCKS_DIR = ".locks"
@@ -146,6 +146,31 @@ class BlobStore:
                 os.close(folder_fd)
         finally:
             os.close(root_fd)
+
+    def delete_stale_temps(self, seed: str, stale_after: float = STALE_TEMP_SECONDS) -> int:
+        """Delete the temp files that runs of `seed` killed mid-write left in the asset folders, once
+        stale; returns how many. (`put` deletes those of the output it writes, but an output found
+        unchanged is not written again: its temp file stayed, holding its object, for good.)"""
+        root_fd = self._open_root()
+        try:
+            deleted = 0
+            for entry in os.scandir(root_fd):
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                folder_fd = os.open(entry.name, _DIR_FLAGS, dir_fd=root_fd)
+                try:
+                    deleted += delete_stale_temps(folder_fd, f"{seed}.parquet", stale_after)
+                finally:
+                    os.close(folder_fd)
+            return deleted
+        finally:
+            os.close(root_fd)
+
+    def folder(self, name: str) -> str:
+        """The folder `name` of the output directory, created if missing; BlobStoreError where a
+        symlink or a file is in its place (what is written into it would land elsewhere)."""
+        with self._opened(name):
+            return self.path(name, "")
 
     @contextmanager
     def seed_lock(self, seed: str, waiting: Callable[[], object], holder: str = "") -> Iterator[None]:

@@ -388,18 +388,24 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def publish_folder(target: Path, build: Callable[[Path], None], stale_after: float = STALE_TEMP_SECONDS) -> None:
-    """Build the folder's content in a temp folder beside it, then put it in place of `target` (an
-    atomic exchange where the OS has one): a failed build leaves the old dataset untouched."""
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
+def remove_stale_builds(target: Path, stale_after: float = STALE_TEMP_SECONDS) -> None:
+    """The temp and replaced folders beside `target` that killed runs left (`.<name>.tmp-*`,
+    `.<name>.old-*`), once no writer touched them for `stale_after` seconds."""
     now = time.time()
-    for leftover in parent.glob(f".{target.name}.*"):  # from killed runs
+    for leftover in target.parent.glob(f".{target.name}.*"):
         try:
             if now - leftover.lstat().st_mtime >= stale_after:
                 _remove(leftover)
         except FileNotFoundError:
             pass
+
+
+def publish_folder(target: Path, build: Callable[[Path], None], stale_after: float = STALE_TEMP_SECONDS) -> None:
+    """Build the folder's content in a temp folder beside it, then put it in place of `target` (an
+    atomic exchange where the OS has one): a failed build leaves the old dataset untouched."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(target, stale_after)
     temp = parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     os.mkdir(temp)  # mode 0o777 & ~umask, like every folder a user creates
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import warnings
@@ -83,6 +84,27 @@ def own_dirs(instance: dg.DagsterInstance) -> list[str]:
     return settings.pipeline_dirs(instance.root_directory) + [instance.storage_directory()]
 
 
+# OS errors only a write gets: the file system is full (or the quota used up) or read-only. (Not EACCES:
+# a read inside the same block could get it, and a folder we cannot use is refused before anything is written.)
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextlib.contextmanager
+def writes_into(folder: str | os.PathLike, setting: str) -> Iterator[None]:
+    """A write into `folder` that the file system refuses (disk full, read-only) fails the step with
+    one line naming the folder and the setting that moves it; it was Dagster's wrapper and a bare
+    `OSError: [Errno 28] No space left on device`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise dg.Failure(
+            description=f"cannot write into {folder} ({exc.strerror}): free space there or make it writable, "
+            f"or set {setting} to a folder that is"
+        ) from None
+
+
 SEED_INDEPENDENT_ASSETS = frozenset({"training_configs", "weights_map", "raw_corpus"})
 STORED_FILES = "stored_files"  # metadata: what the stored output is (defs/reuse.py)
 
@@ -144,16 +166,20 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         seed = context.run.tags.get(PARTITION_TAG) if context.run else None
         with contextlib.ExitStack() as held:
             if context.instance is not None and seed is not None and is_seed(seed):
+                root = self.root(context.instance)
+                lock = BlobStore(root).seed_lock(
+                    seed,
+                    lambda: context.log.warning(f"waiting for another run of seed {seed} to finish"),
+                    holder=context.run.run_id,  # the steps of this run share it (a process per step)
+                )
                 try:
-                    held.enter_context(
-                        BlobStore(self.root(context.instance)).seed_lock(
-                            seed,
-                            lambda: context.log.warning(f"waiting for another run of seed {seed} to finish"),
-                            holder=context.run.run_id,  # the steps of this run share it (a process per step)
-                        )
-                    )
+                    with writes_into(root, settings.ENV_OUTPUT_DIR):  # the lock file records its holder
+                        held.enter_context(lock)
                 except (BlobStoreError, OSError) as exc:
                     raise dg.Failure(description=f"cannot lock seed {seed}'s outputs: {exc}") from None
+                with contextlib.suppress(BlobStoreError, OSError):  # a clean-up, never a reason to fail
+                    if BlobStore(root).delete_stale_temps(seed):
+                        BlobStore(root).prune()  # the objects only those temp files held
             with super().yield_for_execution(context) as value:
                 yield value
 
@@ -188,12 +214,13 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 write_parquet(obj, fh)
 
         try:
-            if isinstance(obj, ReusedOutput):
-                stored = store.link_from(obj.path, asset, name, obj.sha256)
-                if stored is None:
-                    raise dg.Failure(description=f"{obj.path} changed while it was being reused; re-run this seed")
-            else:
-                stored = store.put(asset, name, write)
+            with writes_into(store.root, settings.ENV_OUTPUT_DIR):
+                if isinstance(obj, ReusedOutput):
+                    stored = store.link_from(obj.path, asset, name, obj.sha256)
+                    if stored is None:
+                        raise dg.Failure(description=f"{obj.path} changed while it was being reused; re-run this seed")
+                else:
+                    stored = store.put(asset, name, write)
         except BlobStoreError as exc:
             raise dg.Failure(description=str(exc)) from None
         self._streamed_metadata(context, obj, stored.path)

@@ -5,8 +5,10 @@ asset check executions) plus the config-only walk the sensor does: nothing is re
 
 An asset is stale when
 - the configs changed: the config fingerprint it recorded differs from the tree's now;
-- a setting changed: a setting it recorded (source root, weights scope, expansion mode, max_seq_len)
-  differs from the current one;
+- a setting changed: a setting it recorded (source root, weights scope, expansion mode, max_seq_len,
+  validation fraction, split seed) differs from the current one;
+- its stored files changed: a file it recorded (`stored_files`: size, mtime, inode) is missing or
+  was rewritten since (by hand, or by a run killed before it recorded what it wrote);
 - an upstream asset changed: the data version it loaded is not the upstream's newest for this seed
   (the upstream was materialized again since), or the upstream is itself stale or missing.
 """
@@ -26,7 +28,7 @@ from dlm_pipeline.core.config_records import tree_configs_fingerprint
 from dlm_pipeline.core.tree import scan_tree
 from dlm_pipeline.defs.constants import PARTITION_TAG
 from dlm_pipeline.defs.metadata import DATA_VERSION_TAG, _same_version
-from dlm_pipeline.defs.resources import own_dirs
+from dlm_pipeline.defs.resources import STORED_FILES, own_dirs, stored_files
 
 INPUT_VERSION_TAG = "dagster/input_data_version/"
 
@@ -36,6 +38,8 @@ RECORDED_SETTINGS: dict[str, Callable[[], object]] = {
     "weights_scope": settings.weights_scope,
     "expansion_mode": settings.expansion_mode,
     "max_seq_len": settings.max_seq_len,
+    "val_fraction": settings.val_fraction,
+    "split_seed": settings.split_seed,
 }
 
 
@@ -74,6 +78,18 @@ def _unpartitioned_execution(instance: dg.DagsterInstance, check_key: dg.AssetCh
     return None
 
 
+def _changed_files(recorded: dict | None) -> list[str]:
+    """What became of the stored files a materialization recorded, if they are not as it left them."""
+    if not recorded:
+        return []
+    now = stored_files(recorded)
+    return [
+        f"stored file {path} {'rewritten' if path in now else 'missing'} since"
+        for path in sorted(recorded)
+        if now.get(path) != recorded[path]
+    ]
+
+
 def seed_status(instance: dg.DagsterInstance, graph, seed: str, fingerprint: str) -> list[AssetStatus]:
     """One AssetStatus per asset of the graph, upstream first."""
     records: dict[dg.AssetKey, dg.EventLogRecord | None] = {}
@@ -104,6 +120,7 @@ def seed_status(instance: dg.DagsterInstance, graph, seed: str, fingerprint: str
         for name, current in RECORDED_SETTINGS.items():
             if name in metadata and str(metadata[name]) != str(current()):
                 status.stale.append(f"setting {name} changed ({metadata[name]} -> {current()})")
+        status.stale += _changed_files(metadata.get(STORED_FILES))
         for parent in sorted(graph.get(key).parent_keys, key=lambda k: k.to_user_string()):
             name = parent.to_user_string()
             upstream = records.get(parent)

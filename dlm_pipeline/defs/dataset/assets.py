@@ -30,6 +30,7 @@ from dlm_pipeline.core.dataset import (
     manifest_bytes,
     plan_dataset,
     plan_token_ids,
+    remove_stale_builds,
     resolve_eos_id,
     train_tag_tokens,
     write_dataset,
@@ -49,6 +50,7 @@ from dlm_pipeline.defs.resources import (
     TokenCacheResource,
     TokenizerResource,
     stored_files,
+    writes_into,
 )
 from dlm_pipeline.defs.reuse import computed_metadata, step_key, unchanged_output
 
@@ -83,10 +85,13 @@ def dataset_files(folder: Path) -> list[Path]:
 
 
 def spill_folder(io_manager: ParquetIOManager, instance: dg.DagsterInstance) -> Path:
-    """Where the dataset's ids are spilled while it is written or checked: beside the datasets."""
-    folder = io_manager.root(instance) / ASSET
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """Where the dataset's ids are spilled while it is written: beside the datasets, in the asset's
+    folder, which is refused when a symlink or a file is in its place (the datasets would be written
+    through it, outside the output directory; it was followed)."""
+    try:
+        return Path(BlobStore(io_manager.root(instance)).folder(ASSET))
+    except BlobStoreError as exc:
+        raise dg.Failure(description=str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,9 @@ def training_dataset(
     seed = parse_seed_or_fail(context)
     val_fraction, split_seed = checked_split_settings(dataset)
     folder = dataset_folder(io_manager, context.instance, context.partition_key)
+    with writes_into(io_manager.root(context.instance), settings.ENV_OUTPUT_DIR):
+        spill_dir = spill_folder(io_manager, context.instance)  # refused first if not a plain folder
+    remove_stale_builds(folder)  # of killed runs: publishing removes them too, but an unchanged dataset is not
     loaded = tokenizer.load()
     inputs = input_fingerprints(io_manager, context, INPUTS)
     settings_used = {
@@ -213,16 +221,17 @@ def training_dataset(
     if same:
         return same
     read = read_inputs(io_manager, context)
-    prepared = prepare(
-        context,
-        seed=seed,
-        split_seed=split_seed,
-        val_fraction=val_fraction,
-        loaded=loaded,
-        token_cache=token_cache,
-        inputs=read,
-        spill_dir=spill_folder(io_manager, context.instance),
-    )
+    with writes_into(io_manager.root(context.instance), settings.ENV_OUTPUT_DIR):  # the ids spill beside the datasets
+        prepared = prepare(
+            context,
+            seed=seed,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+            loaded=loaded,
+            token_cache=token_cache,
+            inputs=read,
+            spill_dir=spill_dir,
+        )
     plan, ids = prepared.plan, prepared.ids
     try:
         eos_id = resolve_eos_id(loaded, dataset.eos_token)
@@ -240,8 +249,9 @@ def training_dataset(
     )
     try:
         objects = BlobStore(io_manager.root(context.instance))
-        manifest, summaries = write_dataset(folder, plan, ids, options, share=objects.share_in_place)
-        objects.prune()  # the replaced dataset's files that no other seed shares
+        with writes_into(objects.root, settings.ENV_OUTPUT_DIR):
+            manifest, summaries = write_dataset(folder, plan, ids, options, share=objects.share_in_place)
+            objects.prune()  # the replaced dataset's files that no other seed shares
     except (DatasetError, BlobStoreError) as exc:
         raise dg.Failure(description=str(exc)) from None
     train, validation = summaries[TRAIN], summaries[VALIDATION]

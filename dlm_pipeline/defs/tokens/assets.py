@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dlm_pipeline import settings
 from dlm_pipeline.core.compute import RunStats
 from dlm_pipeline.core.dataset import held_out_among
 from dlm_pipeline.core.expansion import composed_row_weights
@@ -38,6 +39,7 @@ from dlm_pipeline.defs.resources import (
     SourceTree,
     TokenCacheResource,
     TokenizerResource,
+    writes_into,
 )
 from dlm_pipeline.defs.reuse import computed_metadata, step_key, stored_output_path, unchanged_output
 
@@ -119,7 +121,10 @@ def tokenized_cache(
         validation_rows = functools.partial(
             held_out_among, weights=weights, split_seed=split_seed, val_fraction=val_fraction
         )
-    with compute.writer(context, store, loaded, compute_stats) as write_elsewhere:
+    with (
+        writes_into(store.root, settings.ENV_CACHE_DIR),
+        compute.writer(context, store, loaded, compute_stats) as write_elsewhere,
+    ):
         result = tokenized_rows(
             store,
             loaded,
