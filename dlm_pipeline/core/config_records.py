@@ -173,15 +173,33 @@ def configs_fingerprint(entries: list[tuple[str, str | None]]) -> str:
     return h.hexdigest()
 
 
-def tree_configs_fingerprint(scan: TreeScan) -> tuple[str, int]:
-    """(fingerprint, number of config files) of every config file the walk found, read now."""
-    entries = []
+def _content_digests(scan: TreeScan) -> list[str | None]:
+    """The sha256 of each config file the walk found, read now (None: it cannot be read)."""
+    digests = []
     for file in scan.config_files:
         try:
-            entries.append((file.path, hashlib.sha256(_read(str(scan.root), file)).hexdigest()))
+            digests.append(hashlib.sha256(_read(str(scan.root), file)).hexdigest())
         except (OSError, ConfigInvalid):
-            entries.append((file.path, None))
+            digests.append(None)
+    return digests
+
+
+def tree_configs_fingerprint(scan: TreeScan) -> tuple[str, int]:
+    """(fingerprint, number of config files) of every config file the walk found, read now."""
+    entries = [(file.path, digest) for file, digest in zip(scan.config_files, _content_digests(scan), strict=True)]
     return configs_fingerprint(entries), len(entries)
+
+
+def records_source(scan: TreeScan) -> str | None:
+    """All that `load_configs(scan)` makes its records from, without parsing: the root, and each
+    config file's path, kind, anchor, problem and content sha256. Equal sources give equal records
+    (for one `max_weight`), so a step can keep its last records instead of parsing again. None when a
+    file cannot be read: its record holds the read's error, which is not worth comparing."""
+    digests = _content_digests(scan)
+    if None in digests:
+        return None
+    files = [[f.path, f.kind, f.anchor, f.problem, d] for f, d in zip(scan.config_files, digests, strict=True)]
+    return json.dumps({"root": str(scan.root), "files": files})
 
 
 def table_configs_fingerprint(table: pa.Table) -> str:

@@ -152,7 +152,10 @@ def loaded_metadata(context: dg.AssetExecutionContext, asset: str, key: str):
 
 def config_lineage(context: dg.AssetExecutionContext) -> dict:
     """Which configs this output came from: the config fingerprint recorded by the inputs it loaded
-    (`training_configs`, or an asset that recorded its own lineage)."""
+    (`training_configs`, or an asset that recorded its own lineage). An asset with no inputs
+    (`training_configs` itself) records its own: nothing here."""
+    if not context.assets_def.keys_by_input_name:
+        return {}
     found = sorted(
         {
             value

@@ -15,8 +15,9 @@ fingerprint, the settings that change what is read, and a stat-only signature of
 files (core/tree_signature.py; a racy signature gets no key, so it is never matched). A candidate
 is reused only while it is still its seed's latest materialization and its file still hashes to
 what was recorded; the output is then a hard link to the same bytes, with metadata of its own.
-`training_configs` is always computed (reading the configs is the proof of the tree state, and
-costs milliseconds); its bytes are still stored once.
+`training_configs` reads every config on every run (the proof of the tree state) and keeps its
+last valid output only while their bytes, the root and the weight limit are the same (parsing loads
+the credential scanner); its bytes are stored once.
 """
 
 from __future__ import annotations

@@ -148,9 +148,10 @@ def test_a_failed_check_is_evaluated_again(tree, pipeline, monkeypatch):
     assert unchanged(pipe, "tokenized_cache")
 
 
-def test_the_cli_reruns_compute_nothing_but_the_configs(tmp_path, monkeypatch):
+def test_the_cli_reruns_compute_nothing(tmp_path, monkeypatch):
     """Through the CLI, in fresh processes (where the code fingerprint is computed anew): the second
-    run computes only training_configs (the proof of the tree state) and re-uses raw_corpus."""
+    run computes nothing; training_configs reads every config (the proof of the tree state) and keeps
+    its output, and raw_corpus is re-used."""
     import subprocess
     import sys
 
@@ -177,7 +178,7 @@ def test_the_cli_reruns_compute_nothing_but_the_configs(tmp_path, monkeypatch):
             reuse = str(metadata["reuse"].value) if "reuse" in metadata else ""
             if not (reuse.startswith("unchanged") or reuse.startswith("reused")):
                 computed.add(entry.step_key)
-    assert computed == {"training_configs"}
+    assert computed == set()
 
 
 def test_the_full_rescan_tag_computes_every_step_and_the_nightly_runs_carry_it(tree, pipeline):
@@ -223,3 +224,32 @@ def test_a_mistyped_full_rescan_tag_fails_the_run_with_one_line_instead_of_meani
     ]
     assert failures and all(f is not None for f in failures)
     assert "the run tag dlm/full_rescan must be 1 or 0, got 'ture'" in failures[0].description
+
+
+def test_training_configs_keeps_its_output_only_for_the_same_bytes_and_limits(tree, pipeline):
+    """The configs are read on every run; their last valid output is kept only while every config has
+    the same bytes and the weight limit is the same. A config an edit made invalid, or one a lower
+    `DLM_MAX_WEIGHT` now refuses, is parsed again and fails its check, on every run."""
+    root = tree(FILES)
+    pipe = pipeline(root, max_seq_len=64)
+    pipe.run("3")
+    assert not unchanged(pipe, "training_configs")
+    pipe.run("3")
+    assert unchanged(pipe, "training_configs")
+    assert check_evaluations(pipe.run("3"))["configs_valid"].passed
+
+    strict = pipeline(root, max_seq_len=64, max_weight=1.0)  # the config's weight 1.5 is now refused
+    for _ in range(2):
+        result = strict.run("3", raise_on_error=False)
+        assert not check_evaluations(result)["configs_valid"].passed
+        assert not unchanged(strict, "training_configs")
+
+    config = root / ".dlm" / "training.yaml"
+    config.write_text(config.read_text() + "# a comment is new bytes\n")
+    result = pipe.run("3")
+    assert check_evaluations(result)["configs_valid"].passed and not unchanged(pipe, "training_configs")
+    config.write_text("dlm_training_version: 1\nweights: {kind: {doc: -1}}\n")
+    for _ in range(2):
+        result = pipe.run("3", raise_on_error=False)
+        assert not check_evaluations(result)["configs_valid"].passed
+        assert not unchanged(pipe, "training_configs")
