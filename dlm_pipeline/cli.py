@@ -562,7 +562,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             settings.check_all()
             from dlm_pipeline.definitions import build_defs
-            from dlm_pipeline.defs.status import current_config_fingerprint, seed_status, status_lines
+            from dlm_pipeline.defs.status import (
+                current_config_fingerprint,
+                current_settings,
+                seed_status,
+                status_lines,
+            )
 
             graph = build_defs().resolve_asset_graph()
         except settings.SettingsError as exc:
@@ -576,8 +581,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         fingerprint = current_config_fingerprint(instance)
     except SourceTreeError as exc:
         raise CliError(str(exc)) from None
+    now = current_settings()
     for seed in seeds:
-        print("\n".join(status_lines(seed, seed_status(instance, graph, seed, fingerprint))))
+        print("\n".join(status_lines(seed, seed_status(instance, graph, seed, fingerprint, now))))
     return EXIT_OK
 
 

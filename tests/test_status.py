@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import EXAMPLE
+from conftest import EXAMPLE, small_tokenizer
 
 from dlm_pipeline import settings
 from dlm_pipeline.cli import main
@@ -74,3 +74,30 @@ def test_status_reports_a_changed_setting(tmp_path, home, capsys, monkeypatch):
     assert asset_line(out, "raw_corpus").endswith("current")
     assert "setting weights_scope changed (nearest -> global)" in asset_line(out, "weights_map")
     assert "upstream weights_map is stale" in asset_line(out, "expanded_corpus")
+
+
+def test_status_sees_a_tokenizer_changed_in_place_and_an_eos_token_it_lacks(tmp_path, home, capsys, monkeypatch):
+    """DLM_TOKENIZER names the same file before and after, so only the loaded tokenizer's fingerprint
+    can tell that the token ids on disk came from another tokenizer."""
+    root = tmp_path / "corpus"
+    shutil.copytree(EXAMPLE, root)
+    texts = [p.read_text(errors="replace") for p in root.rglob("*") if p.is_file()]
+    path = small_tokenizer(tmp_path / "tok" / "tokenizer.json", texts, vocab_size=300)
+    monkeypatch.setenv(settings.ENV_TOKENIZER, str(path))
+    assert main(["materialize", "--source", str(root), "--seed", "1"]) == 0
+    capsys.readouterr()
+    out = status(capsys, "--source", str(root))
+    assert asset_line(out, "tokenized_cache").endswith("current"), out
+    assert asset_line(out, "training_dataset").endswith("current"), out
+
+    small_tokenizer(path, texts, vocab_size=400)  # same file, other merges
+    out = status(capsys, "--source", str(root))
+    assert asset_line(out, "raw_corpus").endswith("current")
+    assert "setting tokenizer_fingerprint changed" in asset_line(out, "tokenized_cache")
+    assert "setting tokenizer_fingerprint changed" in asset_line(out, "training_dataset")
+
+    monkeypatch.setenv(settings.ENV_EOS_TOKEN, "<|no such token|>")
+    out = status(capsys, "--source", str(root))
+    assert "setting eos_id cannot be read now: EOS token '<|no such token|>' is not in" in asset_line(
+        out, "training_dataset"
+    )

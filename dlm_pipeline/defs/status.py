@@ -6,7 +6,8 @@ asset check executions) plus the config-only walk the sensor does: nothing is re
 An asset is stale when
 - the configs changed: the config fingerprint it recorded differs from the tree's now;
 - a setting changed: a setting it recorded (source root, weights scope, expansion mode, max_seq_len,
-  validation fraction, split seed) differs from the current one;
+  validation fraction, split seed; the tokenizer's fingerprint and the EOS id, with the tokenizer
+  the settings name loaded now) differs from the current one;
 - its stored files changed: a file it recorded (`stored_files`: size, mtime, inode) is missing or
   was rewritten since (by hand, or by a run killed before it recorded what it wrote);
 - an upstream asset changed: the data version it loaded is not the upstream's newest for this seed
@@ -16,6 +17,7 @@ An asset is stale when
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,15 +34,25 @@ from dlm_pipeline.defs.resources import STORED_FILES, own_dirs, stored_files
 
 INPUT_VERSION_TAG = "dagster/input_data_version/"
 
-# Settings an asset records in its metadata, and how to read the current value.
-RECORDED_SETTINGS: dict[str, Callable[[], object]] = {
-    "source_root": lambda: os.path.realpath(settings.source_root()),
-    "weights_scope": settings.weights_scope,
-    "expansion_mode": settings.expansion_mode,
-    "max_seq_len": settings.max_seq_len,
-    "val_fraction": settings.val_fraction,
-    "split_seed": settings.split_seed,
-}
+
+def current_settings() -> dict[str, Callable[[], object]]:
+    """The settings an asset records in its metadata, and how to read each one's value now. The
+    tokenizer the settings name is loaded once, when first asked (a file edited in place, or another
+    file, changes its fingerprint while DLM_TOKENIZER stays the same)."""
+    from dlm_pipeline.core.dataset import resolve_eos_id
+    from dlm_pipeline.core.tokenize import load_tokenizer
+
+    tokenizer = functools.cache(lambda: load_tokenizer(settings.tokenizer()))
+    return {
+        "source_root": lambda: os.path.realpath(settings.source_root()),
+        "weights_scope": settings.weights_scope,
+        "expansion_mode": settings.expansion_mode,
+        "max_seq_len": settings.max_seq_len,
+        "val_fraction": settings.val_fraction,
+        "split_seed": settings.split_seed,
+        "tokenizer_fingerprint": lambda: tokenizer().fingerprint,
+        "eos_id": lambda: resolve_eos_id(tokenizer(), settings.eos_token()),
+    }
 
 
 @dataclass
@@ -90,8 +102,23 @@ def _changed_files(recorded: dict | None) -> list[str]:
     ]
 
 
-def seed_status(instance: dg.DagsterInstance, graph, seed: str, fingerprint: str) -> list[AssetStatus]:
-    """One AssetStatus per asset of the graph, upstream first."""
+def _setting_changed(name: str, recorded: object, current: Callable[[], object]) -> list[str]:
+    """Why a recorded setting no longer holds, if it does not: another value now, or none can be
+    read (a tokenizer that no longer loads, an EOS token it lacks)."""
+    from dlm_pipeline.core.dataset import DatasetError
+    from dlm_pipeline.core.tokenize import TokenizerError
+
+    try:
+        now = current()
+    except (TokenizerError, DatasetError) as exc:
+        return [f"setting {name} cannot be read now: {exc}"]
+    return [] if str(recorded) == str(now) else [f"setting {name} changed ({recorded} -> {now})"]
+
+
+def seed_status(
+    instance: dg.DagsterInstance, graph, seed: str, fingerprint: str, now: dict[str, Callable[[], object]]
+) -> list[AssetStatus]:
+    """One AssetStatus per asset of the graph, upstream first; `now`: `current_settings()`."""
     records: dict[dg.AssetKey, dg.EventLogRecord | None] = {}
     result: dict[dg.AssetKey, AssetStatus] = {}
     check_keys = list(graph.asset_check_keys)
@@ -117,9 +144,9 @@ def seed_status(instance: dg.DagsterInstance, graph, seed: str, fingerprint: str
         recorded_fp = metadata.get("config_fingerprint")
         if recorded_fp and recorded_fp != fingerprint:
             status.stale.append(f"configs changed (recorded {recorded_fp[:12]}, now {fingerprint[:12]})")
-        for name, current in RECORDED_SETTINGS.items():
-            if name in metadata and str(metadata[name]) != str(current()):
-                status.stale.append(f"setting {name} changed ({metadata[name]} -> {current()})")
+        for name, current in now.items():
+            if name in metadata:
+                status.stale += _setting_changed(name, metadata[name], current)
         status.stale += _changed_files(metadata.get(STORED_FILES))
         for parent in sorted(graph.get(key).parent_keys, key=lambda k: k.to_user_string()):
             name = parent.to_user_string()
