@@ -190,12 +190,13 @@ def tree_configs_fingerprint(scan: TreeScan) -> tuple[str, int]:
     return configs_fingerprint(entries), len(entries)
 
 
-def records_source(scan: TreeScan) -> str | None:
+def records_source(scan: TreeScan, digests: list[str | None] | None = None) -> str | None:
     """All that `load_configs(scan)` makes its records from, without parsing: the root, and each
-    config file's path, kind, anchor, problem and content sha256. Equal sources give equal records
-    (for one `max_weight`), so a step can keep its last records instead of parsing again. None when a
-    file cannot be read: its record holds the read's error, which is not worth comparing."""
-    digests = _content_digests(scan)
+    config file's path, kind, anchor, problem and content sha256 (read now, or the `digests` of the
+    records made: a file edited meanwhile then names the bytes that were parsed). Equal sources give
+    equal records (for one `max_weight`), so a step can keep its last records instead of parsing
+    again. None when a file cannot be read: its record holds the read's error, not worth comparing."""
+    digests = _content_digests(scan) if digests is None else digests
     if None in digests:
         return None
     files = [[f.path, f.kind, f.anchor, f.problem, d] for f, d in zip(scan.config_files, digests, strict=True)]

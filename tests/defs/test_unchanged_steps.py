@@ -253,3 +253,30 @@ def test_training_configs_keeps_its_output_only_for_the_same_bytes_and_limits(tr
         result = pipe.run("3", raise_on_error=False)
         assert not check_evaluations(result)["configs_valid"].passed
         assert not unchanged(pipe, "training_configs")
+
+
+def test_training_configs_records_the_bytes_it_parsed_when_a_config_changes_during_the_step(
+    tree, pipeline, monkeypatch
+):
+    """A config edited between the step's first read (the lookup) and its parse: the output holds what
+    was parsed, so its key must name those bytes. Restoring the first bytes is then a change to parse,
+    never a reuse of records made from the others."""
+    import dlm_pipeline.defs.corpus.assets as corpus_assets
+
+    root = tree(FILES)
+    config = root / ".dlm" / "training.yaml"
+    first = config.read_text()
+    real_load = corpus_assets.load_configs
+
+    def edited_meanwhile(scan, **options):
+        config.write_text(first.replace("doc: 1.5", "doc: 3.0"))
+        return real_load(scan, **options)
+
+    pipe = pipeline(root, max_seq_len=64)
+    monkeypatch.setattr(corpus_assets, "load_configs", edited_meanwhile)
+    pipe.run("3")
+    monkeypatch.undo()
+    config.write_text(first)
+    pipe.run("3")
+    assert not unchanged(pipe, "training_configs")
+    assert pipe.metadata("weights_map", "3")["weights"].records[0].data["weight"] == 1.5

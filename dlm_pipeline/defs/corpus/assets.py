@@ -84,14 +84,12 @@ def training_configs(
     output was parsed from, that output is kept (parsing loads the credential scanner, ~0.2 s)."""
     seed = parse_seed_or_fail(context)
     scan = _scan(context, source, files=False)
-    source_of_records = records_source(scan)
-    key = None
-    if source_of_records is not None:
-        key = step_key(
-            context,
-            {"configs": source_of_records, "own_dirs": json.dumps(scan.own_dirs)},
-            {"max_weight": source.max_weight},
-        )
+
+    def key_of(records: str | None) -> str | None:
+        inputs = {"configs": records, "own_dirs": json.dumps(scan.own_dirs)}
+        return step_key(context, inputs, {"max_weight": source.max_weight}) if records is not None else None
+
+    if key := key_of(records_source(scan)):
         path = stored_output_path(context, io_manager)
         if same := unchanged_output(context, key, [], [path], source, still={"configs_invalid": 0}):
             yield same
@@ -102,6 +100,7 @@ def training_configs(
             )
             return
     table = records_table(load_configs(scan, max_weight=source.max_weight))
+    key = key_of(records_source(scan, table["sha256"].to_pylist()))  # the bytes parsed, not those hashed before
     errors = [
         e for e, s in zip(table["error"].to_pylist(), table["status"].to_pylist(), strict=False) if s == STATUS_ERROR
     ]
