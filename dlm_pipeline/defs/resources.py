@@ -167,7 +167,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         with contextlib.ExitStack() as held:
             if context.instance is not None and seed is not None and is_seed(seed):
                 root = self.root(context.instance)
-                lock = BlobStore(root).seed_lock(
+                store = BlobStore(root)
+                lock = store.seed_lock(
                     seed,
                     lambda: context.log.warning(f"waiting for another run of seed {seed} to finish"),
                     holder=context.run.run_id,  # the steps of this run share it (a process per step)
@@ -178,8 +179,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 except (BlobStoreError, OSError) as exc:
                     raise dg.Failure(description=f"cannot lock seed {seed}'s outputs: {exc}") from None
                 with contextlib.suppress(BlobStoreError, OSError):  # a clean-up, never a reason to fail
-                    if BlobStore(root).delete_stale_temps(seed):
-                        BlobStore(root).prune()  # the objects only those temp files held
+                    if store.delete_stale_temps(seed):
+                        store.prune()  # the objects only those temp files held
             with super().yield_for_execution(context) as value:
                 yield value
 
